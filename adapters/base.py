@@ -1,0 +1,131 @@
+"""The one interface every protocol adapter implements.
+
+In the spirit of Matterbridge's four-method ``Bridger``: ``connect``,
+``join``, ``send``, ``disconnect``. Inbound traffic is published through
+``AdapterContext.publish``; the core does everything else (routing, id
+mapping, retries, dead letters, ordering).
+
+An adapter may also offer stateless HTTP ingress (``ingress_routes``), served
+by every daemon instance — a Talk webhook can land on any of them. Everything
+else an adapter does runs only in the instance that holds the account's lease.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from bridge.events import Delivery, Event
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from redis.asyncio import Redis
+
+    from bridge.config import AccountConfig
+    from bridge.metrics import Metrics
+
+
+class DeliveryError(Exception):
+    """Base for send failures; the subclass tells the core what to do next."""
+
+
+class TransientError(DeliveryError):
+    """Network trouble or a 5xx: retry with backoff, then dead-letter."""
+
+
+class RateLimited(TransientError):
+    """The server asked us to slow down (429)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(DeliveryError):
+    """This delivery can never succeed (400, 404, 413): dead-letter it now."""
+
+
+class AccountFailed(DeliveryError):
+    """The account itself is unusable (401: wrong secret or revoked token).
+
+    The core stops delivering for the account and raises an alert instead of
+    retrying — a Nextcloud server locks out an IP after repeated 401s.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One account key an adapter understands (Matterbridge spelling)."""
+
+    type: type | tuple[type, ...] = str
+    required: bool = False
+    secret: bool = False  # never printed, never logged
+    default: Any = None
+    help: str = ""
+
+
+@dataclass(slots=True)
+class AdapterContext:
+    """Everything an adapter may use; passed in, never global."""
+
+    account: AccountConfig
+    publish: Callable[[Event], Awaitable[str]]  # durable: returns after XADD
+    redis: Redis
+    metrics: Metrics
+    log: logging.Logger
+    channels: Sequence[str] = field(default_factory=list)  # from the gateways
+    # gateway name -> this account's channel in it, for gateways it sends into
+    sends_into: Mapping[str, str] = field(default_factory=dict)
+    key_prefix: str = "tb"
+    max_body: int = 1 << 20  # [http] MaxBodyBytes
+    # Where the core records a delivered copy; an adapter whose send is a
+    # Redis write (the api buffer) sets it in the same script: exactly once.
+    delivered_key: Callable[[Delivery], str] = lambda d: f"tb:dlv:{{{d.account}}}:{d.key}"
+    delivered_ttl: int = 30 * 86400
+
+    def key(self, *parts: str) -> str:
+        """A Redis key private to this account."""
+        return ":".join((self.key_prefix, "acct", self.account.name, *parts))
+
+
+class Adapter(ABC):
+    protocol: ClassVar[str]
+    options: ClassVar[dict[str, Option]] = {}
+    # True when the same channel name may appear in several gateways and the
+    # adapter cannot tell them apart (Matterbridge's "api" channel): inbound
+    # events must then name their gateway.
+    needs_gateway: ClassVar[bool] = False
+
+    def __init__(self, ctx: AdapterContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open the connection (or listener). Raise on failure."""
+
+    async def join(self, channel: str) -> None:  # noqa: B027 - optional
+        """Start receiving from ``channel``; many protocols need nothing."""
+
+    @abstractmethod
+    async def send(self, delivery: Delivery) -> str | None:
+        """Deliver one routed event; return the native id of what was posted.
+
+        Must be safe to call again with the same ``delivery.key`` after a crash:
+        use it as the network's idempotency key where there is one.
+        """
+
+    @abstractmethod
+    async def disconnect(self) -> None:
+        """Close everything ``connect`` opened."""
+
+    def ingress_routes(self) -> list[web.RouteDef]:
+        """Stateless HTTP routes for the shared server (webhooks)."""
+        return []
+
+    @classmethod
+    def check_account(cls, account: AccountConfig) -> list[str]:
+        """Extra validation beyond the option types; return problems."""
+        return []

@@ -1,0 +1,425 @@
+"""Matterbridge's ``api`` protocol: ``[api.NAME]`` with ``BindAddress``,
+``Token``, ``Buffer``, compatible with Matterbridge's HTTP API.
+
+- ``GET /api/health``   -> ``OK``
+- ``GET /api/messages`` -> JSON array of buffered messages; drains the buffer
+- ``GET /api/stream``   -> one JSON object per line, first ``{"event":"api_connected"}``
+- ``POST /api/message`` -> publish a message into its gateway
+
+Where Matterbridge fails its users we do better: the buffer is a Redis stream
+(it survives restarts); a POST naming an unknown gateway gets 400 with the
+reason instead of a silent 200; edits (``id`` of an earlier message, as the
+POST answer gave it), deletions (``event: "msg_delete"``), replies
+(``parent_id``) and reactions (``event: "reaction_add"`` /
+``"reaction_remove"``, emoji in ``text``, target in ``parent_id``) are carried.
+Outbound, a message whose ``id`` a client has seen before replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from adapters.base import Adapter, AdapterContext, Option
+from bridge.config import AccountConfig, parse_hostport
+from bridge.events import Attachment, Delivery, Event, EventKind
+
+API_CONNECTED = "api_connected"
+EVENT_DELETE = "msg_delete"
+EVENT_ACTION = "user_action"
+EVENT_JOIN_LEAVE = "join_leave"
+EVENT_REACTION_ADD = "reaction_add"
+EVENT_REACTION_REMOVE = "reaction_remove"
+STREAM_PAGE = 100
+
+# Deliver one message into the buffer exactly once: the delivered-marker and
+# the buffer entry are written together, so a redelivery after a crash finds
+# the marker and adds nothing.  KEYS: buffer, marker. ARGV: payload, maxlen,
+# ttl, native id. Returns {native id, entries pushed out of a full buffer}.
+_DELIVER = """
+local done = redis.call('GET', KEYS[2])
+if done then return {done, 0} end
+local before = redis.call('XLEN', KEYS[1])
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'd', ARGV[1])
+redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[3])
+local dropped = before + 1 - tonumber(ARGV[2])
+if dropped < 0 then dropped = 0 end
+return {ARGV[4], dropped}
+"""
+
+# Take the whole buffer (GET /api/messages drains it).
+_DRAIN = """
+local rows = redis.call('XRANGE', KEYS[1], '-', '+')
+redis.call('DEL', KEYS[1])
+return rows
+"""
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _go_time(ts: float) -> str:
+    """RFC 3339 with nanoseconds, as Go's time.Time marshals."""
+    dt = datetime.fromtimestamp(ts, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond:06d}000Z"
+
+
+class MatterbridgeAPI(Adapter):
+    protocol = "api"
+    needs_gateway = True
+    options: ClassVar[dict[str, Option]] = {
+        "BindAddress": Option(str, required=True, help="HOST:PORT to listen on"),
+        "Token": Option(str, secret=True, default=""),
+        "Buffer": Option(int, default=1000),
+    }
+
+    def __init__(self, ctx: AdapterContext) -> None:
+        super().__init__(ctx)
+        acct = ctx.account
+        self.name = acct.name
+        self.token: str = acct.get("Token", "")
+        self.buffer_size: int = acct.get("Buffer", 1000)
+        self.max_file = int(acct.get("MediaDownloadSize", 1_000_000))
+        self.buffer_key = f"{ctx.key_prefix}:apibuf:{{{acct.name}}}"  # tagged like delivered keys
+        self._deliver = ctx.redis.register_script(_DELIVER)
+        self._drain = ctx.redis.register_script(_DRAIN)
+        self._runner: web.AppRunner | None = None
+        self._arrived = asyncio.Condition()
+        self._seq = 0  # bumped on every delivery; stream readers wait for a change
+        self._read_lock = asyncio.Lock()  # one reader drains at a time
+
+    @classmethod
+    def check_account(cls, account: AccountConfig) -> list[str]:
+        problems = []
+        bind = account.get("BindAddress")
+        if bind and parse_hostport(bind) is None:
+            problems.append(f'{account.name}.BindAddress: "{bind}" is not HOST:PORT')
+        if account.get("Buffer", 1000) < 1:
+            problems.append(f"{account.name}.Buffer: must be at least 1")
+        return problems
+
+    # lifecycle -----------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth], client_max_size=self.ctx.max_body)
+        app.add_routes(
+            [
+                web.get("/api/health", self.health),
+                web.get("/api/messages", self.messages),
+                web.get("/api/stream", self.stream),
+                web.post("/api/message", self.post_message),
+            ]
+        )
+        return app
+
+    async def connect(self) -> None:
+        host, port = parse_hostport(self.ctx.account.get("BindAddress"))  # type: ignore[misc]
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        self.ctx.log.info("%s: listening on %s:%d", self.name, host, port)
+
+    async def disconnect(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # auth ----------------------------------------------------------------------
+    @web.middleware
+    async def _auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if self.token:
+            header = request.headers.get("Authorization", "")
+            if not header.startswith("Bearer ") or not header[7:]:
+                # Matterbridge (echo KeyAuth) answers 400 for a missing key
+                self.ctx.metrics.rejected.labels(self.name, "missing_token").inc()
+                return web.json_response({"message": "missing key in request header"}, status=400)
+            if not hmac.compare_digest(header[7:].encode(), self.token.encode()):
+                self.ctx.metrics.rejected.labels(self.name, "bad_token").inc()
+                return web.json_response({"message": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    # routes --------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    async def post_message(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._read_body(request)
+            event, reply = self.event_from_post(body)
+        except BadRequest as exc:
+            self.ctx.metrics.rejected.labels(self.name, str(exc.status)).inc()
+            return web.json_response({"message": exc.reason}, status=exc.status)
+        try:
+            await self.ctx.publish(event)
+        except (RedisError, OSError) as exc:
+            self.ctx.log.error("%s: cannot queue a message: %s", self.name, exc)
+            return web.json_response({"message": "message queue unavailable, retry later"}, status=503)
+        self.ctx.metrics.events_in.labels(self.name).inc()
+        return web.json_response(reply)
+
+    async def _read_body(self, request: web.Request) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > self.ctx.max_body:
+            raise BadRequest(413, f"body larger than {self.ctx.max_body} bytes")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BadRequest(413, f"body larger than {self.ctx.max_body} bytes") from None
+        ctype = request.content_type
+        if ctype == "application/x-www-form-urlencoded":
+            form = await request.post()
+            return {k: v for k, v in form.items() if isinstance(v, str)}
+        if ctype not in ("application/json", "application/octet-stream", ""):
+            raise BadRequest(415, f"Content-Type {ctype} is not supported; send application/json")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(400, f"body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest(400, "body must be a JSON object")
+        return body
+
+    def event_from_post(self, body: dict[str, Any]) -> tuple[Event, dict[str, Any]]:
+        """Validate a POSTed Matterbridge message; raise BadRequest."""
+        fields: dict[str, str] = {}
+        for key in ("text", "username", "userid", "avatar", "gateway", "event", "parent_id", "id", "channel"):
+            value = body.get(key, "")
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                raise BadRequest(400, f"{key} must be a string")
+            fields[key] = value
+        gateway = self._gateway(fields["gateway"])
+        channel = self.ctx.sends_into[gateway]
+        attachments = self._files(body.get("Extra"))
+        kind_of = {
+            "": EventKind.EDIT if fields["id"] else EventKind.MESSAGE,
+            EVENT_ACTION: EventKind.EDIT if fields["id"] else EventKind.MESSAGE,
+            EVENT_DELETE: EventKind.DELETE,
+            EVENT_REACTION_ADD: EventKind.REACTION,
+            EVENT_REACTION_REMOVE: EventKind.UNREACTION,
+            EVENT_JOIN_LEAVE: EventKind.JOIN,
+        }
+        if fields["event"] not in kind_of:
+            raise BadRequest(400, f'event "{fields["event"]}" is not supported')
+        kind = kind_of[fields["event"]]
+        native_id = uuid.uuid4().hex
+        event = Event(
+            kind=kind,
+            account=self.name,
+            channel=channel,
+            sender_id=fields["userid"],
+            sender_name=fields["username"],
+            text=fields["text"],
+            avatar=fields["avatar"] or None,
+            gateway=gateway,
+            attachments=attachments,
+            origin=[f"{self.name}/{channel}"],
+        )
+        if kind == EventKind.MESSAGE:
+            if not fields["text"] and not attachments:
+                raise BadRequest(400, "text is empty and there is no file")
+            event.native_id = native_id
+            event.reply_to = fields["parent_id"] or None
+            if fields["event"] == EVENT_ACTION:
+                event.extra["action"] = True
+        elif kind == EventKind.EDIT:
+            if not fields["text"]:
+                raise BadRequest(400, "an edit needs text")
+            event.target_id = fields["id"]
+            native_id = fields["id"]
+        elif kind == EventKind.DELETE:
+            if not fields["id"]:
+                raise BadRequest(400, "msg_delete needs the id of the message")
+            event.target_id = fields["id"]
+            native_id = fields["id"]
+        elif kind in (EventKind.REACTION, EventKind.UNREACTION):
+            if not fields["parent_id"] or not fields["text"]:
+                raise BadRequest(400, f"{fields['event']} needs parent_id (the message) and text (the emoji)")
+            if len(fields["text"]) > 64:
+                raise BadRequest(400, "a reaction is one emoji")
+            event.target_id = fields["parent_id"]
+            event.reaction = fields["text"]
+            event.text = ""
+            native_id = ""
+        reply = {
+            "text": fields["text"],
+            "channel": "api",
+            "username": fields["username"],
+            "userid": fields["userid"],
+            "avatar": fields["avatar"],
+            "account": self.name,
+            "event": fields["event"],
+            "protocol": "api",
+            "gateway": gateway,
+            "parent_id": fields["parent_id"],
+            "timestamp": _go_time(event.timestamp),
+            "id": native_id,  # Matterbridge answers ""; ours lets a client edit later
+            "Extra": body.get("Extra") if isinstance(body.get("Extra"), dict) else None,
+        }
+        return event, reply
+
+    def _gateway(self, name: str) -> str:
+        sends = self.ctx.sends_into
+        if name:
+            if name not in sends:
+                known = ", ".join(sorted(sends)) or "none"
+                raise BadRequest(400, f'unknown gateway "{name}" for {self.name} (it sends into: {known})')
+            return name
+        if len(sends) == 1:
+            return next(iter(sends))
+        raise BadRequest(400, f"gateway is required ({self.name} sends into: {', '.join(sorted(sends)) or 'none'})")
+
+    def _files(self, extra: Any) -> list[Attachment]:
+        if extra is None:
+            return []
+        if not isinstance(extra, dict):
+            raise BadRequest(400, "Extra must be an object")
+        files = extra.get("file", [])
+        if not isinstance(files, list):
+            raise BadRequest(400, "Extra.file must be a list")
+        out = []
+        for i, item in enumerate(files):
+            if not isinstance(item, dict):
+                raise BadRequest(400, f"Extra.file[{i}] must be an object")
+            name = item.get("Name")
+            if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+                raise BadRequest(400, f"Extra.file[{i}].Name must be a file name")
+            data = item.get("Data")
+            url = item.get("URL")
+            if data is not None:
+                if not isinstance(data, str):
+                    raise BadRequest(400, f"Extra.file[{i}].Data must be base64")
+                try:
+                    size = len(base64.b64decode(data, validate=True))
+                except (binascii.Error, ValueError):
+                    raise BadRequest(400, f"Extra.file[{i}].Data is not valid base64") from None
+                if size > self.max_file:
+                    raise BadRequest(413, f"Extra.file[{i}] is {size} bytes; MediaDownloadSize is {self.max_file}")
+            elif not isinstance(url, str) or not url:
+                raise BadRequest(400, f"Extra.file[{i}] needs Data or URL")
+            else:
+                size = item.get("Size") if isinstance(item.get("Size"), int) else None
+            comment = item.get("Comment")
+            out.append(
+                Attachment(
+                    name=name,
+                    size=size,
+                    url=url if isinstance(url, str) and url else None,
+                    data_b64=data,
+                    caption=comment if isinstance(comment, str) and comment else None,
+                )
+            )
+        return out
+
+    # outbound ------------------------------------------------------------------
+    def message_for(self, delivery: Delivery, native_id: str) -> dict[str, Any]:
+        event = delivery.event
+        msg: dict[str, Any] = {
+            "text": delivery.text,
+            "channel": event.channel,  # Matterbridge gives api clients the origin channel
+            "username": delivery.username,
+            "userid": event.sender_id,
+            "avatar": event.avatar or "",
+            "account": event.account,
+            "event": "",
+            "protocol": event.protocol,
+            "gateway": delivery.gateway,
+            "parent_id": delivery.reply_to or "",
+            "timestamp": _go_time(event.timestamp),
+            "id": native_id,
+            "Extra": None,
+        }
+        if event.kind == EventKind.DELETE:
+            msg["event"], msg["id"], msg["text"] = EVENT_DELETE, delivery.target_id, ""
+        elif event.kind == EventKind.EDIT:
+            msg["id"] = delivery.target_id
+        elif event.kind in (EventKind.REACTION, EventKind.UNREACTION):
+            msg["event"] = EVENT_REACTION_ADD if event.kind == EventKind.REACTION else EVENT_REACTION_REMOVE
+            msg["text"], msg["parent_id"], msg["id"] = event.reaction or "", delivery.target_id, ""
+        elif event.kind in (EventKind.JOIN, EventKind.LEAVE):
+            msg["event"] = EVENT_JOIN_LEAVE
+        elif event.extra.get("action"):
+            msg["event"] = EVENT_ACTION
+        if event.attachments:
+            msg["Extra"] = {
+                "file": [
+                    {
+                        "Name": a.name,
+                        "Data": a.data_b64,
+                        "Comment": a.caption or "",
+                        "URL": a.url or "",
+                        "Size": a.size or 0,
+                        "Avatar": False,
+                        "SHA": "",
+                    }
+                    for a in event.attachments
+                ]
+            }
+        return msg
+
+    async def send(self, delivery: Delivery) -> str | None:
+        native_id = uuid.uuid4().hex if delivery.event.kind == EventKind.MESSAGE else ""
+        payload = json.dumps(self.message_for(delivery, native_id), ensure_ascii=False, separators=(",", ":"))
+        stored, dropped = await self._deliver(
+            keys=[self.buffer_key, self.ctx.delivered_key(delivery)],
+            args=[payload, self.buffer_size, self.ctx.delivered_ttl, native_id],
+        )
+        if int(dropped):
+            self.ctx.metrics.api_buffer_dropped.labels(self.name).inc(int(dropped))
+        async with self._arrived:
+            self._seq += 1
+            self._arrived.notify_all()
+        stored = stored.decode() if isinstance(stored, bytes) else stored
+        return stored or None
+
+    async def messages(self, request: web.Request) -> web.Response:
+        async with self._read_lock:
+            rows = await self._drain(keys=[self.buffer_key])
+        body = b"[" + b",".join(_payload(row) for row in rows) + b"]"
+        return web.Response(body=body, content_type="application/json")
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        greet = {"event": API_CONNECTED, "timestamp": _go_time(datetime.now(UTC).timestamp())}
+        await resp.write(json.dumps(greet).encode() + b"\n")
+        redis = self.ctx.redis
+        while True:
+            seen = self._seq
+            async with self._read_lock:
+                rows = await redis.xrange(self.buffer_key, min="-", max="+", count=STREAM_PAGE)
+                if rows:
+                    # Written to the client before removal: a dropped connection
+                    # loses nothing that was not handed to the transport.
+                    await resp.write(b"".join(_payload(row) + b"\n" for row in rows))
+                    await redis.xdel(self.buffer_key, *[row[0] for row in rows])
+            if len(rows) == STREAM_PAGE:
+                continue
+            async with self._arrived:
+                try:
+                    await asyncio.wait_for(self._arrived.wait_for(lambda seen=seen: self._seq != seen), timeout=5.0)
+                except TimeoutError:
+                    pass
+
+
+def _payload(row: Any) -> bytes:
+    _entry_id, fields = row
+    if isinstance(fields, dict):
+        return fields[b"d"]
+    flat = list(fields)  # raw script reply: [field, value, ...]
+    return flat[flat.index(b"d") + 1]

@@ -1,0 +1,1 @@
+"""talkbridge core: config, events, bus, router, id map, daemon, CLI."""

@@ -1,0 +1,243 @@
+"""Redis Streams: the durable bus between adapters, router and workers.
+
+Streams (``P`` is the key prefix, ``tb`` by default):
+
+- ``P:in:ACCOUNT``  — events an adapter received; consumer group ``router``.
+- ``P:out:ACCOUNT`` — deliveries for an account; consumer group ``deliver``.
+- ``P:dlq``         — dead letters: the entry, where it came from, the error.
+
+Only the instance holding an account's lease consumes its streams, so every
+stream has one active consumer and per-room order is the stream's order. When
+a lease changes hands the new owner claims everything still pending
+(XAUTOCLAIM from ``0-0`` with no idle time: the lease guarantees the old owner
+is gone) and processes it before anything new.
+
+Retention: entries are trimmed once consumed (XTRIM MINID up to the group's
+oldest unacknowledged entry); ``StreamMaxLen`` optionally caps a stream even
+if that drops unconsumed entries, which is counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from bridge.events import Event, event_to_wire
+
+ROUTER_GROUP = "router"
+DELIVER_GROUP = "deliver"
+FIELD = b"d"
+
+Entry = tuple[bytes, bytes | None]  # (stream id, payload or None if deleted)
+
+
+@dataclass(frozen=True, slots=True)
+class BusSettings:
+    prefix: str = "tb"
+    max_deliveries: int = 5
+    stream_max_len: int = 0
+    dead_letter_max_len: int = 100_000
+    batch_size: int = 200
+
+    @classmethod
+    def from_section(cls, prefix: str, bus: dict[str, Any]) -> BusSettings:
+        return cls(
+            prefix=prefix,
+            max_deliveries=bus["MaxDeliveries"],
+            stream_max_len=bus["StreamMaxLen"],
+            dead_letter_max_len=bus["DeadLetterMaxLen"],
+            batch_size=bus["BatchSize"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    stream: str
+    entry_id: str
+    error: str
+    attempts: int
+    failed_at: float
+    payload: bytes
+
+
+class Bus:
+    def __init__(self, redis: Redis, settings: BusSettings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.prefix = settings.prefix
+
+    # key names -----------------------------------------------------------------
+    def inbound(self, account: str) -> str:
+        return f"{self.prefix}:in:{account}"
+
+    def outbound(self, account: str) -> str:
+        return f"{self.prefix}:out:{account}"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}:dlq"
+
+    # producing -----------------------------------------------------------------
+    def _xadd_args(self) -> dict[str, Any]:
+        if self.settings.stream_max_len > 0:
+            return {"maxlen": self.settings.stream_max_len, "approximate": True}
+        return {}
+
+    async def publish(self, event: Event) -> str:
+        """Durably append an inbound event; returns its stream id."""
+        entry_id = await self.redis.xadd(
+            self.inbound(event.account), {FIELD: event_to_wire(event)}, **self._xadd_args()
+        )
+        return entry_id.decode()
+
+    def add_to(self, pipe: Any, stream: str, payload: bytes) -> None:
+        pipe.xadd(stream, {FIELD: payload}, **self._xadd_args())
+
+    # consuming -----------------------------------------------------------------
+    async def ensure_group(self, stream: str, group: str) -> None:
+        try:
+            await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def claim_all(self, stream: str, group: str, consumer: str) -> int:
+        """Take over every pending entry of the group (lease takeover).
+
+        XAUTOCLAIM answers ``[next, entries]`` on Redis 6.2 and
+        ``[next, entries, deleted]`` on 7.0+; only the first two are used.
+        """
+        start = "0-0"
+        claimed = 0
+        while True:
+            reply = await self.redis.xautoclaim(
+                stream, group, consumer, min_idle_time=0, start_id=start, count=1000, justid=True
+            )
+            ids = reply  # redis-py returns just the claimed ids for JUSTID
+            claimed += len(ids)
+            if len(ids) < 1000:
+                return claimed
+            start = _next_id(ids[-1])
+
+    async def read_pending(self, stream: str, group: str, consumer: str, after: bytes, count: int) -> list[Entry]:
+        """Our own unacknowledged entries after ``after`` (in id order)."""
+        reply = await self.redis.xreadgroup(group, consumer, {stream: after}, count=count)
+        return _entries(reply)
+
+    async def read_new(self, stream: str, group: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
+        reply = await self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+        return _entries(reply)
+
+    async def trim_consumed(self, stream: str, group: str) -> None:
+        """Drop entries every consumer of ``group`` has acknowledged."""
+        summary = await self.redis.xpending(stream, group)
+        if summary and summary.get("pending"):
+            minid = summary["min"]
+        else:
+            info = await self.redis.xinfo_groups(stream)
+            last = next((g["last-delivered-id"] for g in info if _s(g["name"]) == group), None)
+            if last is None:
+                return
+            minid = _next_id(last)
+        await self.redis.xtrim(stream, minid=minid, approximate=True)
+
+    # dead letters --------------------------------------------------------------
+    async def dead_letter(self, stream: str, entry_id: bytes | str, payload: bytes, error: str, attempts: int) -> None:
+        fields = {
+            b"stream": stream,
+            b"entry": _s(entry_id),
+            b"error": error[:2000],
+            b"attempts": str(attempts),
+            b"at": f"{time.time():.3f}",
+            FIELD: payload,
+        }
+        await self.redis.xadd(self.dlq, fields, maxlen=self.settings.dead_letter_max_len, approximate=True)
+
+    async def dead_letters(self, count: int = 100, start: str = "-") -> list[DeadLetter]:
+        rows = await self.redis.xrange(self.dlq, min=start, max="+", count=count)
+        return [_dead_letter(entry_id, fields) for entry_id, fields in rows]
+
+    async def replay(self, ids: Sequence[str] | None = None) -> int:
+        """Put dead letters back on their stream (all of them when ``ids`` is None)."""
+        if ids is None:
+            letters = []
+            start = "-"
+            while True:
+                page = await self.dead_letters(1000, start)
+                letters.extend(page)
+                if len(page) < 1000:
+                    break
+                start = "(" + page[-1].id
+        else:
+            letters = []
+            for one in ids:
+                rows = await self.redis.xrange(self.dlq, min=one, max=one)
+                letters.extend(_dead_letter(i, f) for i, f in rows)
+        for letter in letters:
+            pipe = self.redis.pipeline(transaction=False)
+            self.add_to(pipe, letter.stream, letter.payload)
+            pipe.xdel(self.dlq, letter.id)
+            await pipe.execute()
+        return len(letters)
+
+    # status --------------------------------------------------------------------
+    async def stream_status(self, stream: str, group: str) -> dict[str, Any]:
+        length = await self.redis.xlen(stream)
+        out: dict[str, Any] = {"stream": stream, "length": length, "lag": 0, "pending": 0, "oldest_pending_s": 0.0}
+        if not length and not await self.redis.exists(stream):
+            return out
+        try:
+            groups = await self.redis.xinfo_groups(stream)
+        except ResponseError:
+            return out
+        info = next((g for g in groups if _s(g["name"]) == group), None)
+        if info is None:
+            out["lag"] = length
+            return out
+        out["pending"] = info["pending"]
+        lag = info.get("lag")
+        if lag is None:  # Redis 6.2 has no lag field: count what is after last-delivered
+            lag = len(await self.redis.xrange(stream, min="(" + _s(info["last-delivered-id"]), max="+", count=100_000))
+        out["lag"] = lag
+        if info["pending"]:
+            summary = await self.redis.xpending(stream, group)
+            oldest_ms = int(_s(summary["min"]).split("-")[0])
+            out["oldest_pending_s"] = max(0.0, time.time() - oldest_ms / 1000)
+        return out
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _next_id(entry_id: bytes | str) -> str:
+    ms, seq = _s(entry_id).split("-")
+    return f"{ms}-{int(seq) + 1}"
+
+
+def _entries(reply: Any) -> list[Entry]:
+    out: list[Entry] = []
+    if not reply:
+        return out
+    for _stream, rows in reply:
+        for entry_id, fields in rows:
+            out.append((entry_id, fields.get(FIELD) if fields else None))
+    return out
+
+
+def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    return DeadLetter(
+        id=_s(entry_id),
+        stream=_s(fields.get(b"stream", b"")),
+        entry_id=_s(fields.get(b"entry", b"")),
+        error=_s(fields.get(b"error", b"")),
+        attempts=int(fields.get(b"attempts", b"0")),
+        failed_at=float(fields.get(b"at", b"0")),
+        payload=fields.get(FIELD, b""),
+    )

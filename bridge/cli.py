@@ -1,0 +1,229 @@
+"""``talkbridge run | check-config | status | dlq``.
+
+Exit codes: 0 fine, 1 runtime failure, 2 bad config or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from redis.asyncio import Redis
+
+from adapters import AdapterRegistry
+from adapters.base import Adapter
+from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
+from bridge.config import Config, ConfigError, ProtocolSpec, load_config
+from bridge.connections import RedisURLError, connect
+from bridge.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
+def protocol_specs(adapters: Mapping[str, type[Adapter]]) -> dict[str, ProtocolSpec]:
+    return {name: ProtocolSpec(name, cls.options, cls.check_account) for name, cls in adapters.items()}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(config: Config, stream: TextIO = sys.stderr) -> None:
+    section = config.section("log")
+    handler = logging.StreamHandler(stream)
+    if section["Format"] == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(section["Level"].upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def embedded_for(config: Config) -> EmbeddedRedis:
+    section = config.section("redis")
+    data_dir = Path(section["DataDir"]).expanduser()
+    if not data_dir.is_absolute():
+        data_dir = config.path.parent / data_dir
+    return EmbeddedRedis(data_dir, section["RedisServer"], section["AppendFsync"])
+
+
+@contextlib.asynccontextmanager
+async def redis_for(config: Config, *, start: bool) -> AsyncIterator[Redis]:
+    """The configured Redis; the embedded one when no URL is set.
+
+    ``start`` (the daemon): run our own server and stop it on exit. Otherwise
+    (status, dlq): attach to the running daemon's server, or start one on the
+    data directory just for this command.
+    """
+    url = config.section("redis")["URL"]
+    embedded: EmbeddedRedis | None = None
+    if not url:
+        embedded = embedded_for(config)
+        if not start and embedded.attach():
+            url, embedded = embedded.url, None
+        else:
+            url = embedded.start()
+    client = connect(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            embedded.stop()
+
+
+def load(path: str, adapters: Mapping[str, type[Adapter]]) -> Config:
+    return load_config(path, protocol_specs(adapters))
+
+
+# commands ------------------------------------------------------------------------
+def cmd_check_config(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
+    config = load(args.config, adapters)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=out)
+    print(f"{config.path}: OK", file=out)
+    redis_url = config.section("redis")["URL"]
+    print(
+        f"redis: {'configured URL' if redis_url else 'embedded, data in ' + str(embedded_for(config).data_dir)}",
+        file=out,
+    )
+    print(f"accounts ({len(config.accounts)}):", file=out)
+    for name, acct in config.accounts.items():
+        # Never print values that may be secrets: only what identifies the account.
+        where = acct.get("Server") or acct.get("BindAddress") or acct.get("HomeServer") or ""
+        print(f"  {name}  ({acct.protocol}{', ' + where if where else ''})", file=out)
+    print(f"gateways ({len(config.gateways)}):", file=out)
+    for gw in config.gateways:
+        print(f"  {gw.name}:", file=out)
+        for entry in gw.entries:
+            print(f"    {entry.direction:5}  {entry.account}  {entry.channel}", file=out)
+    return 0
+
+
+async def _run(config: Config, adapters: Mapping[str, type[Adapter]]) -> int:
+    from bridge.daemon import Daemon  # imports aiohttp & co only for the daemon
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with redis_for(config, start=True) as redis:
+        daemon = Daemon(config, redis, adapters)
+        logging.getLogger("talkbridge").info(
+            "talkbridge %s: %d accounts, %d gateways", daemon.instance_id, len(config.accounts), len(config.gateways)
+        )
+        await daemon.run(stop)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
+    config = load(args.config, adapters)
+    setup_logging(config)
+    for warning in config.warnings:
+        logging.getLogger("talkbridge").warning("config: %s", warning)
+    return asyncio.run(_run(config, adapters))
+
+
+async def _status(config: Config, out: TextIO) -> int:
+    async with redis_for(config, start=False) as redis:
+        bus = Bus(redis, BusSettings.from_section(config.section("redis")["KeyPrefix"], config.section("bus")))
+        rows = []
+        for name in config.accounts:
+            for stream, group in ((bus.inbound(name), ROUTER_GROUP), (bus.outbound(name), DELIVER_GROUP)):
+                rows.append(await bus.stream_status(stream, group))
+        dlq = await redis.xlen(bus.dlq)
+    width = max([len(r["stream"]) for r in rows] + [6])
+    print(f"{'stream':{width}}  {'length':>8}  {'lag':>8}  {'pending':>8}  {'oldest':>9}", file=out)
+    for r in rows:
+        oldest = f"{r['oldest_pending_s']:.1f}s" if r["pending"] else "-"
+        print(f"{r['stream']:{width}}  {r['length']:>8}  {r['lag']:>8}  {r['pending']:>8}  {oldest:>9}", file=out)
+    print(f"dead letters: {dlq}", file=out)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
+    return asyncio.run(_status(load(args.config, adapters), out))
+
+
+async def _dlq(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    async with redis_for(config, start=False) as redis:
+        bus = Bus(redis, BusSettings.from_section(config.section("redis")["KeyPrefix"], config.section("bus")))
+        if args.action == "list":
+            letters = await bus.dead_letters(args.limit)
+            for letter in letters:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(letter.failed_at))
+                print(f"{letter.id}  {when}Z  {letter.stream}  attempts={letter.attempts}  {letter.error}", file=out)
+            print(f"{len(letters)} dead letter(s) shown", file=out)
+            return 0
+        if not args.all and not args.ids:
+            print("dlq replay: name entry ids or pass --all", file=sys.stderr)
+            return EXIT_CONFIG
+        count = await bus.replay(None if args.all else args.ids)
+        print(f"replayed {count} dead letter(s)", file=out)
+        return 0
+
+
+def cmd_dlq(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
+    return asyncio.run(_dlq(load(args.config, adapters), args, out))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="talkbridge", description="Bridge Nextcloud Talk, Matrix and Matterbridge rooms.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", "-c", required=True)
+    check = sub.add_parser("check-config", help="validate a config and show what it sets up")
+    check.add_argument("config")
+    status = sub.add_parser("status", help="stream lengths, lag, pending and dead letters")
+    status.add_argument("--config", "-c", required=True)
+    dlq = sub.add_parser("dlq", help="inspect or re-drive dead letters")
+    dlq.add_argument("action", choices=["list", "replay"])
+    dlq.add_argument("--config", "-c", required=True)
+    dlq.add_argument("ids", nargs="*", help="dead-letter entry ids (replay)")
+    dlq.add_argument("--all", action="store_true", help="replay every dead letter")
+    dlq.add_argument("--limit", type=int, default=100)
+    return p
+
+
+COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "status": cmd_status, "dlq": cmd_dlq}
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, adapters: Mapping[str, Any] | None = None) -> int:
+    args = parser().parse_args(argv)
+    registry = adapters if adapters is not None else AdapterRegistry()
+    try:
+        return COMMANDS[args.command](args, registry, out)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    except (EmbeddedRedisError, RedisURLError) as exc:
+        print(f"talkbridge: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, RedisURLError) else EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

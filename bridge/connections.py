@@ -1,0 +1,53 @@
+"""Redis connections from a URL: standalone, unix socket, Sentinel or Cluster.
+
+- ``redis://`` / ``rediss://`` / ``unix://``  — redis-py's own URL forms
+- ``redis+sentinel://[:password@]host:port[,host:port...]/SERVICE[/DB]``
+- ``redis+cluster://[:password@]host:port``
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+
+# Blocking reads (XREADGROUP BLOCK) must not trip a socket timeout.
+COMMON: dict[str, Any] = {"socket_timeout": None, "socket_connect_timeout": 5, "health_check_interval": 30}
+
+
+class RedisURLError(ValueError):
+    pass
+
+
+def connect(url: str) -> Redis:
+    if url.startswith("redis+sentinel://"):
+        return _sentinel(url)
+    if url.startswith("redis+cluster://"):
+        return RedisCluster.from_url("redis://" + url[len("redis+cluster://") :], socket_connect_timeout=5)  # type: ignore[return-value]
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise RedisURLError(f"redis.URL: unsupported scheme in {urlsplit(url).scheme or url!r}")
+    return Redis.from_url(url, **COMMON)
+
+
+def _sentinel(url: str) -> Redis:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    password = None
+    if "@" in netloc:
+        cred, netloc = netloc.rsplit("@", 1)
+        password = unquote(cred.split(":", 1)[-1]) or None
+    hosts = []
+    for item in netloc.split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise RedisURLError(f"redis.URL: bad sentinel address {item!r}")
+        hosts.append((host.strip("[]"), int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise RedisURLError("redis.URL: redis+sentinel:// needs the service name as its path")
+    db = int(path[1]) if len(path) > 1 and path[1].isdigit() else 0
+    sentinel = Sentinel(hosts, password=password, db=db, **COMMON)
+    return sentinel.master_for(path[0], password=password, db=db, **COMMON)

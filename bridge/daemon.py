@@ -1,0 +1,252 @@
+"""The daemon: one shared HTTP server, and one runner per account.
+
+An ``AccountRunner`` competes for the account's lease; the instance that
+holds it connects the adapter, routes the account's inbound stream and
+delivers its outbound stream. Every instance serves webhook ingress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from adapters.base import Adapter, AdapterContext
+from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
+from bridge.config import Config, parse_hostport
+from bridge.events import Event
+from bridge.http import build_app
+from bridge.idmap import IdMap
+from bridge.lease import Lease
+from bridge.metrics import Metrics
+from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy, RouteLoop, delivered_key
+from bridge.router import Router
+
+ACCOUNT_FAILED_PAUSE = 900.0  # after a refused credential, try once more only this much later
+CONNECT_BACKOFF_MAX = 60.0
+
+
+class LeaseLost(Exception):
+    pass
+
+
+class AccountRunner:
+    def __init__(self, daemon: Daemon, adapter: Adapter, name: str) -> None:
+        self.d = daemon
+        self.adapter = adapter
+        self.name = name
+        self.log = logging.getLogger(f"talkbridge.{name}")
+        self.lease = Lease(daemon.redis, f"{daemon.bus.prefix}:lease:{name}", daemon.instance_id, daemon.lease_seconds)
+        self.connected = False
+
+    async def run(self) -> None:
+        poll = self.d.lease_seconds / 3
+        while True:
+            try:
+                held = await self.lease.acquire()
+            except (RedisError, OSError) as exc:
+                self.log.warning("%s: lease check failed: %s", self.name, exc)
+                held = False
+            if not held:
+                await asyncio.sleep(poll)
+                continue
+            self.log.info("%s: this instance owns the account", self.name)
+            try:
+                await self._owned()
+            except LeaseLost:
+                self.log.warning("%s: lease lost, stopping the account here", self.name)
+            except (RedisError, OSError) as exc:
+                self.log.error("%s: Redis trouble, restarting the account: %s", self.name, exc)
+                await asyncio.sleep(poll)
+            finally:
+                self.connected = False
+                self.d.metrics.account_connected.labels(self.name).set(0)
+                with contextlib.suppress(Exception):
+                    await self.adapter.disconnect()
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.lease.release())
+
+    async def _owned(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            renew = tg.create_task(self._renew())
+            await self._connect()
+            tg.create_task(self._route())
+            tg.create_task(self._deliver())
+            await renew  # ends only by raising LeaseLost; the group cancels the rest
+
+    async def _renew(self) -> None:
+        interval = self.d.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ok = await self.lease.renew()
+            except (RedisError, OSError):
+                ok = False
+            if not ok:
+                raise LeaseLost(self.name)
+
+    async def _connect(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self.adapter.connect()
+                for channel in self.adapter.ctx.channels:
+                    await self.adapter.join(channel)
+                break
+            except Exception as exc:
+                self.log.error("%s: connect failed: %s; retry in %.0fs", self.name, exc, delay)
+                with contextlib.suppress(Exception):
+                    await self.adapter.disconnect()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, CONNECT_BACKOFF_MAX)
+        self.connected = True
+        self.d.metrics.account_connected.labels(self.name).set(1)
+
+    async def _route(self) -> None:
+        await RouteLoop(self.d.bus, self.d.router, self.name, self.d.instance_id, self.d.metrics, self.log).run()
+
+    async def _deliver(self) -> None:
+        loop = DeliveryLoop(
+            self.d.bus,
+            self.d.idmap,
+            self.adapter,
+            self.name,
+            self.d.instance_id,
+            self.d.metrics,
+            self.log,
+            self.d.retry,
+            self.d.map_ttl,
+        )
+        while True:
+            try:
+                await loop.run()
+            except AccountStopped as exc:
+                # Never retry a refused credential in a loop: Nextcloud's
+                # brute-force protection would lock the bridge's IP out.
+                self.log.critical(
+                    "%s: credentials refused (%s); delivery paused for %.0fs — fix the account and restart",
+                    self.name, exc, ACCOUNT_FAILED_PAUSE,
+                )  # fmt: skip
+                await asyncio.sleep(ACCOUNT_FAILED_PAUSE)
+                self.d.metrics.account_failed.labels(self.name).set(0)
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        redis: Redis,
+        adapters: Mapping[str, type[Adapter]],
+        metrics: Metrics | None = None,
+        instance_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.redis = redis
+        self.metrics = metrics or Metrics()
+        self.instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        redis_cfg, bus_cfg = config.section("redis"), config.section("bus")
+        self.bus = Bus(redis, BusSettings.from_section(redis_cfg["KeyPrefix"], bus_cfg))
+        self.map_ttl = int(bus_cfg["MessageMapDays"] * 86400)
+        self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl)
+        self.router = Router(config)
+        self.lease_seconds = float(bus_cfg["LeaseSeconds"])
+        self.retry = RetryPolicy(bus_cfg["MaxDeliveries"], bus_cfg["RetryBaseSeconds"], bus_cfg["RetryMaxSeconds"])
+        self.max_body = config.section("http")["MaxBodyBytes"]
+        self.runners: dict[str, AccountRunner] = {}
+        for name, acct in config.accounts.items():
+            adapter_cls = adapters[acct.protocol]
+            ctx = AdapterContext(
+                account=acct,
+                publish=self.publish,
+                redis=redis,
+                metrics=self.metrics,
+                log=logging.getLogger(f"talkbridge.{name}"),
+                channels=config.channels_of(name),
+                sends_into={
+                    gw.name: e.channel for gw in config.gateways for e in gw.entries if e.account == name and e.can_send
+                },
+                key_prefix=self.bus.prefix,
+                max_body=self.max_body,
+                delivered_key=lambda d: delivered_key(self.bus.prefix, d),
+                delivered_ttl=self.map_ttl,
+            )
+            self.runners[name] = AccountRunner(self, adapter_cls(ctx), name)
+        self._site: web.TCPSite | None = None
+
+    async def publish(self, event: Event) -> str:
+        return await self.bus.publish(event)
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        detail: dict[str, Any] = {"redis": "ok", "accounts": {}}
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            detail["redis"] = f"unreachable: {exc}"
+            return False, detail
+        ready = True
+        for name, runner in self.runners.items():
+            if runner.connected:
+                detail["accounts"][name] = "connected"
+                continue
+            holder = await runner.lease.holder()
+            if holder and holder != self.instance_id:
+                detail["accounts"][name] = f"owned by {holder}"
+            else:
+                detail["accounts"][name] = "not connected"
+                ready = False
+        return ready, detail
+
+    def streams(self) -> list[tuple[str, str]]:
+        out = []
+        for name in self.runners:
+            out.append((self.bus.inbound(name), ROUTER_GROUP))
+            out.append((self.bus.outbound(name), DELIVER_GROUP))
+        return out
+
+    async def refresh_metrics(self) -> None:
+        for stream, group in self.streams():
+            st = await self.bus.stream_status(stream, group)
+            self.metrics.stream_length.labels(stream).set(st["length"])
+            self.metrics.stream_lag.labels(stream).set(st["lag"])
+            self.metrics.stream_pending.labels(stream).set(st["pending"])
+            self.metrics.stream_oldest_pending.labels(stream).set(st["oldest_pending_s"])
+        self.metrics.dlq_length.set(await self.redis.xlen(self.bus.dlq))
+
+    async def start_http(self) -> web.AppRunner | None:
+        bind = self.config.section("http")["BindAddress"]
+        if not bind:
+            return None
+        ingress = [route for runner in self.runners.values() for route in runner.adapter.ingress_routes()]
+        app = build_app(self.metrics, self.readiness, self.refresh_metrics, ingress, self.max_body)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        host, port = parse_hostport(bind)  # type: ignore[misc]
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        logging.getLogger("talkbridge").info("http: listening on %s", bind)
+        return runner
+
+    async def run(self, stop: asyncio.Event) -> None:
+        http = await self.start_http()
+        tasks = [asyncio.create_task(r.run(), name=f"account:{n}") for n, r in self.runners.items()]
+        waiter = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not waiter and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            waiter.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(waiter, *tasks, return_exceptions=True)
+            if http is not None:
+                await http.cleanup()

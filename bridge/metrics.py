@@ -1,0 +1,63 @@
+"""Prometheus metrics, on a registry passed in (never the global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events_in = Counter("talkbridge_events_in", "Events accepted from a network", ["account"], registry=r)
+        self.events_out = Counter("talkbridge_events_out", "Events delivered to a network", ["account"], registry=r)
+        self.skipped = Counter(
+            "talkbridge_deliveries_skipped",
+            "Deliveries not sent (already delivered, or nothing to edit/react to)",
+            ["account", "reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "talkbridge_ingress_rejected", "Inbound requests refused", ["account", "reason"], registry=r
+        )
+        self.delivery_errors = Counter(
+            "talkbridge_delivery_errors", "Failed delivery attempts", ["account", "kind"], registry=r
+        )
+        self.dead_letters = Counter(
+            "talkbridge_dead_letters", "Entries moved to the dead-letter stream", ["stream"], registry=r
+        )
+        self.latency = Histogram(
+            "talkbridge_delivery_latency_seconds",
+            "From the source event to its delivery",
+            ["account"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stream_length = Gauge("talkbridge_stream_length", "Entries in a stream", ["stream"], registry=r)
+        self.stream_lag = Gauge(
+            "talkbridge_stream_lag", "Entries not yet read by the consumer group", ["stream"], registry=r
+        )
+        self.stream_pending = Gauge(
+            "talkbridge_stream_pending", "Entries read but not acknowledged", ["stream"], registry=r
+        )
+        self.stream_oldest_pending = Gauge(
+            "talkbridge_stream_oldest_pending_seconds", "Age of the oldest unacknowledged entry", ["stream"], registry=r
+        )
+        self.dlq_length = Gauge("talkbridge_dead_letter_length", "Entries in the dead-letter stream", registry=r)
+        self.account_connected = Gauge(
+            "talkbridge_account_connected",
+            "1 while this instance holds the account and is connected",
+            ["account"],
+            registry=r,
+        )
+        self.account_failed = Gauge(
+            "talkbridge_account_failed",
+            "1 when the account's credentials were refused (alert on this)",
+            ["account"],
+            registry=r,
+        )
+        self.api_buffer_dropped = Counter(
+            "talkbridge_api_buffer_dropped", "Messages pushed out of a full api Buffer", ["account"], registry=r
+        )

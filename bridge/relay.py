@@ -1,0 +1,237 @@
+"""The two loops an account owner runs over the bus.
+
+``RouteLoop`` reads the account's inbound stream and writes one delivery per
+destination into the destinations' outbound streams. ``DeliveryLoop`` reads
+the account's outbound stream and hands each delivery to the adapter.
+
+Both start by taking over whatever is pending (a previous owner may have died
+mid-batch) and process it before anything new, so order is the stream's order.
+An entry is acknowledged only after its effect is durable: routed entries
+after their deliveries are in Redis, deliveries after the adapter confirmed
+the send and the delivered-marker is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from adapters.base import AccountFailed, Adapter, PermanentError, RateLimited, TransientError
+from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, Entry
+from bridge.events import Delivery, EventKind, WireError, event_from_wire
+from bridge.idmap import IdMap, ref
+from bridge.metrics import Metrics
+from bridge.router import Router
+
+BLOCK_MS = 5_000
+TRIM_EVERY = 1_000  # acknowledged entries between two XTRIMs
+
+
+def delivered_key(prefix: str, delivery: Delivery) -> str:
+    # Hash-tagged by account so an adapter's script may touch it together
+    # with the account's own keys on Redis Cluster.
+    return f"{prefix}:dlv:{{{delivery.account}}}:{delivery.key}"
+
+
+class _StreamLoop:
+    group: str
+
+    def __init__(self, bus: Bus, stream: str, consumer: str, log: logging.Logger) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.consumer = consumer
+        self.log = log
+        self._since_trim = 0
+
+    async def handle(self, batch: list[Entry]) -> None:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        bus, n = self.bus, self.bus.settings.batch_size
+        await bus.ensure_group(self.stream, self.group)
+        claimed = await bus.claim_all(self.stream, self.group, self.consumer)
+        if claimed:
+            self.log.info("%s: took over %d pending entries", self.stream, claimed)
+        after = b"0"
+        while batch := await bus.read_pending(self.stream, self.group, self.consumer, after, n):
+            await self._handle(batch)
+            after = batch[-1][0]
+        while True:
+            batch = await bus.read_new(self.stream, self.group, self.consumer, n, BLOCK_MS)
+            if batch:
+                await self._handle(batch)
+
+    async def _handle(self, batch: list[Entry]) -> None:
+        await self.handle(batch)
+        self._since_trim += len(batch)
+        if self._since_trim >= TRIM_EVERY:
+            self._since_trim = 0
+            await self.bus.trim_consumed(self.stream, self.group)
+
+
+class RouteLoop(_StreamLoop):
+    group = ROUTER_GROUP
+
+    def __init__(self, bus: Bus, router: Router, account: str, consumer: str, metrics: Metrics, log: logging.Logger):
+        super().__init__(bus, bus.inbound(account), consumer, log)
+        self.router = router
+        self.metrics = metrics
+
+    async def handle(self, batch: list[Entry]) -> None:
+        pipe = self.bus.redis.pipeline(transaction=False)
+        for entry_id, payload in batch:
+            if payload is None:
+                continue  # trimmed or deleted while pending
+            try:
+                event = event_from_wire(payload)
+            except WireError as exc:
+                await self.bus.dead_letter(self.stream, entry_id, payload, f"unreadable event: {exc}", 1)
+                self.metrics.dead_letters.labels(self.stream).inc()
+                continue
+            for delivery in self.router.route(event):
+                self.bus.add_to(pipe, self.bus.outbound(delivery.account), delivery.to_wire())
+        # Not MULTI: on Redis Cluster the streams live in different slots. A
+        # crash between the XADDs and the XACK re-routes the entry; the copies
+        # it adds are dropped by the delivered-markers.
+        pipe.xack(self.stream, self.group, *[entry_id for entry_id, _ in batch])
+        await pipe.execute()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base_seconds: float = 0.5
+    max_seconds: float = 30.0
+
+    def delay(self, attempt: int, hint: float | None = None) -> float:
+        if hint is not None:
+            return min(max(hint, 0.0), self.max_seconds * 4)
+        return min(self.base_seconds * (2 ** (attempt - 1)), self.max_seconds)
+
+
+class AccountStopped(Exception):
+    """The adapter said the account is unusable; the owner stops delivering."""
+
+
+class DeliveryLoop(_StreamLoop):
+    group = DELIVER_GROUP
+
+    def __init__(
+        self,
+        bus: Bus,
+        idmap: IdMap,
+        adapter: Adapter,
+        account: str,
+        consumer: str,
+        metrics: Metrics,
+        log: logging.Logger,
+        retry: RetryPolicy,
+        ttl_seconds: int,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        super().__init__(bus, bus.outbound(account), consumer, log)
+        self.account = account
+        self.idmap = idmap
+        self.adapter = adapter
+        self.metrics = metrics
+        self.retry = retry
+        self.ttl = ttl_seconds
+        self.sleep = sleep
+        self.redis: Redis = bus.redis
+
+    async def handle(self, batch: list[Entry]) -> None:
+        parsed: list[tuple[bytes, Delivery | None, bytes | None]] = []
+        for entry_id, payload in batch:
+            if payload is None:
+                parsed.append((entry_id, None, None))
+                continue
+            try:
+                parsed.append((entry_id, Delivery.from_wire(payload), payload))
+            except WireError as exc:
+                await self._dead(entry_id, payload, f"unreadable delivery: {exc}", 1)
+                parsed.append((entry_id, None, None))
+        keys = [delivered_key(self.bus.prefix, d) for _, d, _ in parsed if d is not None]
+        done = iter(await self.redis.mget(keys) if keys else [])
+        skip: list[bytes] = []
+        for entry_id, delivery, payload in parsed:
+            if delivery is None:
+                skip.append(entry_id)
+                continue
+            if next(done) is not None:
+                self.metrics.skipped.labels(self.account, "already_delivered").inc()
+                skip.append(entry_id)
+                continue
+            if skip:  # keep acks in order with the sends around them
+                await self.redis.xack(self.stream, self.group, *skip)
+                skip = []
+            assert payload is not None
+            await self.deliver(entry_id, delivery, payload)
+        if skip:
+            await self.redis.xack(self.stream, self.group, *skip)
+
+    async def _resolve(self, delivery: Delivery) -> bool:
+        """Fill in destination ids; False when there is nothing to act on there."""
+        event = delivery.event
+        if event.reply_to:
+            delivery.reply_to = await self.idmap.resolve(
+                event.account, event.channel, event.reply_to, delivery.account, delivery.channel
+            )
+        if event.kind in (EventKind.EDIT, EventKind.DELETE, EventKind.REACTION, EventKind.UNREACTION):
+            if not event.target_id:
+                return False
+            delivery.target_id = await self.idmap.resolve(
+                event.account, event.channel, event.target_id, delivery.account, delivery.channel
+            )
+            return delivery.target_id is not None
+        return True
+
+    async def deliver(self, entry_id: bytes, delivery: Delivery, payload: bytes) -> None:
+        if not await self._resolve(delivery):
+            self.metrics.skipped.labels(self.account, "unmapped_target").inc()
+            await self.redis.xack(self.stream, self.group, entry_id)
+            return
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                native_id = await self.adapter.send(delivery)
+                break
+            except AccountFailed as exc:
+                self.metrics.delivery_errors.labels(self.account, "account_failed").inc()
+                self.metrics.account_failed.labels(self.account).set(1)
+                raise AccountStopped(str(exc)) from exc
+            except PermanentError as exc:
+                self.metrics.delivery_errors.labels(self.account, "permanent").inc()
+                await self._dead(entry_id, payload, f"{type(exc).__name__}: {exc}", attempt)
+                return
+            except (TimeoutError, TransientError, OSError) as exc:
+                kind = "rate_limited" if isinstance(exc, RateLimited) else "transient"
+                self.metrics.delivery_errors.labels(self.account, kind).inc()
+                if attempt >= self.retry.max_attempts:
+                    await self._dead(entry_id, payload, f"{type(exc).__name__}: {exc}", attempt)
+                    return
+                hint = exc.retry_after if isinstance(exc, RateLimited) else None
+                delay = self.retry.delay(attempt, hint)
+                self.log.warning("%s: delivery failed (%s), retry %d in %.1fs", self.account, exc, attempt, delay)
+                await self.sleep(delay)
+        event = delivery.event
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(delivered_key(self.bus.prefix, delivery), native_id or "", ex=self.ttl)
+        if native_id and event.kind == EventKind.MESSAGE and event.native_id:
+            canonical = ref(event.account, event.channel, event.native_id)
+            self.idmap.record(pipe, canonical, delivery.account, delivery.channel, native_id)
+        pipe.xack(self.stream, self.group, entry_id)
+        await pipe.execute()
+        self.metrics.events_out.labels(self.account).inc()
+        self.metrics.latency.labels(self.account).observe(max(0.0, time.time() - event.timestamp))
+
+    async def _dead(self, entry_id: bytes, payload: bytes, error: str, attempts: int) -> None:
+        self.log.error("%s: dead-lettered %s after %d attempt(s): %s", self.stream, entry_id.decode(), attempts, error)
+        await self.bus.dead_letter(self.stream, entry_id, payload, error, attempts)
+        await self.redis.xack(self.stream, self.group, entry_id)
+        self.metrics.dead_letters.labels(self.stream).inc()

@@ -1,0 +1,1 @@
+"""arq workers: Instagram fetches and LLM persona replies (see the open issues)."""
