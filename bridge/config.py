@@ -196,7 +196,7 @@ class Config:
         seen: dict[str, None] = {}
         for gw in self.gateways:
             for entry in gw.entries:
-                if entry.account == account:
+                if entry.account == account and entry.channel != "*":
                     seen[entry.channel] = None
         return list(seen)
 

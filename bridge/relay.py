@@ -29,7 +29,13 @@ from bridge.metrics import Metrics
 from bridge.router import Router
 
 BLOCK_MS = 5_000
-TRIM_EVERY = 1_000  # acknowledged entries between two XTRIMs
+TRIM_EVERY = 1_000
+RETRY_AFTER_CAP = 600.0  # seconds; a Retry-After beyond this is treated as this  # acknowledged entries between two XTRIMs
+
+
+def rooms_key(prefix: str, account: str) -> str:
+    """The set of rooms an account is in, kept by its adapter (``ctx.key("rooms")``)."""
+    return f"{prefix}:acct:{account}:rooms"
 
 
 def delivered_key(prefix: str, delivery: Delivery) -> str:
@@ -82,7 +88,16 @@ class RouteLoop(_StreamLoop):
         self.router = router
         self.metrics = metrics
 
+    async def rooms(self) -> dict[str, set[str]]:
+        """Current rooms of the accounts a gateway names with channel ``*``."""
+        out = {}
+        for account in self.router.wildcard_accounts:
+            members = await self.bus.redis.smembers(rooms_key(self.bus.prefix, account))
+            out[account] = {m.decode() for m in members}
+        return out
+
     async def handle(self, batch: list[Entry]) -> None:
+        rooms = await self.rooms() if self.router.wildcard_accounts else None
         pipe = self.bus.redis.pipeline(transaction=False)
         for entry_id, payload in batch:
             if payload is None:
@@ -93,7 +108,7 @@ class RouteLoop(_StreamLoop):
                 await self.bus.dead_letter(self.stream, entry_id, payload, f"unreadable event: {exc}", 1)
                 self.metrics.dead_letters.labels(self.stream).inc()
                 continue
-            for delivery in self.router.route(event):
+            for delivery in self.router.route(event, rooms):
                 self.bus.add_to(pipe, self.bus.outbound(delivery.account), delivery.to_wire())
         # Not MULTI: on Redis Cluster the streams live in different slots. A
         # crash between the XADDs and the XACK re-routes the entry; the copies
@@ -109,8 +124,8 @@ class RetryPolicy:
     max_seconds: float = 30.0
 
     def delay(self, attempt: int, hint: float | None = None) -> float:
-        if hint is not None:
-            return min(max(hint, 0.0), self.max_seconds * 4)
+        if hint is not None:  # the server said how long: honour it, within reason
+            return min(max(hint, 0.0), RETRY_AFTER_CAP)
         return min(self.base_seconds * (2 ** (attempt - 1)), self.max_seconds)
 
 

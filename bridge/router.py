@@ -8,18 +8,23 @@ destination channel. Semantics follow Matterbridge's gateway:
 - ``IgnoreNicks`` / ``IgnoreMessages`` (whitespace-separated regexes) and
   ``ReplaceMessages`` / ``ReplaceNicks`` are the *source* account's;
 - ``RemoteNickFormat`` is the *destination* account's, and its placeholders
-  describe the source.
+  describe the source;
+- a channel of ``*`` stands for every room the account is in (a Talk bot is
+  enabled per room): as a source it matches any of them, as a destination it
+  fans out to the rooms the caller passes in ``rooms``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from bridge.config import AccountConfig, Config, Gateway
 from bridge.events import Delivery, Event, EventKind
 
 ZWSP = "\u200b"
+WILDCARD = "*"
 
 
 def go_replacement(template: str) -> str:
@@ -64,13 +69,20 @@ class Router:
         self.rules = {name: _Rules.of(acct) for name, acct in config.accounts.items()}
         # (account, channel) -> gateways it sends into; built once, routing is hot.
         self._senders: dict[tuple[str, str], list[Gateway]] = {}
+        self.wildcard_accounts: set[str] = set()  # accounts with a "*" destination
         for gw in self.gateways:
             for entry in gw.entries:
                 if entry.can_send:
                     self._senders.setdefault((entry.account, entry.channel), []).append(gw)
+                if entry.can_receive and entry.channel == WILDCARD:
+                    self.wildcard_accounts.add(entry.account)
 
     def gateways_of(self, account: str, channel: str) -> list[Gateway]:
-        return self._senders.get((account, channel), [])
+        exact = self._senders.get((account, channel), [])
+        wild = self._senders.get((account, WILDCARD), [])
+        if not wild:
+            return exact
+        return exact + [gw for gw in wild if gw not in exact]
 
     def ignored(self, event: Event) -> bool:
         rules = self.rules[event.account]
@@ -109,7 +121,8 @@ class Router:
             text = pattern.sub(repl, text)
         return text
 
-    def route(self, event: Event) -> list[Delivery]:
+    def route(self, event: Event, rooms: Mapping[str, Collection[str]] | None = None) -> list[Delivery]:
+        """``rooms``: for accounts with a ``*`` destination, their current rooms."""
         if event.account not in self.rules or self.ignored(event):
             return []
         trail = set(event.origin)
@@ -120,22 +133,29 @@ class Router:
             if event.gateway is not None and event.gateway != gw.name:
                 continue
             for entry in gw.entries:
-                dest = (entry.account, entry.channel)
-                if not entry.can_receive or dest == (event.account, event.channel) or dest in seen:
+                if not entry.can_receive:
                     continue
-                if f"{entry.account}/{entry.channel}" in trail:
-                    continue  # it came from there: never bridge a message back
                 if event.kind in (EventKind.JOIN, EventKind.LEAVE) and not self.rules[entry.account].show_join_part:
                     continue
-                seen.add(dest)
-                out.append(
-                    Delivery(
-                        event=event,
-                        account=entry.account,
-                        channel=entry.channel,
-                        gateway=gw.name,
-                        username=self.nick(event, gw.name, entry.account),
-                        text=text,
+                if entry.channel == WILDCARD:
+                    channels: Collection[str] = sorted((rooms or {}).get(entry.account, ()))
+                else:
+                    channels = (entry.channel,)
+                for channel in channels:
+                    dest = (entry.account, channel)
+                    if dest == (event.account, event.channel) or dest in seen:
+                        continue
+                    if f"{entry.account}/{channel}" in trail:
+                        continue  # it came from there: never bridge a message back
+                    seen.add(dest)
+                    out.append(
+                        Delivery(
+                            event=event,
+                            account=entry.account,
+                            channel=channel,
+                            gateway=gw.name,
+                            username=self.nick(event, gw.name, entry.account),
+                            text=text,
+                        )
                     )
-                )
         return out

@@ -1,0 +1,137 @@
+"""Test helpers: real servers and real processes, waited on by condition."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+from bridge.embedded_redis import find_redis_server
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 15.0, interval: float = 0.02, what: str = "condition") -> T:
+    """Poll until ``condition()`` is truthy; the deadline only bounds a failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class RedisServer:
+    proc: subprocess.Popen[bytes]
+    port: int
+    binary: str
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis_server(data_dir: Path) -> RedisServer:
+    binary = os.environ.get("TALKBRIDGE_TEST_REDIS_SERVER") or find_redis_server()
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
+         "--appendonly", "no", "--daemonize", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_for(lambda: _ping(port) or proc.poll() is not None, what="redis-server")
+    if proc.poll() is not None:
+        raise RuntimeError(f"{binary} exited with {proc.returncode}")
+    return RedisServer(proc, port, binary)
+
+
+class Daemon:
+    """``talkbridge run`` as a real child process."""
+
+    def __init__(self, config: Path, http_port: int, log: Path) -> None:
+        self.config = config
+        self.http_port = http_port
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready: bool = True) -> Daemon:
+        self._log = open(self.log_path, "ab")  # closed in stop()/kill()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge.cli", "run", "--config", str(self.config)],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        if ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(f"http://127.0.0.1:{self.http_port}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=timeout, interval=0.05, what="daemon /readyz")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, exactly like a crash."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code

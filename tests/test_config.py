@@ -1,0 +1,220 @@
+"""Config loading: Matterbridge files as they are, and clear errors for bad ones."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from adapters import AdapterRegistry
+from adapters.base import Option
+from bridge.cli import main, protocol_specs
+from bridge.config import ConfigError, ProtocolSpec, load_config
+
+# Seed 002's federation config, straight quotes. nctalk is described here only
+# by the keys the loader needs; the protocol itself is another issue.
+SEED_002 = """
+## Account 1 - matterbot@nube.nube1.com
+[nctalk.nube-minube1-com]
+Server="https://nube.minube1.com"
+Login="matterbot"
+Password="app-password-1"
+RemoteNickFormat="[{NICK}@{BRIDGE}] "
+## Account 2 - matterbot@nube.nube2.com
+[nctalk.nube-minube2-com]
+Server="https://nube.minube2.com"
+Login="matterbot"
+Password="app-password-2"
+RemoteNickFormat="[{NICK}@{BRIDGE}] "
+## Gateway 1
+[[gateway]]
+name="gateway-minube1-minube2"
+enable=true
+[[gateway.inout]]
+account="nctalk.nube-minube1-com"
+channel="token1"
+[[gateway.inout]]
+account="nctalk.nube-minube2-com"
+channel="token2"
+"""
+
+NCTALK = ProtocolSpec(
+    "nctalk",
+    {"Server": Option(str, required=True), "Login": Option(str, required=True), "Password": Option(str, secret=True)},
+)
+
+
+def specs(**extra: ProtocolSpec) -> dict[str, ProtocolSpec]:
+    return {**protocol_specs(AdapterRegistry()), **extra}
+
+
+def write(tmp_path: Path, text: str, name: str = "bridge.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems(tmp_path: Path, text: str, **kw) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), specs(nctalk=NCTALK), **kw)
+    return err.value.problems
+
+
+API_PAIR = """
+[api.a]
+BindAddress = "127.0.0.1:5001"
+[api.b]
+BindAddress = "127.0.0.1:5002"
+[[gateway]]
+name = "g"
+enable = true
+[[gateway.inout]]
+account = "api.a"
+channel = "api"
+[[gateway.inout]]
+account = "api.b"
+channel = "api"
+"""
+
+
+def test_seed_002_config_loads_as_is(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, SEED_002), specs(nctalk=NCTALK))
+    assert sorted(config.accounts) == ["nctalk.nube-minube1-com", "nctalk.nube-minube2-com"]
+    acct = config.accounts["nctalk.nube-minube1-com"]
+    assert acct.get("Server") == "https://nube.minube1.com"
+    assert acct.get("remotenickformat") == "[{NICK}@{BRIDGE}] "  # viper keys are case-insensitive
+    [gw] = config.gateways
+    assert gw.name == "gateway-minube1-minube2"
+    assert [(e.account, e.channel, e.direction) for e in gw.entries] == [
+        ("nctalk.nube-minube1-com", "token1", "inout"),
+        ("nctalk.nube-minube2-com", "token2", "inout"),
+    ]
+
+
+def test_seed_002_names_the_unsupported_protocol_until_it_exists(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, SEED_002), specs())
+    assert any('protocol "nctalk" is not supported (supported: api' in p for p in err.value.problems)
+
+
+def test_typographic_quotes_get_a_hint(tmp_path: Path) -> None:
+    [problem] = problems(tmp_path, "[api.a]\nBindAddress=»127.0.0.1:1«\n")
+    assert "not valid TOML" in problem and "straight" in problem
+
+
+def test_account_value_falls_back_to_general(tmp_path: Path) -> None:
+    text = '[general]\nRemoteNickFormat = "<{NICK}> "\nIgnoreNicks = "bot1 bot2"\n' + API_PAIR.replace(
+        "[api.b]\n", '[api.b]\nRemoteNickFormat = "{NICK}: "\n'
+    )
+    config = load_config(write(tmp_path, text), specs())
+    assert config.accounts["api.a"].get("RemoteNickFormat") == "<{NICK}> "
+    assert config.accounts["api.b"].get("RemoteNickFormat") == "{NICK}: "
+    assert config.accounts["api.b"].get("IgnoreNicks") == "bot1 bot2"
+    assert config.accounts["api.a"].get("Buffer") == 1000  # the adapter's default
+
+
+def test_unknown_gateway_account_is_named(tmp_path: Path) -> None:
+    text = API_PAIR + '[[gateway.inout]]\naccount = "nctalk.foo"\nchannel = "x"\n'
+    assert problems(tmp_path, text) == ['gateway[0].inout[2].account: no account "nctalk.foo"']
+
+
+def test_every_problem_is_reported_with_its_key(tmp_path: Path) -> None:
+    text = """
+[api.a]
+BindAddress = 5001
+Buffer = "big"
+IgnoreMessages = "(unclosed"
+ReplaceNicks = [["a"]]
+[api.b]
+Token = "env:TB_TEST_UNSET_VARIABLE"
+[redis]
+URL = "file:does-not-exist"
+Colour = "blue"
+[[gateway]]
+enable = "yes"
+[[gateway.in]]
+channel = "api"
+"""
+    found = problems(tmp_path, text, environ={})
+    assert "api.a.BindAddress: must be a string, not the integer 5001" in found
+    assert "api.a.Buffer: must be an integer, not a string" in found
+    assert any(p.startswith("api.a.IgnoreMessages: bad regular expression '(unclosed'") for p in found)
+    assert 'api.a.ReplaceNicks[0]: must be a pair of strings ["regex", "replacement"]' in found
+    assert "api.b.Token: environment variable TB_TEST_UNSET_VARIABLE is not set" in found
+    assert "api.b.BindAddress: is required" in found
+    assert any(p.startswith("redis.URL: cannot read ") for p in found)
+    assert any(p.startswith("redis.Colour: unknown key") for p in found)
+    assert "gateway[0].name: is required (a non-empty string)" in found
+    assert "gateway[0].enable: must be true or false, not a string" in found
+    assert 'gateway[0].in[0].account: is required (a string like "api.myapi")' in found
+
+
+def test_secrets_from_env_and_file(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("from-a-file\n")
+    text = API_PAIR.replace("[api.a]\n", '[api.a]\nToken = "env:TB_TOKEN"\n').replace(
+        "[api.b]\n", '[api.b]\nToken = "file:token"\n'
+    )
+    config = load_config(write(tmp_path, text), specs(), environ={"TB_TOKEN": "from-env"})
+    assert config.accounts["api.a"].get("Token") == "from-env"
+    assert config.accounts["api.b"].get("Token") == "from-a-file"
+    assert "from-env" not in repr(config.accounts["api.a"])
+
+
+def test_disabled_gateway_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, API_PAIR.replace("enable = true", "enable = false")), specs())
+    assert config.gateways == []
+    assert any('gateway "g" is not enabled' in w for w in config.warnings)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[[gateway]]\nname='g'\nenable=true\n[[gateway]]\nname='g'\nenable=true\n", 'gateway "g" is defined twice'),
+        ("[api]\n", "must hold accounts as [api.NAME] tables"),
+        ("[api.'bad name']\nBindAddress='127.0.0.1:1'\n", "account names may use letters"),
+        ("[api.a]\nBindAddress='nowhere'\n", 'api.a.BindAddress: "nowhere" is not HOST:PORT'),
+        ("[http]\nBindAddress='x'\n", 'http.BindAddress: "x" is not HOST:PORT'),
+        ("[bus]\nMaxDeliveries=0\n", "bus.MaxDeliveries: must be at least 1"),
+        ("[redis]\nAppendFsync='sometimes'\n", "redis.AppendFsync: must be always, everysec or no"),
+        ("gateway = 3\n", "gateway: must be an array of tables"),
+        ("[irc.libera]\nServer='irc.libera.chat'\n", 'protocol "irc" is not supported'),
+    ],
+)
+def test_bad_shapes(tmp_path: Path, text: str, expected: str) -> None:
+    assert any(expected in p for p in problems(tmp_path, text)), problems(tmp_path, text)
+
+
+def test_oversized_and_binary_files_are_refused(tmp_path: Path) -> None:
+    big = write(tmp_path, "# " + "x" * (1 << 20) + "\n", "big.toml")
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(big, specs())
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe\x00[api.a]")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(binary, specs())
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml", specs())
+
+
+def test_check_config_cli_prints_accounts_and_gateways_never_secrets(tmp_path: Path) -> None:
+    path = write(tmp_path, API_PAIR.replace("[api.a]\n", '[api.a]\nToken = "s3cret-value"\n'))
+    out = io.StringIO()
+    assert main(["check-config", str(path)], out=out) == 0
+    text = out.getvalue()
+    assert "api.a  (api, 127.0.0.1:5001)" in text
+    assert "inout  api.b  api" in text
+    assert "s3cret-value" not in text
+
+
+def test_check_config_cli_exit_2_one_line_per_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, API_PAIR + '[[gateway.out]]\naccount = "api.zzz"\nchannel = "api"\n[bus]\nBatchSize = 0\n')
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['gateway[0].out[0].account: no account "api.zzz"', "bus.BatchSize: must be at least 1"]
+
+
+def test_example_config_is_valid(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "config" / "example.toml"
+    config = load_config(example, specs())
+    assert [g.name for g in config.gateways] == ["demo"]
