@@ -29,8 +29,8 @@ from bridge.metrics import Metrics
 from bridge.router import Router
 
 BLOCK_MS = 5_000
-TRIM_EVERY = 1_000
-RETRY_AFTER_CAP = 600.0  # seconds; a Retry-After beyond this is treated as this  # acknowledged entries between two XTRIMs
+TRIM_EVERY = 1_000  # acknowledged entries between two XTRIMs
+RETRY_AFTER_CAP = 600.0  # seconds; a longer Retry-After is treated as this
 
 
 def rooms_key(prefix: str, account: str) -> str:
