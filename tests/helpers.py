@@ -108,9 +108,12 @@ class Daemon:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                return httpx.get(f"http://127.0.0.1:{self.http_port}/readyz", timeout=1).status_code == 200
+                resp = httpx.get(f"http://127.0.0.1:{self.http_port}/readyz", timeout=1)
             except httpx.HTTPError:
                 return False
+            # Ready *here*: after a crash the dead instance's leases must expire first.
+            accounts = resp.json().get("accounts", {}) if resp.status_code == 200 else {}
+            return bool(accounts) and all(state == "connected" for state in accounts.values())
 
         wait_for(ready, timeout=timeout, interval=0.05, what="daemon /readyz")
 
@@ -135,3 +138,53 @@ class Daemon:
             code = self.proc.wait()
         self._log.close()
         return code
+
+
+def api_pair_config(
+    tmp_path: Path,
+    redis_url: str | None,
+    *,
+    ports: tuple[int, int, int] | None = None,
+    extra: str = "",
+    buffer: int = 1000,
+) -> tuple[Path, tuple[int, int, int]]:
+    """Two Matterbridge api accounts in one gateway; returns (path, (a, b, http) ports)."""
+    a, b, http = ports or (free_port(), free_port(), free_port())
+    redis = f'URL = "{redis_url}"' if redis_url else 'DataDir = "data"'
+    text = f"""
+[general]
+RemoteNickFormat = "[{{PROTOCOL}}/{{BRIDGE}}] <{{NICK}}> "
+
+[api.a]
+BindAddress = "127.0.0.1:{a}"
+Token = "token-a"
+Buffer = {buffer}
+
+[api.b]
+BindAddress = "127.0.0.1:{b}"
+Token = "token-b"
+Buffer = {buffer}
+
+[[gateway]]
+name = "g"
+enable = true
+[[gateway.inout]]
+account = "api.a"
+channel = "api"
+[[gateway.inout]]
+account = "api.b"
+channel = "api"
+
+[redis]
+{redis}
+
+[http]
+BindAddress = "127.0.0.1:{http}"
+
+[bus]
+LeaseSeconds = 3
+{extra}
+"""
+    path = tmp_path / "talkbridge.toml"
+    path.write_text(text)
+    return path, (a, b, http)

@@ -1,0 +1,165 @@
+"""The daemon as a user runs it: ``talkbridge run`` with two Matterbridge api accounts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis as sync_redis
+
+from tests.helpers import Daemon, RedisServer, api_pair_config, wait_for
+
+
+class Api:
+    def __init__(self, port: int, token: str) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def post(self, **message) -> httpx.Response:
+        return httpx.post(f"{self.base}/api/message", json=message, headers=self.headers, timeout=5)
+
+    def messages(self) -> list[dict]:
+        resp = httpx.get(f"{self.base}/api/messages", headers=self.headers, timeout=5)
+        resp.raise_for_status()
+        return resp.json()
+
+    def wait_messages(self, count: int) -> list[dict]:
+        got: list[dict] = []
+
+        def enough() -> bool:
+            got.extend(self.messages())
+            return len(got) >= count
+
+        wait_for(enough, what=f"{count} messages at {self.base}")
+        return got
+
+
+@pytest.fixture
+def bridge(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[Api, Api, Daemon, sync_redis.Redis]]:
+    client = sync_redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    path, (pa, pb, http) = api_pair_config(tmp_path, redis_server.url)
+    daemon = Daemon(path, http, tmp_path / "daemon.log").start()
+    try:
+        yield Api(pa, "token-a"), Api(pb, "token-b"), daemon, client
+    finally:
+        daemon.stop()
+        client.close()
+
+
+def test_message_crosses_with_the_formatted_nick(bridge) -> None:
+    a, b, _daemon, _ = bridge
+    resp = a.post(text="hello", username="alice", userid="u1", gateway="g")
+    assert resp.status_code == 200
+    answer = resp.json()
+    assert answer["account"] == "api.a" and answer["channel"] == "api" and answer["id"]
+    [got] = b.wait_messages(1)
+    assert got["text"] == "hello"
+    assert got["username"] == "[api/a] <alice> "
+    assert got["userid"] == "u1" and got["gateway"] == "g" and got["account"] == "api.a" and got["protocol"] == "api"
+    assert a.messages() == []  # never echoed back to the sender
+    assert b.messages() == []  # /api/messages drained the buffer
+
+
+def test_stream_delivers_line_by_line(bridge) -> None:
+    a, b, _daemon, _ = bridge
+    with httpx.stream("GET", f"{b.base}/api/stream", headers=b.headers, timeout=10) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        assert json.loads(next(lines))["event"] == "api_connected"
+        for i in range(3):
+            assert a.post(text=f"m{i}", username="alice", gateway="g").status_code == 200
+        got = [json.loads(next(lines)) for _ in range(3)]
+    assert [m["text"] for m in got] == ["m0", "m1", "m2"]
+    assert {m["username"] for m in got} == {"[api/a] <alice> "}
+
+
+def test_replies_edits_deletes_and_reactions_cross(bridge) -> None:
+    a, b, _daemon, _ = bridge
+    original = a.post(text="question", username="alice", gateway="g").json()
+    [copy] = b.wait_messages(1)
+    # b answers the copy; a sees the reply threaded on its own message id
+    assert b.post(text="answer", username="bob", parent_id=copy["id"], gateway="g").status_code == 200
+    [reply] = a.wait_messages(1)
+    assert reply["parent_id"] == original["id"]
+    # a edits and deletes its message; b sees both on the copy's id
+    assert a.post(text="question, edited", username="alice", id=original["id"], gateway="g").status_code == 200
+    assert a.post(event="msg_delete", id=original["id"], username="alice", gateway="g").status_code == 200
+    edit, delete = b.wait_messages(2)
+    assert (edit["event"], edit["id"], edit["text"]) == ("", copy["id"], "question, edited")
+    assert (delete["event"], delete["id"]) == ("msg_delete", copy["id"])
+    # b reacts to the reply's copy... the reply came from b, so react on a's side instead
+    assert (
+        a.post(event="reaction_add", text="👍", parent_id=reply["id"], username="alice", gateway="g").status_code == 200
+    )
+    [reaction] = b.wait_messages(1)
+    assert reaction["event"] == "reaction_add" and reaction["text"] == "👍"
+
+
+@pytest.mark.parametrize(
+    "headers, body, status, reason",
+    [
+        ({}, {"text": "x", "gateway": "g"}, 400, "missing key"),
+        ({"Authorization": "Bearer wrong"}, {"text": "x", "gateway": "g"}, 401, "Unauthorized"),
+        ({"Authorization": "token-a"}, {"text": "x", "gateway": "g"}, 400, "missing key"),
+        (None, b"{not json", 400, "not valid JSON"),
+        (None, b"[1, 2]", 400, "must be a JSON object"),
+        (None, {"text": 5, "gateway": "g"}, 400, "text must be a string"),
+        (None, {"text": "x", "gateway": "nope"}, 400, 'unknown gateway "nope"'),
+        (None, {"text": "", "gateway": "g"}, 400, "text is empty"),
+        (None, {"text": "x", "gateway": "g", "event": "msg_delete"}, 400, "needs the id"),
+        (None, {"text": "x", "gateway": "g", "event": "topic_change"}, 400, "not supported"),
+        (None, {"text": "x", "gateway": "g", "Extra": {"file": [{"Name": "../etc", "Data": "eA=="}]}}, 400, "Name"),
+        (None, {"text": "x", "gateway": "g", "Extra": {"file": [{"Name": "a.txt", "Data": "%%%"}]}}, 400, "base64"),
+        (None, b"x" * (2 << 20), 413, "larger than"),
+    ],
+)
+def test_bad_input_is_refused_and_publishes_nothing(bridge, headers, body, status, reason) -> None:
+    a, _b, _daemon, client = bridge
+    sent_headers = a.headers if headers is None else headers
+    if isinstance(body, bytes):
+        resp = httpx.post(
+            f"{a.base}/api/message", content=body, headers={**sent_headers, "Content-Type": "application/json"}
+        )
+    else:
+        resp = httpx.post(f"{a.base}/api/message", json=body, headers=sent_headers)
+    assert resp.status_code == status
+    assert reason in resp.json()["message"]
+    assert client.xlen("tb:in:api.a") == 0
+
+
+def test_every_route_needs_the_token(bridge) -> None:
+    a, _b, _daemon, _ = bridge
+    for path in ("/api/health", "/api/messages", "/api/stream"):
+        assert httpx.get(a.base + path).status_code == 400
+        assert httpx.get(a.base + path, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert httpx.get(a.base + "/api/health", headers=a.headers).text == "OK"
+
+
+def test_buffer_survives_a_restart(bridge) -> None:
+    a, b, daemon, client = bridge
+    for i in range(5):
+        assert a.post(text=f"kept{i}", username="alice", gateway="g").status_code == 200
+    wait_for(lambda: client.xlen("tb:apibuf:{api.b}") == 5, what="buffered messages")
+    daemon.stop()
+    daemon.start()
+    assert [m["text"] for m in b.messages()] == [f"kept{i}" for i in range(5)]
+
+
+def test_health_ready_and_metrics(bridge) -> None:
+    a, b, daemon, _ = bridge
+    base = f"http://127.0.0.1:{daemon.http_port}"
+    assert httpx.get(base + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(base + "/readyz").json()
+    assert ready["ready"] is True and ready["accounts"] == {"api.a": "connected", "api.b": "connected"}
+    a.post(text="count me", username="alice", gateway="g")
+    b.wait_messages(1)
+    metrics = httpx.get(base + "/metrics").text
+    assert 'talkbridge_events_in_total{account="api.a"} 1.0' in metrics
+    assert 'talkbridge_events_out_total{account="api.b"} 1.0' in metrics
+    assert 'talkbridge_delivery_latency_seconds_count{account="api.b"} 1.0' in metrics
+    assert 'talkbridge_stream_pending{stream="tb:out:api.b"} 0.0' in metrics
+    assert "talkbridge_dead_letter_length 0.0" in metrics

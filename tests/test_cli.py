@@ -1,0 +1,62 @@
+"""``talkbridge status`` and ``talkbridge dlq`` against real Redis servers."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from bridge.bus import DELIVER_GROUP, Bus, BusSettings
+from bridge.cli import main
+from bridge.events import Event, EventKind, event_to_wire
+from tests.helpers import RedisServer, api_pair_config
+
+
+async def test_status_reports_length_lag_pending_and_dead_letters(
+    tmp_path: Path, redis: Redis, redis_server: RedisServer
+) -> None:
+    path, _ = api_pair_config(tmp_path, redis_server.url)
+    bus = Bus(redis, BusSettings())
+    await bus.ensure_group(bus.outbound("api.b"), DELIVER_GROUP)
+    for i in range(3):
+        await redis.xadd(bus.outbound("api.b"), {b"d": b"x%d" % i})
+    await bus.read_new(bus.outbound("api.b"), DELIVER_GROUP, "c", 1, 10)  # one pending, two lagging
+    await bus.dead_letter(bus.outbound("api.b"), b"1-1", b"payload", "boom", 5)
+    out = io.StringIO()
+    assert await _main(["status", "--config", str(path)], out) == 0
+    lines = out.getvalue().splitlines()
+    row = next(line.split() for line in lines if line.startswith("tb:out:api.b"))
+    assert row[:4] == ["tb:out:api.b", "3", "2", "1"]
+    assert lines[-1] == "dead letters: 1"
+
+
+async def test_dlq_list_and_replay(tmp_path: Path, redis: Redis, redis_server: RedisServer) -> None:
+    path, _ = api_pair_config(tmp_path, redis_server.url)
+    bus = Bus(redis, BusSettings())
+    payload = event_to_wire(Event(kind=EventKind.MESSAGE, account="api.a", channel="api", text="hi"))
+    await bus.dead_letter(bus.outbound("api.b"), b"5-0", payload, "TransientError: 503", 5)
+    out = io.StringIO()
+    assert await _main(["dlq", "list", "--config", str(path)], out) == 0
+    assert "tb:out:api.b  attempts=5  TransientError: 503" in out.getvalue()
+    out = io.StringIO()
+    assert await _main(["dlq", "replay", "--all", "--config", str(path)], out) == 0
+    assert "replayed 1 dead letter(s)" in out.getvalue()
+    assert await redis.xlen(bus.dlq) == 0
+    [(_, fields)] = await redis.xrange(bus.outbound("api.b"))
+    assert fields[b"d"] == payload
+
+
+def test_status_on_embedded_redis_without_a_running_daemon(tmp_path: Path) -> None:
+    path, _ = api_pair_config(tmp_path, None)
+    out = io.StringIO()
+    assert main(["status", "--config", str(path)], out=out) == 0
+    assert "dead letters: 0" in out.getvalue()
+    assert (tmp_path / "data" / "redis.log").exists()  # it started, and stopped, a server on the data dir
+
+
+async def _main(argv: list[str], out: io.StringIO) -> int:
+    # The CLI runs its own event loop; keep it off the test's loop.
+    import asyncio
+
+    return await asyncio.to_thread(main, argv, out)

