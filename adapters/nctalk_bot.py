@@ -1,0 +1,516 @@
+"""Nextcloud Talk bot (webhook): ``[nctalkbot.NAME]``.
+
+Talk calls ``POST /webhook/nextcloud/NAME`` on the daemon's shared HTTP
+server (every instance serves it) with an ActivityStreams payload signed as
+``hex(HMAC-SHA256(BotSecret, X-Nextcloud-Talk-Random + raw body))``. The
+handler verifies over the raw bytes, refuses replays, puts the event in Redis
+and answers 200 — Talk waits for the answer (at most 5 s) before the sender's
+own message is confirmed, so nothing slow happens here.
+
+Outbound, the bot API (``…/api/v1/bot/{token}/message`` and
+``…/reaction/{messageId}``) is signed over ``random + message text`` (or the
+reaction), never over the JSON body. It answers 201 with ``data: null``: the
+id of a posted message is never known, so replies/reactions *to the bot's
+own messages* cannot be mapped. It cannot edit or delete either; those
+deliveries are skipped. See docs/talk-bot.md.
+
+Modelled on Talk 19 (Nextcloud 29) with the Talk 21+ additions
+(``object.inReplyTo``, ``Like`` / ``Undo`` reaction hooks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from typing import Any, ClassVar
+from urllib.parse import quote, urlsplit
+
+import httpx
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from adapters.base import (
+    AccountFailed,
+    Adapter,
+    AdapterContext,
+    Option,
+    PermanentError,
+    RateLimited,
+    TransientError,
+)
+from bridge.config import AccountConfig
+from bridge.events import Attachment, Delivery, Event, EventKind
+
+PROTOCOL = "nctalkbot"
+WEBHOOK_PREFIX = "/webhook/nextcloud/"
+BOT_API = "/ocs/v2.php/apps/spreed/api/v1/bot"
+H_RANDOM = "X-Nextcloud-Talk-Random"
+H_SIGNATURE = "X-Nextcloud-Talk-Signature"
+H_BACKEND = "X-Nextcloud-Talk-Backend"
+H_BOT_RANDOM = "X-Nextcloud-Talk-Bot-Random"
+H_BOT_SIGNATURE = "X-Nextcloud-Talk-Bot-Signature"
+MIN_RANDOM = 32  # Talk sends 64 chars; it requires >= 32 from bots
+MAX_RANDOM = 256
+MAX_REFERENCE_ID = 64  # Talk's comments.reference_id column
+ECHO_TTL = 600  # seconds a "we reacted" marker waits for Talk's echo
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
+
+
+class WebhookRejected(Exception):
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason  # metrics label
+        self.detail = detail
+
+
+def sign(secret: str, random: str, data: str | bytes) -> str:
+    """hex HMAC-SHA256(secret, random + data), as Talk computes it both ways."""
+    payload = random.encode() + (data if isinstance(data, bytes) else data.encode())
+    return hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
+
+
+def reference_id(key: str, part: int = 0) -> str:
+    """Talk ``referenceId`` for one posted message: 64 hex chars, the same
+    for every redelivery of the same copy (and chunk)."""
+    return hashlib.sha256(f"{key}#{part}".encode()).hexdigest()
+
+
+def render(message: str, parameters: Any) -> tuple[str, list[Attachment]]:
+    """Talk's rich-object string -> plain text (and the files it names).
+
+    ``parameters`` is ``[]`` when empty (PHP), an object otherwise.
+    """
+    params = parameters if isinstance(parameters, dict) else {}
+    files: list[Attachment] = []
+
+    def one(m: re.Match[str]) -> str:
+        obj = params.get(m.group(1))
+        if not isinstance(obj, dict):
+            return m.group(0)  # not a parameter: literal braces in the text
+        kind = obj.get("type")
+        name = str(obj.get("name") or obj.get("id") or "")
+        if kind == "file":
+            size = obj.get("size")
+            files.append(
+                Attachment(
+                    name=name or "file",
+                    mime=str(obj.get("mimetype") or "application/octet-stream"),
+                    size=int(size) if isinstance(size, int | str) and str(size).isdigit() else None,
+                    url=str(obj["link"]) if obj.get("link") else None,
+                )
+            )
+            return name
+        if kind in ("user", "guest", "email", "group", "user-group", "circle", "call", "federated_user", "highlight"):
+            return "@" + name if m.group(1).startswith("mention") else name
+        return name or m.group(0)
+
+    return _PLACEHOLDER.sub(one, message), files
+
+
+def split_message(text: str, limit: int) -> list[str]:
+    """Pieces of at most ``limit`` characters (code points, as Talk's
+    mb_strlen counts), cut at a line break or space where one is near."""
+    out: list[str] = []
+    rest = text
+    while len(rest) > limit:
+        cut = rest.rfind("\n", limit // 2, limit + 1)
+        if cut <= 0:
+            cut = rest.rfind(" ", limit // 2, limit + 1)
+        if cut <= 0:
+            cut = limit
+        piece, rest = rest[:cut], rest[cut:]
+        if piece.strip():
+            out.append(piece)
+        rest = rest.lstrip("\n ") if cut < limit or rest[:1] in ("\n", " ") else rest
+    if rest.strip():
+        out.append(rest)
+    return out
+
+
+def _shell_quote(value: str) -> str:
+    return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+def webhook_path(account: AccountConfig) -> str:
+    return WEBHOOK_PREFIX + account.bridge
+
+
+def install_command(account: AccountConfig) -> str:
+    """The ``occ`` line that registers this account's bot in Talk.
+
+    The secret is printed: this is for the operator's terminal only. Without
+    ``WebhookURL`` a placeholder stands in for the public URL.
+    """
+    name = account.get("BotName") or account.bridge
+    url = account.get("WebhookURL") or f"https://PUBLIC-HOST{webhook_path(account)}"
+    return (
+        "occ talk:bot:install --feature webhook --feature response --feature reaction "
+        f"{_shell_quote(name)} {_shell_quote(account.get('BotSecret', ''))} {_shell_quote(url)}"
+    )
+
+
+class TalkBot(Adapter):
+    protocol = PROTOCOL
+    options: ClassVar[dict[str, Option]] = {
+        "Server": Option(str, required=True, help="Nextcloud base URL, e.g. https://cloud.example.com"),
+        "BotSecret": Option(str, required=True, secret=True, help="the secret given to occ talk:bot:install"),
+        "WebhookURL": Option(str, default="", help="public URL Talk calls (for talk-bot-command)"),
+        "BotName": Option(str, default="", help="name shown in Talk; default: the account name"),
+        "Persona": Option(str, default="", help="LLM persona answering in this bot's rooms"),
+        "Timeout": Option((int, float), default=15, help="seconds per request to Talk"),
+        "MessageLength": Option(int, default=32000, help="Talk's chat max-length; longer messages are split"),
+        "Silent": Option(bool, default=False, help="post without notifications"),
+        "ReplayWindow": Option(int, default=3600, help="seconds a webhook random is remembered"),
+    }
+
+    def __init__(self, ctx: AdapterContext) -> None:
+        super().__init__(ctx)
+        acct = ctx.account
+        self.name = acct.name
+        self.secret: str = acct.get("BotSecret", "")
+        self._secret_key = self.secret.encode()
+        self.server: str = str(acct.get("Server", "")).rstrip("/")
+        self.timeout = float(acct.get("Timeout", 15))
+        self.max_length = int(acct.get("MessageLength", 32000) or 32000)
+        self.silent = bool(acct.get("Silent", False))
+        self.replay_window = int(acct.get("ReplayWindow", 3600))
+        url = acct.get("WebhookURL", "")
+        # Talk's own actor id for this bot: "bots/bot-" + sha1(webhook URL).
+        self.self_actor = f"bots/bot-{hashlib.sha1(url.encode()).hexdigest()}" if url else None
+        self.rooms_key = ctx.key("rooms")
+        self.left_key = ctx.key("left")  # rooms Talk told us the bot was removed from
+        self._client: httpx.AsyncClient | None = None
+
+    # config ----------------------------------------------------------------------
+    @classmethod
+    def check_account(cls, account: AccountConfig) -> list[str]:
+        problems = []
+        secret = account.get("BotSecret", "")
+        if secret and not 40 <= len(secret) <= 128:
+            problems.append(f"{account.name}.BotSecret: must be 40 to 128 characters (Talk refuses others)")
+        for key in ("Server", "WebhookURL"):
+            value = account.get(key, "")
+            if value:
+                parts = urlsplit(value)
+                if parts.scheme not in ("http", "https") or not parts.netloc:
+                    problems.append(f'{account.name}.{key}: "{value}" is not an http(s) URL')
+        if account.get("Timeout", 15) <= 0:
+            problems.append(f"{account.name}.Timeout: must be more than 0")
+        if account.get("MessageLength", 32000) < 1:
+            problems.append(f"{account.name}.MessageLength: must be at least 1")
+        if account.get("ReplayWindow", 3600) < 1:
+            problems.append(f"{account.name}.ReplayWindow: must be at least 1")
+        return problems
+
+    # lifecycle ---------------------------------------------------------------------
+    async def connect(self) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=self.timeout,
+            headers={"OCS-APIRequest": "true", "Accept": "application/json"},
+        )
+
+    async def disconnect(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def ingress_routes(self) -> list[web.RouteDef]:
+        return [web.post(webhook_path(self.ctx.account), self.webhook)]
+
+    # inbound -------------------------------------------------------------------------
+    async def webhook(self, request: web.Request) -> web.Response:
+        try:
+            raw, random = await self._verified_body(request)
+            payload = _parse(raw)
+            await self._accept(payload, random)
+        except WebhookRejected as exc:
+            self.ctx.metrics.rejected.labels(self.name, exc.reason).inc()
+            if exc.status >= 500:
+                self.ctx.log.error("%s: webhook not accepted: %s", self.name, exc.detail)
+            else:
+                self.ctx.log.warning("%s: webhook refused (%d): %s", self.name, exc.status, exc.detail)
+            return web.json_response({"error": exc.detail}, status=exc.status)
+        return web.Response(status=200)
+
+    async def _verified_body(self, request: web.Request) -> tuple[bytes, str]:
+        limit = self.ctx.max_body
+        if request.content_length is not None and request.content_length > limit:
+            raise WebhookRejected(413, "too_large", f"body larger than {limit} bytes")
+        random = request.headers.get(H_RANDOM, "")
+        signature = request.headers.get(H_SIGNATURE, "")
+        if not random or not signature:
+            raise WebhookRejected(401, "missing_signature", f"{H_RANDOM} and {H_SIGNATURE} are required")
+        if not MIN_RANDOM <= len(random) <= MAX_RANDOM or not _HEX64.fullmatch(signature):
+            raise WebhookRejected(401, "bad_signature", "malformed random or signature")
+        # Bounded read, whatever Content-Length claimed (or a chunked body).
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise WebhookRejected(413, "too_large", f"body larger than {limit} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        expected = hmac.new(self._secret_key, random.encode() + raw, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, signature.lower()):
+            raise WebhookRejected(401, "bad_signature", "signature does not match (check BotSecret)")
+        return raw, random
+
+    async def _accept(self, payload: dict[str, Any], random: str) -> None:
+        kind = payload["type"]
+        token = _room_of(payload)
+        seen_key = self.ctx.key("seen", random)
+        redis = self.ctx.redis
+        try:
+            if kind == "Leave":
+                fresh = await redis.set(seen_key, b"1", nx=True, ex=self.replay_window)
+                if fresh:
+                    pipe = redis.pipeline(transaction=False)
+                    pipe.srem(self.rooms_key, token)
+                    pipe.sadd(self.left_key, token)
+                    await pipe.execute()
+            else:  # one round trip: a verified hook proves the bot is in the room
+                pipe = redis.pipeline(transaction=False)
+                pipe.set(seen_key, b"1", nx=True, ex=self.replay_window)
+                pipe.sadd(self.rooms_key, token)
+                pipe.srem(self.left_key, token)
+                fresh, _, _ = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise WebhookRejected(503, "redis", f"message queue unavailable, retry later ({exc})") from None
+        if not fresh:
+            raise WebhookRejected(409, "replay", "this request was already received (replayed random)")
+        try:
+            event = await self._event(payload, token)
+            if event is not None:
+                await self.ctx.publish(event)
+                self.ctx.metrics.events_in.labels(self.name).inc()
+        except (RedisError, OSError) as exc:
+            try:  # let a genuine retry through: it was not accepted
+                await redis.delete(seen_key)
+            except (RedisError, OSError):
+                pass
+            raise WebhookRejected(503, "redis", f"message queue unavailable, retry later ({exc})") from None
+
+    async def _event(self, payload: dict[str, Any], token: str) -> Event | None:
+        kind = payload["type"]
+        if kind in ("Join", "Leave"):
+            actor_id = payload["actor"]["id"]
+            if kind == "Join" and isinstance(actor_id, str) and actor_id.startswith("bots/"):
+                await self.ctx.redis.set(self.ctx.key("self"), actor_id)
+            self.ctx.log.info("%s: bot %s room %s", self.name, "added to" if kind == "Join" else "removed from", token)
+            return None
+        if kind == "Activity":
+            return None  # system messages: nothing to bridge
+        actor = payload["actor"]
+        obj = payload["object"]
+        base = {
+            "account": self.name,
+            "channel": token,
+            "sender_id": actor["id"],
+            "sender_name": actor.get("name") or actor["id"],
+            "origin": [f"{self.name}/{token}"],
+        }
+        if kind == "Create":
+            message, parameters = _content(obj)
+            text, files = render(message, parameters)
+            event = Event(kind=EventKind.MESSAGE, text=text, native_id=str(obj["id"]), attachments=files, **base)
+            parent = obj.get("inReplyTo")
+            if isinstance(parent, dict) and isinstance(parent.get("object"), dict) and "id" in parent["object"]:
+                event.reply_to = str(parent["object"]["id"])
+            return event
+        if kind == "Like":
+            target, emoji = str(obj["id"]), payload["content"]
+            if await self._own_echo(actor["id"], token, target, emoji, "add"):
+                return None
+            return Event(kind=EventKind.REACTION, target_id=target, reaction=emoji, **base)
+        # Undo: object is the whole Like
+        target = str(obj["object"]["id"])
+        emoji = obj.get("content") if isinstance(obj.get("content"), str) else payload.get("content")
+        if await self._own_echo(actor["id"], token, target, emoji, "del"):
+            return None
+        return Event(kind=EventKind.UNREACTION, target_id=target, reaction=emoji, **base)
+
+    async def _own_echo(self, actor_id: str, token: str, target: str, emoji: str, op: str) -> bool:
+        """Talk sends reaction hooks for the bot's own reactions too (and
+        before Talk 22.0.x names the *message author* as their actor): a
+        marker set just before each reaction we post recognizes the echo."""
+        consumed = await self.ctx.redis.delete(self._echo_key(token, target, emoji, op))
+        if consumed:
+            return True
+        return self.self_actor is not None and actor_id == self.self_actor
+
+    def _echo_key(self, token: str, target: str, emoji: str, op: str) -> str:
+        digest = hashlib.sha256(f"{token}\x1f{target}\x1f{emoji}".encode()).hexdigest()[:32]
+        return self.ctx.key("echo", op, digest)
+
+    # outbound ------------------------------------------------------------------------
+    async def send(self, delivery: Delivery) -> str | None:
+        event = delivery.event
+        if event.kind in (EventKind.REACTION, EventKind.UNREACTION):
+            await self._react(delivery)
+            return None
+        if event.kind in (EventKind.EDIT, EventKind.DELETE):
+            # The bot API can neither edit nor delete: nothing to do.
+            self.ctx.metrics.skipped.labels(self.name, f"bot_cannot_{event.kind.value}").inc()
+            return None
+        if await self.ctx.redis.sismember(self.left_key, delivery.channel):
+            # Talk would answer 401 (indistinguishable from a wrong secret) and
+            # count a brute-force attempt: refuse here instead.
+            raise PermanentError(f"the bot was removed from room {delivery.channel} (Leave received)")
+        text = delivery.username + delivery.text
+        for att in event.attachments:  # the bot API cannot upload: name and link
+            text += ("\n" if text.strip() else "") + (f"{att.name}: {att.url}" if att.url else f"[file {att.name}]")
+        pieces = split_message(text, self.max_length)
+        for i, piece in enumerate(pieces):
+            body: dict[str, Any] = {
+                "message": piece,
+                "referenceId": reference_id(delivery.key, i),
+                "silent": self.silent,
+            }
+            if i == 0 and delivery.reply_to and delivery.reply_to.isdigit():
+                body["replyTo"] = int(delivery.reply_to)
+            await self._call("POST", f"{_path_token(delivery.channel)}/message", body, piece)
+        return None  # Talk answers 201 with data null: the message id is unknown
+
+    async def _react(self, delivery: Delivery) -> None:
+        emoji = delivery.event.reaction or ""
+        target = delivery.target_id or ""
+        if not emoji or not target.isdigit():
+            raise PermanentError(f"reaction needs an emoji and a numeric message id (got {target!r})")
+        add = delivery.event.kind == EventKind.REACTION
+        marker = self._echo_key(delivery.channel, target, emoji, "add" if add else "del")
+        await self.ctx.redis.set(marker, b"1", ex=ECHO_TTL)  # before: Talk's echo arrives before its 201
+        path = f"{_path_token(delivery.channel)}/reaction/{target}"
+        try:
+            status = await self._call("POST" if add else "DELETE", path, {"reaction": emoji}, emoji, ok_404=not add)
+        except Exception:
+            await self.ctx.redis.delete(marker)
+            raise
+        if status == 404:  # DELETE of a reaction that is not there: already the wanted state
+            await self.ctx.redis.delete(marker)
+
+    async def _call(self, method: str, path: str, body: dict[str, Any], signed: str, ok_404: bool = False) -> int:
+        if self._client is None:
+            raise TransientError("not connected")
+        random = secrets.token_hex(32)  # 64 chars, fresh per request
+        headers = {
+            H_BOT_RANDOM: random,
+            H_BOT_SIGNATURE: sign(self.secret, random, signed),
+            "Content-Type": "application/json",
+        }
+        url = f"{self.server}{BOT_API}/{path}"
+        content = json.dumps(body, ensure_ascii=False).encode()
+        try:
+            resp = await self._client.request(method, url, content=content, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise TransientError(f"{method} {path}: timed out ({exc.__class__.__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise TransientError(f"{method} {path}: {exc.__class__.__name__}: {exc}") from exc
+        status = resp.status_code
+        if status in (200, 201) or (ok_404 and status == 404):
+            return status
+        what = f"{method} {path}: Talk answered {status}"
+        if status == 401:
+            raise AccountFailed(f"{what} (bot not enabled in the room, or BotSecret differs from occ talk:bot:install)")
+        if status == 429:
+            raise RateLimited(what, _retry_after(resp.headers.get("Retry-After")))
+        if status >= 500:
+            raise TransientError(what)
+        raise PermanentError(what)
+
+
+def _path_token(token: str) -> str:
+    return quote(token, safe="")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+# payload validation -------------------------------------------------------------------
+def _parse(raw: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WebhookRejected(400, "bad_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise WebhookRejected(400, "bad_shape", "body must be a JSON object")
+    kind = payload.get("type")
+    if kind not in ("Create", "Like", "Undo", "Join", "Leave", "Activity"):
+        raise WebhookRejected(400, "bad_shape", f"unknown activity type {kind!r}")
+    actor = payload.get("actor")
+    if not isinstance(actor, dict) or not _nonempty(actor.get("id")):
+        raise WebhookRejected(400, "bad_shape", "actor.id is missing")
+    if not isinstance(actor.get("name", ""), str):
+        raise WebhookRejected(400, "bad_shape", "actor.name must be a string")
+    obj = payload.get("object")
+    if not isinstance(obj, dict):
+        raise WebhookRejected(400, "bad_shape", "object is missing")
+    if kind in ("Join", "Leave"):
+        if not _nonempty(obj.get("id")):
+            raise WebhookRejected(400, "bad_shape", "object.id (the room token) is missing")
+        return payload
+    target = payload.get("target")
+    if not isinstance(target, dict) or not _nonempty(target.get("id")):
+        raise WebhookRejected(400, "bad_shape", "target.id (the room token) is missing")
+    if kind == "Create":
+        if not _msg_id(obj.get("id")):
+            raise WebhookRejected(400, "bad_shape", "object.id is not a message id")
+        _content(obj)
+        reply = obj.get("inReplyTo")
+        if reply is not None and not (
+            isinstance(reply, dict) and isinstance(reply.get("object"), dict) and _msg_id(reply["object"].get("id"))
+        ):
+            raise WebhookRejected(400, "bad_shape", "object.inReplyTo.object.id is not a message id")
+    elif kind == "Like":
+        if not _msg_id(obj.get("id")):
+            raise WebhookRejected(400, "bad_shape", "object.id is not a message id")
+        if not _nonempty(payload.get("content")):
+            raise WebhookRejected(400, "bad_shape", "content (the emoji) is missing")
+    elif kind == "Undo":
+        like = obj.get("object")
+        if obj.get("type") != "Like" or not isinstance(like, dict) or not _msg_id(like.get("id")):
+            raise WebhookRejected(400, "bad_shape", "Undo must carry the Like with object.object.id")
+        if not _nonempty(obj.get("content")) and not _nonempty(payload.get("content")):
+            raise WebhookRejected(400, "bad_shape", "object.content (the emoji) is missing")
+    return payload
+
+
+def _content(obj: dict[str, Any]) -> tuple[str, Any]:
+    raw = obj.get("content")
+    if not isinstance(raw, str):
+        raise WebhookRejected(400, "bad_shape", "object.content must be a JSON string")
+    try:
+        content = json.loads(raw)
+    except ValueError:
+        raise WebhookRejected(400, "bad_shape", "object.content is not JSON") from None
+    if not isinstance(content, dict) or not isinstance(content.get("message"), str):
+        raise WebhookRejected(400, "bad_shape", "object.content must hold {message, parameters}")
+    parameters = content.get("parameters", [])
+    if not isinstance(parameters, dict | list):
+        raise WebhookRejected(400, "bad_shape", "object.content.parameters must be an object or []")
+    return content["message"], parameters
+
+
+def _room_of(payload: dict[str, Any]) -> str:
+    if payload["type"] in ("Join", "Leave"):
+        return str(payload["object"]["id"])
+    return str(payload["target"]["id"])
+
+
+def _nonempty(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _msg_id(value: Any) -> bool:
+    return (isinstance(value, str) and value.isdigit()) or (isinstance(value, int) and not isinstance(value, bool))

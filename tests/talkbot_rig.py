@@ -1,0 +1,103 @@
+"""Shared set-up for the Talk bot tests: configs, an in-process adapter
+served on a real port, and async polling with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from adapters import AdapterRegistry
+from adapters.base import AdapterContext
+from adapters.nctalk_bot import TalkBot
+from bridge.bus import Bus, BusSettings
+from bridge.cli import protocol_specs
+from bridge.config import Config, load_config
+from bridge.metrics import Metrics
+
+SECRET = "s3cr3t-" + "x" * 40  # 47 chars: Talk wants 40..128
+T = TypeVar("T")
+
+
+def write_config(path: Path, body: str) -> Config:
+    path.write_text(body)
+    return load_config(path, protocol_specs(AdapterRegistry()))
+
+
+def bot_section(name: str, server: str, secret: str = SECRET, **extra: Any) -> str:
+    lines = [f"[nctalkbot.{name}]", f'Server = "{server}"', f'BotSecret = "{secret}"']
+    for key, value in extra.items():
+        lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+    return "\n".join(lines) + "\n"
+
+
+async def until(condition: Callable[[], Awaitable[T] | T], within: float = 15.0, what: str = "condition") -> T:
+    """Poll (sync or async condition) until truthy; the deadline only bounds a failure."""
+    deadline = time.monotonic() + within
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Rig:
+    adapter: TalkBot
+    ctx: AdapterContext
+    bus: Bus
+    redis: Redis
+    metrics: Metrics
+    url: str  # the webhook URL
+    runner: web.AppRunner
+
+    @property
+    def stream(self) -> str:
+        return self.bus.inbound(self.ctx.account.name)
+
+    async def events(self) -> list[dict[str, Any]]:
+        from bridge.events import event_from_wire
+
+        rows = await self.redis.xrange(self.stream)
+        return [event_from_wire(fields[b"d"]).to_dict() for _id, fields in rows]
+
+    async def close(self) -> None:
+        await self.adapter.disconnect()
+        await self.runner.cleanup()
+
+
+async def start_rig(config: Config, account: str, redis: Redis, max_body: int = 1 << 20) -> Rig:
+    acct = config.accounts[account]
+    bus = Bus(redis, BusSettings())
+    metrics = Metrics()
+    ctx = AdapterContext(
+        account=acct,
+        publish=bus.publish,
+        redis=redis,
+        metrics=metrics,
+        log=logging.getLogger(f"test.{account}"),
+        channels=config.channels_of(account),
+        max_body=max_body,
+    )
+    adapter = TalkBot(ctx)
+    app = web.Application(client_max_size=max_body)
+    app.add_routes(adapter.ingress_routes())
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    await adapter.connect()
+    url = f"http://127.0.0.1:{port}/webhook/nextcloud/{acct.bridge}"
+    return Rig(adapter, ctx, bus, redis, metrics, url, runner)

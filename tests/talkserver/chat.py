@@ -1,0 +1,157 @@
+"""Chat operations and the events they fire (ChatManager, ReactionManager,
+BotService listeners). Every route and the Python API go through here, so a
+message posted any way triggers the same webhooks.
+"""
+
+from __future__ import annotations
+
+from tests.talkserver import webhooks
+from tests.talkserver.state import (
+    FEATURE_REACTION,
+    FEATURE_WEBHOOK,
+    MAX_CHAT_LENGTH,
+    MAX_REFERENCE_ID,
+    Actor,
+    Bot,
+    Message,
+    TalkState,
+)
+
+
+class ChatError(Exception):
+    """A failure the controller turns into a status code."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind  # not_found | too_long | invalid | exists | not_supported
+
+
+class Chat:
+    def __init__(self, state: TalkState, sender: webhooks.WebhookSender) -> None:
+        self.state = state
+        self.sender = sender
+
+    async def send_message(
+        self,
+        token: str,
+        actor: Actor,
+        text: str,
+        parent: Message | None = None,
+        reference_id: str = "",
+        silent: bool = False,
+        by_bot: bool = False,
+    ) -> Message:
+        """ChatManager::sendMessage, then ChatMessageSentEvent -> bots."""
+        text = text.strip()  # Comment::setMessage trims
+        if len(text) > MAX_CHAT_LENGTH:  # mb_strlen
+            raise ChatError("too_long")
+        ref = reference_id.strip() if reference_id else ""
+        if len(ref) > MAX_REFERENCE_ID:  # the DB column refuses it
+            raise ChatError("invalid")
+        if by_bot:
+            message, params = text, []  # a bot's message is stored as written
+        else:
+            message, params = webhooks.parse_mentions(self.state, text)
+        msg = self.state.add_message(
+            token,
+            actor,
+            message,
+            params,
+            reference_id=ref or None,
+            parent_id=parent.id if parent is not None else None,
+            silent=silent,
+        )
+        if not by_bot:  # "No bots for bots": a bot's own message never triggers webhooks
+            room = self.state.rooms[token]
+            bots = self.state.bots_for_token(token, FEATURE_WEBHOOK)
+            await self.sender.send(bots, webhooks.create_payload(self.state, room, msg))
+        return msg
+
+    async def system_message(
+        self, token: str, actor: Actor, name: str, message: str, params: dict, parent: Message | None
+    ) -> Message:
+        msg = self.state.add_message(
+            token, actor, message, params, message_type="system", system_message=name,
+            parent_id=parent.id if parent is not None else None,
+        )  # fmt: skip
+        room = self.state.rooms[token]
+        await self.sender.send(self.state.bots_for_token(token, FEATURE_WEBHOOK), webhooks.activity_payload(room, msg))
+        return msg
+
+    def target(self, token: str, message_id: int) -> Message:
+        msg = self.state.messages.get(message_id)
+        if msg is None or msg.token != token:
+            raise ChatError("not_found")
+        return msg
+
+    async def add_reaction(self, token: str, actor: Actor, message_id: int, emoji: str) -> Message:
+        """ReactionManager::addReactionMessage + ReactionAddedEvent."""
+        msg = self.target(token, message_id)
+        if msg.message_type != "comment":
+            raise ChatError("not_supported")
+        if not valid_emoji(emoji):
+            raise ChatError("invalid")
+        who = msg.reactions.setdefault(emoji, [])
+        if actor.ref in who:
+            raise ChatError("exists")
+        who.append(actor.ref)
+        await self._reaction_events(token, actor, msg, emoji, added=True)
+        return msg
+
+    async def remove_reaction(self, token: str, actor: Actor, message_id: int, emoji: str) -> Message:
+        msg = self.target(token, message_id)
+        if msg.message_type != "comment":
+            raise ChatError("not_found")
+        who = msg.reactions.get(emoji, [])
+        if actor.ref not in who:
+            raise ChatError("not_found")
+        who.remove(actor.ref)
+        if not who:
+            del msg.reactions[emoji]
+        await self._reaction_events(token, actor, msg, emoji, added=False)
+        return msg
+
+    async def _reaction_events(self, token: str, actor: Actor, msg: Message, emoji: str, added: bool) -> None:
+        # The system message every chat client sees (and webhook bots get as Activity) ...
+        name = "reaction" if added else "reaction_revoked"
+        text = "{actor} reacted with {reaction}" if added else "{actor} deleted a reaction"
+        params = {
+            "actor": {
+                "type": "user" if actor.type == "users" else actor.type.rstrip("s"),
+                "id": actor.id,
+                "name": actor.display_name,
+            },
+        }
+        await self.system_message(token, actor, name, text, params, msg)
+        # ... and, from Talk 21, the Like / Undo hook for bots with the reaction feature
+        # (the reacting bot included: Talk does not skip it).
+        if self.state.version >= 21:
+            room = self.state.rooms[token]
+            bots = self.state.bots_for_token(token, FEATURE_REACTION)
+            build = webhooks.like_payload if added else webhooks.undo_payload
+            await self.sender.send(bots, build(self.state, room, msg, actor, emoji))
+
+    async def enable_bot(self, bot: Bot, token: str) -> bool:
+        """BotController::enableBot / occ talk:bot:setup; False if already enabled."""
+        room = self.state.rooms[token]
+        if room.federated:
+            raise ChatError("invalid")  # Talk refuses bots in federated rooms
+        if bot.id in room.bots:
+            return False
+        room.bots.add(bot.id)
+        await self.sender.send([bot], webhooks.join_payload(room, bot, "Join"))
+        return True
+
+    async def disable_bot(self, bot: Bot, token: str) -> None:
+        room = self.state.rooms[token]
+        room.bots.discard(bot.id)
+        await self.sender.send([bot], webhooks.join_payload(room, bot, "Leave"))
+
+
+def valid_emoji(value: str) -> bool:
+    """Roughly EmojiService::isValidSingleEmoji: one emoji (with modifiers/ZWJ), no text."""
+    if not value or len(value) > 10:
+        return False
+    return not any(ch.isascii() and (ch.isalnum() or ch.isspace()) for ch in value) and any(
+        ord(ch) > 0x2000 for ch in value
+    )
