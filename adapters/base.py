@@ -121,6 +121,16 @@ class Adapter(ABC):
     async def disconnect(self) -> None:
         """Close everything ``connect`` opened."""
 
+    async def send_batch(self, deliveries: Sequence[Delivery]) -> list[str | None]:
+        """Deliver several in order; all or nothing (raise and none counts as sent).
+
+        Only worth overriding when a batch is one round trip (the api buffer
+        is one Redis script); the default sends one by one.
+        """
+        return [await self.send(d) for d in deliveries]
+
+    batch_send: ClassVar[bool] = False  # True when send_batch is all-or-nothing
+
     def ingress_routes(self) -> list[web.RouteDef]:
         """Stateless HTTP routes for the shared server (webhooks)."""
         return []

@@ -22,8 +22,8 @@ import base64
 import binascii
 import hmac
 import json
-import uuid
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -42,19 +42,32 @@ EVENT_REACTION_ADD = "reaction_add"
 EVENT_REACTION_REMOVE = "reaction_remove"
 STREAM_PAGE = 100
 
-# Deliver one message into the buffer exactly once: the delivered-marker and
-# the buffer entry are written together, so a redelivery after a crash finds
-# the marker and adds nothing.  KEYS: buffer, marker. ARGV: payload, maxlen,
-# ttl, native id. Returns {native id, entries pushed out of a full buffer}.
-_DELIVER = """
-local done = redis.call('GET', KEYS[2])
-if done then return {done, 0} end
+# Deliver messages into the buffer exactly once: each delivered-marker and its
+# buffer entry are written together, so a redelivery after a crash finds the
+# marker and adds nothing. KEYS: buffer, marker1..N. ARGV: maxlen, ttl, then
+# payload/native-id pairs. Returns {native ids..., entries pushed out of a
+# full buffer}.
+_DELIVER_MANY = """
+local maxlen = tonumber(ARGV[1])
+local out = {}
 local before = redis.call('XLEN', KEYS[1])
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'd', ARGV[1])
-redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[3])
-local dropped = before + 1 - tonumber(ARGV[2])
+local added = 0
+for i = 2, #KEYS do
+  local done = redis.call('GET', KEYS[i])
+  if done then
+    out[#out + 1] = done
+  else
+    local payload, id = ARGV[2 * i - 1], ARGV[2 * i]
+    redis.call('XADD', KEYS[1], 'MAXLEN', maxlen, '*', 'd', payload)
+    redis.call('SET', KEYS[i], id, 'EX', ARGV[2])
+    out[#out + 1] = id
+    added = added + 1
+  end
+end
+local dropped = before + added - maxlen
 if dropped < 0 then dropped = 0 end
-return {ARGV[4], dropped}
+out[#out + 1] = dropped
+return out
 """
 
 # Take the whole buffer (GET /api/messages drains it).
@@ -95,7 +108,7 @@ class MatterbridgeAPI(Adapter):
         self.buffer_size: int = acct.get("Buffer", 1000)
         self.max_file = int(acct.get("MediaDownloadSize", 1_000_000))
         self.buffer_key = f"{ctx.key_prefix}:apibuf:{{{acct.name}}}"  # tagged like delivered keys
-        self._deliver = ctx.redis.register_script(_DELIVER)
+        self._deliver_many = ctx.redis.register_script(_DELIVER_MANY)
         self._drain = ctx.redis.register_script(_DRAIN)
         self._runner: web.AppRunner | None = None
         self._arrived = asyncio.Condition()
@@ -217,7 +230,7 @@ class MatterbridgeAPI(Adapter):
         if fields["event"] not in kind_of:
             raise BadRequest(400, f'event "{fields["event"]}" is not supported')
         kind = kind_of[fields["event"]]
-        native_id = uuid.uuid4().hex
+        native_id = os.urandom(16).hex()
         event = Event(
             kind=kind,
             account=self.name,
@@ -373,19 +386,26 @@ class MatterbridgeAPI(Adapter):
         return msg
 
     async def send(self, delivery: Delivery) -> str | None:
-        native_id = uuid.uuid4().hex if delivery.event.kind == EventKind.MESSAGE else ""
-        payload = json.dumps(self.message_for(delivery, native_id), ensure_ascii=False, separators=(",", ":"))
-        stored, dropped = await self._deliver(
-            keys=[self.buffer_key, self.ctx.delivered_key(delivery)],
-            args=[payload, self.buffer_size, self.ctx.delivered_ttl, native_id],
-        )
+        [native_id] = await self.send_batch([delivery])
+        return native_id
+
+    batch_send = True
+
+    async def send_batch(self, deliveries: Sequence[Delivery]) -> list[str | None]:
+        keys = [self.buffer_key]
+        args: list[Any] = [self.buffer_size, self.ctx.delivered_ttl]
+        for delivery in deliveries:
+            native_id = os.urandom(16).hex() if delivery.event.kind == EventKind.MESSAGE else ""
+            keys.append(self.ctx.delivered_key(delivery))
+            args.append(json.dumps(self.message_for(delivery, native_id), ensure_ascii=False, separators=(",", ":")))
+            args.append(native_id)
+        *stored, dropped = await self._deliver_many(keys=keys, args=args)
         if int(dropped):
             self.ctx.metrics.api_buffer_dropped.labels(self.name).inc(int(dropped))
         async with self._arrived:
             self._seq += 1
             self._arrived.notify_all()
-        stored = stored.decode() if isinstance(stored, bytes) else stored
-        return stored or None
+        return [(s.decode() if isinstance(s, bytes) else s) or None for s in stored]
 
     async def messages(self, request: web.Request) -> web.Response:
         async with self._read_lock:

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -93,6 +93,16 @@ async def redis_for(config: Config, *, start: bool) -> AsyncIterator[Redis]:
             embedded.stop()
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed: the daemon is network-bound Python, and uvloop's
+    libuv transports roughly halve the per-request overhead of the event loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def load(path: str, adapters: Mapping[str, type[Adapter]]) -> Config:
     return load_config(path, protocol_specs(adapters))
 
@@ -142,7 +152,8 @@ def cmd_run(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out
     setup_logging(config)
     for warning in config.warnings:
         logging.getLogger("talkbridge").warning("config: %s", warning)
-    return asyncio.run(_run(config, adapters))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(_run(config, adapters))
 
 
 async def _status(config: Config, out: TextIO) -> int:

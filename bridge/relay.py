@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -172,22 +173,57 @@ class DeliveryLoop(_StreamLoop):
                 parsed.append((entry_id, None, None))
         keys = [delivered_key(self.bus.prefix, d) for _, d, _ in parsed if d is not None]
         done = iter(await self.redis.mget(keys) if keys else [])
+        todo: list[tuple[bytes, Delivery, bytes]] = []
         skip: list[bytes] = []
         for entry_id, delivery, payload in parsed:
             if delivery is None:
                 skip.append(entry_id)
-                continue
-            if next(done) is not None:
+            elif next(done) is not None:
                 self.metrics.skipped.labels(self.account, "already_delivered").inc()
                 skip.append(entry_id)
-                continue
-            if skip:  # keep acks in order with the sends around them
-                await self.redis.xack(self.stream, self.group, *skip)
-                skip = []
-            assert payload is not None
-            await self.deliver(entry_id, delivery, payload)
+            else:
+                assert payload is not None
+                todo.append((entry_id, delivery, payload))
         if skip:
+            # Acking a skipped entry ahead of earlier unsent ones is safe: it
+            # has no effect left to order.
             await self.redis.xack(self.stream, self.group, *skip)
+        if self.adapter.batch_send and len(todo) > 1 and await self._deliver_batch(todo):
+            return
+        for entry_id, delivery, payload in todo:
+            await self.deliver(entry_id, delivery, payload)
+
+    async def _deliver_batch(self, todo: list[tuple[bytes, Delivery, bytes]]) -> bool:
+        """One round trip for the whole batch; False to fall back to one by one."""
+        ready: list[tuple[bytes, Delivery]] = []
+        unmapped: list[bytes] = []
+        for entry_id, delivery, _payload in todo:
+            (ready.append((entry_id, delivery)) if await self._resolve(delivery) else unmapped.append(entry_id))
+        try:
+            native_ids = await self.adapter.send_batch([d for _, d in ready])
+        except Exception as exc:
+            self.log.warning("%s: batch delivery failed (%s); delivering one by one", self.account, exc)
+            return False
+        pipe = self.redis.pipeline(transaction=False)
+        for (_entry_id, delivery), native_id in zip(ready, native_ids, strict=True):
+            self._commit(pipe, delivery, native_id)
+        pipe.xack(self.stream, self.group, *[e for e, _ in ready], *unmapped)
+        await pipe.execute()
+        now = time.time()
+        for _, delivery in ready:
+            self.metrics.events_out.labels(self.account).inc()
+            self.metrics.latency.labels(self.account).observe(max(0.0, now - delivery.event.timestamp))
+        if unmapped:
+            self.metrics.skipped.labels(self.account, "unmapped_target").inc(len(unmapped))
+        return True
+
+    def _commit(self, pipe: Any, delivery: Delivery, native_id: str | None) -> None:
+        """Queue the delivered-marker and the id map entry for one sent delivery."""
+        event = delivery.event
+        pipe.set(delivered_key(self.bus.prefix, delivery), native_id or "", ex=self.ttl)
+        if native_id and event.kind == EventKind.MESSAGE and event.native_id:
+            canonical = ref(event.account, event.channel, event.native_id)
+            self.idmap.record(pipe, canonical, delivery.account, delivery.channel, native_id)
 
     async def _resolve(self, delivery: Delivery) -> bool:
         """Fill in destination ids; False when there is nothing to act on there."""
@@ -236,10 +272,7 @@ class DeliveryLoop(_StreamLoop):
                 await self.sleep(delay)
         event = delivery.event
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(delivered_key(self.bus.prefix, delivery), native_id or "", ex=self.ttl)
-        if native_id and event.kind == EventKind.MESSAGE and event.native_id:
-            canonical = ref(event.account, event.channel, event.native_id)
-            self.idmap.record(pipe, canonical, delivery.account, delivery.channel, native_id)
+        self._commit(pipe, delivery, native_id)
         pipe.xack(self.stream, self.group, entry_id)
         await pipe.execute()
         self.metrics.events_out.labels(self.account).inc()

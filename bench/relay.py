@@ -1,0 +1,276 @@
+"""Relay benchmark: api -> daemon -> api, POST to /api/stream.
+
+Starts ``talkbridge run`` as its own process on the embedded default (a
+private Redis with append-only persistence: durability on), opens
+``/api/stream`` on the receiving account, and POSTs to the sending account
+from this process over loopback. Two runs:
+
+- *throughput*: ``--concurrency`` posters as fast as they can for
+  ``--seconds``; prints delivered messages/s and latency percentiles;
+- *fixed rate*: an open-loop schedule of ``--rate`` messages/s (a late
+  message is not excused: latency counts from its scheduled time), which is
+  the latency a user sees at that load.
+
+    python bench/relay.py                      # both runs, defaults
+    python bench/relay.py --rate 2000 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import uvloop
+except ImportError:  # the figures in docs/benchmarks.md were taken with uvloop
+    uvloop = None
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CONFIG = """
+[api.sender]
+BindAddress = "127.0.0.1:{a}"
+Token = "bench-a"
+Buffer = 100000
+[api.receiver]
+BindAddress = "127.0.0.1:{b}"
+Token = "bench-b"
+Buffer = 100000
+RemoteNickFormat = "[{{PROTOCOL}}/{{BRIDGE}}] <{{NICK}}> "
+[[gateway]]
+name = "bench"
+enable = true
+[[gateway.inout]]
+account = "api.sender"
+channel = "api"
+[[gateway.inout]]
+account = "api.receiver"
+channel = "api"
+[redis]
+{redis}
+[http]
+BindAddress = "127.0.0.1:{http}"
+[log]
+Level = "warning"
+"""
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+class Http:
+    """A minimal keep-alive HTTP/1.1 client: the load generator shares the
+    machine's two cores with the daemon, so it must cost little."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port = port
+        self.auth = f"Authorization: Bearer {token}\r\n".encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> Http:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        return self
+
+    async def post(self, path: str, body: bytes) -> int:
+        assert self.reader and self.writer
+        self.writer.write(
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: bench\r\n" + self.auth
+            + b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )  # fmt: skip
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await self.reader.readexactly(length)
+        return status
+
+    async def stream_lines(self, path: str):
+        """GET a chunked response and yield its lines."""
+        assert self.reader and self.writer
+        self.writer.write(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: bench\r\n" + self.auth + b"\r\n")
+        await self.reader.readuntil(b"\r\n\r\n")
+        pending = b""
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                return
+            pending += await self.reader.readexactly(size)
+            await self.reader.readexactly(2)
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line
+
+
+def body(text: str) -> bytes:
+    return json.dumps({"text": text, "username": "bench", "gateway": "bench"}).encode()
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.sent: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.count = 0
+        self.last = 0.0
+        self.arrived = asyncio.Event()
+
+    async def run(self, port: int, ready: asyncio.Event) -> None:
+        client = await Http(port, "bench-b").open()
+        async for line in client.stream_lines("/api/stream"):
+            now = time.perf_counter()
+            msg = json.loads(line)
+            if msg.get("event") == "api_connected":
+                ready.set()
+                continue
+            started = self.sent.pop(msg["text"], None)
+            if started is not None:
+                self.latencies.append(now - started)
+            self.count += 1
+            self.last = now
+            self.arrived.set()
+
+    async def wait_for(self, count: int, within: float) -> None:
+        deadline = time.perf_counter() + within
+        while self.count < count and time.perf_counter() < deadline:
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), max(0.01, deadline - time.perf_counter()))
+            except TimeoutError:
+                break
+
+
+async def throughput(port: int, recv: Receiver, seconds: float, concurrency: int) -> dict:
+    deadline = time.perf_counter() + seconds
+    counter = 0
+
+    async def poster(n: int) -> None:
+        nonlocal counter
+        client = await Http(port, "bench-a").open()
+        while time.perf_counter() < deadline:
+            counter += 1
+            text = f"t{n}-{counter}"
+            recv.sent[text] = time.perf_counter()
+            assert await client.post("/api/message", body(text)) == 200
+
+    start_count, start = recv.count, time.perf_counter()
+    recv.latencies.clear()
+    await asyncio.gather(*(poster(i) for i in range(concurrency)))
+    await recv.wait_for(start_count + counter, 30)
+    delivered = recv.count - start_count
+    return {
+        "posted": counter,
+        "delivered": delivered,
+        "rate": delivered / (recv.last - start),
+        "lat": list(recv.latencies),
+    }
+
+
+async def fixed_rate(port: int, recv: Receiver, seconds: float, rate: float, concurrency: int) -> dict:
+    total = int(seconds * rate)
+    start = time.perf_counter() + 0.2
+    next_index = 0
+
+    async def poster() -> None:
+        nonlocal next_index
+        client = await Http(port, "bench-a").open()
+        while next_index < total:
+            i, next_index = next_index, next_index + 1
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            text = f"r{i}"
+            recv.sent[text] = due  # open loop: latency counts from the scheduled time
+            assert await client.post("/api/message", body(text)) == 200
+
+    start_count = recv.count
+    recv.latencies.clear()
+    await asyncio.gather(*(poster() for _ in range(concurrency)))
+    await recv.wait_for(start_count + total, 30)
+    achieved = (recv.count - start_count) / max(1e-9, recv.last - start)
+    return {"posted": total, "delivered": recv.count - start_count, "rate": achieved, "lat": list(recv.latencies)}
+
+
+def report(name: str, result: dict) -> None:
+    lat = [x * 1000 for x in result["lat"]]
+    print(
+        f"{name}: posted {result['posted']}, delivered {result['delivered']}, {result['rate']:.0f} msg/s; "
+        f"latency ms p50 {pct(lat, 50):.2f} p90 {pct(lat, 90):.2f} p99 {pct(lat, 99):.2f} max {max(lat, default=0):.2f}"
+        f" (mean {statistics.fmean(lat) if lat else 0:.2f})"
+    )
+
+
+async def bench(args: argparse.Namespace, a: int, b: int) -> None:
+    recv = Receiver()
+    ready = asyncio.Event()
+    reader = asyncio.create_task(recv.run(b, ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    await throughput(a, recv, 1.0, args.concurrency)  # warm-up
+    if not args.skip_throughput:
+        result = await throughput(a, recv, args.seconds, args.concurrency)
+        report(f"throughput (concurrency {args.concurrency}, {args.seconds:.0f}s)", result)
+    result = await fixed_rate(a, recv, args.seconds, args.rate, args.concurrency)
+    report(f"fixed rate {args.rate:.0f}/s ({args.seconds:.0f}s)", result)
+    reader.cancel()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--rate", type=float, default=2000)
+    p.add_argument("--redis-url", default="", help="use this Redis instead of the embedded one")
+    p.add_argument("--skip-throughput", action="store_true")
+    args = p.parse_args()
+
+    a, b, http = free_port(), free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = f'URL = "{args.redis_url}"' if args.redis_url else 'DataDir = "data"\nAppendFsync = "everysec"'
+        config = Path(tmp) / "bench.toml"
+        config.write_text(CONFIG.format(a=a, b=b, http=http, redis=redis))
+        daemon = subprocess.Popen([sys.executable, "-m", "bridge.cli", "run", "--config", str(config)], cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", b), timeout=0.2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or daemon.poll() is not None:
+                        raise SystemExit("daemon did not start") from None
+                    time.sleep(0.05)
+            print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}; "
+                  f"redis: {'embedded, appendonly everysec' if not args.redis_url else args.redis_url}")  # fmt: skip
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
+                runner.run(bench(args, a, b))
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(20)
+
+
+if __name__ == "__main__":
+    main()
