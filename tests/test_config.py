@@ -214,7 +214,9 @@ def test_check_config_cli_exit_2_one_line_per_problem(tmp_path: Path, capsys: py
     assert err == ['gateway[0].out[0].account: no account "api.zzz"', "bus.BatchSize: must be at least 1"]
 
 
-def test_example_config_is_valid(tmp_path: Path) -> None:
-    example = Path(__file__).resolve().parent.parent / "config" / "example.toml"
-    config = load_config(example, specs())
+@pytest.mark.parametrize("name", ["example.toml", "compose.toml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    shipped = Path(__file__).resolve().parent.parent / "config" / name
+    config = load_config(shipped, specs(), environ={"TALKBRIDGE_REDIS_URL": "redis://redis:6379/0"})
     assert [g.name for g in config.gateways] == ["demo"]
+    assert config.warnings == []
