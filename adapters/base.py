@@ -130,6 +130,9 @@ class Adapter(ABC):
         return [await self.send(d) for d in deliveries]
 
     batch_send: ClassVar[bool] = False  # True when send_batch is all-or-nothing
+    # True when send itself writes ctx.delivered_key atomically with the
+    # delivery (a Redis-backed network): the core then skips its own write.
+    records_delivery: ClassVar[bool] = False
 
     def ingress_routes(self) -> list[web.RouteDef]:
         """Stateless HTTP routes for the shared server (webhooks)."""

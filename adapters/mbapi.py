@@ -111,6 +111,7 @@ class MatterbridgeAPI(Adapter):
         self._deliver_many = ctx.redis.register_script(_DELIVER_MANY)
         self._drain = ctx.redis.register_script(_DRAIN)
         self._runner: web.AppRunner | None = None
+        self._events_in = ctx.metrics.events_in.labels(acct.name)
         self._arrived = asyncio.Condition()
         self._seq = 0  # bumped on every delivery; stream readers wait for a change
         self._read_lock = asyncio.Lock()  # one reader drains at a time
@@ -182,7 +183,7 @@ class MatterbridgeAPI(Adapter):
         except (RedisError, OSError) as exc:
             self.ctx.log.error("%s: cannot queue a message: %s", self.name, exc)
             return web.json_response({"message": "message queue unavailable, retry later"}, status=503)
-        self.ctx.metrics.events_in.labels(self.name).inc()
+        self._events_in.inc()
         return web.json_response(reply)
 
     async def _read_body(self, request: web.Request) -> dict[str, Any]:
@@ -390,6 +391,7 @@ class MatterbridgeAPI(Adapter):
         return native_id
 
     batch_send = True
+    records_delivery = True
 
     async def send_batch(self, deliveries: Sequence[Delivery]) -> list[str | None]:
         keys = [self.buffer_key]

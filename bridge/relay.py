@@ -159,6 +159,9 @@ class DeliveryLoop(_StreamLoop):
         self.ttl = ttl_seconds
         self.sleep = sleep
         self.redis: Redis = bus.redis
+        # Labelled children resolved once: these are touched for every message.
+        self._out = metrics.events_out.labels(account)
+        self._latency = metrics.latency.labels(account)
 
     async def handle(self, batch: list[Entry]) -> None:
         parsed: list[tuple[bytes, Delivery | None, bytes | None]] = []
@@ -211,8 +214,8 @@ class DeliveryLoop(_StreamLoop):
         await pipe.execute()
         now = time.time()
         for _, delivery in ready:
-            self.metrics.events_out.labels(self.account).inc()
-            self.metrics.latency.labels(self.account).observe(max(0.0, now - delivery.event.timestamp))
+            self._out.inc()
+            self._latency.observe(max(0.0, now - delivery.event.timestamp))
         if unmapped:
             self.metrics.skipped.labels(self.account, "unmapped_target").inc(len(unmapped))
         return True
@@ -220,7 +223,8 @@ class DeliveryLoop(_StreamLoop):
     def _commit(self, pipe: Any, delivery: Delivery, native_id: str | None) -> None:
         """Queue the delivered-marker and the id map entry for one sent delivery."""
         event = delivery.event
-        pipe.set(delivered_key(self.bus.prefix, delivery), native_id or "", ex=self.ttl)
+        if not self.adapter.records_delivery:
+            pipe.set(delivered_key(self.bus.prefix, delivery), native_id or "", ex=self.ttl)
         if native_id and event.kind == EventKind.MESSAGE and event.native_id:
             canonical = ref(event.account, event.channel, event.native_id)
             self.idmap.record(pipe, canonical, delivery.account, delivery.channel, native_id)
@@ -275,8 +279,8 @@ class DeliveryLoop(_StreamLoop):
         self._commit(pipe, delivery, native_id)
         pipe.xack(self.stream, self.group, entry_id)
         await pipe.execute()
-        self.metrics.events_out.labels(self.account).inc()
-        self.metrics.latency.labels(self.account).observe(max(0.0, time.time() - event.timestamp))
+        self._out.inc()
+        self._latency.observe(max(0.0, time.time() - event.timestamp))
 
     async def _dead(self, entry_id: bytes, payload: bytes, error: str, attempts: int) -> None:
         self.log.error("%s: dead-lettered %s after %d attempt(s): %s", self.stream, entry_id.decode(), attempts, error)
