@@ -199,6 +199,20 @@ def cmd_dlq(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out
     return asyncio.run(_dlq(load(args.config, adapters), args, out))
 
 
+def cmd_talk_bot_command(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
+    from adapters.nctalk_bot import install_command
+
+    config = load(args.config, adapters)
+    name = args.account if "." in args.account else f"nctalkbot.{args.account}"
+    account = config.accounts.get(name)
+    if account is None or account.protocol != "nctalkbot":
+        bots = ", ".join(n for n, a in config.accounts.items() if a.protocol == "nctalkbot") or "none"
+        print(f'talk-bot-command: no nctalkbot account "{args.account}" (configured: {bots})', file=sys.stderr)
+        return EXIT_CONFIG
+    print(install_command(account), file=out)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="talkbridge", description="Bridge Nextcloud Talk, Matrix and Matterbridge rooms.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -214,10 +228,19 @@ def parser() -> argparse.ArgumentParser:
     dlq.add_argument("ids", nargs="*", help="dead-letter entry ids (replay)")
     dlq.add_argument("--all", action="store_true", help="replay every dead letter")
     dlq.add_argument("--limit", type=int, default=100)
+    bot = sub.add_parser("talk-bot-command", help="print the occ command that installs a Talk bot account")
+    bot.add_argument("--config", "-c", required=True)
+    bot.add_argument("account", help="the account: NAME or nctalkbot.NAME")
     return p
 
 
-COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "status": cmd_status, "dlq": cmd_dlq}
+COMMANDS = {
+    "run": cmd_run,
+    "check-config": cmd_check_config,
+    "status": cmd_status,
+    "dlq": cmd_dlq,
+    "talk-bot-command": cmd_talk_bot_command,
+}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, adapters: Mapping[str, Any] | None = None) -> int:

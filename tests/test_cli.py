@@ -60,3 +60,37 @@ async def _main(argv: list[str], out: io.StringIO) -> int:
     import asyncio
 
     return await asyncio.to_thread(main, argv, out)
+
+
+BOT_CONFIG = """
+[nctalkbot.cortex]
+Server = "https://cloud.example.com"
+BotSecret = "env:TB_TEST_BOT_SECRET"
+WebhookURL = "https://bridge.example.com/webhook/nextcloud/cortex"
+[api.a]
+BindAddress = "127.0.0.1:1"
+[[gateway]]
+name = "g"
+enable = true
+[[gateway.inout]]
+account = "nctalkbot.cortex"
+channel = "*"
+[[gateway.inout]]
+account = "api.a"
+channel = "api"
+"""
+
+
+def test_talk_bot_command_prints_the_occ_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    secret = "s" * 48
+    monkeypatch.setenv("TB_TEST_BOT_SECRET", secret)
+    path = tmp_path / "bot.toml"
+    path.write_text(BOT_CONFIG)
+    out = io.StringIO()
+    assert main(["talk-bot-command", "--config", str(path), "cortex"], out=out) == 0
+    assert out.getvalue().strip() == (
+        "occ talk:bot:install --feature webhook --feature response --feature reaction "
+        f"'cortex' '{secret}' 'https://bridge.example.com/webhook/nextcloud/cortex'"
+    )
+    assert main(["talk-bot-command", "--config", str(path), "api.a"]) == 2
+    assert 'no nctalkbot account "api.a" (configured: nctalkbot.cortex)' in capsys.readouterr().err
