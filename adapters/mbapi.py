@@ -21,12 +21,12 @@ import asyncio
 import base64
 import binascii
 import hmac
-import json
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -184,7 +184,7 @@ class MatterbridgeAPI(Adapter):
             self.ctx.log.error("%s: cannot queue a message: %s", self.name, exc)
             return web.json_response({"message": "message queue unavailable, retry later"}, status=503)
         self._events_in.inc()
-        return web.json_response(reply)
+        return web.Response(body=orjson.dumps(reply), content_type="application/json")
 
     async def _read_body(self, request: web.Request) -> dict[str, Any]:
         if request.content_length is not None and request.content_length > self.ctx.max_body:
@@ -200,8 +200,8 @@ class MatterbridgeAPI(Adapter):
         if ctype not in ("application/json", "application/octet-stream", ""):
             raise BadRequest(415, f"Content-Type {ctype} is not supported; send application/json")
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
             raise BadRequest(400, f"body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise BadRequest(400, "body must be a JSON object")
@@ -399,7 +399,7 @@ class MatterbridgeAPI(Adapter):
         for delivery in deliveries:
             native_id = os.urandom(16).hex() if delivery.event.kind == EventKind.MESSAGE else ""
             keys.append(self.ctx.delivered_key(delivery))
-            args.append(json.dumps(self.message_for(delivery, native_id), ensure_ascii=False, separators=(",", ":")))
+            args.append(orjson.dumps(self.message_for(delivery, native_id)))
             args.append(native_id)
         *stored, dropped = await self._deliver_many(keys=keys, args=args)
         if int(dropped):
@@ -419,7 +419,7 @@ class MatterbridgeAPI(Adapter):
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         await resp.prepare(request)
         greet = {"event": API_CONNECTED, "timestamp": _go_time(datetime.now(UTC).timestamp())}
-        await resp.write(json.dumps(greet).encode() + b"\n")
+        await resp.write(orjson.dumps(greet) + b"\n")
         redis = self.ctx.redis
         while True:
             seen = self._seq

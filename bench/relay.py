@@ -224,7 +224,31 @@ def report(name: str, result: dict) -> None:
     )
 
 
-async def bench(args: argparse.Namespace, a: int, b: int) -> None:
+async def scrape_latency(http: int) -> dict[float, float]:
+    """The daemon's own POST -> buffer histogram (cumulative bucket counts)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", http)
+    writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+    text = (await reader.read()).decode()
+    writer.close()
+    buckets = {}
+    for line in text.splitlines():
+        if line.startswith('talkbridge_delivery_latency_seconds_bucket{account="api.receiver"'):
+            le = line.split('le="')[1].split('"')[0]
+            buckets[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> str:
+    """Upper bound of the bucket holding quantile q of what happened in between."""
+    delta = {le: after.get(le, 0) - before.get(le, 0) for le in sorted(after)}
+    total = delta.get(float("inf"), 0)
+    for le, count in delta.items():
+        if total and count >= q * total:
+            return f"<= {le * 1000:g}"
+    return "n/a"
+
+
+async def bench(args: argparse.Namespace, a: int, b: int, http: int) -> None:
     recv = Receiver()
     ready = asyncio.Event()
     reader = asyncio.create_task(recv.run(b, ready))
@@ -233,8 +257,14 @@ async def bench(args: argparse.Namespace, a: int, b: int) -> None:
     if not args.skip_throughput:
         result = await throughput(a, recv, args.seconds, args.concurrency)
         report(f"throughput (concurrency {args.concurrency}, {args.seconds:.0f}s)", result)
+    before = await scrape_latency(http)
     result = await fixed_rate(a, recv, args.seconds, args.rate, args.concurrency)
     report(f"fixed rate {args.rate:.0f}/s ({args.seconds:.0f}s)", result)
+    after = await scrape_latency(http)
+    print(
+        "  daemon-side POST->buffer (histogram buckets) ms: "
+        f"p50 {bucket_quantile(before, after, 0.5)}, p99 {bucket_quantile(before, after, 0.99)}"
+    )
     reader.cancel()
 
 
@@ -266,7 +296,7 @@ def main() -> None:
             print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}; "
                   f"redis: {'embedded, appendonly everysec' if not args.redis_url else args.redis_url}")  # fmt: skip
             with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
-                runner.run(bench(args, a, b))
+                runner.run(bench(args, a, b, http))
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(20)

@@ -10,12 +10,13 @@ upgrade can tell old entries from new ones.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
+
+import orjson
 
 WIRE_VERSION = 1
 
@@ -129,7 +130,7 @@ class Delivery:
             "u": self.username,
             "t": self.text,
         }
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        return orjson.dumps(body)
 
     @classmethod
     def from_wire(cls, raw: bytes | str) -> Delivery:
@@ -148,8 +149,7 @@ class Delivery:
 
 
 def event_to_wire(event: Event) -> bytes:
-    body = {"v": WIRE_VERSION, "e": event.to_dict()}
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps({"v": WIRE_VERSION, "e": event.to_dict()})
 
 
 def event_from_wire(raw: bytes | str) -> Event:
@@ -161,8 +161,8 @@ def event_from_wire(raw: bytes | str) -> Event:
 
 def _load(raw: bytes | str) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise WireError(f"not JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise WireError("entry is not an object")

@@ -4,8 +4,10 @@ follow a message across networks.
 Every message has a *canonical* reference: where it was first written
 (account, channel, native id). Delivering a copy records
 
-- ``P:map:CANONICAL``  hash: "ACCOUNT␟CHANNEL" -> the copy's native id
-- ``P:rev:COPY``       string: the canonical reference of a copy
+- ``P:map:CANONICAL␟ACCOUNT␟CHANNEL``  the copy's native id in that channel
+- ``P:rev:COPY``                         the canonical reference of a copy
+
+(two plain keys with their own expiry: one SET each, no HSET + EXPIRE)
 
 so an event that refers to *any* copy (a Talk user replying to the bridged
 copy of a Matrix message) resolves to the right native id in every other
@@ -38,8 +40,8 @@ class IdMap:
         self.prefix = prefix
         self.ttl = ttl_seconds
 
-    def _map(self, canonical: str) -> str:
-        return f"{self.prefix}:map:{canonical}"
+    def _map(self, canonical: str, dest_account: str, dest_channel: str) -> str:
+        return f"{self.prefix}:map:{canonical}{SEP}{dest_account}{SEP}{dest_channel}"
 
     def _rev(self, copy: str) -> str:
         return f"{self.prefix}:rev:{copy}"
@@ -58,7 +60,7 @@ class IdMap:
         c_account, c_channel, c_native = split_ref(canonical)
         if (c_account, c_channel) == (dest_account, dest_channel):
             return c_native
-        found = await self.redis.hget(self._map(canonical), f"{dest_account}{SEP}{dest_channel}")
+        found = await self.redis.get(self._map(canonical, dest_account, dest_channel))
         return found.decode() if found is not None else None
 
     def record(
@@ -70,7 +72,5 @@ class IdMap:
         dest_native_id: str,
     ) -> None:
         """Queue the writes for one delivered copy on ``pipe``."""
-        key = self._map(canonical)
-        pipe.hset(key, f"{dest_account}{SEP}{dest_channel}", dest_native_id)
-        pipe.expire(key, self.ttl)
+        pipe.set(self._map(canonical, dest_account, dest_channel), dest_native_id, ex=self.ttl)
         pipe.set(self._rev(ref(dest_account, dest_channel, dest_native_id)), canonical, ex=self.ttl)
