@@ -12,8 +12,9 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -33,6 +34,7 @@ from bridge.router import Router
 
 ACCOUNT_FAILED_PAUSE = 900.0  # after a refused credential, try once more only this much later
 CONNECT_BACKOFF_MAX = 60.0
+REDIS_BACKOFF_MAX = 10.0
 
 
 class LeaseLost(Exception):
@@ -85,14 +87,19 @@ class AccountRunner:
 
     async def _renew(self) -> None:
         interval = self.d.lease_seconds / 3
+        renewed = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             try:
-                ok = await self.lease.renew()
-            except (RedisError, OSError):
-                ok = False
-            if not ok:
-                raise LeaseLost(self.name)
+                if not await self.lease.renew():
+                    raise LeaseLost(self.name)  # expired and maybe taken: stop now
+                renewed = time.monotonic()
+            except (RedisError, OSError) as exc:
+                # Redis unreachable: nobody can take the lease meanwhile, so
+                # keep serving (ingress answers 503) until it would have
+                # expired; past that another instance may own the account.
+                if time.monotonic() - renewed >= self.d.lease_seconds:
+                    raise LeaseLost(self.name) from exc
 
     async def _connect(self) -> None:
         delay = 1.0
@@ -112,7 +119,24 @@ class AccountRunner:
         self.d.metrics.account_connected.labels(self.name).set(1)
 
     async def _route(self) -> None:
-        await RouteLoop(self.d.bus, self.d.router, self.name, self.d.instance_id, self.d.metrics, self.log).run()
+        loop = RouteLoop(self.d.bus, self.d.router, self.name, self.d.instance_id, self.d.metrics, self.log)
+        await self._survive_redis(loop.run)
+
+    async def _survive_redis(self, run: Callable[[], Awaitable[None]]) -> None:
+        """Run a stream loop; when Redis is away, wait and start it again.
+
+        Restarting is safe: a loop begins by taking over what is pending."""
+        delay = 0.5
+        while True:
+            started = time.monotonic()
+            try:
+                await run()
+            except (RedisError, OSError) as exc:
+                if time.monotonic() - started > 60:
+                    delay = 0.5  # a new outage, not the same one
+                self.log.error("%s: Redis unavailable (%s); retry in %.1fs", self.name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REDIS_BACKOFF_MAX)
 
     async def _deliver(self) -> None:
         loop = DeliveryLoop(
@@ -128,7 +152,7 @@ class AccountRunner:
         )
         while True:
             try:
-                await loop.run()
+                await self._survive_redis(loop.run)
             except AccountStopped as exc:
                 # Never retry a refused credential in a loop: Nextcloud's
                 # brute-force protection would lock the bridge's IP out.

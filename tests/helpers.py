@@ -67,9 +67,9 @@ def _ping(port: int) -> bool:
         return False
 
 
-def start_redis_server(data_dir: Path) -> RedisServer:
+def start_redis_server(data_dir: Path, port: int | None = None) -> RedisServer:
     binary = os.environ.get("TALKBRIDGE_TEST_REDIS_SERVER") or find_redis_server()
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
          "--appendonly", "no", "--daemonize", "no"],

@@ -163,3 +163,28 @@ def test_health_ready_and_metrics(bridge) -> None:
     assert 'talkbridge_delivery_latency_seconds_count{account="api.b"} 1.0' in metrics
     assert 'talkbridge_stream_pending{stream="tb:out:api.b"} 0.0' in metrics
     assert "talkbridge_dead_letter_length 0.0" in metrics
+
+
+def test_redis_down_answers_503_not_200(tmp_path: Path) -> None:
+    from tests.helpers import start_redis_server
+
+    server = start_redis_server(tmp_path)
+    path, (pa, pb, http) = api_pair_config(tmp_path, server.url)
+    daemon = Daemon(path, http, tmp_path / "daemon.log").start()
+    try:
+        a = Api(pa, "token-a")
+        assert a.post(text="while up", username="alice", gateway="g").status_code == 200
+        server.stop()
+        resp = a.post(text="while down", username="alice", gateway="g")
+        assert resp.status_code == 503  # never a 200 for a message that is not stored
+        assert "retry later" in resp.json()["message"]
+        ready = httpx.get(f"http://127.0.0.1:{http}/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"].startswith("unreachable")
+        # Redis back (empty: a new server): the same daemon carries on by itself.
+        server = start_redis_server(tmp_path, server.port)
+        wait_for(lambda: a.post(text="after", username="alice", gateway="g").status_code == 200, what="recovery")
+        b = Api(pb, "token-b")
+        assert [m["text"] for m in b.wait_messages(1)][-1] == "after"
+    finally:
+        daemon.stop()
+        server.stop()
