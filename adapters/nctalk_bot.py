@@ -20,11 +20,13 @@ Modelled on Talk 19 (Nextcloud 29) with the Talk 21+ additions
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import re
 import secrets
+import time
 from typing import Any, ClassVar
 from urllib.parse import quote, urlsplit
 
@@ -55,6 +57,7 @@ H_BOT_SIGNATURE = "X-Nextcloud-Talk-Bot-Signature"
 MIN_RANDOM = 32  # Talk sends 64 chars; it requires >= 32 from bots
 MAX_RANDOM = 256
 MAX_REFERENCE_ID = 64  # Talk's comments.reference_id column
+ROOM_CONFIRM = 60.0  # seconds a room, once written to the rooms set, is not rewritten by this process
 ECHO_TTL = 600  # seconds a "we reacted" marker waits for Talk's echo
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
@@ -154,6 +157,45 @@ def install_command(account: AccountConfig) -> str:
     )
 
 
+class GroupCommit:
+    """Commands issued while a write is in flight go out together in the next
+    pipeline (one write, one read for many concurrent webhooks); each caller
+    still gets its own results only once Redis has answered."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._queue: list[tuple[list[tuple[str, tuple[Any, ...], dict[str, Any]]], asyncio.Future[list[Any]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def run(self, ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((ops, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let requests already being handled join this batch
+        while self._queue:
+            batch, self._queue = self._queue, []
+            pipe = self.redis.pipeline(transaction=False)
+            for ops, _ in batch:
+                for name, args, kw in ops:
+                    getattr(pipe, name)(*args, **kw)
+            try:
+                results = await pipe.execute()
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            at = 0
+            for ops, future in batch:
+                if not future.done():
+                    future.set_result(results[at : at + len(ops)])
+                at += len(ops)
+
+
 class TalkBot(Adapter):
     protocol = PROTOCOL
     options: ClassVar[dict[str, Option]] = {
@@ -184,6 +226,11 @@ class TalkBot(Adapter):
         self.self_actor = f"bots/bot-{hashlib.sha1(url.encode()).hexdigest()}" if url else None
         self.rooms_key = ctx.key("rooms")
         self.left_key = ctx.key("left")  # rooms Talk told us the bot was removed from
+        # token -> when this process last wrote it to the rooms set (saves a
+        # round trip per webhook; a Leave anywhere is followed by a Join first)
+        self._rooms_confirmed: dict[str, float] = {}
+        self._events_in = ctx.metrics.events_in.labels(acct.name)
+        self._commands = GroupCommit(ctx.redis)
         self._client: httpx.AsyncClient | None = None
 
     # config ----------------------------------------------------------------------
@@ -247,15 +294,17 @@ class TalkBot(Adapter):
             raise WebhookRejected(401, "missing_signature", f"{H_RANDOM} and {H_SIGNATURE} are required")
         if not MIN_RANDOM <= len(random) <= MAX_RANDOM or not _HEX64.fullmatch(signature):
             raise WebhookRejected(401, "bad_signature", "malformed random or signature")
-        # Bounded read, whatever Content-Length claimed (or a chunked body).
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise WebhookRejected(413, "too_large", f"body larger than {limit} bytes")
-            chunks.append(chunk)
-        raw = b"".join(chunks)
+        if request.content_length is not None:  # aiohttp reads exactly that much
+            raw = await request.read()
+        else:  # chunked: a bounded read
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise WebhookRejected(413, "too_large", f"body larger than {limit} bytes")
+                chunks.append(chunk)
+            raw = b"".join(chunks)
         expected = hmac.new(self._secret_key, random.encode() + raw, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, signature.lower()):
             raise WebhookRejected(401, "bad_signature", "signature does not match (check BotSecret)")
@@ -266,20 +315,21 @@ class TalkBot(Adapter):
         token = _room_of(payload)
         seen_key = self.ctx.key("seen", random)
         redis = self.ctx.redis
+        now = time.monotonic()
+        ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+            ("set", (seen_key, b"1"), {"nx": True, "ex": self.replay_window})
+        ]
+        if kind == "Leave":
+            self._rooms_confirmed.pop(token, None)
+        elif kind == "Join" or now - self._rooms_confirmed.get(token, -ROOM_CONFIRM) >= ROOM_CONFIRM:
+            # a verified hook proves the bot is in the room (a recent one: skip)
+            ops += [("sadd", (self.rooms_key, token), {}), ("srem", (self.left_key, token), {})]
         try:
-            if kind == "Leave":
-                fresh = await redis.set(seen_key, b"1", nx=True, ex=self.replay_window)
-                if fresh:
-                    pipe = redis.pipeline(transaction=False)
-                    pipe.srem(self.rooms_key, token)
-                    pipe.sadd(self.left_key, token)
-                    await pipe.execute()
-            else:  # one round trip: a verified hook proves the bot is in the room
-                pipe = redis.pipeline(transaction=False)
-                pipe.set(seen_key, b"1", nx=True, ex=self.replay_window)
-                pipe.sadd(self.rooms_key, token)
-                pipe.srem(self.left_key, token)
-                fresh, _, _ = await pipe.execute()
+            fresh = (await self._commands.run(ops))[0]
+            if fresh and kind == "Leave":
+                await self._commands.run([("srem", (self.rooms_key, token), {}), ("sadd", (self.left_key, token), {})])
+            elif fresh and len(ops) > 1:
+                self._rooms_confirmed[token] = now
         except (RedisError, OSError) as exc:
             raise WebhookRejected(503, "redis", f"message queue unavailable, retry later ({exc})") from None
         if not fresh:
@@ -288,7 +338,7 @@ class TalkBot(Adapter):
             event = await self._event(payload, token)
             if event is not None:
                 await self.ctx.publish(event)
-                self.ctx.metrics.events_in.labels(self.name).inc()
+                self._events_in.inc()
         except (RedisError, OSError) as exc:
             try:  # let a genuine retry through: it was not accepted
                 await redis.delete(seen_key)
