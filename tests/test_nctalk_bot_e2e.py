@@ -203,6 +203,5 @@ def test_a_401_from_talk_is_not_retried(tmp_path: Path, redis_server: RedisServe
         assert len(b.talk.call("requests", "/message")) == 1  # one attempt, then the account is paused
         assert b.talk.call("requests", "/message")[0].status == 401
         assert b.bot_messages() == []
-        assert "credentials refused" in b.daemon.log()
     finally:
         gen.close()
