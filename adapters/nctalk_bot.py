@@ -20,7 +20,6 @@ Modelled on Talk 19 (Nextcloud 29) with the Talk 21+ additions
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -45,6 +44,7 @@ from adapters.base import (
 )
 from bridge.config import AccountConfig
 from bridge.events import Attachment, Delivery, Event, EventKind
+from bridge.groupcommit import GroupCommit
 
 PROTOCOL = "nctalkbot"
 WEBHOOK_PREFIX = "/webhook/nextcloud/"
@@ -155,45 +155,6 @@ def install_command(account: AccountConfig) -> str:
         "occ talk:bot:install --feature webhook --feature response --feature reaction "
         f"{_shell_quote(name)} {_shell_quote(account.get('BotSecret', ''))} {_shell_quote(url)}"
     )
-
-
-class GroupCommit:
-    """Commands issued while a write is in flight go out together in the next
-    pipeline (one write, one read for many concurrent webhooks); each caller
-    still gets its own results only once Redis has answered."""
-
-    def __init__(self, redis: Any) -> None:
-        self.redis = redis
-        self._queue: list[tuple[list[tuple[str, tuple[Any, ...], dict[str, Any]]], asyncio.Future[list[Any]]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def run(self, ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((ops, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let requests already being handled join this batch
-        while self._queue:
-            batch, self._queue = self._queue, []
-            pipe = self.redis.pipeline(transaction=False)
-            for ops, _ in batch:
-                for name, args, kw in ops:
-                    getattr(pipe, name)(*args, **kw)
-            try:
-                results = await pipe.execute()
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            at = 0
-            for ops, future in batch:
-                if not future.done():
-                    future.set_result(results[at : at + len(ops)])
-                at += len(ops)
 
 
 class TalkBot(Adapter):

@@ -19,7 +19,6 @@ if that drops unconsumed entries, which is counted.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from bridge.events import Event, event_to_wire
+from bridge.groupcommit import GroupCommit
 
 ROUTER_GROUP = "router"
 DELIVER_GROUP = "deliver"
@@ -72,8 +72,7 @@ class Bus:
         self.redis = redis
         self.settings = settings
         self.prefix = settings.prefix
-        self._queue: list[tuple[str, bytes, asyncio.Future[bytes]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._commits = GroupCommit(redis)
 
     # key names -----------------------------------------------------------------
     def inbound(self, account: str) -> str:
@@ -95,33 +94,13 @@ class Bus:
     async def publish(self, event: Event) -> str:
         """Durably append an inbound event; returns its stream id.
 
-        Group commit: events published while a write is in flight go out
-        together in the next pipeline. Each caller still returns only once
-        its own entry is in Redis, so "acknowledged" keeps meaning "stored".
+        Group-committed: concurrent publishes share one pipeline, and each
+        returns only once its own entry is in Redis.
         """
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._queue.append((self.inbound(event.account), event_to_wire(event), future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return (await future).decode()
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let the requests already being handled join this batch
-        while self._queue:
-            batch, self._queue = self._queue, []
-            pipe = self.redis.pipeline(transaction=False)
-            for stream, payload, _ in batch:
-                self.add_to(pipe, stream, payload)
-            try:
-                ids = await pipe.execute()
-            except Exception as exc:
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, _, future), entry_id in zip(batch, ids, strict=True):
-                if not future.done():
-                    future.set_result(entry_id)
+        [entry_id] = await self._commits.run(
+            [("xadd", (self.inbound(event.account), {FIELD: event_to_wire(event)}), self._xadd_args())]
+        )
+        return entry_id.decode()
 
     def add_to(self, pipe: Any, stream: str, payload: bytes) -> None:
         pipe.xadd(stream, {FIELD: payload}, **self._xadd_args())
