@@ -233,7 +233,7 @@ class TalkBot(Adapter):
     # inbound -------------------------------------------------------------------------
     async def webhook(self, request: web.Request) -> web.Response:
         try:
-            raw, random = await self._verified_body(request)
+            raw, random = await self.verify_webhook(request)
             payload = _parse(raw)
             await self._accept(payload, random)
         except WebhookRejected as exc:
@@ -245,7 +245,8 @@ class TalkBot(Adapter):
             return web.json_response({"error": exc.detail}, status=exc.status)
         return web.Response(status=200)
 
-    async def _verified_body(self, request: web.Request) -> tuple[bytes, str]:
+    async def verify_webhook(self, request: web.Request) -> tuple[bytes, str]:
+        """Size, headers, then HMAC over the raw bytes; returns (body, random)."""
         limit = self.ctx.max_body
         if request.content_length is not None and request.content_length > limit:
             raise WebhookRejected(413, "too_large", f"body larger than {limit} bytes")
