@@ -14,8 +14,10 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
-# Blocking reads (XREADGROUP BLOCK) must not trip a socket timeout.
-COMMON: dict[str, Any] = {"socket_timeout": None, "socket_connect_timeout": 5, "health_check_interval": 30}
+# Blocking reads (XREADGROUP BLOCK) must not trip a socket timeout. No
+# periodic health checks: every caller already retries on a broken connection,
+# and the check costs a clock read on every command.
+COMMON: dict[str, Any] = {"socket_timeout": None, "socket_connect_timeout": 5}
 
 
 class RedisURLError(ValueError):
