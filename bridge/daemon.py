@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -41,6 +42,10 @@ class LeaseLost(Exception):
     pass
 
 
+class LeaseShed(Exception):
+    """This instance holds more than its share; hand one account over."""
+
+
 class AccountRunner:
     def __init__(self, daemon: Daemon, adapter: Adapter, name: str) -> None:
         self.d = daemon
@@ -49,33 +54,57 @@ class AccountRunner:
         self.log = logging.getLogger(f"talkbridge.{name}")
         self.lease = Lease(daemon.redis, f"{daemon.bus.prefix}:lease:{name}", daemon.instance_id, daemon.lease_seconds)
         self.connected = False
+        self.owned = False
+        self._free_since: float | None = None
+
+    async def _may_take(self) -> bool:
+        """Balance accounts over the live instances: take a free lease only
+        while under our share — or when nobody has taken it for two lease
+        periods (the others may be full or gone)."""
+        if self.d.held() < self.d.fair_share():
+            return True
+        if await self.lease.holder() is not None:
+            self._free_since = None
+            return False
+        now = time.monotonic()
+        if self._free_since is None:
+            self._free_since = now
+        return now - self._free_since >= 2 * self.d.lease_seconds
 
     async def run(self) -> None:
         poll = self.d.lease_seconds / 3
         while True:
             try:
-                held = await self.lease.acquire()
+                held = await self._may_take() and await self.lease.acquire()
             except (RedisError, OSError) as exc:
                 self.log.warning("%s: lease check failed: %s", self.name, exc)
                 held = False
             if not held:
                 await asyncio.sleep(poll)
                 continue
+            self._free_since = None
+            self.owned = True
             self.log.info("%s: this instance owns the account", self.name)
+            cooldown = 0.0
             try:
                 await self._owned()
-            except LeaseLost:
+            except* LeaseLost:
                 self.log.warning("%s: lease lost, stopping the account here", self.name)
-            except (RedisError, OSError) as exc:
-                self.log.error("%s: Redis trouble, restarting the account: %s", self.name, exc)
-                await asyncio.sleep(poll)
+            except* LeaseShed:
+                self.log.info("%s: handing the account to a less loaded instance", self.name)
+                cooldown = 2 * self.d.lease_seconds  # let another instance take it
+            except* (RedisError, OSError) as group:
+                self.log.error("%s: Redis trouble, restarting the account: %s", self.name, group.exceptions[0])
+                cooldown = poll
             finally:
+                self.owned = False
                 self.connected = False
                 self.d.metrics.account_connected.labels(self.name).set(0)
                 with contextlib.suppress(Exception):
                     await self.adapter.disconnect()
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.lease.release())
+            await asyncio.sleep(cooldown)
 
     async def _owned(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -94,6 +123,8 @@ class AccountRunner:
                 if not await self.lease.renew():
                     raise LeaseLost(self.name)  # expired and maybe taken: stop now
                 renewed = time.monotonic()
+                if self.d.should_shed():
+                    raise LeaseShed(self.name)
             except (RedisError, OSError) as exc:
                 # Redis unreachable: nobody can take the lease meanwhile, so
                 # keep serving (ingress answers 503) until it would have
@@ -186,6 +217,9 @@ class Daemon:
         self.retry = RetryPolicy(bus_cfg["MaxDeliveries"], bus_cfg["RetryBaseSeconds"], bus_cfg["RetryMaxSeconds"])
         self.max_body = config.section("http")["MaxBodyBytes"]
         self.runners: dict[str, AccountRunner] = {}
+        self.instances_key = f"{self.bus.prefix}:instances"
+        self.live_instances = 1
+        self._shed_until = 0.0
         for name, acct in config.accounts.items():
             adapter_cls = adapters[acct.protocol]
             ctx = AdapterContext(
@@ -205,6 +239,36 @@ class Daemon:
             )
             self.runners[name] = AccountRunner(self, adapter_cls(ctx), name)
         self._site: web.TCPSite | None = None
+
+    # balancing accounts over instances --------------------------------------------
+    def held(self) -> int:
+        return sum(1 for runner in self.runners.values() if runner.owned)
+
+    def fair_share(self) -> int:
+        return max(1, math.ceil(len(self.runners) / self.live_instances))
+
+    def should_shed(self) -> bool:
+        """One account at a time, when another instance has joined."""
+        now = time.monotonic()
+        if self.held() > self.fair_share() and now >= self._shed_until:
+            self._shed_until = now + 2 * self.lease_seconds
+            return True
+        return False
+
+    async def _heartbeat_once(self) -> None:
+        """Announce this instance; count the live ones (a sorted set of expiries)."""
+        now_ms = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.instances_key, {self.instance_id: now_ms + int(self.lease_seconds * 1000)})
+        pipe.zremrangebyscore(self.instances_key, "-inf", now_ms)
+        pipe.zcard(self.instances_key)
+        self.live_instances = max(1, (await pipe.execute())[-1])
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            with contextlib.suppress(RedisError, OSError):  # keep the last count meanwhile
+                await self._heartbeat_once()
 
     async def publish(self, event: Event) -> str:
         return await self.bus.publish(event)
@@ -260,7 +324,10 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event) -> None:
         http = await self.start_http()
-        tasks = [asyncio.create_task(r.run(), name=f"account:{n}") for n, r in self.runners.items()]
+        tasks = [asyncio.create_task(self._heartbeat(), name="heartbeat")]
+        with contextlib.suppress(RedisError, OSError):
+            await self._heartbeat_once()
+        tasks += [asyncio.create_task(r.run(), name=f"account:{n}") for n, r in self.runners.items()]
         waiter = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -274,3 +341,5 @@ class Daemon:
             await asyncio.gather(waiter, *tasks, return_exceptions=True)
             if http is not None:
                 await http.cleanup()
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.zrem(self.instances_key, self.instance_id)

@@ -1,4 +1,5 @@
-"""Two daemons on one Redis: one owns each account, the other takes over when it dies."""
+"""Two daemons on one Redis: accounts spread over them, and the survivor takes
+over everything when one is killed."""
 
 from __future__ import annotations
 
@@ -21,16 +22,20 @@ def test_second_instance_takes_over_a_killed_owner(tmp_path: Path, redis_server:
     first = Daemon(path1, http1, tmp_path / "one.log").start()
     second = Daemon(path2, http2, tmp_path / "two.log").start(ready=False)
     try:
-        # The second instance is up, knows the accounts are owned elsewhere, and is ready.
-        def standby() -> dict | None:
+        # Balanced: the first instance hands one account to the newcomer.
+        def states(port: int) -> dict[str, str]:
             try:
-                resp = httpx.get(f"http://127.0.0.1:{http2}/readyz", timeout=1)
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).json().get("accounts", {})
             except httpx.HTTPError:
-                return None
-            states = resp.json().get("accounts", {})
-            return states if states and all(s.startswith("owned by") for s in states.values()) else None
+                return {}
 
-        assert wait_for(standby, what="standby instance")
+        def balanced() -> bool:
+            one, two = states(http1), states(http2)
+            mine = [a for a, s in one.items() if s == "connected"]
+            theirs = [a for a, s in two.items() if s == "connected"]
+            return len(mine) == 1 and len(theirs) == 1 and set(mine) != set(theirs)
+
+        wait_for(balanced, timeout=30, interval=0.1, what="one account on each instance")
         headers_a = {"Authorization": "Bearer token-a"}
         headers_b = {"Authorization": "Bearer token-b"}
         before = httpx.post(
