@@ -13,6 +13,7 @@ from this process over loopback. Two runs:
 
     python bench/relay.py                      # both runs, defaults
     python bench/relay.py --rate 2000 --seconds 20
+    python bench/relay.py --instances 2        # two daemons on one Redis: accounts spread over them
 """
 
 from __future__ import annotations
@@ -224,17 +225,19 @@ def report(name: str, result: dict) -> None:
     )
 
 
-async def scrape_latency(http: int) -> dict[float, float]:
-    """The daemon's own POST -> buffer histogram (cumulative bucket counts)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", http)
-    writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
-    text = (await reader.read()).decode()
-    writer.close()
-    buckets = {}
-    for line in text.splitlines():
-        if line.startswith('talkbridge_delivery_latency_seconds_bucket{account="api.receiver"'):
-            le = line.split('le="')[1].split('"')[0]
-            buckets[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+async def scrape_latency(https: list[int]) -> dict[float, float]:
+    """The daemons' own POST -> buffer histogram (cumulative bucket counts)."""
+    buckets: dict[float, float] = {}
+    for http in https:
+        reader, writer = await asyncio.open_connection("127.0.0.1", http)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        text = (await reader.read()).decode()
+        writer.close()
+        for line in text.splitlines():
+            if line.startswith('talkbridge_delivery_latency_seconds_bucket{account="api.receiver"'):
+                le = line.split('le="')[1].split('"')[0]
+                key = float("inf") if le == "+Inf" else float(le)
+                buckets[key] = buckets.get(key, 0) + float(line.rsplit(" ", 1)[1])
     return buckets
 
 
@@ -248,7 +251,7 @@ def bucket_quantile(before: dict[float, float], after: dict[float, float], q: fl
     return "n/a"
 
 
-async def bench(args: argparse.Namespace, a: int, b: int, http: int) -> None:
+async def bench(args: argparse.Namespace, a: int, b: int, https: list[int]) -> None:
     recv = Receiver()
     ready = asyncio.Event()
     reader = asyncio.create_task(recv.run(b, ready))
@@ -257,10 +260,10 @@ async def bench(args: argparse.Namespace, a: int, b: int, http: int) -> None:
     if not args.skip_throughput:
         result = await throughput(a, recv, args.seconds, args.concurrency)
         report(f"throughput (concurrency {args.concurrency}, {args.seconds:.0f}s)", result)
-    before = await scrape_latency(http)
+    before = await scrape_latency(https)
     result = await fixed_rate(a, recv, args.seconds, args.rate, args.concurrency)
     report(f"fixed rate {args.rate:.0f}/s ({args.seconds:.0f}s)", result)
-    after = await scrape_latency(http)
+    after = await scrape_latency(https)
     print(
         "  daemon-side POST->buffer (histogram buckets) ms: "
         f"p50 {bucket_quantile(before, after, 0.5)}, p99 {bucket_quantile(before, after, 0.99)}"
@@ -268,38 +271,86 @@ async def bench(args: argparse.Namespace, a: int, b: int, http: int) -> None:
     reader.cancel()
 
 
+def wait_until(check, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def connected_counts(http_ports: list[int]) -> list[int]:
+    counts = []
+    for port in http_ports:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            states = json.loads(data.split(b"\r\n\r\n", 1)[1]).get("accounts", {})
+            counts.append(sum(1 for v in states.values() if v == "connected"))
+        except (OSError, ValueError, IndexError):
+            counts.append(0)
+    return counts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--rate", type=float, default=2000)
-    p.add_argument("--redis-url", default="", help="use this Redis instead of the embedded one")
+    p.add_argument(
+        "--instances", type=int, default=1,
+        help="daemon instances on one Redis (>1: a redis-server with appendonly everysec is started for them)",
+    )  # fmt: skip
     p.add_argument("--skip-throughput", action="store_true")
     args = p.parse_args()
 
-    a, b, http = free_port(), free_port(), free_port()
+    a, b = free_port(), free_port()
+    https = [free_port() for _ in range(args.instances)]
+    procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        redis = f'URL = "{args.redis_url}"' if args.redis_url else 'DataDir = "data"\nAppendFsync = "everysec"'
-        config = Path(tmp) / "bench.toml"
-        config.write_text(CONFIG.format(a=a, b=b, http=http, redis=redis))
-        daemon = subprocess.Popen([sys.executable, "-m", "bridge.cli", "run", "--config", str(config)], cwd=ROOT)
+        if args.instances == 1:
+            redis = 'DataDir = "data"\nAppendFsync = "everysec"'  # the embedded default
+        else:
+            sys.path.insert(0, str(ROOT))
+            from bridge.embedded_redis import EmbeddedRedis  # the same server the daemon embeds
+
+            server = EmbeddedRedis(Path(tmp) / "shared-redis", appendfsync="everysec")
+            redis = f'URL = "{server.start()}"'
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", b), timeout=0.2):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline or daemon.poll() is not None:
-                        raise SystemExit("daemon did not start") from None
-                    time.sleep(0.05)
-            print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}; "
-                  f"redis: {'embedded, appendonly everysec' if not args.redis_url else args.redis_url}")  # fmt: skip
+            for i, http in enumerate(https):
+                config = Path(tmp) / f"bench{i}.toml"
+                config.write_text(CONFIG.format(a=a, b=b, http=http, redis=redis))
+                procs.append(
+                    subprocess.Popen([sys.executable, "-m", "bridge.cli", "run", "--config", str(config)], cwd=ROOT)
+                )
+            wait_until(lambda: accepts(a) and accepts(b), "both api accounts")
+            if args.instances > 1:
+                wait_until(lambda: all(connected_counts(https)), "accounts spread over the instances")
+            print(
+                f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}; "
+                f"{args.instances} daemon instance(s); redis: append-only, appendfsync everysec"
+                + (", embedded" if args.instances == 1 else ", shared")
+            )
             with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
-                runner.run(bench(args, a, b, http))
+                runner.run(bench(args, a, b, https))
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(20)
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                proc.wait(20)
+            if args.instances > 1:
+                server.stop()
 
 
 if __name__ == "__main__":
