@@ -58,6 +58,7 @@ MIN_RANDOM = 32  # Talk sends 64 chars; it requires >= 32 from bots
 MAX_RANDOM = 256
 MAX_REFERENCE_ID = 64  # Talk's comments.reference_id column
 ROOM_CONFIRM = 60.0  # seconds a room, once written to the rooms set, is not rewritten by this process
+SECRET_PROVEN_FOR = 3600.0  # seconds a verified exchange vouches for the secret
 ECHO_TTL = 600  # seconds a "we reacted" marker waits for Talk's echo
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
@@ -193,6 +194,9 @@ class TalkBot(Adapter):
         self._events_in = ctx.metrics.events_in.labels(acct.name)
         self._commands = GroupCommit(ctx.redis)
         self._client: httpx.AsyncClient | None = None
+        # When Talk last proved it shares our secret: a verified webhook or an
+        # accepted signed request. A 401 soon after means "not in this room".
+        self._secret_proven_at: float | None = None
 
     # config ----------------------------------------------------------------------
     @classmethod
@@ -273,6 +277,7 @@ class TalkBot(Adapter):
         return raw, random
 
     async def _accept(self, payload: dict[str, Any], random: str) -> None:
+        self._secret_proven_at = time.monotonic()  # it verified: Talk signs with our secret
         kind = payload["type"]
         token = _room_of(payload)
         seen_key = self.ctx.key("seen", random)
@@ -386,7 +391,7 @@ class TalkBot(Adapter):
             }
             if i == 0 and delivery.reply_to and delivery.reply_to.isdigit():
                 body["replyTo"] = int(delivery.reply_to)
-            await self._call("POST", f"{_path_token(delivery.channel)}/message", body, piece)
+            await self._call("POST", f"{_path_token(delivery.channel)}/message", body, piece, room=delivery.channel)
         return None  # Talk answers 201 with data null: the message id is unknown
 
     async def _react(self, delivery: Delivery) -> None:
@@ -399,14 +404,18 @@ class TalkBot(Adapter):
         await self.ctx.redis.set(marker, b"1", ex=ECHO_TTL)  # before: Talk's echo arrives before its 201
         path = f"{_path_token(delivery.channel)}/reaction/{target}"
         try:
-            status = await self._call("POST" if add else "DELETE", path, {"reaction": emoji}, emoji, ok_404=not add)
+            status = await self._call(
+                "POST" if add else "DELETE", path, {"reaction": emoji}, emoji, ok_404=not add, room=delivery.channel
+            )
         except Exception:
             await self.ctx.redis.delete(marker)
             raise
         if status == 404:  # DELETE of a reaction that is not there: already the wanted state
             await self.ctx.redis.delete(marker)
 
-    async def _call(self, method: str, path: str, body: dict[str, Any], signed: str, ok_404: bool = False) -> int:
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any], signed: str, *, room: str, ok_404: bool = False
+    ) -> int:
         if self._client is None:
             raise TransientError("not connected")
         random = secrets.token_hex(32)  # 64 chars, fresh per request
@@ -425,9 +434,18 @@ class TalkBot(Adapter):
             raise TransientError(f"{method} {path}: {exc.__class__.__name__}: {exc}") from exc
         status = resp.status_code
         if status in (200, 201) or (ok_404 and status == 404):
+            self._secret_proven_at = time.monotonic()
             return status
         what = f"{method} {path}: Talk answered {status}"
         if status == 401:
+            proven = self._secret_proven_at
+            if proven is not None and time.monotonic() - proven < SECRET_PROVEN_FOR:
+                # The secret works elsewhere: the bot is not enabled in this
+                # room. Refuse the room locally from now on (each 401 counts
+                # towards Talk's brute-force lockout) and keep the account up.
+                await self._commands.run([("srem", (self.rooms_key, room), {}), ("sadd", (self.left_key, room), {})])
+                hint = f"occ talk:bot:setup BOT_ID {room}"
+                raise PermanentError(f"{what}: the bot is not enabled in room {room} ({hint})")
             raise AccountFailed(f"{what} (bot not enabled in the room, or BotSecret differs from occ talk:bot:install)")
         if status == 429:
             raise RateLimited(what, _retry_after(resp.headers.get("Retry-After")))

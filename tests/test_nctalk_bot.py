@@ -402,6 +402,21 @@ async def test_a_401_is_account_failed_after_one_request(tmp_path: Path, redis: 
         await wrong.close()
 
 
+async def test_a_401_in_one_room_after_the_secret_worked_fails_only_that_room(talk: TalkServer, rig: Rig, room) -> None:
+    _r, _bot, alice = room
+    other = talk.create_room("Elsewhere", token="oth12345", members=(alice,))  # the bot is not enabled here
+    assert await rig.adapter.send(delivery()) is None  # 201 in the bot's room: the secret is right
+    with pytest.raises(PermanentError, match="not enabled in room oth12345"):
+        await rig.adapter.send(delivery(channel=other.token))
+    assert len(talk.requests("/oth12345/message")) == 1
+    # From now on refused here, without another 401 (brute-force attempt) at Talk.
+    with pytest.raises(PermanentError, match="removed"):
+        await rig.adapter.send(delivery(channel=other.token))
+    assert len(talk.requests("/oth12345/message")) == 1
+    assert not await rig.redis.sismember(rig.adapter.rooms_key, other.token)
+    assert await rig.adapter.send(delivery(text="still fine")) is None  # the account is not stopped
+
+
 async def test_error_statuses_map_to_delivery_errors(talk: TalkServer, rig: Rig, room) -> None:
     r, _bot, _alice = room
     talk.fail_next(502)
@@ -412,7 +427,9 @@ async def test_error_statuses_map_to_delivery_errors(talk: TalkServer, rig: Rig,
         await rig.adapter.send(delivery())
     with pytest.raises(PermanentError):  # replyTo a message that does not exist: 400
         await rig.adapter.send(delivery(reply_to="999999"))
-    with pytest.raises(AccountFailed):  # a room the bot is not enabled in: Talk says 401, like a wrong secret
+    # A room the bot is not enabled in: Talk says 401, like a wrong secret; the
+    # Join webhook of the fixture proved the secret, so only the room fails.
+    with pytest.raises(PermanentError, match="not enabled in room nobot123"):
         await rig.adapter.send(delivery(channel="nobot123"))
     with pytest.raises(PermanentError):  # route requirement on the token: 404
         await rig.adapter.send(delivery(channel="NOT-A-TOKEN"))
