@@ -23,6 +23,7 @@ from typing import Any
 import tomli
 
 from adapters.base import Option
+from bridge.connections import SCHEMES as REDIS_SCHEMES
 
 MAX_CONFIG_BYTES = 1 << 20  # a config larger than 1 MiB is a mistake, not a config
 
@@ -514,6 +515,9 @@ def load_config(
 
 
 def _check_sections(loader: _Loader, sections: dict[str, dict[str, Any]]) -> None:
+    url = sections["redis"]["URL"]
+    if url and not url.startswith(REDIS_SCHEMES):  # never echo the value: it may hold a password
+        loader.problem("redis.URL", f"must start with one of {', '.join(REDIS_SCHEMES)}")
     if sections["redis"]["AppendFsync"] not in ("always", "everysec", "no"):
         loader.problem("redis.AppendFsync", "must be always, everysec or no")
     bind = sections["http"]["BindAddress"]

@@ -20,6 +20,9 @@ from redis.asyncio.sentinel import Sentinel
 COMMON: dict[str, Any] = {"socket_timeout": None, "socket_connect_timeout": 5}
 
 
+SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+
+
 class RedisURLError(ValueError):
     pass
 
@@ -30,7 +33,8 @@ def connect(url: str) -> Redis:
     if url.startswith("redis+cluster://"):
         return RedisCluster.from_url("redis://" + url[len("redis+cluster://") :], socket_connect_timeout=5)  # type: ignore[return-value]
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise RedisURLError(f"redis.URL: unsupported scheme in {urlsplit(url).scheme or url!r}")
+        # Never echo the URL: it may carry a password.
+        raise RedisURLError(f"redis.URL: must start with one of {', '.join(SCHEMES)}")
     return Redis.from_url(url, **COMMON)
 
 

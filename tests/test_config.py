@@ -161,6 +161,14 @@ def test_secrets_from_env_and_file(tmp_path: Path) -> None:
     assert "from-env" not in repr(config.accounts["api.a"])
 
 
+def test_a_bad_redis_url_is_named_but_never_echoed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, API_PAIR + '[redis]\nURL = "http://user:hunter2@redis.internal:6379"\n')
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("redis.URL: must start with one of redis://")
+    assert "hunter2" not in err
+
+
 def test_disabled_gateway_is_skipped_with_a_warning(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, API_PAIR.replace("enable = true", "enable = false")), specs())
     assert config.gateways == []
