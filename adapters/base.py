@@ -84,7 +84,7 @@ class AdapterContext:
     # Where the core records a delivered copy; an adapter whose send is a
     # Redis write (the api buffer) sets it in the same script: exactly once.
     delivered_key: Callable[[Delivery], str] = lambda d: f"tb:dlv:{{{d.account}}}:{d.key}"
-    delivered_ttl: int = 30 * 86400
+    delivered_ttl: int = 86400
 
     def key(self, *parts: str) -> str:
         """A Redis key private to this account."""

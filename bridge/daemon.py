@@ -179,7 +179,7 @@ class AccountRunner:
             self.d.metrics,
             self.log,
             self.d.retry,
-            self.d.map_ttl,
+            self.d.delivered_ttl,
         )
         while True:
             try:
@@ -211,6 +211,9 @@ class Daemon:
         redis_cfg, bus_cfg = config.section("redis"), config.section("bus")
         self.bus = Bus(redis, BusSettings.from_section(redis_cfg["KeyPrefix"], bus_cfg))
         self.map_ttl = int(bus_cfg["MessageMapDays"] * 86400)
+        # A marker only has to outlive redelivery (a crash, a lease takeover):
+        # far shorter than the id map, and most of the keys per message.
+        self.delivered_ttl = int(bus_cfg["DeliveredMarkerHours"] * 3600)
         self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl)
         self.router = Router(config)
         self.lease_seconds = float(bus_cfg["LeaseSeconds"])
@@ -235,7 +238,7 @@ class Daemon:
                 key_prefix=self.bus.prefix,
                 max_body=self.max_body,
                 delivered_key=lambda d: delivered_key(self.bus.prefix, d),
-                delivered_ttl=self.map_ttl,
+                delivered_ttl=self.delivered_ttl,
             )
             self.runners[name] = AccountRunner(self, adapter_cls(ctx), name)
         self._site: web.TCPSite | None = None
