@@ -87,9 +87,14 @@ async def redis_for(config: Config, *, start: bool) -> AsyncIterator[Redis]:
         else:
             url = embedded.start()
     client = connect(url)
+    watchdog = None
+    if embedded is not None and start:
+        watchdog = asyncio.create_task(embedded.supervise(logging.getLogger("talkbridge.redis")))
     try:
         yield client
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         await client.aclose()
         if embedded is not None:
             embedded.stop()

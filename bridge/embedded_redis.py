@@ -14,7 +14,9 @@ as an orphan that holds the data directory.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -166,6 +168,25 @@ class EmbeddedRedis:
             time.sleep(0.02)
         self.stop()
         raise EmbeddedRedisError(f"redis-server did not answer within {timeout:.0f}s")
+
+    async def supervise(self, log: logging.Logger, interval: float = 0.5) -> None:
+        """Restart the server if it dies under us (OOM killer, a stray kill).
+
+        It comes back from its append-only file; the daemon's connections
+        reconnect by themselves and its loops resume what is pending. The
+        restart runs on the event loop's own thread on purpose: the
+        parent-death signal is tied to the thread that started the server.
+        """
+        while True:
+            await asyncio.sleep(interval)
+            proc = self.proc
+            if proc is None or proc.poll() is None:
+                continue
+            log.error("embedded redis-server exited with %s; restarting it from its data", proc.returncode)
+            try:
+                self.start()
+            except EmbeddedRedisError as exc:
+                log.error("embedded redis-server did not restart: %s", exc)
 
     def stop(self, timeout: float = 15.0) -> None:
         proc, self.proc = self.proc, None

@@ -94,3 +94,48 @@ def test_sigkill_with_embedded_redis_loses_and_repeats_nothing(tmp_path: Path) -
 @pytest.fixture(autouse=True)
 def _no_leftover_processes():
     yield
+
+
+def test_embedded_redis_killed_is_restarted_and_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILL the daemon's own redis-server mid-stream: the daemon restarts it
+    from its append-only file, answers 503 meanwhile, and carries on."""
+    import os
+    import signal
+    import time
+
+    path, (pa, pb, http) = api_pair_config(tmp_path, None, buffer=4000)
+    daemon = Daemon(path, http, tmp_path / "daemon.log").start()
+    total, kill_after = 600, 300
+    retried: set[int] = set()  # saw a 503: stored or not, the client cannot know
+    try:
+        pidfile = tmp_path / "data" / "redis.pid"
+        first_pid = int(pidfile.read_text())
+        with httpx.Client(base_url=f"http://127.0.0.1:{pa}", headers={"Authorization": "Bearer token-a"}) as client:
+            for i in range(total):
+                if i == kill_after:
+                    os.kill(first_pid, signal.SIGKILL)
+                deadline = time.monotonic() + 30
+                while True:
+                    resp = client.post("/api/message", json={"text": f"m{i:04d}", "gateway": "g"}, timeout=5)
+                    if resp.status_code == 200:
+                        break
+                    assert resp.status_code == 503, resp.text
+                    retried.add(i)
+                    assert time.monotonic() < deadline, "the embedded Redis did not come back"
+                    time.sleep(0.01)  # a client's retry pace, not synchronization
+        assert int(pidfile.read_text()) != first_pid  # a new server, restarted by the daemon
+        received: list[str] = []
+
+        def all_arrived() -> bool:
+            resp = httpx.get(f"http://127.0.0.1:{pb}/api/messages", headers={"Authorization": "Bearer token-b"})
+            received.extend(m["text"] for m in resp.json())
+            return len(set(received)) >= total
+
+        wait_for(all_arrived, timeout=60, interval=0.05, what="every message after the Redis restart")
+        indices = [int(t[1:]) for t in received]
+        assert sorted(set(indices)) == list(range(total))  # nothing lost
+        assert indices == sorted(indices)  # in order
+        repeated = {i for i in indices if indices.count(i) > 1}
+        assert repeated <= retried  # only a message whose POST failed can appear twice
+    finally:
+        daemon.stop()
