@@ -37,7 +37,7 @@ def post_all(base: str, start: int, stop: int, acked: list[int], ambiguous: list
             acked.append(i)
 
 
-def run_crash(tmp_path: Path, redis_url: str | None) -> None:
+def run_crash(tmp_path: Path, redis_url: str | None, kill_after: int = KILL_AFTER) -> None:
     path, (pa, pb, http) = api_pair_config(tmp_path, redis_url, buffer=4000)
     daemon = Daemon(path, http, tmp_path / "daemon.log").start()
     acked: list[int] = []
@@ -46,7 +46,7 @@ def run_crash(tmp_path: Path, redis_url: str | None) -> None:
     poster = threading.Thread(target=post_all, args=(f"http://127.0.0.1:{pa}", 0, TOTAL, acked, ambiguous, halt))
     poster.start()
     try:
-        wait_for(lambda: len(acked) >= KILL_AFTER, timeout=60, interval=0.001, what="500 acknowledged posts")
+        wait_for(lambda: len(acked) >= kill_after, timeout=60, interval=0.001, what="acknowledged posts")
         daemon.kill()
         halt.set()
         poster.join(10)
@@ -78,22 +78,20 @@ def run_crash(tmp_path: Path, redis_url: str | None) -> None:
         daemon.stop()
 
 
-def test_sigkill_with_external_redis_loses_and_repeats_nothing(tmp_path: Path, redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("kill_after", [137, KILL_AFTER, 863])
+def test_sigkill_with_external_redis_loses_and_repeats_nothing(
+    tmp_path: Path, redis_server: RedisServer, kill_after: int
+) -> None:
     import redis as sync_redis
 
     sync_redis.Redis.from_url(redis_server.url).flushall()
-    run_crash(tmp_path, redis_server.url)
+    run_crash(tmp_path, redis_server.url, kill_after)
 
 
 def test_sigkill_with_embedded_redis_loses_and_repeats_nothing(tmp_path: Path) -> None:
     # The daemon's own Redis dies with it (PDEATHSIG) and comes back from its AOF.
     run_crash(tmp_path, None)
     assert (tmp_path / "data").is_dir()
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_processes():
-    yield
 
 
 def test_embedded_redis_killed_is_restarted_and_loses_nothing(tmp_path: Path) -> None:
