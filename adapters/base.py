@@ -85,6 +85,10 @@ class AdapterContext:
     # Redis write (the api buffer) sets it in the same script: exactly once.
     delivered_key: Callable[[Delivery], str] = lambda d: f"tb:dlv:{{{d.account}}}:{d.key}"
     delivered_ttl: int = 86400
+    # Record, later than its delivery, the native id a copy got in one of
+    # this account's channels: (canonical ref, channel, native id). For
+    # networks that do not answer a post with its id (Talk's bot API).
+    learn_copy: Callable[[str, str, str], Awaitable[None]] | None = None
 
     def key(self, *parts: str) -> str:
         """A Redis key private to this account."""

@@ -11,8 +11,9 @@ Outbound, the bot API (``…/api/v1/bot/{token}/message`` and
 ``…/reaction/{messageId}``) is signed over ``random + message text`` (or the
 reaction), never over the JSON body. It answers 201 with ``data: null``: the
 id of a posted message is never known, so replies/reactions *to the bot's
-own messages* cannot be mapped. It cannot edit or delete either; those
-deliveries are skipped. See docs/talk-bot.md.
+own messages* are mapped only once Talk shows their id in a later webhook
+(a reply's ``inReplyTo``, a reaction's object; see ``_learn_own``). It cannot
+edit or delete either; those deliveries are skipped. See docs/talk-bot.md.
 
 Modelled on Talk 19 (Nextcloud 29) with the Talk 21+ additions
 (``object.inReplyTo``, ``Like`` / ``Undo`` reaction hooks).
@@ -45,6 +46,7 @@ from adapters.base import (
 from bridge.config import AccountConfig
 from bridge.events import Attachment, Delivery, Event, EventKind
 from bridge.groupcommit import GroupCommit
+from bridge.idmap import ref
 
 PROTOCOL = "nctalkbot"
 WEBHOOK_PREFIX = "/webhook/nextcloud/"
@@ -60,6 +62,7 @@ MAX_REFERENCE_ID = 64  # Talk's comments.reference_id column
 ROOM_CONFIRM = 60.0  # seconds a room, once written to the rooms set, is not rewritten by this process
 SECRET_PROVEN_FOR = 3600.0  # seconds a verified exchange vouches for the secret
 ECHO_TTL = 600  # seconds a "we reacted" marker waits for Talk's echo
+OWN_TTL = 7 * 86400  # seconds a posted text waits for Talk to show its id
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
 
@@ -339,18 +342,50 @@ class TalkBot(Adapter):
             parent = obj.get("inReplyTo")
             if isinstance(parent, dict) and isinstance(parent.get("object"), dict) and "id" in parent["object"]:
                 event.reply_to = str(parent["object"]["id"])
+                parent_actor = parent.get("actor")
+                if isinstance(parent_actor, dict) and str(parent_actor.get("id", "")).startswith("bots/"):
+                    await self._learn_own(token, parent["object"])  # a reply to a bridged message
             return event
         if kind == "Like":
             target, emoji = str(obj["id"]), payload["content"]
             if await self._own_echo(actor["id"], token, target, emoji, "add"):
                 return None
+            await self._learn_own(token, obj)  # maybe a reaction to a bridged message
             return Event(kind=EventKind.REACTION, target_id=target, reaction=emoji, **base)
         # Undo: object is the whole Like
         target = str(obj["object"]["id"])
         emoji = obj.get("content") if isinstance(obj.get("content"), str) else payload.get("content")
         if await self._own_echo(actor["id"], token, target, emoji, "del"):
             return None
+        await self._learn_own(token, obj["object"])
         return Event(kind=EventKind.UNREACTION, target_id=target, reaction=emoji, **base)
+
+    # The bot API never tells us the id of what we posted. Talk does show it
+    # later: a reply's inReplyTo and a reaction's object carry the message's
+    # id and text. We remember each posted text (per room) with the message
+    # it copies, and when Talk shows that text with an id, the id map learns
+    # it — then replies and reactions to bridged messages cross like any other.
+    def _own_key(self, token: str, text: str) -> str:
+        digest = hashlib.sha256(f"{token}\x1f{text.strip()}".encode()).hexdigest()[:32]
+        return self.ctx.key("own", digest)
+
+    async def _remember_own(self, delivery: Delivery, text: str) -> None:
+        event = delivery.event
+        if event.kind != EventKind.MESSAGE or not event.native_id or self.ctx.learn_copy is None:
+            return
+        canonical = ref(event.account, event.channel, event.native_id)
+        await self.ctx.redis.set(self._own_key(delivery.channel, text), canonical, ex=OWN_TTL)
+
+    async def _learn_own(self, token: str, note: dict[str, Any]) -> None:
+        if self.ctx.learn_copy is None:
+            return
+        try:
+            message, _parameters = _content(note)
+        except (WebhookRejected, KeyError, TypeError, ValueError):
+            return  # not a message note (a system message, a file): nothing to learn
+        found = await self.ctx.redis.get(self._own_key(token, message))
+        if found is not None:
+            await self.ctx.learn_copy(found.decode(), token, str(note["id"]))
 
     async def _own_echo(self, actor_id: str, token: str, target: str, emoji: str, op: str) -> bool:
         """Talk sends reaction hooks for the bot's own reactions too (and
@@ -392,6 +427,8 @@ class TalkBot(Adapter):
             if i == 0 and delivery.reply_to and delivery.reply_to.isdigit():
                 body["replyTo"] = int(delivery.reply_to)
             await self._call("POST", f"{_path_token(delivery.channel)}/message", body, piece, room=delivery.channel)
+            if i == 0:
+                await self._remember_own(delivery, piece)
         return None  # Talk answers 201 with data null: the message id is unknown
 
     async def _react(self, delivery: Delivery) -> None:

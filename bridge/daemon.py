@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -239,6 +240,7 @@ class Daemon:
                 max_body=self.max_body,
                 delivered_key=lambda d: delivered_key(self.bus.prefix, d),
                 delivered_ttl=self.delivered_ttl,
+                learn_copy=functools.partial(self._learn_copy, name),
             )
             self.runners[name] = AccountRunner(self, adapter_cls(ctx), name)
         self._site: web.TCPSite | None = None
@@ -272,6 +274,9 @@ class Daemon:
             await asyncio.sleep(self.lease_seconds / 3)
             with contextlib.suppress(RedisError, OSError):  # keep the last count meanwhile
                 await self._heartbeat_once()
+
+    async def _learn_copy(self, account: str, canonical: str, channel: str, native_id: str) -> None:
+        await self.idmap.learn(canonical, account, channel, native_id)
 
     async def publish(self, event: Event) -> str:
         return await self.bus.publish(event)

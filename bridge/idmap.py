@@ -63,6 +63,12 @@ class IdMap:
         found = await self.redis.get(self._map(canonical, dest_account, dest_channel))
         return found.decode() if found is not None else None
 
+    async def learn(self, canonical: str, dest_account: str, dest_channel: str, dest_native_id: str) -> None:
+        """Record a copy whose id became known only after its delivery."""
+        pipe = self.redis.pipeline(transaction=False)
+        self.record(pipe, canonical, dest_account, dest_channel, dest_native_id)
+        await pipe.execute()
+
     def record(
         self,
         pipe: Any,

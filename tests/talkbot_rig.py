@@ -20,6 +20,7 @@ from adapters.nctalk_bot import TalkBot
 from bridge.bus import Bus, BusSettings
 from bridge.cli import protocol_specs
 from bridge.config import Config, load_config
+from bridge.idmap import IdMap
 from bridge.metrics import Metrics
 
 SECRET = "s3cr3t-" + "x" * 40  # 47 chars: Talk wants 40..128
@@ -81,6 +82,11 @@ async def start_rig(config: Config, account: str, redis: Redis, max_body: int = 
     acct = config.accounts[account]
     bus = Bus(redis, BusSettings())
     metrics = Metrics()
+    idmap = IdMap(redis, bus.prefix, 3600)
+
+    async def learn_copy(canonical: str, channel: str, native_id: str) -> None:
+        await idmap.learn(canonical, account, channel, native_id)
+
     ctx = AdapterContext(
         account=acct,
         publish=bus.publish,
@@ -89,6 +95,7 @@ async def start_rig(config: Config, account: str, redis: Redis, max_body: int = 
         log=logging.getLogger(f"test.{account}"),
         channels=config.channels_of(account),
         max_body=max_body,
+        learn_copy=learn_copy,
     )
     adapter = TalkBot(ctx)
     app = web.Application(client_max_size=max_body)

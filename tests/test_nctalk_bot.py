@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from adapters.base import AccountFailed, PermanentError, RateLimited, TransientError
 from adapters.nctalk_bot import TalkBot, install_command, reference_id, render, split_message
 from bridge.events import Delivery, Event, EventKind
+from bridge.idmap import IdMap
 from tests.talkbot_rig import SECRET, Rig, bot_section, start_rig, write_config
 from tests.talkserver import TalkServer, php_json_encode
 from tests.talkserver.webhooks import signature, talk_random
@@ -321,7 +322,7 @@ def delivery(kind: EventKind = EventKind.MESSAGE, channel: str = "gen12345", **k
         channel="api",
         sender_name="carol",
         text=kw.pop("text", "hi there"),
-        native_id="n1",
+        native_id=kw.pop("native_id", "n1"),
         reaction=kw.pop("reaction", None),
         target_id=kw.pop("source_target", None),
     )
@@ -518,6 +519,25 @@ async def test_reaction_echo_with_the_old_actor_bug(talk: TalkServer, rig: Rig, 
     await talk.react(r.token, bob, msg.id, "👍")  # a real user's reaction still crosses
     events = await rig.events()
     assert [e["kind"] for e in events] == ["message", "reaction"]
+
+
+async def test_replies_and_reactions_to_bridged_messages_learn_their_id(talk: TalkServer, rig: Rig, room) -> None:
+    r, bot, alice = room
+    idmap = IdMap(rig.redis, "tb", 3600)
+    await rig.adapter.send(delivery(text="bridged hello"))  # a copy of api.a's message "n1"
+    [copy] = talk.bot_messages(r.token, bot)
+    assert await idmap.resolve(ACCOUNT, r.token, str(copy.id), "api.a", "api") is None  # Talk gave no id
+    await talk.post(r.token, alice, "a reply to the bridged message", reply_to=copy.id)
+    reply = (await r_events(rig))[-1]
+    assert reply["reply_to"] == str(copy.id)
+    # Talk showed the copy's id in inReplyTo: the reply now reaches api.a threaded on "n1".
+    assert await idmap.resolve(ACCOUNT, r.token, str(copy.id), "api.a", "api") == "n1"
+
+    await rig.adapter.send(delivery(text="another one", native_id="n2"))
+    second = talk.bot_messages(r.token, bot)[-1]
+    await talk.react(r.token, alice, second.id, "🎉")
+    assert (await r_events(rig))[-1]["kind"] == "reaction"
+    assert await idmap.resolve(ACCOUNT, r.token, str(second.id), "api.a", "api") == "n2"
 
 
 async def test_edits_and_deletes_are_skipped(talk: TalkServer, rig: Rig) -> None:

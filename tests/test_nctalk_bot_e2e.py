@@ -155,6 +155,17 @@ def test_messages_replies_and_reactions_cross_both_ways(bridge: Bridge) -> None:
     assert {c.status for c in b.talk.state.webhook_calls} == {200}
 
 
+def test_a_talk_reply_to_a_bridged_message_reaches_the_api_threaded(bridge: Bridge) -> None:
+    b = bridge
+    posted = b.api.post(text="question from the api side", username="bob")
+    assert posted.status_code == 200
+    [copy] = wait_for(b.bot_messages, what="the bridged message in Talk")
+    # Alice answers the bot's copy in Talk: the api side sees it threaded on its own id.
+    b.talk.call("post", TOKEN, b.alice, "answer from Talk", copy.id)
+    got = b.api.wait(lambda m: m["text"] == "answer from Talk", "the Talk reply at the api")
+    assert got["parent_id"] == posted.json()["id"]
+
+
 def test_a_kill_after_delivery_posts_no_duplicate(bridge: Bridge, tmp_path: Path) -> None:
     b = bridge
     assert b.api.post(text="first", username="bob").status_code == 200
