@@ -222,6 +222,11 @@ def cmd_talk_bot_command(args: argparse.Namespace, adapters: Mapping[str, type[A
         bots = ", ".join(n for n, a in config.accounts.items() if a.protocol == "nctalkbot") or "none"
         print(f'talk-bot-command: no nctalkbot account "{args.account}" (configured: {bots})', file=sys.stderr)
         return EXIT_CONFIG
+    if not account.get("WebhookURL"):
+        print(
+            f"talk-bot-command: {name}.WebhookURL is not set; replace PUBLIC-HOST with the address Talk can reach",
+            file=sys.stderr,
+        )
     print(install_command(account), file=out)
     return 0
 

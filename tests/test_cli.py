@@ -94,3 +94,8 @@ def test_talk_bot_command_prints_the_occ_line(tmp_path: Path, monkeypatch, capsy
     )
     assert main(["talk-bot-command", "--config", str(path), "api.a"]) == 2
     assert 'no nctalkbot account "api.a" (configured: nctalkbot.cortex)' in capsys.readouterr().err
+    path.write_text(BOT_CONFIG.replace('WebhookURL = "https://bridge.example.com/webhook/nextcloud/cortex"\n', ""))
+    out = io.StringIO()
+    assert main(["talk-bot-command", "--config", str(path), "cortex"], out=out) == 0
+    assert "https://PUBLIC-HOST/webhook/nextcloud/cortex" in out.getvalue()
+    assert "WebhookURL is not set" in capsys.readouterr().err
