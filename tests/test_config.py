@@ -222,9 +222,10 @@ def test_check_config_cli_exit_2_one_line_per_problem(tmp_path: Path, capsys: py
     assert err == ['gateway[0].out[0].account: no account "api.zzz"', "bus.BatchSize: must be at least 1"]
 
 
-@pytest.mark.parametrize("name", ["example.toml", "compose.toml"])
-def test_shipped_configs_are_valid(name: str) -> None:
+@pytest.mark.parametrize("name, gateway", [("example.toml", "demo"), ("compose.toml", "demo"), ("talk-bot.toml", "team")])
+def test_shipped_configs_are_valid(name: str, gateway: str) -> None:
     shipped = Path(__file__).resolve().parent.parent / "config" / name
-    config = load_config(shipped, specs(), environ={"TALKBRIDGE_REDIS_URL": "redis://redis:6379/0"})
-    assert [g.name for g in config.gateways] == ["demo"]
+    environ = {"TALKBRIDGE_REDIS_URL": "redis://redis:6379/0", "TALK_BOT_SECRET": "s" * 48, "API_TOKEN": "t"}
+    config = load_config(shipped, specs(), environ=environ)
+    assert [g.name for g in config.gateways] == [gateway]
     assert config.warnings == []
