@@ -222,7 +222,9 @@ def test_check_config_cli_exit_2_one_line_per_problem(tmp_path: Path, capsys: py
     assert err == ['gateway[0].out[0].account: no account "api.zzz"', "bus.BatchSize: must be at least 1"]
 
 
-@pytest.mark.parametrize("name, gateway", [("example.toml", "demo"), ("compose.toml", "demo"), ("talk-bot.toml", "team")])
+@pytest.mark.parametrize(
+    "name, gateway", [("example.toml", "demo"), ("compose.toml", "demo"), ("talk-bot.toml", "team")]
+)
 def test_shipped_configs_are_valid(name: str, gateway: str) -> None:
     shipped = Path(__file__).resolve().parent.parent / "config" / name
     environ = {"TALKBRIDGE_REDIS_URL": "redis://redis:6379/0", "TALK_BOT_SECRET": "s" * 48, "API_TOKEN": "t"}
