@@ -194,9 +194,29 @@ class DeliveryLoop(_StreamLoop):
             # Acking a skipped entry ahead of earlier unsent ones is safe: it
             # has no effect left to order.
             await self.redis.xack(self.stream, self.group, *skip)
-        if self.adapter.batch_send and len(todo) > 1 and await self._deliver_batch(todo):
+        if not self.adapter.batch_send:
+            for entry_id, delivery, payload in todo:
+                await self.deliver(entry_id, delivery, payload)
             return
-        for entry_id, delivery, payload in todo:
+        # Batch runs of independent messages. A delivery that refers to another
+        # message (reply, edit, deletion, reaction) goes alone, after the run
+        # before it is committed: its target may be in that very run, and the
+        # id map knows the target's copy only once the run is recorded.
+        run: list[tuple[bytes, Delivery, bytes]] = []
+        for item in todo:
+            event = item[1].event
+            if event.reply_to or event.target_id:
+                await self._deliver_run(run)
+                run = []
+                await self.deliver(*item)
+            else:
+                run.append(item)
+        await self._deliver_run(run)
+
+    async def _deliver_run(self, run: list[tuple[bytes, Delivery, bytes]]) -> None:
+        if len(run) > 1 and await self._deliver_batch(run):
+            return
+        for entry_id, delivery, payload in run:
             await self.deliver(entry_id, delivery, payload)
 
     async def _deliver_batch(self, todo: list[tuple[bytes, Delivery, bytes]]) -> bool:

@@ -183,8 +183,25 @@ async def test_account_failure_stops_without_retrying(redis: Redis) -> None:
     assert await loop.bus.dead_letters() == []  # and nothing dead-lettered
 
 
-async def test_replies_edits_and_reactions_follow_the_id_map(redis: Redis) -> None:
-    adapter = RecordingAdapter()
+class BatchingAdapter(RecordingAdapter):
+    """Takes whole batches (as the api buffer does): the batch path of the loop."""
+
+    batch_send = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    async def send_batch(self, deliveries):
+        self.batches.append(len(deliveries))
+        return [await self.send(d) for d in deliveries]
+
+
+@pytest.mark.parametrize("adapter_cls", [RecordingAdapter, BatchingAdapter])
+async def test_replies_edits_and_reactions_follow_the_id_map(redis: Redis, adapter_cls) -> None:
+    # All five are read in one batch: the reply, edit and reaction refer to a
+    # message delivered moments before, inside the same batch.
+    adapter = adapter_cls()
     original = make_delivery("first", native_id="src-1")
     reply = make_delivery("answer", native_id="src-2", reply_to="src-1")
     edit = make_delivery("first, edited", kind=EventKind.EDIT, target_id="src-1")
@@ -202,6 +219,21 @@ async def test_replies_edits_and_reactions_follow_the_id_map(redis: Redis) -> No
     # And a reply written in the destination to the copy resolves back to the source.
     idmap = IdMap(redis, "tb", 3600)
     assert await idmap.resolve("api.b", "y", "native-1", "api.a", "x") == "src-1"
+
+
+async def test_a_reply_in_the_same_batch_as_its_parent_is_threaded(redis: Redis) -> None:
+    adapter = BatchingAdapter()
+    first = make_delivery("first", native_id="s1")
+    second = make_delivery("second", native_id="s2")
+    reply = make_delivery("re: second", native_id="s3", reply_to="s2")
+    edit = make_delivery("first, edited", kind=EventKind.EDIT, target_id="s1")
+    await enqueue(redis, first, second, reply, edit)
+    await drain(loop_for(redis, adapter))
+    assert adapter.batches == [2]  # first and second together; the rest alone, after them
+    sent = {d.event.text: d for d in adapter.sent}
+    assert sent["re: second"].reply_to == "native-2"
+    assert sent["first, edited"].target_id == "native-1"
+    assert [d.event.text for d in adapter.sent] == ["first", "second", "re: second", "first, edited"]
 
 
 async def test_unreadable_entries_are_dead_lettered_not_fatal(redis: Redis) -> None:
