@@ -124,6 +124,13 @@ class EmbeddedRedis:
         # A server from a killed daemon gets SIGTERM from the kernel and may
         # still be writing its AOF: wait for it, never run two on one dir.
         old = self.running_pid()
+        if old is not None and self.proc is None and _ping(self.socket_path):
+            # Serving, and not ours: another daemon runs on this data directory.
+            raise EmbeddedRedisError(
+                f"{self.data_dir} is in use by a running redis-server (pid {old}): "
+                "is another talkbridge running with this config? Give each its own [redis] DataDir, "
+                "or share one Redis through [redis] URL"
+            )
         if old is not None:
             deadline = time.monotonic() + timeout
             while _alive(old) and time.monotonic() < deadline:

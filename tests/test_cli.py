@@ -99,3 +99,25 @@ def test_talk_bot_command_prints_the_occ_line(tmp_path: Path, monkeypatch, capsy
     assert main(["talk-bot-command", "--config", str(path), "cortex"], out=out) == 0
     assert "https://PUBLIC-HOST/webhook/nextcloud/cortex" in out.getvalue()
     assert "WebhookURL is not set" in capsys.readouterr().err
+
+
+def test_a_second_daemon_on_the_same_embedded_data_dir_is_refused_at_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, Daemon
+
+    path, (_a, _b, http) = api_pair_config(tmp_path, None)
+    first = Daemon(path, http, tmp_path / "first.log").start()
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "bridge.cli", "run", "--config", str(path)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 1
+        # refused because it is serving (not after waiting for it to go away)
+        assert "is in use by a running redis-server" in second.stderr
+        assert first.proc is not None and first.proc.poll() is None  # the first daemon is untouched
+        first.wait_ready()
+    finally:
+        first.stop()
