@@ -95,6 +95,7 @@ class EmbeddedRedis:
         self.proc: subprocess.Popen[bytes] | None = None
         self.socket_path = self._socket_path()
         self.pidfile = self.data_dir / "redis.pid"
+        self.ownerfile = self.data_dir / "talkbridge.pid"  # the daemon that started it
 
     def _socket_path(self) -> str:
         path = str(self.data_dir / "redis.sock")
@@ -115,6 +116,13 @@ class EmbeddedRedis:
             return None
         return pid if _alive(pid) else None
 
+    def _owner_alive(self) -> bool:
+        try:
+            owner = int(self.ownerfile.read_text().strip())
+        except (OSError, ValueError):
+            return True  # unknown: assume a live owner, refuse rather than share
+        return owner != os.getpid() and _alive(owner)
+
     def attach(self) -> bool:
         """True if a server for this data directory already answers."""
         return _ping(self.socket_path)
@@ -124,8 +132,10 @@ class EmbeddedRedis:
         # A server from a killed daemon gets SIGTERM from the kernel and may
         # still be writing its AOF: wait for it, never run two on one dir.
         old = self.running_pid()
-        if old is not None and self.proc is None and _ping(self.socket_path):
-            # Serving, and not ours: another daemon runs on this data directory.
+        if old is not None and self.proc is None and self._owner_alive() and _ping(self.socket_path):
+            # Serving for a live daemon: another talkbridge runs on this data
+            # directory. (A server whose daemon died is an orphan shutting
+            # down on its parent-death signal: wait for it below.)
             raise EmbeddedRedisError(
                 f"{self.data_dir} is in use by a running redis-server (pid {old}): "
                 "is another talkbridge running with this config? Give each its own [redis] DataDir, "
@@ -171,6 +181,7 @@ class EmbeddedRedis:
                     f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}"
                 )
             if _ping(self.socket_path, 0.2):
+                self.ownerfile.write_text(str(os.getpid()))
                 return self.url
             time.sleep(0.02)
         self.stop()
