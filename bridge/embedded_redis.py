@@ -198,11 +198,12 @@ class EmbeddedRedis:
         while True:
             await asyncio.sleep(interval)
             proc = self.proc
-            if proc is None or proc.poll() is None:
-                continue
-            log.error("embedded redis-server exited with %s; restarting it from its data", proc.returncode)
+            if proc is not None and proc.poll() is None:
+                continue  # running
+            if proc is not None:
+                log.error("embedded redis-server exited with %s; restarting it from its data", proc.returncode)
             try:
-                self.start()
+                self.start()  # a failed attempt leaves proc None: tried again next time
             except EmbeddedRedisError as exc:
                 log.error("embedded redis-server did not restart: %s", exc)
 
