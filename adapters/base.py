@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from bridge.bus import account_key, delivered_key
 from bridge.events import Delivery, Event
 
 if TYPE_CHECKING:
@@ -81,9 +82,6 @@ class AdapterContext:
     sends_into: Mapping[str, str] = field(default_factory=dict)
     key_prefix: str = "tb"
     max_body: int = 1 << 20  # [http] MaxBodyBytes
-    # Where the core records a delivered copy; an adapter whose send is a
-    # Redis write (the api buffer) sets it in the same script: exactly once.
-    delivered_key: Callable[[Delivery], str] = lambda d: f"tb:dlv:{{{d.account}}}:{d.key}"
     delivered_ttl: int = 86400
     # Record, later than its delivery, the native id a copy got in one of
     # this account's channels: (canonical ref, channel, native id). For
@@ -92,7 +90,12 @@ class AdapterContext:
 
     def key(self, *parts: str) -> str:
         """A Redis key private to this account."""
-        return ":".join((self.key_prefix, "acct", self.account.name, *parts))
+        return account_key(self.key_prefix, self.account.name, *parts)
+
+    def delivered_key(self, delivery: Delivery) -> str:
+        """Where the core records a delivered copy; an adapter whose send is a
+        Redis write (the api buffer) sets it in the same script: exactly once."""
+        return delivered_key(self.key_prefix, delivery)
 
 
 class Adapter(ABC):

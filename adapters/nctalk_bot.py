@@ -46,7 +46,7 @@ from adapters.base import (
 from bridge.config import AccountConfig
 from bridge.events import Attachment, Delivery, Event, EventKind
 from bridge.groupcommit import GroupCommit
-from bridge.idmap import ref
+from bridge.idmap import canonical_of
 
 PROTOCOL = "nctalkbot"
 WEBHOOK_PREFIX = "/webhook/nextcloud/"
@@ -180,7 +180,6 @@ class TalkBot(Adapter):
         acct = ctx.account
         self.name = acct.name
         self.secret: str = acct.get("BotSecret", "")
-        self._secret_key = self.secret.encode()
         self.server: str = str(acct.get("Server", "")).rstrip("/")
         self.timeout = float(acct.get("Timeout", 15))
         self.max_length = int(acct.get("MessageLength", 32000) or 32000)
@@ -274,7 +273,7 @@ class TalkBot(Adapter):
                     raise WebhookRejected(413, "too_large", f"body larger than {limit} bytes")
                 chunks.append(chunk)
             raw = b"".join(chunks)
-        expected = hmac.new(self._secret_key, random.encode() + raw, hashlib.sha256).hexdigest()
+        expected = sign(self.secret, random, raw)
         if not hmac.compare_digest(expected, signature.lower()):
             raise WebhookRejected(401, "bad_signature", "signature does not match (check BotSecret)")
         return raw, random
@@ -370,10 +369,9 @@ class TalkBot(Adapter):
         return self.ctx.key("own", digest)
 
     async def _remember_own(self, delivery: Delivery, text: str) -> None:
-        event = delivery.event
-        if event.kind != EventKind.MESSAGE or not event.native_id or self.ctx.learn_copy is None:
+        canonical = canonical_of(delivery)
+        if canonical is None or self.ctx.learn_copy is None:
             return
-        canonical = ref(event.account, event.channel, event.native_id)
         await self.ctx.redis.set(self._own_key(delivery.channel, text), canonical, ex=OWN_TTL)
 
     async def _learn_own(self, token: str, note: dict[str, Any]) -> None:

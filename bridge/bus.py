@@ -27,7 +27,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bridge.events import Event, event_to_wire
+from bridge.events import Delivery, Event, event_to_wire
 from bridge.groupcommit import GroupCommit
 
 ROUTER_GROUP = "router"
@@ -35,6 +35,18 @@ DELIVER_GROUP = "deliver"
 FIELD = b"d"
 
 Entry = tuple[bytes, bytes | None]  # (stream id, payload or None if deleted)
+
+
+def account_key(prefix: str, account: str, *parts: str) -> str:
+    """A key private to one account (its adapter's state, its rooms set)."""
+    return ":".join((prefix, "acct", account, *parts))
+
+
+def delivered_key(prefix: str, delivery: Delivery) -> str:
+    """The marker of one delivered copy. Hash-tagged by account so an
+    adapter's script may touch it together with the account's own keys on
+    Redis Cluster."""
+    return f"{prefix}:dlv:{{{delivery.account}}}:{delivery.key}"
 
 
 @dataclass(frozen=True, slots=True)

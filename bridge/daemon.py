@@ -31,7 +31,7 @@ from bridge.http import build_app
 from bridge.idmap import IdMap
 from bridge.lease import Lease
 from bridge.metrics import Metrics
-from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy, RouteLoop, delivered_key
+from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy, RouteLoop
 from bridge.router import Router
 
 ACCOUNT_FAILED_PAUSE = 900.0  # after a refused credential, try once more only this much later
@@ -238,7 +238,6 @@ class Daemon:
                 },
                 key_prefix=self.bus.prefix,
                 max_body=self.max_body,
-                delivered_key=lambda d: delivered_key(self.bus.prefix, d),
                 delivered_ttl=self.delivered_ttl,
                 learn_copy=functools.partial(self._learn_copy, name),
             )

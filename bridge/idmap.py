@@ -22,11 +22,22 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from bridge.events import Delivery, EventKind
+
 SEP = "\x1f"  # never appears in account names, channel names or ids
 
 
 def ref(account: str, channel: str, native_id: str) -> str:
     return f"{account}{SEP}{channel}{SEP}{native_id}"
+
+
+def canonical_of(delivery: Delivery) -> str | None:
+    """The canonical reference of the message a delivery copies (None unless
+    it is a new message with a source id: only those get copies to map)."""
+    event = delivery.event
+    if event.kind != EventKind.MESSAGE or not event.native_id:
+        return None
+    return ref(event.account, event.channel, event.native_id)
 
 
 def split_ref(value: str) -> tuple[str, str, str]:

@@ -23,26 +23,15 @@ from typing import Any
 from redis.asyncio import Redis
 
 from adapters.base import AccountFailed, Adapter, PermanentError, RateLimited, TransientError
-from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, Entry
+from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, Entry, account_key, delivered_key
 from bridge.events import Delivery, EventKind, WireError, event_from_wire
-from bridge.idmap import IdMap, ref
+from bridge.idmap import IdMap, canonical_of
 from bridge.metrics import Metrics
 from bridge.router import Router
 
 BLOCK_MS = 5_000
 TRIM_EVERY = 1_000  # acknowledged entries between two XTRIMs
 RETRY_AFTER_CAP = 600.0  # seconds; a longer Retry-After is treated as this
-
-
-def rooms_key(prefix: str, account: str) -> str:
-    """The set of rooms an account is in, kept by its adapter (``ctx.key("rooms")``)."""
-    return f"{prefix}:acct:{account}:rooms"
-
-
-def delivered_key(prefix: str, delivery: Delivery) -> str:
-    # Hash-tagged by account so an adapter's script may touch it together
-    # with the account's own keys on Redis Cluster.
-    return f"{prefix}:dlv:{{{delivery.account}}}:{delivery.key}"
 
 
 class _StreamLoop:
@@ -93,7 +82,8 @@ class RouteLoop(_StreamLoop):
         """Current rooms of the accounts a gateway names with channel ``*``."""
         out = {}
         for account in self.router.wildcard_accounts:
-            members = await self.bus.redis.smembers(rooms_key(self.bus.prefix, account))
+            # the set its adapter keeps as ctx.key("rooms")
+            members = await self.bus.redis.smembers(account_key(self.bus.prefix, account, "rooms"))
             out[account] = {m.decode() for m in members}
         return out
 
@@ -219,12 +209,10 @@ class DeliveryLoop(_StreamLoop):
         for entry_id, delivery, payload in run:
             await self.deliver(entry_id, delivery, payload)
 
-    async def _deliver_batch(self, todo: list[tuple[bytes, Delivery, bytes]]) -> bool:
-        """One round trip for the whole batch; False to fall back to one by one."""
-        ready: list[tuple[bytes, Delivery]] = []
-        unmapped: list[bytes] = []
-        for entry_id, delivery, _payload in todo:
-            (ready.append((entry_id, delivery)) if await self._resolve(delivery) else unmapped.append(entry_id))
+    async def _deliver_batch(self, run: list[tuple[bytes, Delivery, bytes]]) -> bool:
+        """One round trip for a run of deliveries that refer to no other
+        message (nothing to resolve); False to fall back to one by one."""
+        ready = [(entry_id, delivery) for entry_id, delivery, _payload in run]
         try:
             native_ids = await self.adapter.send_batch([d for _, d in ready])
         except Exception as exc:
@@ -233,23 +221,20 @@ class DeliveryLoop(_StreamLoop):
         pipe = self.redis.pipeline(transaction=False)
         for (_entry_id, delivery), native_id in zip(ready, native_ids, strict=True):
             self._commit(pipe, delivery, native_id)
-        pipe.xack(self.stream, self.group, *[e for e, _ in ready], *unmapped)
+        pipe.xack(self.stream, self.group, *[e for e, _ in ready])
         await pipe.execute()
         now = time.time()
         for _, delivery in ready:
             self._out.inc()
             self._latency.observe(max(0.0, now - delivery.event.timestamp))
-        if unmapped:
-            self.metrics.skipped.labels(self.account, "unmapped_target").inc(len(unmapped))
         return True
 
     def _commit(self, pipe: Any, delivery: Delivery, native_id: str | None) -> None:
         """Queue the delivered-marker and the id map entry for one sent delivery."""
-        event = delivery.event
         if not self.adapter.records_delivery:
             pipe.set(delivered_key(self.bus.prefix, delivery), native_id or "", ex=self.ttl)
-        if native_id and event.kind == EventKind.MESSAGE and event.native_id:
-            canonical = ref(event.account, event.channel, event.native_id)
+        canonical = canonical_of(delivery)
+        if native_id and canonical is not None:
             self.idmap.record(pipe, canonical, delivery.account, delivery.channel, native_id)
 
     async def _resolve(self, delivery: Delivery) -> bool:

@@ -10,11 +10,11 @@ import pytest
 from redis.asyncio import Redis
 
 from adapters.base import AccountFailed, Adapter, PermanentError, RateLimited, TransientError
-from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
+from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings, delivered_key
 from bridge.events import Delivery, Event, EventKind, event_from_wire, event_to_wire
 from bridge.idmap import IdMap
 from bridge.metrics import Metrics
-from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy, delivered_key
+from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy
 
 LOG = logging.getLogger("test")
 
