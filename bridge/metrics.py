@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def _asyncio_tasks() -> float:
+    """Tasks alive on the running loop (a scrape runs inside it); NaN outside one."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:
+        return float("nan")
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
+        ProcessCollector(registry=r)
+        self.asyncio_tasks = Gauge(
+            "talkbridge_asyncio_tasks", "asyncio tasks alive in the daemon's event loop (at scrape time)", registry=r
+        )
+        self.asyncio_tasks.set_function(_asyncio_tasks)
         self.events_in = Counter("talkbridge_events_in", "Events accepted from a network", ["account"], registry=r)
         self.events_out = Counter("talkbridge_events_out", "Events delivered to a network", ["account"], registry=r)
         self.skipped = Counter(
