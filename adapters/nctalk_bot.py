@@ -45,7 +45,7 @@ from adapters.base import (
 )
 from bridge.config import AccountConfig
 from bridge.events import Attachment, Delivery, Event, EventKind
-from bridge.groupcommit import GroupCommit
+from bridge.groupcommit import GroupCommit, Op
 from bridge.idmap import canonical_of
 
 PROTOCOL = "nctalkbot"
@@ -59,8 +59,9 @@ H_BOT_SIGNATURE = "X-Nextcloud-Talk-Bot-Signature"
 MIN_RANDOM = 32  # Talk sends 64 chars; it requires >= 32 from bots
 MAX_RANDOM = 256
 MAX_REFERENCE_ID = 64  # Talk's comments.reference_id column
-ROOM_CONFIRM = 60.0  # seconds a room, once written to the rooms set, is not rewritten by this process
-SECRET_PROVEN_FOR = 3600.0  # seconds a verified exchange vouches for the secret
+ROOM_CONFIRM = 60.0  # seconds a room, once written to the rooms set, is not rewritten in full by this process
+SECRET_PROVEN_FOR = 3600  # seconds a verified exchange vouches for the secret (fleet-wide, in Redis)
+SECRET_PROOF_REFRESH = 60.0  # seconds between one process's rewrites of that proof (the webhook path is hot)
 ECHO_TTL = 600  # seconds a "we reacted" marker waits for Talk's echo
 OWN_TTL = 7 * 86400  # seconds a posted text waits for Talk to show its id
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
@@ -189,16 +190,28 @@ class TalkBot(Adapter):
         # Talk's own actor id for this bot: "bots/bot-" + sha1(webhook URL).
         self.self_actor = f"bots/bot-{hashlib.sha1(url.encode()).hexdigest()}" if url else None
         self.rooms_key = ctx.key("rooms")
-        self.left_key = ctx.key("left")  # rooms Talk told us the bot was removed from
-        # token -> when this process last wrote it to the rooms set (saves a
-        # round trip per webhook; a Leave anywhere is followed by a Join first)
+        self.left_key = ctx.key("left")  # rooms refused: Talk said Leave, or a 401 once the secret was proven
+        # token -> when this process last wrote it to the rooms set in full.
+        # Only a cache that saves commands on the hot webhook path: the room
+        # state itself is the fleet's, in Redis. While it is fresh, a verified
+        # webhook still sends one SMOVE left -> rooms, so a refusal recorded
+        # since by any instance (a Leave, a 401) is lifted just as a full
+        # rewrite would lift it: every removal from the rooms set also adds the
+        # room to the left set. Fresh or not, the outcome is the same.
         self._rooms_confirmed: dict[str, float] = {}
         self._events_in = ctx.metrics.events_in.labels(acct.name)
         self._commands = GroupCommit(ctx.redis)
         self._client: httpx.AsyncClient | None = None
-        # When Talk last proved it shares our secret: a verified webhook or an
-        # accepted signed request. A 401 soon after means "not in this room".
+        # When Talk last proved it shares our secret (a verified webhook or an
+        # accepted signed request), here; a 401 soon after means "not in this
+        # room". Webhooks land on any instance and deliveries run on another,
+        # so the proof is also kept in Redis for SECRET_PROVEN_FOR seconds,
+        # under a key bound to this secret (a proof made with an old secret
+        # must not vouch for a new, wrong one) that names nothing of it.
         self._secret_proven_at: float | None = None
+        fingerprint = hmac.new(self.secret.encode(), b"talkbridge: secret proven", hashlib.sha256).hexdigest()
+        self.proof_key = ctx.key("proven", fingerprint[:16])
+        self._proof_written_at = -SECRET_PROOF_REFRESH  # monotonic time this process last wrote it
 
     # config ----------------------------------------------------------------------
     @classmethod
@@ -279,25 +292,31 @@ class TalkBot(Adapter):
         return raw, random
 
     async def _accept(self, payload: dict[str, Any], random: str) -> None:
-        self._secret_proven_at = time.monotonic()  # it verified: Talk signs with our secret
+        now = time.monotonic()
+        self._secret_proven_at = now  # it verified: Talk signs with our secret
         kind = payload["type"]
         token = _room_of(payload)
         seen_key = self.ctx.key("seen", random)
         redis = self.ctx.redis
-        now = time.monotonic()
-        ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
-            ("set", (seen_key, b"1"), {"nx": True, "ex": self.replay_window})
-        ]
+        ops: list[Op] = [("set", (seen_key, b"1"), {"nx": True, "ex": self.replay_window})]
+        prove = now - self._proof_written_at >= SECRET_PROOF_REFRESH
+        if prove:  # tell the fleet, in the same pipeline: no round trip of its own
+            ops.append(self._proof_op())
+        confirm = False  # a verified hook proves the bot is in the room
         if kind == "Leave":
             self._rooms_confirmed.pop(token, None)
         elif kind == "Join" or now - self._rooms_confirmed.get(token, -ROOM_CONFIRM) >= ROOM_CONFIRM:
-            # a verified hook proves the bot is in the room (a recent one: skip)
             ops += [("sadd", (self.rooms_key, token), {}), ("srem", (self.left_key, token), {})]
+            confirm = True
+        else:  # written here lately: only lift a refusal made since, anywhere (see __init__)
+            ops.append(("smove", (self.left_key, self.rooms_key, token), {}))
         try:
             fresh = (await self._commands.run(ops))[0]
+            if prove:
+                self._proof_written_at = now
             if fresh and kind == "Leave":
                 await self._commands.run([("srem", (self.rooms_key, token), {}), ("sadd", (self.left_key, token), {})])
-            elif fresh and len(ops) > 1:
+            elif fresh and confirm:
                 self._rooms_confirmed[token] = now
         except (RedisError, OSError) as exc:
             raise WebhookRejected(503, "redis", f"message queue unavailable, retry later ({exc})") from None
@@ -311,8 +330,14 @@ class TalkBot(Adapter):
         except (RedisError, OSError) as exc:
             try:  # let a genuine retry through: it was not accepted
                 await redis.delete(seen_key)
-            except (RedisError, OSError):
-                pass
+            except (RedisError, OSError) as cleanup:
+                self.ctx.log.warning(
+                    "%s: could not clear the replay marker of a webhook answered 503 "
+                    "(a resend within %ds will be refused as a replay): %s",
+                    self.name,
+                    self.replay_window,
+                    cleanup,
+                )
             raise WebhookRejected(503, "redis", f"message queue unavailable, retry later ({exc})") from None
 
     async def _event(self, payload: dict[str, Any], token: str) -> Event | None:
@@ -469,16 +494,25 @@ class TalkBot(Adapter):
             raise TransientError(f"{method} {path}: {exc.__class__.__name__}: {exc}") from exc
         status = resp.status_code
         if status in (200, 201) or (ok_404 and status == 404):
-            self._secret_proven_at = time.monotonic()
+            await self._request_accepted()
             return status
         what = f"{method} {path}: Talk answered {status}"
         if status == 401:
-            proven = self._secret_proven_at
-            if proven is not None and time.monotonic() - proven < SECRET_PROVEN_FOR:
+            try:
+                proven = await self._secret_proven()
+            except (RedisError, OSError) as exc:
+                raise TransientError(f"{what}; whether the secret was proven is unknown (Redis: {exc})") from exc
+            if proven:
                 # The secret works elsewhere: the bot is not enabled in this
-                # room. Refuse the room locally from now on (each 401 counts
-                # towards Talk's brute-force lockout) and keep the account up.
-                await self._commands.run([("srem", (self.rooms_key, room), {}), ("sadd", (self.left_key, room), {})])
+                # room. Refuse the room from now on, on every instance (each
+                # 401 counts towards Talk's brute-force lockout), and keep the
+                # account up.
+                try:
+                    await self._commands.run(
+                        [("srem", (self.rooms_key, room), {}), ("sadd", (self.left_key, room), {})]
+                    )
+                except (RedisError, OSError) as exc:
+                    self.ctx.log.warning("%s: could not record room %s as refused: %s", self.name, room, exc)
                 hint = f"occ talk:bot:setup BOT_ID {room}"
                 raise PermanentError(f"{what}: the bot is not enabled in room {room} ({hint})")
             raise AccountFailed(f"{what} (bot not enabled in the room, or BotSecret differs from occ talk:bot:install)")
@@ -487,6 +521,32 @@ class TalkBot(Adapter):
         if status >= 500:
             raise TransientError(what)
         raise PermanentError(what)
+
+    # Whether Talk has shown, lately, that it shares our secret --------------------------
+    def _proof_op(self) -> Op:
+        """Record, for every instance, that the secret was proven (the value: when, for people)."""
+        return ("set", (self.proof_key, str(int(time.time()))), {"ex": SECRET_PROVEN_FOR})
+
+    async def _request_accepted(self) -> None:
+        """Talk accepted a signed request: the secret is right. The fleet hears
+        of it at most once per SECRET_PROOF_REFRESH from this process."""
+        now = time.monotonic()
+        self._secret_proven_at = now
+        if now - self._proof_written_at < SECRET_PROOF_REFRESH:
+            return
+        try:
+            await self._commands.run([self._proof_op()])
+        except (RedisError, OSError) as exc:  # the request was done: never fail it for this
+            self.ctx.log.warning("%s: could not record that Talk accepted the secret: %s", self.name, exc)
+        else:
+            self._proof_written_at = now
+
+    async def _secret_proven(self) -> bool:
+        """Proven within SECRET_PROVEN_FOR, to this process or to any instance."""
+        proven = self._secret_proven_at
+        if proven is not None and time.monotonic() - proven < SECRET_PROVEN_FOR:
+            return True
+        return bool(await self.ctx.redis.exists(self.proof_key))
 
 
 def _path_token(token: str) -> str:
