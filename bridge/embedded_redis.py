@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import hashlib
 import logging
 import os
 import shutil
@@ -101,8 +102,10 @@ class EmbeddedRedis:
         path = str(self.data_dir / "redis.sock")
         if len(path) <= MAX_UNIX_PATH:
             return path
-        # Too long for a unix socket: a short, stable name under /tmp.
-        digest = abs(hash(str(self.data_dir))) % 10**10
+        # Too long for a unix socket: a short name under /tmp, the same in
+        # every process (status and dlq look for the daemon's socket by it),
+        # so a digest, never hash(): that one is salted per process.
+        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
         return os.path.join(tempfile.gettempdir(), f"talkbridge-{digest}.sock")
 
     @property
