@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from adapters.base import AccountFailed, PermanentError
+from adapters.base import AccountFailed, PermanentError, TransientError
 from bridge.events import Event
 from tests.talkbot_rig import SECRET, Rig, bot_section, start_rig, write_config
 from tests.talkserver import TalkServer, php_json_encode
@@ -186,3 +186,35 @@ async def test_a_failed_replay_marker_cleanup_is_logged_with_the_account(
     [line] = [r.getMessage() for r in caplog.records if "replay marker" in r.getMessage()]
     assert line.startswith(f"{ACCOUNT}: ") and "Connection refused" in line
     assert json.loads(resp.text)["error"].startswith("message queue unavailable")
+
+
+async def test_redis_failing_around_a_talk_request_is_logged_and_never_misread(
+    talk: TalkServer, fleet: tuple[Rig, Rig], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    one, two = fleet
+    alice = talk.add_user("alice", "Alice A.")
+    room = talk.create_room("General", token="gen12345", members=(alice,))
+    bot = talk.install_bot("Bridge", SECRET, DEAD_URL)
+    assert await talk.enable_bot(bot, room.token)
+
+    async def redis_down(*args: object, **kwargs: object) -> object:
+        raise RedisConnectionError("Connection refused")
+
+    monkeypatch.setattr(one.adapter._commands, "run", redis_down)
+    monkeypatch.setattr(two.redis, "exists", redis_down)
+    with caplog.at_level(logging.WARNING):
+        # Posted: recording the proof for the fleet fails, the delivery does not.
+        assert await one.adapter.send(delivery(channel=room.token)) is None
+        # Proven here: a 401 is still this room's, though refusing the room cannot be recorded.
+        talk.fail_next(401)
+        with pytest.raises(PermanentError, match="not enabled in room gen12345"):
+            await one.adapter.send(delivery(channel=room.token))
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert lines == [
+        f"{ACCOUNT}: could not record that Talk accepted the secret: Connection refused",
+        f"{ACCOUNT}: could not record room gen12345 as refused: Connection refused",
+    ]
+    # Not proven here and the fleet's answer unreadable: neither a room refused nor the account stopped on a guess.
+    talk.fail_next(401)
+    with pytest.raises(TransientError, match="whether the secret was proven is unknown"):
+        await two.adapter.send(delivery(channel=room.token))
