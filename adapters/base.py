@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from bridge.bus import account_key, delivered_key
+from bridge.bus import account_key
 from bridge.events import Delivery, Event
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from bridge.config import AccountConfig
+    from bridge.idmap import Fence, IdMap
     from bridge.metrics import Metrics
 
 
@@ -82,7 +83,12 @@ class AdapterContext:
     sends_into: Mapping[str, str] = field(default_factory=dict)
     key_prefix: str = "tb"
     max_body: int = 1 << 20  # [http] MaxBodyBytes
-    delivered_ttl: int = 86400
+    # The id map, whose fields also mark what was delivered; an adapter whose
+    # send is a Redis write (the api buffer) records its deliveries there in
+    # the same script, fenced by ``fence()`` (the lease token of the current
+    # tenure): exactly once, and never alongside a successor.
+    idmap: IdMap | None = None
+    fence: Callable[[], Fence | None] = lambda: None
     # Record, later than its delivery, the native id a copy got in one of
     # this account's channels: (canonical ref, channel, native id). For
     # networks that do not answer a post with its id (Talk's bot API).
@@ -91,11 +97,6 @@ class AdapterContext:
     def key(self, *parts: str) -> str:
         """A Redis key private to this account."""
         return account_key(self.key_prefix, self.account.name, *parts)
-
-    def delivered_key(self, delivery: Delivery) -> str:
-        """Where the core records a delivered copy; an adapter whose send is a
-        Redis write (the api buffer) sets it in the same script: exactly once."""
-        return delivered_key(self.key_prefix, delivery)
 
 
 class Adapter(ABC):
@@ -137,8 +138,8 @@ class Adapter(ABC):
         return [await self.send(d) for d in deliveries]
 
     batch_send: ClassVar[bool] = False  # True when send_batch is all-or-nothing
-    # True when send itself writes ctx.delivered_key atomically with the
-    # delivery (a Redis-backed network): the core then skips its own write.
+    # True when send itself records the delivery in ctx.idmap atomically with
+    # the delivery (a Redis-backed network): the core then only acknowledges.
     records_delivery: ClassVar[bool] = False
 
     def ingress_routes(self) -> list[web.RouteDef]:

@@ -28,11 +28,12 @@ from typing import Any, ClassVar
 
 import orjson
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from adapters.base import Adapter, AdapterContext, Option
 from bridge.config import AccountConfig, parse_hostport
 from bridge.events import Attachment, Delivery, Event, EventKind
+from bridge.idmap import FENCED, LUA_LIB, Fenced
 
 API_CONNECTED = "api_connected"
 EVENT_DELETE = "msg_delete"
@@ -42,33 +43,43 @@ EVENT_REACTION_ADD = "reaction_add"
 EVENT_REACTION_REMOVE = "reaction_remove"
 STREAM_PAGE = 100
 
-# Deliver messages into the buffer exactly once: each delivered-marker and its
-# buffer entry are written together, so a redelivery after a crash finds the
-# marker and adds nothing. KEYS: buffer, marker1..N. ARGV: maxlen, ttl, then
-# payload/native-id pairs. Returns {native ids..., entries pushed out of a
-# full buffer}.
-_DELIVER_MANY = """
-local maxlen = tonumber(ARGV[1])
+# Deliver into the buffer exactly once, under the lease's fence: each
+# delivery's map fields (which are also its delivered-marker, bridge.idmap)
+# and its buffer entry are written together, so a redelivery after a crash
+# finds the marker and adds nothing, and a stale owner adds nothing at all.
+# KEYS: fence, buffer. ARGV: token, maxlen, gen_size, keep, buckets, ttl, then
+# per delivery: room, marker bucket, marker field, payload, native id, n, then
+# n (bucket, field, value) map items. Returns {native ids..., entries pushed
+# out of a full buffer}.
+_DELIVER_MANY = (
+    LUA_LIB
+    + r"""
+if tb_fenced(KEYS[1], ARGV[1]) then return redis.error_reply('FENCED lease token is stale') end
+local maxlen = tonumber(ARGV[2])
+local gen_size, keep, buckets, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local out = {}
-local before = redis.call('XLEN', KEYS[1])
+local before = redis.call('XLEN', KEYS[2])
 local added = 0
-for i = 2, #KEYS do
-  local done = redis.call('GET', KEYS[i])
+local at = 7
+while at <= #ARGV do
+  local room, count = ARGV[at], tonumber(ARGV[at + 5])
+  local done = tb_find(room, gen_size, keep, ARGV[at + 1], ARGV[at + 2])
   if done then
     out[#out + 1] = done
   else
-    local payload, id = ARGV[2 * i - 1], ARGV[2 * i]
-    redis.call('XADD', KEYS[1], 'MAXLEN', maxlen, '*', 'd', payload)
-    redis.call('SET', KEYS[i], id, 'EX', ARGV[2])
-    out[#out + 1] = id
+    redis.call('XADD', KEYS[2], 'MAXLEN', maxlen, '*', 'd', ARGV[at + 3])
+    tb_put(room, gen_size, keep, buckets, ttl, 1, ARGV, at + 6, count)
+    out[#out + 1] = ARGV[at + 4]
     added = added + 1
   end
+  at = at + 6 + 3 * count
 end
 local dropped = before + added - maxlen
 if dropped < 0 then dropped = 0 end
 out[#out + 1] = dropped
 return out
 """
+)
 
 # Take the whole buffer (GET /api/messages drains it).
 _DRAIN = """
@@ -403,14 +414,26 @@ class MatterbridgeAPI(Adapter):
     records_delivery = True
 
     async def send_batch(self, deliveries: Sequence[Delivery]) -> list[str | None]:
-        keys = [self.buffer_key]
-        args: list[Any] = [self.buffer_size, self.ctx.delivered_ttl]
+        idmap = self.ctx.idmap
+        assert idmap is not None, "the api adapter records its deliveries in the id map"
+        fence = self.ctx.fence()
+        keys = [fence.key if fence else f"{self.ctx.key_prefix}:fence:none", self.buffer_key]
+        args: list[Any] = [fence.token if fence else "", self.buffer_size, *idmap.header()]
         for delivery in deliveries:
-            native_id = os.urandom(16).hex() if delivery.event.kind == EventKind.MESSAGE else ""
-            keys.append(self.ctx.delivered_key(delivery))
-            args.append(orjson.dumps(self.message_for(delivery, native_id)))
-            args.append(native_id)
-        *stored, dropped = await self._deliver_many(keys=keys, args=args)
+            # 8 random bytes: unique per room, and a compact map entry
+            native_id = os.urandom(8).hex() if delivery.event.kind == EventKind.MESSAGE else ""
+            marker = idmap.marker(delivery)
+            items = idmap.record_items(delivery, native_id or None)
+            args += [marker.base, marker.bucket, marker.name, orjson.dumps(self.message_for(delivery, native_id))]
+            args += [native_id, len(items)]
+            for item in items:
+                args.extend(item)
+        try:
+            *stored, dropped = await self._deliver_many(keys=keys, args=args)
+        except ResponseError as exc:
+            if str(exc).startswith(FENCED):
+                raise Fenced(str(exc)) from None
+            raise
         if int(dropped):
             self.ctx.metrics.api_buffer_dropped.labels(self.name).inc(int(dropped))
         async with self._arrived:

@@ -3,7 +3,8 @@
 Streams (``P`` is the key prefix, ``tb`` by default):
 
 - ``P:in:ACCOUNT``  — events an adapter received; consumer group ``router``.
-- ``P:out:ACCOUNT`` — deliveries for an account; consumer group ``deliver``.
+- ``P:out:{ACCOUNT}`` — deliveries for an account; consumer group ``deliver``
+  (hash-tagged: the fenced delivery script writes it with the account's map).
 - ``P:dlq``         — dead letters: the entry, where it came from, the error.
 
 Only the instance holding an account's lease consumes its streams, so every
@@ -27,7 +28,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bridge.events import Delivery, Event, event_to_wire
+from bridge.events import Event, event_to_wire
 from bridge.groupcommit import GroupCommit
 
 ROUTER_GROUP = "router"
@@ -37,16 +38,15 @@ FIELD = b"d"
 Entry = tuple[bytes, bytes | None]  # (stream id, payload or None if deleted)
 
 
+def delivered_key(prefix: str, delivery: Any) -> str:
+    """TRANSITIONAL (removed once the delivery loop records through
+    bridge.idmap): the old per-copy marker key."""
+    return f"{prefix}:dlv:{{{delivery.account}}}:{delivery.key}"
+
+
 def account_key(prefix: str, account: str, *parts: str) -> str:
     """A key private to one account (its adapter's state, its rooms set)."""
     return ":".join((prefix, "acct", account, *parts))
-
-
-def delivered_key(prefix: str, delivery: Delivery) -> str:
-    """The marker of one delivered copy. Hash-tagged by account so an
-    adapter's script may touch it together with the account's own keys on
-    Redis Cluster."""
-    return f"{prefix}:dlv:{{{delivery.account}}}:{delivery.key}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +91,7 @@ class Bus:
         return f"{self.prefix}:in:{account}"
 
     def outbound(self, account: str) -> str:
-        return f"{self.prefix}:out:{account}"
+        return f"{self.prefix}:out:{{{account}}}"
 
     @property
     def dlq(self) -> str:

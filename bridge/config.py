@@ -93,7 +93,7 @@ OWN_SECTIONS: dict[str, OwnSection] = {
             "StreamMaxLen": Option(int, default=0, help="0: trim only what was consumed"),
             "DeadLetterMaxLen": Option(int, default=100_000),
             "MessageMapDays": Option((int, float), default=7),
-            "DeliveredMarkerHours": Option((int, float), default=24),
+            "MessageMapPerRoom": Option(int, default=5000, help="copies a room's id map keeps"),
             "LeaseSeconds": Option((int, float), default=15),
             "BatchSize": Option(int, default=200),
         }
@@ -527,9 +527,10 @@ def _check_sections(loader: _Loader, sections: dict[str, dict[str, Any]]) -> Non
     for key in ("MaxDeliveries", "BatchSize"):
         if sections["bus"][key] < 1:
             loader.problem(f"bus.{key}", "must be at least 1")
-    for key in ("MessageMapDays", "DeliveredMarkerHours"):
-        if sections["bus"][key] <= 0:
-            loader.problem(f"bus.{key}", "must be more than 0")
+    if sections["bus"]["MessageMapDays"] <= 0:
+        loader.problem("bus.MessageMapDays", "must be more than 0")
+    if sections["bus"]["MessageMapPerRoom"] < 100:
+        loader.problem("bus.MessageMapPerRoom", "must be at least 100")
     if sections["bus"]["LeaseSeconds"] < 2:
         loader.problem("bus.LeaseSeconds", "must be at least 2")
     if sections["http"]["MaxBodyBytes"] < 1024:

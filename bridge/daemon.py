@@ -28,7 +28,7 @@ from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
 from bridge.config import Config, parse_hostport
 from bridge.events import Event
 from bridge.http import build_app
-from bridge.idmap import IdMap
+from bridge.idmap import Fence, Fenced, IdMap
 from bridge.lease import Lease
 from bridge.metrics import Metrics
 from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy, RouteLoop
@@ -53,7 +53,7 @@ class AccountRunner:
         self.adapter = adapter
         self.name = name
         self.log = logging.getLogger(f"talkbridge.{name}")
-        self.lease = Lease(daemon.redis, f"{daemon.bus.prefix}:lease:{name}", daemon.instance_id, daemon.lease_seconds)
+        self.lease = Lease(daemon.redis, daemon.bus.prefix, name, daemon.instance_id, daemon.lease_seconds)
         self.connected = False
         self.owned = False
         self._free_since: float | None = None
@@ -89,7 +89,9 @@ class AccountRunner:
             cooldown = 0.0
             try:
                 await self._owned()
-            except* LeaseLost:
+            except* (LeaseLost, Fenced):
+                # Fenced: a write carried a stale lease token (we stalled past
+                # the lease and another instance took over): stop at once.
                 self.log.warning("%s: lease lost, stopping the account here", self.name)
             except* LeaseShed:
                 self.log.info("%s: handing the account to a less loaded instance", self.name)
@@ -212,10 +214,8 @@ class Daemon:
         redis_cfg, bus_cfg = config.section("redis"), config.section("bus")
         self.bus = Bus(redis, BusSettings.from_section(redis_cfg["KeyPrefix"], bus_cfg))
         self.map_ttl = int(bus_cfg["MessageMapDays"] * 86400)
-        # A marker only has to outlive redelivery (a crash, a lease takeover):
-        # far shorter than the id map, and most of the keys per message.
-        self.delivered_ttl = int(bus_cfg["DeliveredMarkerHours"] * 3600)
-        self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl)
+        self.delivered_ttl = 86400  # TRANSITIONAL: markers move into the id map
+        self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl, bus_cfg["MessageMapPerRoom"])
         self.router = Router(config)
         self.lease_seconds = float(bus_cfg["LeaseSeconds"])
         self.retry = RetryPolicy(bus_cfg["MaxDeliveries"], bus_cfg["RetryBaseSeconds"], bus_cfg["RetryMaxSeconds"])
@@ -238,7 +238,8 @@ class Daemon:
                 },
                 key_prefix=self.bus.prefix,
                 max_body=self.max_body,
-                delivered_ttl=self.delivered_ttl,
+                idmap=self.idmap,
+                fence=functools.partial(self._fence, name),
                 learn_copy=functools.partial(self._learn_copy, name),
             )
             self.runners[name] = AccountRunner(self, adapter_cls(ctx), name)
@@ -273,6 +274,11 @@ class Daemon:
             await asyncio.sleep(self.lease_seconds / 3)
             with contextlib.suppress(RedisError, OSError):  # keep the last count meanwhile
                 await self._heartbeat_once()
+
+    def _fence(self, account: str) -> Fence | None:
+        """The lease token the account's writes carry (None before the runner exists)."""
+        runner = self.runners.get(account)
+        return runner.lease.fence if runner is not None else None
 
     async def _learn_copy(self, account: str, canonical: str, channel: str, native_id: str) -> None:
         await self.idmap.learn(canonical, account, channel, native_id)

@@ -1,30 +1,61 @@
 """Source id <-> delivered ids, so replies, edits, deletions and reactions
-follow a message across networks.
+follow a message across networks — and the record of what was delivered, so
+a redelivery after a crash posts nothing twice.
 
 Every message has a *canonical* reference: where it was first written
-(account, channel, native id). Delivering a copy records
+(account, channel, native id). The map is kept per *room* (account +
+channel) in which copies were delivered, as compact fields:
 
-- ``P:map:CANONICAL␟ACCOUNT␟CHANNEL``  the copy's native id in that channel
-- ``P:rev:COPY``                         the canonical reference of a copy
+- ``f`` + digest(canonical) -> the copy's native id here ("" while the
+  network has not told us the id: a Talk bot's post). Its presence is also
+  the delivered-marker of that copy;
+- ``r`` + native id of the copy -> digest(canonical) + digest(canonical's
+  room) + canonical native id: what a reply *to the copy* refers to;
+- ``d`` + digest(event id) -> "": the delivered-marker of a delivery that is
+  not a new message (an edit, a deletion, a reaction).
 
-(two plain keys with their own expiry: one SET each, no HSET + EXPIRE)
+Memory (issue 6): one key per field costs ~150 bytes of Redis overhead
+before the data. Here the fields of a room live in a few dozen small hashes
+that Redis stores as listpacks (a few bytes per field), so a delivered copy
+costs about 70 to 110 bytes (docs/benchmarks.md). A room's hashes are grouped
+in *generations* of ``gen_size`` copies; a room keeps its last ``KEEP``
+generations and drops the oldest whole when a new one starts, which bounds a
+room at ``MessageMapPerRoom`` to 1.25 times that many copies — Matterbridge's
+5,000-message cache, but durable and shared by every daemon. Every hash also
+expires ``MessageMapDays`` after its last write, so idle rooms vanish.
 
-so an event that refers to *any* copy (a Talk user replying to the bridged
-copy of a Matrix message) resolves to the right native id in every other
-channel. Unlike Matterbridge's 5,000-entry in-memory cache this survives
-restarts and is shared by every daemon; entries expire after
-``MessageMapDays``.
+Keys (``P`` the prefix, ``␟`` is ``\\x1f``, never in account or channel
+names): ``P:m:{ACCOUNT}␟CHANNEL␟n`` (copies written so far) and
+``P:m:{ACCOUNT}␟CHANNEL␟GEN.BUCKET`` (the fields). Hash-tagged by account, so
+one script can write them with the account's stream and fence on Cluster.
+
+Writes that record a delivery are *fenced* (``bridge.lease.Fence``): the
+script refuses them unless the writer still holds the account's current
+lease token, so an owner that stalled past its lease and resumed cannot
+record or acknowledge alongside its successor.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from bridge.events import Delivery, EventKind
 
 SEP = "\x1f"  # never appears in account names, channel names or ids
+KEEP = 5  # generations a room keeps; the oldest of them is dropped whole
+FIELDS_PER_BUCKET = 80  # well under Redis's listpack limit of 128 fields per hash
+FENCED = "FENCED"
+
+
+class Fenced(Exception):
+    """A write was refused: another instance holds the account's lease now."""
 
 
 def ref(account: str, channel: str, native_id: str) -> str:
@@ -45,49 +76,261 @@ def split_ref(value: str) -> tuple[str, str, str]:
     return account, channel, native_id
 
 
+def _digest(text: str, size: int = 8) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=size).digest()
+
+
+def _room_digest(account: str, channel: str) -> bytes:
+    return _digest(f"{account}{SEP}{channel}", 4)
+
+
+# The Lua the fenced scripts share (the api adapter's buffer script includes
+# it too). Fields are found in the newest generation that has them; a value
+# of "" (delivered, id unknown) is returned only when no generation has more.
+LUA_LIB = r"""
+local function tb_fenced(fence_key, token)
+  if token == '' then return false end
+  return redis.call('GET', fence_key) ~= token
+end
+local function tb_gen(base, gen_size)
+  local n = tonumber(redis.call('GET', base .. '\31n') or '0')
+  return math.floor(n / gen_size)
+end
+local function tb_find(base, gen_size, keep, bucket, field)
+  local g = tb_gen(base, gen_size)
+  local empty = false
+  for i = g, math.max(0, g - keep + 1), -1 do
+    local v = redis.call('HGET', base .. '\31' .. i .. '.' .. bucket, field)
+    if v then
+      if v ~= '' then return v end
+      empty = v
+    end
+  end
+  return empty
+end
+-- items: flat {bucket, field, value, ...} from index `at`, `count` triples
+local function tb_put(base, gen_size, keep, buckets, ttl, copies, items, at, count)
+  local counter = base .. '\31n'
+  local n = tonumber(redis.call('GET', counter) or '0')
+  local g = math.floor(n / gen_size)
+  local touched = {}
+  for i = 0, count - 1 do
+    local j = at + 3 * i
+    local key = base .. '\31' .. g .. '.' .. items[j]
+    redis.call('HSET', key, items[j + 1], items[j + 2])
+    touched[key] = true
+  end
+  for key in pairs(touched) do redis.call('EXPIRE', key, ttl) end
+  if copies > 0 then
+    local g2 = math.floor(redis.call('INCRBY', counter, copies) / gen_size)
+    for new = g + 1, g2 do
+      local old = new - keep
+      if old >= 0 then
+        for b = 0, buckets - 1 do redis.call('DEL', base .. '\31' .. old .. '.' .. b) end
+      end
+    end
+  end
+  redis.call('EXPIRE', counter, ttl)
+end
+"""
+
+# Find fields across rooms. ARGV: gen_size, keep, then (base, bucket, field)
+# triples. Returns one value (or false) per triple.
+_FIND = (
+    LUA_LIB
+    + r"""
+local gen_size, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV, 3 do
+  out[#out + 1] = tb_find(ARGV[i], gen_size, keep, ARGV[i + 1], ARGV[i + 2])
+end
+return out
+"""
+)
+
+# Record delivered copies and acknowledge their stream entries, fenced.
+# KEYS: fence, stream. ARGV: token, group, n_ack, ack ids..., gen_size, keep,
+# buckets, ttl, then per room: base, copies, n_items, (bucket, field, value)...
+_COMMIT = (
+    LUA_LIB
+    + r"""
+if tb_fenced(KEYS[1], ARGV[1]) then return redis.error_reply('FENCED lease token is stale') end
+local n_ack = tonumber(ARGV[3])
+local at = 4 + n_ack
+local gen_size, keep, buckets, ttl = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), ARGV[at + 3]
+at = at + 4
+while at <= #ARGV do
+  local base, copies, count = ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  tb_put(base, gen_size, keep, buckets, ttl, copies, ARGV, at + 3, count)
+  at = at + 3 + 3 * count
+end
+if n_ack > 0 then redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 4, 3 + n_ack)) end
+return n_ack
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """Where one field lives in a room's hashes."""
+
+    base: str
+    bucket: str
+    name: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The lease token an account's owner writes delivery state under."""
+
+    key: str
+    token: str
+
+
 class IdMap:
-    def __init__(self, redis: Redis, prefix: str, ttl_seconds: int) -> None:
+    def __init__(self, redis: Redis, prefix: str, ttl_seconds: int, per_room: int = 5000) -> None:
         self.redis = redis
         self.prefix = prefix
-        self.ttl = ttl_seconds
+        self.ttl = max(1, int(ttl_seconds))
+        self.gen_size = max(1, math.ceil(per_room / (KEEP - 1)))
+        # ~2 fields per copy (forward + reverse)
+        self.buckets = max(1, math.ceil(2 * self.gen_size / FIELDS_PER_BUCKET))
+        self._find = redis.register_script(_FIND)
+        self._commit = redis.register_script(_COMMIT)
 
-    def _map(self, canonical: str, dest_account: str, dest_channel: str) -> str:
-        return f"{self.prefix}:map:{canonical}{SEP}{dest_account}{SEP}{dest_channel}"
+    # layout ---------------------------------------------------------------------
+    def room(self, account: str, channel: str) -> str:
+        return f"{self.prefix}:m:{{{account}}}{SEP}{channel}"
 
-    def _rev(self, copy: str) -> str:
-        return f"{self.prefix}:rev:{copy}"
+    def _bucket(self, digest: bytes) -> str:
+        return str(int.from_bytes(digest[:4], "big") % self.buckets)
 
-    async def canonical(self, account: str, channel: str, native_id: str) -> str:
-        """The canonical reference of a message seen as ``native_id`` here."""
-        here = ref(account, channel, native_id)
-        found = await self.redis.get(self._rev(here))
-        return found.decode() if found is not None else here
+    def _forward(self, account: str, channel: str, canonical: str) -> Field:
+        d = _digest(canonical)
+        return Field(self.room(account, channel), self._bucket(d), b"f" + d)
+
+    def _reverse(self, account: str, channel: str, native_id: str) -> Field:
+        return Field(self.room(account, channel), self._bucket(_digest(native_id)), b"r" + native_id.encode())
+
+    def marker(self, delivery: Delivery) -> Field:
+        """The field whose presence says this copy was delivered."""
+        canonical = canonical_of(delivery)
+        if canonical is not None:
+            return self._forward(delivery.account, delivery.channel, canonical)
+        d = _digest(delivery.event.id)
+        return Field(self.room(delivery.account, delivery.channel), self._bucket(d), b"d" + d)
+
+    def record_items(self, delivery: Delivery, native_id: str | None) -> list[tuple[str, bytes, bytes]]:
+        """(bucket, field, value) for one delivered copy, all in its room."""
+        canonical = canonical_of(delivery)
+        if canonical is None:
+            m = self.marker(delivery)
+            return [(m.bucket, m.name, b"")]
+        return self._copy_items(canonical, delivery.account, delivery.channel, native_id)
+
+    def _copy_items(
+        self, canonical: str, account: str, channel: str, native_id: str | None
+    ) -> list[tuple[str, bytes, bytes]]:
+        fwd = self._forward(account, channel, canonical)
+        items = [(fwd.bucket, fwd.name, (native_id or "").encode())]
+        if native_id:
+            c_account, c_channel, c_native = split_ref(canonical)
+            rev = self._reverse(account, channel, native_id)
+            value = _digest(canonical) + _room_digest(c_account, c_channel) + c_native.encode()
+            items.append((rev.bucket, rev.name, value))
+        return items
+
+    def header(self) -> list[Any]:
+        """gen_size, keep, buckets, ttl: the room parameters every script takes."""
+        return [self.gen_size, KEEP, self.buckets, self.ttl]
+
+    # reads ------------------------------------------------------------------------
+    async def find(self, fields: Sequence[Field]) -> list[bytes | None]:
+        if not fields:
+            return []
+        args: list[Any] = [self.gen_size, KEEP]
+        for f in fields:
+            args += [f.base, f.bucket, f.name]
+        found = await self._find(args=args)
+        return [v if isinstance(v, bytes) else None for v in found]
+
+    async def delivered(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        found = await self.find([self.marker(d) for d in deliveries])
+        return [v is not None for v in found]
 
     async def resolve(
         self, account: str, channel: str, native_id: str, dest_account: str, dest_channel: str
     ) -> str | None:
         """The native id, in the destination, of the message ``native_id``."""
-        canonical = await self.canonical(account, channel, native_id)
-        c_account, c_channel, c_native = split_ref(canonical)
-        if (c_account, c_channel) == (dest_account, dest_channel):
-            return c_native
-        found = await self.redis.get(self._map(canonical, dest_account, dest_channel))
-        return found.decode() if found is not None else None
+        [rev] = await self.find([self._reverse(account, channel, native_id)])
+        if rev is not None and len(rev) > 12:  # a copy: follow it to its canonical message
+            digest, room, c_native = rev[:8], rev[8:12], rev[12:].decode()
+            if room == _room_digest(dest_account, dest_channel):
+                return c_native
+        else:
+            canonical = ref(account, channel, native_id)
+            if (account, channel) == (dest_account, dest_channel):
+                return native_id
+            digest = _digest(canonical)
+        fwd = Field(self.room(dest_account, dest_channel), self._bucket(digest), b"f" + digest)
+        [found] = await self.find([fwd])
+        return found.decode() if found else None
+
+    # writes -----------------------------------------------------------------------
+    async def commit(
+        self,
+        fence: Fence | None,
+        stream: str,
+        group: str,
+        acks: Sequence[bytes | str],
+        records: Iterable[tuple[Delivery, str | None]] = (),
+    ) -> None:
+        """Record delivered copies and acknowledge entries, atomically and
+        fenced: raises ``Fenced`` when another instance owns the account."""
+        rooms: dict[str, list[Any]] = {}
+        copies: dict[str, int] = {}
+        for delivery, native_id in records:
+            base = self.room(delivery.account, delivery.channel)
+            items = rooms.setdefault(base, [])
+            for triple in self.record_items(delivery, native_id):
+                items.extend(triple)
+            copies[base] = copies.get(base, 0) + 1
+        await self._run_commit(fence, stream, group, acks, rooms, copies)
 
     async def learn(self, canonical: str, dest_account: str, dest_channel: str, dest_native_id: str) -> None:
-        """Record a copy whose id became known only after its delivery."""
-        pipe = self.redis.pipeline(transaction=False)
-        self.record(pipe, canonical, dest_account, dest_channel, dest_native_id)
-        await pipe.execute()
+        """Record a copy whose id became known only after its delivery (not
+        a new copy: the room's count is unchanged)."""
+        items: list[Any] = []
+        for triple in self._copy_items(canonical, dest_account, dest_channel, dest_native_id):
+            items.extend(triple)
+        await self._run_commit(None, "", "", (), {self.room(dest_account, dest_channel): items}, {})
 
-    def record(
+    def record(self, pipe: Any, canonical: str, dest_account: str, dest_channel: str, dest_native_id: str) -> None:
+        """TRANSITIONAL (removed once the delivery loop commits through
+        ``commit``): queue one copy's fields on a pipeline, unfenced."""
+        items: list[Any] = []
+        for triple in self._copy_items(canonical, dest_account, dest_channel, dest_native_id):
+            items.extend(triple)
+        base = self.room(dest_account, dest_channel)
+        args = ["", "", 0, *self.header(), base, 1, len(items) // 3, *items]
+        pipe.eval(_COMMIT, 2, f"{self.prefix}:fence:none", f"{self.prefix}:none", *args)
+
+    async def _run_commit(
         self,
-        pipe: Any,
-        canonical: str,
-        dest_account: str,
-        dest_channel: str,
-        dest_native_id: str,
+        fence: Fence | None,
+        stream: str,
+        group: str,
+        acks: Sequence[bytes | str],
+        rooms: dict[str, list[Any]],
+        copies: dict[str, int],
     ) -> None:
-        """Queue the writes for one delivered copy on ``pipe``."""
-        pipe.set(self._map(canonical, dest_account, dest_channel), dest_native_id, ex=self.ttl)
-        pipe.set(self._rev(ref(dest_account, dest_channel, dest_native_id)), canonical, ex=self.ttl)
+        args: list[Any] = [fence.token if fence else "", group, len(acks), *acks, *self.header()]
+        for base, items in rooms.items():
+            args += [base, copies.get(base, 0), len(items) // 3, *items]
+        keys = [fence.key if fence else f"{self.prefix}:fence:none", stream or f"{self.prefix}:none"]
+        try:
+            await self._commit(keys=keys, args=args)
+        except ResponseError as exc:
+            if str(exc).startswith(FENCED):
+                raise Fenced(str(exc)) from None
+            raise

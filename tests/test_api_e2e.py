@@ -161,7 +161,7 @@ def test_health_ready_and_metrics(bridge) -> None:
     assert 'talkbridge_events_in_total{account="api.a"} 1.0' in metrics
     assert 'talkbridge_events_out_total{account="api.b"} 1.0' in metrics
     assert 'talkbridge_delivery_latency_seconds_count{account="api.b"} 1.0' in metrics
-    assert 'talkbridge_stream_pending{stream="tb:out:api.b"} 0.0' in metrics
+    assert 'talkbridge_stream_pending{stream="tb:out:{api.b}"} 0.0' in metrics
     assert "talkbridge_dead_letter_length 0.0" in metrics
 
 

@@ -26,8 +26,8 @@ async def test_status_reports_length_lag_pending_and_dead_letters(
     out = io.StringIO()
     assert await _main(["status", "--config", str(path)], out) == 0
     lines = out.getvalue().splitlines()
-    row = next(line.split() for line in lines if line.startswith("tb:out:api.b"))
-    assert row[:4] == ["tb:out:api.b", "3", "2", "1"]
+    row = next(line.split() for line in lines if line.startswith("tb:out:{api.b}"))
+    assert row[:4] == ["tb:out:{api.b}", "3", "2", "1"]
     assert lines[-1] == "dead letters: 1"
 
 
@@ -38,7 +38,7 @@ async def test_dlq_list_and_replay(tmp_path: Path, redis: Redis, redis_server: R
     await bus.dead_letter(bus.outbound("api.b"), b"5-0", payload, "TransientError: 503", 5)
     out = io.StringIO()
     assert await _main(["dlq", "list", "--config", str(path)], out) == 0
-    assert "tb:out:api.b  attempts=5  TransientError: 503" in out.getvalue()
+    assert "tb:out:{api.b}  attempts=5  TransientError: 503" in out.getvalue()
     out = io.StringIO()
     assert await _main(["dlq", "replay", "--all", "--config", str(path)], out) == 0
     assert "replayed 1 dead letter(s)" in out.getvalue()
