@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -23,6 +23,9 @@ class Metrics:
         r = self.registry
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
         ProcessCollector(registry=r)
+        # python_gc_collections_total{generation}, python_gc_objects_collected_total: the
+        # daemon raises the collector's thresholds (bridge/cli.py), so watch what it leaves
+        GCCollector(registry=r)
         self.asyncio_tasks = Gauge(
             "talkbridge_asyncio_tasks", "asyncio tasks alive in the daemon's event loop (at scrape time)", registry=r
         )
