@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from bridge.config import AccountConfig
     from bridge.idmap import Fence, IdMap
+    from bridge.listener import ListenerLimits
     from bridge.metrics import Metrics
 
 
@@ -83,6 +84,7 @@ class AdapterContext:
     sends_into: Mapping[str, str] = field(default_factory=dict)
     key_prefix: str = "tb"
     max_body: int = 1 << 20  # [http] MaxBodyBytes
+    http_limits: ListenerLimits | None = None  # [http] timeouts and cap for a listener of its own; None: defaults
     # The id map, whose fields also mark what was delivered; an adapter whose
     # send is a Redis write (the api buffer) records its deliveries there in
     # the same script, fenced by ``fence()`` (the lease token of the current

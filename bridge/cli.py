@@ -29,6 +29,7 @@ from bridge.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 
 GC_GEN0_THRESHOLD = 20_000  # CPython's default, 700, collects every few requests
 EXIT_RUNTIME = 1
+FILES_RESERVED = 256  # open files besides client connections: Redis, logs, the embedded server's pipes
 EXIT_CONFIG = 2
 
 
@@ -160,11 +161,70 @@ async def _run(config: Config, adapters: Mapping[str, type[Adapter]]) -> int:
     return 0
 
 
+def raise_file_limit(log: logging.Logger) -> int | None:
+    """Raise the soft limit on open files to the hard one, where allowed, and
+    say so once; returns the soft limit now in force (None: no such limit).
+
+    A service manager's usual soft limit, 1,024, is every socket and file
+    the daemon may hold: a few hundred slow clients would exhaust it.
+    """
+    try:
+        import resource
+    except ImportError:  # no rlimits on this platform
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft == hard:
+        log.info("file limit: %s open files (the soft limit is the hard one)", _limit(soft))
+        return None if soft == resource.RLIM_INFINITY else soft
+    # an unlimited hard limit may still be capped by the kernel (macOS: kern.maxfilesperproc)
+    targets = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 65536, 10240]
+    failure: Exception | None = None
+    for target in (t for t in targets if t > soft):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            failure = exc
+            continue
+        log.info("file limit: raised the soft limit on open files from %d to %d (hard limit %s)", soft, target,
+                 _limit(hard))  # fmt: skip
+        return target
+    if failure is not None:
+        log.warning("file limit: could not raise %d open files towards %s: %s", soft, _limit(hard), failure)
+    else:
+        log.info("file limit: %d open files", soft)
+    return soft
+
+
+def _limit(value: int) -> str:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover
+        return str(value)
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
+def check_file_budget(config: Config, limit: int | None, log: logging.Logger) -> None:
+    """Warn when the file limit is below what the listeners may hold at their cap."""
+    if limit is None:
+        return
+    http = config.section("http")
+    listeners = (1 if http["BindAddress"] else 0) + sum(1 for a in config.accounts.values() if a.get("BindAddress"))
+    need = listeners * http["MaxConnections"] + FILES_RESERVED
+    if listeners and limit < need:
+        log.warning(
+            "file limit: %d open files is less than %d listener(s) at [http] MaxConnections = %d need (about %d); "
+            "beyond it new connections fail: raise the limit (systemd: LimitNOFILE=) or lower MaxConnections",
+            limit, listeners, http["MaxConnections"], need,
+        )  # fmt: skip
+
+
 def cmd_run(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
     config = load(args.config, adapters)
     setup_logging(config)
+    log = logging.getLogger("talkbridge")
     for warning in config.warnings:
-        logging.getLogger("talkbridge").warning("config: %s", warning)
+        log.warning("config: %s", warning)
+    check_file_budget(config, raise_file_limit(log), log)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         return runner.run(_run(config, adapters))
 

@@ -83,6 +83,10 @@ OWN_SECTIONS: dict[str, OwnSection] = {
         {
             "BindAddress": Option(str, default="127.0.0.1:4280"),
             "MaxBodyBytes": Option(int, default=1 << 20),
+            # every listener (this one, each api account's): bridge/listener.py
+            "RequestTimeoutSeconds": Option((int, float), default=10, help="for a request head, then its body"),
+            "IdleTimeoutSeconds": Option((int, float), default=75, help="a kept-alive connection between requests"),
+            "MaxConnections": Option(int, default=1000, help="open connections per listener"),
         }
     ),
     "bus": OwnSection(
@@ -535,6 +539,11 @@ def _check_sections(loader: _Loader, sections: dict[str, dict[str, Any]]) -> Non
         loader.problem("bus.LeaseSeconds", "must be at least 2")
     if sections["http"]["MaxBodyBytes"] < 1024:
         loader.problem("http.MaxBodyBytes", "must be at least 1024")
+    for key in ("RequestTimeoutSeconds", "IdleTimeoutSeconds"):
+        if not 0 < sections["http"][key] <= 86400:
+            loader.problem(f"http.{key}", "must be more than 0 and at most 86400")
+    if sections["http"]["MaxConnections"] < 1:
+        loader.problem("http.MaxConnections", "must be at least 1")
     if sections["log"]["Level"].lower() not in ("debug", "info", "warning", "error"):
         loader.problem("log.Level", "must be debug, info, warning or error")
     if sections["log"]["Format"] not in ("text", "json"):

@@ -30,6 +30,7 @@ from bridge.events import Event
 from bridge.http import build_app
 from bridge.idmap import Fence, Fenced, IdMap
 from bridge.lease import Lease
+from bridge.listener import Listener, ListenerLimits
 from bridge.metrics import Metrics
 from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy, RouteLoop
 from bridge.router import Router
@@ -220,6 +221,7 @@ class Daemon:
         self.lease_seconds = float(bus_cfg["LeaseSeconds"])
         self.retry = RetryPolicy(bus_cfg["MaxDeliveries"], bus_cfg["RetryBaseSeconds"], bus_cfg["RetryMaxSeconds"])
         self.max_body = config.section("http")["MaxBodyBytes"]
+        self.http_limits = ListenerLimits.from_section(config.section("http"))
         self.runners: dict[str, AccountRunner] = {}
         self.instances_key = f"{self.bus.prefix}:instances"
         self.live_instances = 1
@@ -238,6 +240,7 @@ class Daemon:
                 },
                 key_prefix=self.bus.prefix,
                 max_body=self.max_body,
+                http_limits=self.http_limits,
                 idmap=self.idmap,
                 fence=functools.partial(self._fence, name),
                 learn_copy=functools.partial(self._learn_copy, name),
@@ -322,18 +325,21 @@ class Daemon:
             self.metrics.stream_oldest_pending.labels(stream).set(st["oldest_pending_s"])
         self.metrics.dlq_length.set(await self.redis.xlen(self.bus.dlq))
 
-    async def start_http(self) -> web.AppRunner | None:
+    async def start_http(self) -> Listener | None:
         bind = self.config.section("http")["BindAddress"]
         if not bind:
             return None
         ingress = [route for runner in self.runners.values() for route in runner.adapter.ingress_routes()]
         app = build_app(self.metrics, self.readiness, self.refresh_metrics, ingress, self.max_body)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
         host, port = parse_hostport(bind)  # type: ignore[misc]
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
-        logging.getLogger("talkbridge").info("http: listening on %s", bind)
-        return runner
+        listener = Listener(app, bind, self.http_limits, logging.getLogger("talkbridge.http"))
+        await listener.start(host, port)
+        limits = self.http_limits
+        logging.getLogger("talkbridge").info(
+            "http: listening on %s (request timeout %gs, idle timeout %gs, at most %d connections)",
+            bind, limits.request_timeout, limits.idle_timeout, limits.max_connections,
+        )  # fmt: skip
+        return listener
 
     async def run(self, stop: asyncio.Event) -> None:
         http = await self.start_http()
