@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import codecs
 import hmac
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
+from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
@@ -34,6 +36,7 @@ from adapters.base import Adapter, AdapterContext, Option
 from bridge.config import AccountConfig, parse_hostport
 from bridge.events import Attachment, Delivery, Event, EventKind
 from bridge.idmap import FENCED, LUA_LIB, Fenced
+from bridge.listener import Listener, ListenerLimits, Refused, read_body
 
 API_CONNECTED = "api_connected"
 EVENT_DELETE = "msg_delete"
@@ -121,7 +124,7 @@ class MatterbridgeAPI(Adapter):
         self.buffer_key = f"{ctx.key_prefix}:apibuf:{{{acct.name}}}"  # tagged like delivered keys
         self._deliver_many = ctx.redis.register_script(_DELIVER_MANY)
         self._drain = ctx.redis.register_script(_DRAIN)
-        self._runner: web.AppRunner | None = None
+        self._runner: Listener | None = None
         self._events_in = ctx.metrics.events_in.labels(acct.name)
         self._arrived = asyncio.Condition()
         self._seq = 0  # bumped on every delivery; stream readers wait for a change
@@ -152,9 +155,9 @@ class MatterbridgeAPI(Adapter):
 
     async def connect(self) -> None:
         host, port = parse_hostport(self.ctx.account.get("BindAddress"))  # type: ignore[misc]
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        listener = Listener(self.app(), self.name, self.ctx.http_limits or ListenerLimits(), self.ctx.log)
+        await listener.start(host, port)
+        self._runner = listener
         self.ctx.log.info("%s: listening on %s:%d", self.name, host, port)
 
     async def disconnect(self) -> None:
@@ -182,7 +185,8 @@ class MatterbridgeAPI(Adapter):
                 # Matterbridge (echo KeyAuth) answers 400 for a missing key
                 self.ctx.metrics.rejected.labels(self.name, "missing_token").inc()
                 return web.json_response({"message": "missing key in request header"}, status=400)
-            if not hmac.compare_digest(header[7:].encode(), self.token.encode()):
+            # a header's bytes that are not UTF-8 arrive as surrogates: compare bytes as sent
+            if not hmac.compare_digest(header[7:].encode("utf-8", "surrogateescape"), self.token.encode()):
                 self.ctx.metrics.rejected.labels(self.name, "bad_token").inc()
                 return web.json_response({"message": "Unauthorized"}, status=401)
         return None
@@ -195,6 +199,10 @@ class MatterbridgeAPI(Adapter):
         try:
             body = await self._read_body(request)
             event, reply = self.event_from_post(body)
+            try:  # before publishing: what cannot be answered is not accepted
+                answer = orjson.dumps(reply)
+            except orjson.JSONEncodeError as exc:
+                raise BadRequest(400, f"Extra cannot be echoed back: {exc}") from None
         except BadRequest as exc:
             self.ctx.metrics.rejected.labels(self.name, str(exc.status)).inc()
             return web.json_response({"message": exc.reason}, status=exc.status)
@@ -204,23 +212,24 @@ class MatterbridgeAPI(Adapter):
             self.ctx.log.error("%s: cannot queue a message: %s", self.name, exc)
             return web.json_response({"message": "message queue unavailable, retry later"}, status=503)
         self._events_in.inc()
-        return web.Response(body=orjson.dumps(reply), content_type="application/json")
+        return web.Response(body=answer, content_type="application/json")
 
     async def _read_body(self, request: web.Request) -> dict[str, Any]:
-        if request.content_length is not None and request.content_length > self.ctx.max_body:
-            raise BadRequest(413, f"body larger than {self.ctx.max_body} bytes")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise BadRequest(413, f"body larger than {self.ctx.max_body} bytes") from None
+        """The POSTed message as a dict: JSON (always UTF-8), or a form post
+        in UTF-8 (or the ASCII/Latin-1/Windows-1252 its charset names)."""
         ctype = request.content_type
-        if ctype == "application/x-www-form-urlencoded":
-            form = await request.post()
-            return {k: v for k, v in form.items() if isinstance(v, str)}
-        if ctype not in ("application/json", "application/octet-stream", ""):
-            raise BadRequest(415, f"Content-Type {ctype} is not supported; send application/json")
+        form = ctype == "application/x-www-form-urlencoded"
+        if not form and ctype not in ("application/json", "application/octet-stream", ""):
+            raise BadRequest(415, f"Content-Type {_shown(ctype)} is not supported; send application/json")
+        encoding = _form_encoding(request.charset) if form else "utf-8"
         try:
-            body = orjson.loads(raw)
+            raw = await read_body(request, self.ctx.max_body)
+        except Refused as exc:
+            raise BadRequest(exc.status, exc.reason) from None
+        if form:
+            return _form_fields(raw, encoding)
+        try:
+            body = orjson.loads(raw)  # refuses text that is not UTF-8, lone surrogates, NaN, nesting past 1,024
         except orjson.JSONDecodeError as exc:
             raise BadRequest(400, f"body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
@@ -469,6 +478,42 @@ class MatterbridgeAPI(Adapter):
                     await self._arrived.wait_for(lambda seen=seen: self._seq != seen)
             except TimeoutError:
                 pass
+
+
+FORM_CHARSETS = ("utf-8", "ascii", "iso8859-1", "cp1252")  # codecs' names for them
+FORM_MAX_FIELDS = 100
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """A client's value in a reason: printable and bounded."""
+    text = value.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _form_encoding(charset: str | None) -> str:
+    if not charset:
+        return "utf-8"
+    try:
+        name = codecs.lookup(charset).name
+    except (LookupError, ValueError, TypeError):
+        name = ""
+    if name not in FORM_CHARSETS:
+        raise BadRequest(415, f"charset {_shown(charset)} is not supported; send UTF-8")
+    return name
+
+
+def _form_fields(raw: bytes, encoding: str) -> dict[str, str]:
+    """A form post's fields; the last of a repeated name wins."""
+    try:
+        text = raw.decode(encoding)
+        pairs = parse_qsl(
+            text, keep_blank_values=True, encoding=encoding, errors="strict", max_num_fields=FORM_MAX_FIELDS
+        )
+    except UnicodeDecodeError:
+        raise BadRequest(400, f"form body is not valid {encoding.upper()}") from None
+    except ValueError:  # more fields than any message has
+        raise BadRequest(400, f"form body has more than {FORM_MAX_FIELDS} fields") from None
+    return dict(pairs)
 
 
 def _payload(row: Any) -> bytes:

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote, urlsplit
 
 import httpx
+import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -47,6 +48,7 @@ from bridge.config import AccountConfig
 from bridge.events import Attachment, Delivery, Event, EventKind
 from bridge.groupcommit import GroupCommit, Op
 from bridge.idmap import canonical_of
+from bridge.listener import Refused, read_body
 
 PROTOCOL = "nctalkbot"
 WEBHOOK_PREFIX = "/webhook/nextcloud/"
@@ -108,7 +110,7 @@ def render(message: str, parameters: Any) -> tuple[str, list[Attachment]]:
                 Attachment(
                     name=name or "file",
                     mime=str(obj.get("mimetype") or "application/octet-stream"),
-                    size=int(size) if isinstance(size, int | str) and str(size).isdigit() else None,
+                    size=_size(size),
                     url=str(obj["link"]) if obj.get("link") else None,
                 )
             )
@@ -118,6 +120,15 @@ def render(message: str, parameters: Any) -> tuple[str, list[Attachment]]:
         return name or m.group(0)
 
     return _PLACEHOLDER.sub(one, message), files
+
+
+def _size(value: Any) -> int | None:
+    """A file parameter's size: an integer, or its ASCII digits (not "²", not 5,000 of them)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and 0 < len(value) <= 18 and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 def split_message(text: str, limit: int) -> list[str]:
@@ -273,19 +284,17 @@ class TalkBot(Adapter):
         signature = request.headers.get(H_SIGNATURE, "")
         if not random or not signature:
             raise WebhookRejected(401, "missing_signature", f"{H_RANDOM} and {H_SIGNATURE} are required")
-        if not MIN_RANDOM <= len(random) <= MAX_RANDOM or not _HEX64.fullmatch(signature):
+        if (
+            not MIN_RANDOM <= len(random) <= MAX_RANDOM
+            or not (random.isascii() and random.isprintable())  # bytes that are not UTF-8 arrive as surrogates
+            or not _HEX64.fullmatch(signature)
+        ):
             raise WebhookRejected(401, "bad_signature", "malformed random or signature")
-        if request.content_length is not None:  # aiohttp reads exactly that much
-            raw = await request.read()
-        else:  # chunked: a bounded read
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in request.content.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    raise WebhookRejected(413, "too_large", f"body larger than {limit} bytes")
-                chunks.append(chunk)
-            raw = b"".join(chunks)
+        try:
+            raw = await read_body(request, limit)  # bounded, chunked or not
+        except Refused as exc:
+            label = {413: "too_large", 408: "timeout"}.get(exc.status, "bad_body")
+            raise WebhookRejected(exc.status, label, exc.reason) from None
         expected = sign(self.secret, random, raw)
         if not hmac.compare_digest(expected, signature.lower()):
             raise WebhookRejected(401, "bad_signature", "signature does not match (check BotSecret)")
@@ -564,9 +573,9 @@ def _retry_after(value: str | None) -> float | None:
 
 # payload validation -------------------------------------------------------------------
 def _parse(raw: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    try:  # orjson refuses what the rest could not carry: not UTF-8, lone surrogates, NaN, nesting past 1,024
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise WebhookRejected(400, "bad_json", f"body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise WebhookRejected(400, "bad_shape", "body must be a JSON object")
@@ -616,8 +625,8 @@ def _content(obj: dict[str, Any]) -> tuple[str, Any]:
     if not isinstance(raw, str):
         raise WebhookRejected(400, "bad_shape", "object.content must be a JSON string")
     try:
-        content = json.loads(raw)
-    except ValueError:
+        content = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         raise WebhookRejected(400, "bad_shape", "object.content is not JSON") from None
     if not isinstance(content, dict) or not isinstance(content.get("message"), str):
         raise WebhookRejected(400, "bad_shape", "object.content must hold {message, parameters}")
@@ -638,4 +647,6 @@ def _nonempty(value: Any) -> bool:
 
 
 def _msg_id(value: Any) -> bool:
-    return (isinstance(value, str) and value.isdigit()) or (isinstance(value, int) and not isinstance(value, bool))
+    if isinstance(value, str):
+        return 0 < len(value) <= 20 and value.isascii() and value.isdigit()  # not "²": Talk's ids are integers
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
