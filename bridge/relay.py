@@ -9,29 +9,92 @@ mid-batch) and process it before anything new, so order is the stream's order.
 An entry is acknowledged only after its effect is durable: routed entries
 after their deliveries are in Redis, deliveries after the adapter confirmed
 the send and the delivered-marker is written.
+
+Per-room lanes (``DeliveryLoop``)
+---------------------------------
+
+An account's deliveries share one stream, but a room that fails must not hold
+up the others. The reader hands every entry to the *lane* of its destination
+channel; each lane delivers its entries one after another in stream order, and
+lanes run concurrently (at most ``SEND_SLOTS`` sends of an account in flight).
+An entry is acknowledged (XACK) when its lane has finished with it —
+delivered, skipped or dead-lettered — so acknowledgements are in stream order
+within a room and in any order across rooms.
+
+When a lane's head must wait (a transient error, a 429), the lane *parks*
+until the retry time: only its head stays in memory; everything behind it,
+and whatever the reader finds for that room meanwhile, stays only in Redis,
+in the consumer group's pending list (PEL) where the reader put it. Other
+lanes keep flowing. Once the head is done, the lane *refills* from the PEL
+(our pending entries after its last one, that room's only, in stream order)
+before it takes anything new. So a parked room costs one entry of memory
+however long it fails, and it never fills the read-ahead window the healthy
+rooms need.
+
+Parked and queued work survives a crash or a lease takeover exactly as any
+pending entry does: nothing is acknowledged before it is finished, so the
+next owner's start — claim everything pending, then read the pending list in
+stream order, then new entries — dispatches it into lanes again in stream
+order: nothing lost, room order kept, and the delivered-markers keep a copy
+that was sent just before the crash from being posted twice. The attempt
+count of a parked delivery lives in memory: after a crash or takeover it
+starts again at one (a delivery may then get up to ``MaxDeliveries`` more
+attempts).
+
+Memory is bounded: lanes hold at most ``READ_AHEAD`` times ``BatchSize`` entries
+that are not parked heads; when they are full the reader stops reading until
+lanes drain (the entries wait in the stream, where they are safe). A room
+whose sends are merely slow keeps its entries in that shared window, so
+several rooms hanging at once (until the adapter's timeout turns the hang
+into an error and parks them) can hold up the others for that long.
+
+Poison containment: an exception an adapter did not foresee (not a
+``DeliveryError``, ``TimeoutError`` or ``OSError``) while resolving or sending
+one delivery is that delivery's failure: it is retried with backoff and then
+dead-lettered with the exception and a traceback summary; the account and
+the daemon keep running. Likewise an event the router cannot route is
+dead-lettered and the route loop goes on. Redis errors and a refused lease
+token (``Fenced``) are not a delivery's fault: they stop the loop and the
+entry stays pending.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from adapters.base import AccountFailed, Adapter, PermanentError, RateLimited, TransientError
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, Entry, account_key, delivered_key
 from bridge.events import Delivery, EventKind, WireError, event_from_wire
-from bridge.idmap import IdMap, canonical_of
+from bridge.idmap import Fenced, IdMap, canonical_of
 from bridge.metrics import Metrics
 from bridge.router import Router
 
 BLOCK_MS = 5_000
 TRIM_EVERY = 1_000  # acknowledged entries between two XTRIMs
 RETRY_AFTER_CAP = 600.0  # seconds; a longer Retry-After is treated as this
+SEND_SLOTS = 16  # an account's sends in flight at once (one per lane at most)
+READ_AHEAD = 4  # batches of entries lanes may hold in memory (parked heads aside)
+READ_LAG = 0.005  # seconds the reader waits for busy lanes to take what it read last
+
+# Not a delivery's fault: these stop the delivery loop (the runner restarts it,
+# or stops the account) and leave the entry pending, never dead-letter it.
+STOPS_DELIVERY: tuple[type[BaseException], ...] = (RedisError, Fenced)
+
+
+def failure_summary(exc: BaseException, frames: int = 6) -> str:
+    """``Type: message`` and the innermost frames, for a dead letter's error."""
+    tb = "".join(traceback.format_tb(exc.__traceback__, limit=-frames)) if exc.__traceback__ else ""
+    return f"{type(exc).__name__}: {exc}" + (f"\n{tb.rstrip()}" if tb else "")
 
 
 class _StreamLoop:
@@ -64,7 +127,10 @@ class _StreamLoop:
 
     async def _handle(self, batch: list[Entry]) -> None:
         await self.handle(batch)
-        self._since_trim += len(batch)
+        await self._count_for_trim(len(batch))
+
+    async def _count_for_trim(self, entries: int) -> None:
+        self._since_trim += entries
         if self._since_trim >= TRIM_EVERY:
             self._since_trim = 0
             await self.bus.trim_consumed(self.stream, self.group)
@@ -75,6 +141,7 @@ class RouteLoop(_StreamLoop):
 
     def __init__(self, bus: Bus, router: Router, account: str, consumer: str, metrics: Metrics, log: logging.Logger):
         super().__init__(bus, bus.inbound(account), consumer, log)
+        self.account = account
         self.router = router
         self.metrics = metrics
 
@@ -94,18 +161,26 @@ class RouteLoop(_StreamLoop):
             if payload is None:
                 continue  # trimmed or deleted while pending
             try:
-                event = event_from_wire(payload)
+                deliveries = self.router.route(event_from_wire(payload), rooms)
             except WireError as exc:
-                await self.bus.dead_letter(self.stream, entry_id, payload, f"unreadable event: {exc}", 1)
-                self.metrics.dead_letters.labels(self.stream).inc()
+                await self._dead(entry_id, payload, f"unreadable event: {exc}")
                 continue
-            for delivery in self.router.route(event, rooms):
+            except Exception as exc:  # a router bug must not stop the account: this event only
+                self.log.error("%s: cannot route %s", self.account, entry_id.decode(), exc_info=exc)
+                await self._dead(entry_id, payload, f"routing failed: {failure_summary(exc)}")
+                continue
+            for delivery in deliveries:
                 self.bus.add_to(pipe, self.bus.outbound(delivery.account), delivery.to_wire())
         # Not MULTI: on Redis Cluster the streams live in different slots. A
         # crash between the XADDs and the XACK re-routes the entry; the copies
         # it adds are dropped by the delivered-markers.
         pipe.xack(self.stream, self.group, *[entry_id for entry_id, _ in batch])
         await pipe.execute()
+
+    async def _dead(self, entry_id: bytes, payload: bytes, error: str) -> None:
+        # acknowledged with the rest of the batch
+        await self.bus.dead_letter(self.stream, entry_id, payload, error, 1)
+        self.metrics.dead_letters.labels(self.stream).inc()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +197,45 @@ class RetryPolicy:
 
 class AccountStopped(Exception):
     """The adapter said the account is unusable; the owner stops delivering."""
+
+
+def _sid(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+class _Item:
+    """One delivery held in memory by its lane."""
+
+    __slots__ = ("attempts", "checked", "delivery", "entry_id", "payload")
+
+    def __init__(self, entry_id: bytes, delivery: Delivery, payload: bytes) -> None:
+        self.entry_id = entry_id
+        self.delivery = delivery
+        self.payload = payload
+        self.attempts = 0  # failed sends so far (in this process: a crash starts again)
+        self.checked = False  # looked up in the delivered-markers already
+
+    @property
+    def refers(self) -> bool:
+        event = self.delivery.event
+        return bool(event.reply_to or event.target_id)
+
+
+class _Lane:
+    """The deliveries to one channel, in stream order."""
+
+    __slots__ = ("channel", "last", "parked", "queue", "spill_high", "spilled", "task")
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.queue: deque[_Item] = deque()  # in memory, in stream order
+        self.last = b"0-0"  # newest entry of this lane taken into memory (the refill cursor)
+        # True while entries of this lane newer than ``last`` wait in the PEL only
+        self.spilled = False
+        self.spill_high = b"0-0"  # newest entry of this lane left in the PEL
+        self.parked = False
+        self.task: asyncio.Task[None] | None = None
 
 
 class DeliveryLoop(_StreamLoop):
@@ -149,93 +263,334 @@ class DeliveryLoop(_StreamLoop):
         self.ttl = ttl_seconds
         self.sleep = sleep
         self.redis: Redis = bus.redis
+        self.read_ahead = READ_AHEAD * bus.settings.batch_size
         # Labelled children resolved once: these are touched for every message.
         self._out = metrics.events_out.labels(account)
         self._latency = metrics.latency.labels(account)
+        self._reset()
 
-    async def handle(self, batch: list[Entry]) -> None:
-        parsed: list[tuple[bytes, Delivery | None, bytes | None]] = []
+    def _reset(self) -> None:
+        """Forget every lane: a (re)started run dispatches the PEL again."""
+        self._lanes: dict[str, _Lane] = {}
+        self._held = 0  # entries in lanes' memory (parked heads included)
+        self._parked = 0  # parked lanes (each holds its head only)
+        self._queued = 0  # entries waiting in lanes that are not parked, not yet taken up
+        self._dispatched = (0, 0)  # newest entry the reader has handed out
+        self._space = asyncio.Event()  # set when lanes finish entries
+        self._taken = asyncio.Event()  # set when lanes have taken up everything queued
+        self._slots = asyncio.Semaphore(SEND_SLOTS)
+        self._failure: asyncio.Future[BaseException] | None = None  # a lane's fatal exception
+
+    # introspection (tests, status) -----------------------------------------------
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def parked_rooms(self) -> list[str]:
+        return [lane.channel for lane in self._lanes.values() if lane.parked]
+
+    # the reader ------------------------------------------------------------------
+    async def run(self) -> None:
+        self._reset()
+        self._failure = failure = asyncio.get_running_loop().create_future()
+        reader = asyncio.create_task(self._read(), name=f"deliver:{self.account}")
+        try:
+            await asyncio.wait((reader, failure), return_when=asyncio.FIRST_COMPLETED)
+            if failure.done():
+                raise failure.result()  # a lane's: AccountStopped, Redis, Fenced, a bug
+            reader.result()
+        finally:
+            tasks = [reader, *(lane.task for lane in self._lanes.values() if lane.task is not None)]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._lanes.clear()
+
+    async def _read(self) -> None:
+        bus, n = self.bus, self.bus.settings.batch_size
+        await bus.ensure_group(self.stream, self.group)
+        claimed = await bus.claim_all(self.stream, self.group, self.consumer)
+        if claimed:
+            self.log.info("%s: took over %d pending entries", self.stream, claimed)
+        after = b"0"
+        while True:
+            await self._ready_to_read()
+            batch = await bus.read_pending(self.stream, self.group, self.consumer, after, n)
+            if not batch:
+                break
+            after = batch[-1][0]
+            await self._dispatch(batch)
+        while True:
+            await self._ready_to_read()
+            batch = await bus.read_new(self.stream, self.group, self.consumer, n, BLOCK_MS)
+            if batch:
+                await self._dispatch(batch)
+
+    async def _ready_to_read(self) -> None:
+        # Bounded memory: while lanes hold a full read-ahead window, leave the
+        # rest in the stream (parked heads do not count: a failing room must
+        # not fill the window the others need).
+        while self._held - self._parked >= self.read_ahead:
+            self._space.clear()
+            await self._space.wait()
+        # Batching: read again once lanes have taken up what was read last, so
+        # a busy lane finds a whole batch waiting (not one entry per read); a
+        # lane stuck in a slow send holds the reader back READ_LAG at most.
+        if self._queued > 0:
+            self._taken.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(READ_LAG):
+                    await self._taken.wait()
+
+    async def _dispatch(self, batch: list[Entry]) -> None:
+        gone: list[bytes] = []
         for entry_id, payload in batch:
+            self._dispatched = _sid(entry_id)
             if payload is None:
-                parsed.append((entry_id, None, None))
+                gone.append(entry_id)  # trimmed or deleted while pending: nothing to deliver
                 continue
             try:
-                parsed.append((entry_id, Delivery.from_wire(payload), payload))
+                delivery = Delivery.from_wire(payload)
             except WireError as exc:
                 await self._dead(entry_id, payload, f"unreadable delivery: {exc}", 1)
-                parsed.append((entry_id, None, None))
-        keys = [delivered_key(self.bus.prefix, d) for _, d, _ in parsed if d is not None]
-        if self.adapter.records_delivery:
-            done = iter([None] * len(keys))  # its own script checks the marker, atomically
-        else:
-            done = iter(await self.redis.mget(keys) if keys else [])
-        todo: list[tuple[bytes, Delivery, bytes]] = []
-        skip: list[bytes] = []
-        for entry_id, delivery, payload in parsed:
-            if delivery is None:
-                skip.append(entry_id)
-            elif next(done) is not None:
-                self.metrics.skipped.labels(self.account, "already_delivered").inc()
-                skip.append(entry_id)
-            else:
-                assert payload is not None
-                todo.append((entry_id, delivery, payload))
-        if skip:
-            # Acking a skipped entry ahead of earlier unsent ones is safe: it
-            # has no effect left to order.
-            await self.redis.xack(self.stream, self.group, *skip)
-        if not self.adapter.batch_send:
-            for entry_id, delivery, payload in todo:
-                await self.deliver(entry_id, delivery, payload)
-            return
-        # Batch runs of independent messages. A delivery that refers to another
-        # message (reply, edit, deletion, reaction) goes alone, after the run
-        # before it is committed: its target may be in that very run, and the
-        # id map knows the target's copy only once the run is recorded.
-        run: list[tuple[bytes, Delivery, bytes]] = []
-        for item in todo:
-            event = item[1].event
-            if event.reply_to or event.target_id:
-                await self._deliver_run(run)
-                run = []
-                await self.deliver(*item)
-            else:
-                run.append(item)
-        await self._deliver_run(run)
+                continue
+            except Exception as exc:
+                await self._dead(entry_id, payload, f"unreadable delivery: {failure_summary(exc)}", 1)
+                continue
+            self._place(entry_id, delivery, payload)
+        if gone:
+            await self._ack(gone)
+        await self._count_for_trim(len(batch))
 
-    async def _deliver_run(self, run: list[tuple[bytes, Delivery, bytes]]) -> None:
-        if len(run) > 1 and await self._deliver_batch(run):
+    def _place(self, entry_id: bytes, delivery: Delivery, payload: bytes) -> None:
+        lane = self._lanes.get(delivery.channel)
+        if lane is None:
+            lane = self._lanes[delivery.channel] = _Lane(delivery.channel)
+        if lane.spilled or lane.parked:
+            # behind a waiting head: it stays in the PEL until the lane refills
+            lane.spilled = True
+            lane.spill_high = entry_id
             return
-        for entry_id, delivery, payload in run:
-            await self.deliver(entry_id, delivery, payload)
+        lane.queue.append(_Item(entry_id, delivery, payload))
+        lane.last = entry_id
+        self._held += 1
+        self._queued += 1
+        if lane.task is None:
+            lane.task = asyncio.create_task(self._lane(lane), name=f"lane:{self.account}:{delivery.channel}")
 
-    async def _deliver_batch(self, run: list[tuple[bytes, Delivery, bytes]]) -> bool:
+    # lanes ------------------------------------------------------------------------
+    async def _lane(self, lane: _Lane) -> None:
+        try:
+            while True:
+                if not lane.queue:
+                    if not lane.spilled:
+                        break
+                    await self._refill(lane)
+                    continue
+                rest, delay = await self._step(lane)
+                if delay is not None:
+                    await self._park(lane, rest, delay)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # stop the whole loop: run() raises it
+            if self._failure is not None and not self._failure.done():
+                self._failure.set_result(exc)
+        finally:
+            lane.task = None
+            if not lane.queue and not lane.spilled and self._lanes.get(lane.channel) is lane:
+                del self._lanes[lane.channel]  # idle: a room costs nothing between messages
+
+    def _finished(self, count: int) -> None:
+        self._held -= count
+        self._space.set()
+
+    def _took(self, count: int) -> None:
+        self._queued -= count
+        if self._queued <= 0:
+            self._taken.set()
+
+    async def _step(self, lane: _Lane) -> tuple[list[_Item], float | None]:
+        """Work through the head of the lane (up to a batch); returns what is
+        left unfinished and the delay to park for, or ([], None)."""
+        window = [lane.queue.popleft() for _ in range(min(self.bus.settings.batch_size, len(lane.queue)))]
+        self._took(len(window))
+        unchecked = [item for item in window if not item.checked]
+        if unchecked:
+            done = await self._already_delivered([item.delivery for item in unchecked])
+            skip = set()
+            for item, delivered in zip(unchecked, done, strict=True):
+                item.checked = True
+                if delivered:
+                    skip.add(item.entry_id)
+            if skip:
+                # Acking a skipped entry ahead of earlier unsent ones is safe:
+                # it has no effect left to order.
+                self.metrics.skipped.labels(self.account, "already_delivered").inc(len(skip))
+                await self._ack(list(skip))
+                self._finished(len(skip))
+                window = [item for item in window if item.entry_id not in skip]
+        # Batch runs of independent messages (an adapter whose batch is one
+        # round trip). A delivery that refers to another message (reply, edit,
+        # deletion, reaction) goes alone, after the run before it is committed:
+        # its target may be in that very run, and the id map knows the
+        # target's copy only once the run is recorded.
+        i, batch_from = 0, 0
+        while i < len(window):
+            item = window[i]
+            if self.adapter.batch_send and i >= batch_from and not item.refers:
+                j = i + 1
+                while j < len(window) and not window[j].refers:
+                    j += 1
+                if j - i > 1:
+                    if await self._deliver_batch(window[i:j]):
+                        i = j
+                        continue
+                    batch_from = j  # that run goes one by one
+            delay = await self._deliver_one(item)
+            if delay is not None:
+                return window[i:], delay
+            i += 1
+        return [], None
+
+    async def _park(self, lane: _Lane, rest: list[_Item], delay: float) -> None:
+        """Wait for the head's retry time holding only the head: everything
+        after it stays in (or goes back to) the PEL, the lane refills later."""
+        head = rest[0]
+        queued = len(lane.queue)  # arrived during the step: counted as queued
+        self._took(queued)
+        dropped = queued + len(rest) - 1
+        if dropped:
+            lane.spill_high = lane.last
+            lane.last = head.entry_id
+            lane.spilled = True
+            self._finished(dropped)  # not finished: back in the PEL only
+        lane.queue.clear()
+        lane.queue.append(head)
+        lane.parked = True
+        self._parked += 1
+        self._space.set()
+        try:
+            await self.sleep(delay)
+        finally:
+            lane.parked = False
+            self._parked -= 1
+        self._queued += 1
+
+    async def _refill(self, lane: _Lane) -> None:
+        """Take the lane's next entries from our pending list, in stream order.
+
+        Only entries the reader has already handed out are looked at: newer
+        ones are the reader's to place (it leaves them in the PEL while the
+        lane is spilled), so no entry is ever taken twice."""
+        page = self.bus.settings.batch_size
+        while self._held - self._parked >= self.read_ahead:
+            self._space.clear()
+            await self._space.wait()
+        while True:
+            limit = self._dispatched
+            after = lane.last
+            scanning = True
+            while scanning:
+                rows = await self.bus.read_pending(self.stream, self.group, self.consumer, after, page)
+                scanning = len(rows) == page
+                for entry_id, payload in rows:
+                    if _sid(entry_id) > limit:
+                        scanning = False
+                        break
+                    after = entry_id
+                    if payload is None:
+                        continue
+                    try:
+                        delivery = Delivery.from_wire(payload)
+                    except Exception:
+                        continue  # the reader dead-letters it
+                    if delivery.channel != lane.channel:
+                        continue
+                    lane.queue.append(_Item(entry_id, delivery, payload))
+                    lane.last = entry_id
+                    self._held += 1
+                    self._queued += 1
+                    if len(lane.queue) >= page or self._held - self._parked >= self.read_ahead:
+                        return  # still spilled: the rest on the next refill
+            # Everything of this lane the reader had handed out is in memory,
+            # unless the reader left more in the PEL while we scanned.
+            if _sid(lane.spill_high) <= limit:
+                lane.spilled = False
+                return
+            if lane.queue:
+                return  # deliver these first; the next refill goes on from lane.last
+
+    # one delivery, or a run of them ----------------------------------------------
+    async def _deliver_batch(self, run: list[_Item]) -> bool:
         """One round trip for a run of deliveries that refer to no other
         message (nothing to resolve); False to fall back to one by one."""
-        ready = [(entry_id, delivery) for entry_id, delivery, _payload in run]
         try:
-            native_ids = await self.adapter.send_batch([d for _, d in ready])
+            async with self._slots:
+                native_ids = await self.adapter.send_batch([item.delivery for item in run])
+            done = [(item.entry_id, item.delivery, nid) for item, nid in zip(run, native_ids, strict=True)]
+        except STOPS_DELIVERY:
+            raise
         except Exception as exc:
             self.log.warning("%s: batch delivery failed (%s); delivering one by one", self.account, exc)
             return False
-        pipe = self.redis.pipeline(transaction=False)
-        for (_entry_id, delivery), native_id in zip(ready, native_ids, strict=True):
-            self._commit(pipe, delivery, native_id)
-        pipe.xack(self.stream, self.group, *[e for e, _ in ready])
-        await pipe.execute()
+        await self._commit(done)
+        self._finished(len(run))
         now = time.time()
-        for _, delivery in ready:
+        for item in run:
             self._out.inc()
-            self._latency.observe(max(0.0, now - delivery.event.timestamp))
+            self._latency.observe(max(0.0, now - item.delivery.event.timestamp))
         return True
 
-    def _commit(self, pipe: Any, delivery: Delivery, native_id: str | None) -> None:
-        """Queue the delivered-marker and the id map entry for one sent delivery."""
-        if not self.adapter.records_delivery:
-            pipe.set(delivered_key(self.bus.prefix, delivery), native_id or "", ex=self.ttl)
-        canonical = canonical_of(delivery)
-        if native_id and canonical is not None:
-            self.idmap.record(pipe, canonical, delivery.account, delivery.channel, native_id)
+    async def _deliver_one(self, item: _Item) -> float | None:
+        """Resolve and send one delivery. None when the lane is done with it
+        (sent, skipped or dead-lettered), else the delay before its retry."""
+        delivery = item.delivery
+        try:
+            if not await self._resolve(delivery):
+                self.metrics.skipped.labels(self.account, "unmapped_target").inc()
+                await self._ack([item.entry_id])
+                self._finished(1)
+                return None
+            async with self._slots:
+                native_id = await self.adapter.send(delivery)
+        except AccountFailed as exc:
+            self.metrics.delivery_errors.labels(self.account, "account_failed").inc()
+            self.metrics.account_failed.labels(self.account).set(1)
+            raise AccountStopped(str(exc)) from exc
+        except PermanentError as exc:
+            self.metrics.delivery_errors.labels(self.account, "permanent").inc()
+            await self._dead(item.entry_id, item.payload, f"{type(exc).__name__}: {exc}", item.attempts + 1)
+            self._finished(1)
+            return None
+        except STOPS_DELIVERY:
+            raise
+        except (TimeoutError, TransientError, OSError) as exc:
+            kind = "rate_limited" if isinstance(exc, RateLimited) else "transient"
+            hint = exc.retry_after if isinstance(exc, RateLimited) else None
+            return await self._failed(item, kind, f"{type(exc).__name__}: {exc}", hint)
+        except Exception as exc:
+            # An exception the adapter did not foresee: this delivery's failure,
+            # never the account's (one poison message must not stop it).
+            return await self._failed(item, "unexpected", failure_summary(exc))
+        await self._commit([(item.entry_id, delivery, native_id)])
+        self._finished(1)
+        self._out.inc()
+        self._latency.observe(max(0.0, time.time() - delivery.event.timestamp))
+        return None
+
+    async def _failed(self, item: _Item, kind: str, error: str, hint: float | None = None) -> float | None:
+        self.metrics.delivery_errors.labels(self.account, kind).inc()
+        item.attempts += 1
+        if item.attempts >= self.retry.max_attempts:
+            await self._dead(item.entry_id, item.payload, error, item.attempts)
+            self._finished(1)
+            return None
+        delay = self.retry.delay(item.attempts, hint)
+        self.log.warning(
+            "%s: delivery to %s failed (%s), retry %d in %.1fs; the room waits, the others go on",
+            self.account, item.delivery.channel, error.partition("\n")[0], item.attempts, delay,
+        )  # fmt: skip
+        return delay
 
     async def _resolve(self, delivery: Delivery) -> bool:
         """Fill in destination ids; False when there is nothing to act on there."""
@@ -253,45 +608,38 @@ class DeliveryLoop(_StreamLoop):
             return delivery.target_id is not None
         return True
 
-    async def deliver(self, entry_id: bytes, delivery: Delivery, payload: bytes) -> None:
-        if not await self._resolve(delivery):
-            self.metrics.skipped.labels(self.account, "unmapped_target").inc()
-            await self.redis.xack(self.stream, self.group, entry_id)
-            return
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                native_id = await self.adapter.send(delivery)
-                break
-            except AccountFailed as exc:
-                self.metrics.delivery_errors.labels(self.account, "account_failed").inc()
-                self.metrics.account_failed.labels(self.account).set(1)
-                raise AccountStopped(str(exc)) from exc
-            except PermanentError as exc:
-                self.metrics.delivery_errors.labels(self.account, "permanent").inc()
-                await self._dead(entry_id, payload, f"{type(exc).__name__}: {exc}", attempt)
-                return
-            except (TimeoutError, TransientError, OSError) as exc:
-                kind = "rate_limited" if isinstance(exc, RateLimited) else "transient"
-                self.metrics.delivery_errors.labels(self.account, kind).inc()
-                if attempt >= self.retry.max_attempts:
-                    await self._dead(entry_id, payload, f"{type(exc).__name__}: {exc}", attempt)
-                    return
-                hint = exc.retry_after if isinstance(exc, RateLimited) else None
-                delay = self.retry.delay(attempt, hint)
-                self.log.warning("%s: delivery failed (%s), retry %d in %.1fs", self.account, exc, attempt, delay)
-                await self.sleep(delay)
-        event = delivery.event
+    # delivery state: every read and write of it goes through these three --------
+    async def _already_delivered(self, deliveries: list[Delivery]) -> list[bool]:
+        """Which of these copies a previous attempt (a crash, a takeover) sent."""
+        if self.adapter.records_delivery:
+            return [False] * len(deliveries)  # its own script checks the marker, atomically
+        if not deliveries:
+            return []
+        found = await self.redis.mget([delivered_key(self.bus.prefix, d) for d in deliveries])
+        return [value is not None for value in found]
+
+    async def _commit(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
+        """Record sent deliveries (marker, id map) and acknowledge their entries."""
         pipe = self.redis.pipeline(transaction=False)
-        self._commit(pipe, delivery, native_id)
-        pipe.xack(self.stream, self.group, entry_id)
+        for _entry_id, delivery, native_id in done:
+            if not self.adapter.records_delivery:
+                pipe.set(delivered_key(self.bus.prefix, delivery), native_id or "", ex=self.ttl)
+            canonical = canonical_of(delivery)
+            if native_id and canonical is not None:
+                self.idmap.record(pipe, canonical, delivery.account, delivery.channel, native_id)
+        pipe.xack(self.stream, self.group, *[entry_id for entry_id, _, _ in done])
         await pipe.execute()
-        self._out.inc()
-        self._latency.observe(max(0.0, time.time() - event.timestamp))
+
+    async def _ack(self, entry_ids: list[bytes]) -> None:
+        """Acknowledge entries that need no record (skipped, dead-lettered)."""
+        if entry_ids:
+            await self.redis.xack(self.stream, self.group, *entry_ids)
 
     async def _dead(self, entry_id: bytes, payload: bytes, error: str, attempts: int) -> None:
-        self.log.error("%s: dead-lettered %s after %d attempt(s): %s", self.stream, entry_id.decode(), attempts, error)
+        self.log.error(
+            "%s: dead-lettered %s of %s after %d attempt(s): %s",
+            self.account, entry_id.decode(), self.stream, attempts, error,
+        )  # fmt: skip
         await self.bus.dead_letter(self.stream, entry_id, payload, error, attempts)
-        await self.redis.xack(self.stream, self.group, entry_id)
+        await self._ack([entry_id])
         self.metrics.dead_letters.labels(self.stream).inc()

@@ -12,7 +12,9 @@ same webhooks fire whichever way a message arrives.
 Fault injection (not Talk behaviour, named as such): ``fail_next`` answers
 the next bot requests with a status (a proxy's 502, a 5xx); ``stall_next``
 stores the next bot message and then never answers (the window between
-Talk's 201 and the bridge's delivered-marker).
+Talk's 201 and the bridge's delivered-marker); ``fail_room`` answers every bot
+request for one room with a status until ``heal_room`` (a room whose backend
+is down while the others work).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class TalkServer:
         self.chat = Chat(self.state, self.sender)
         self.bruteforce_delay_scale = bruteforce_delay_scale
         self._faults: list[int] = []
+        self._failing_rooms: dict[str, int] = {}  # token -> status every bot request there gets
         self._stalls = 0
         self._stalled = asyncio.Event()  # set when a stalled request is holding
         self._release: asyncio.Event | None = None
@@ -72,7 +75,17 @@ class TalkServer:
     def fail_next(self, status: int, count: int = 1) -> None:
         self._faults.extend([status] * count)
 
+    def fail_room(self, token: str, status: int = 503) -> None:
+        """Fault injection: answer every bot request for ``token`` with ``status``."""
+        self._failing_rooms[token] = status
+
+    def heal_room(self, token: str) -> None:
+        self._failing_rooms.pop(token, None)
+
     def take_fault(self, request: web.Request) -> web.Response | None:
+        status = self._failing_rooms.get(request.match_info.get("token", ""))
+        if status is not None:
+            return web.Response(status=status, text=f"injected fault {status} for this room")
         if not self._faults:
             return None
         status = self._faults.pop(0)
