@@ -36,6 +36,10 @@ from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy, RouteLoop
 from bridge.router import Router
 
 ACCOUNT_FAILED_PAUSE = 900.0  # after a refused credential, try once more only this much later
+CRASH_BACKOFF_MIN = 1.0  # seconds before an account restarts after an unexpected error…
+CRASH_BACKOFF_MAX = 60.0  # …doubling while it keeps failing, up to this
+CRASH_RESET = 300.0  # an account that ran this long without one starts the backoff over
+TASK_RESTART_DELAY = 1.0  # Daemon.run: before a task that ended is started again (doubling)
 CONNECT_BACKOFF_MAX = 60.0
 REDIS_BACKOFF_MAX = 10.0
 
@@ -74,12 +78,22 @@ class AccountRunner:
         return now - self._free_since >= 2 * self.d.lease_seconds
 
     async def run(self) -> None:
+        """Compete for the account and serve it while owned; never ends.
+
+        Nothing that happens while serving it ends this loop: an exception
+        nobody foresaw (a bug, a poison input that escaped containment) is
+        logged with its traceback and counted, and the account starts over
+        after a growing pause — the daemon and its other accounts go on."""
         poll = self.d.lease_seconds / 3
+        crash_pause = CRASH_BACKOFF_MIN
         while True:
             try:
                 held = await self._may_take() and await self.lease.acquire()
             except (RedisError, OSError) as exc:
                 self.log.warning("%s: lease check failed: %s", self.name, exc)
+                held = False
+            except Exception:
+                self.log.exception("%s: lease check failed unexpectedly", self.name)
                 held = False
             if not held:
                 await asyncio.sleep(poll)
@@ -88,6 +102,7 @@ class AccountRunner:
             self.owned = True
             self.log.info("%s: this instance owns the account", self.name)
             cooldown = 0.0
+            started = time.monotonic()
             try:
                 await self._owned()
             except* (LeaseLost, Fenced):
@@ -100,6 +115,17 @@ class AccountRunner:
             except* (RedisError, OSError) as group:
                 self.log.error("%s: Redis trouble, restarting the account: %s", self.name, group.exceptions[0])
                 cooldown = poll
+            except* Exception as group:
+                if time.monotonic() - started >= CRASH_RESET:
+                    crash_pause = CRASH_BACKOFF_MIN  # a new fault, not the same one again
+                for exc in group.exceptions:
+                    self.log.error(
+                        "%s: unexpected error, restarting the account in %.0fs", self.name, crash_pause, exc_info=exc
+                    )
+                # TODO(metrics.py): a dedicated talkbridge_account_restarts counter
+                self.d.metrics.delivery_errors.labels(self.name, "account_crashed").inc()
+                cooldown = crash_pause
+                crash_pause = min(crash_pause * 2, CRASH_BACKOFF_MAX)
             finally:
                 self.owned = False
                 self.connected = False
@@ -341,19 +367,38 @@ class Daemon:
         )  # fmt: skip
         return listener
 
+    @staticmethod
+    async def _after(pause: float, start: Callable[[], Awaitable[None]]) -> None:
+        await asyncio.sleep(pause)
+        await start()
+
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set. One account's trouble never ends it: a
+        task that ends anyway (it should not: each loops for ever) is logged
+        and started again after a pause; the other accounts are untouched."""
         http = await self.start_http()
-        tasks = [asyncio.create_task(self._heartbeat(), name="heartbeat")]
+        log = logging.getLogger("talkbridge")
+        starts: dict[str, Callable[[], Awaitable[None]]] = {"heartbeat": self._heartbeat}
         with contextlib.suppress(RedisError, OSError):
             await self._heartbeat_once()
-        tasks += [asyncio.create_task(r.run(), name=f"account:{n}") for n, r in self.runners.items()]
+        starts.update({f"account:{n}": r.run for n, r in self.runners.items()})
+        pauses = dict.fromkeys(starts, TASK_RESTART_DELAY)
+        running = {asyncio.create_task(start(), name=name): name for name, start in starts.items()}
         waiter = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not waiter and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            while True:
+                done, _ = await asyncio.wait([waiter, *running], return_when=asyncio.FIRST_COMPLETED)
+                if waiter in done:
+                    return
+                for task in done:
+                    name = running.pop(task)
+                    exc = None if task.cancelled() else task.exception()
+                    pause = pauses[name]
+                    pauses[name] = min(pause * 2, CRASH_BACKOFF_MAX)
+                    log.error("%s ended unexpectedly (%r); starting it again in %.0fs", name, exc, pause, exc_info=exc)
+                    running[asyncio.create_task(self._after(pause, starts[name]), name=name)] = name
         finally:
+            tasks = list(running)
             waiter.cancel()
             for task in tasks:
                 task.cancel()
