@@ -23,15 +23,25 @@ from bridge.config import load_config
 from bridge.daemon import Daemon
 from bridge.events import Delivery, Event, EventKind, event_to_wire
 from bridge.metrics import Metrics
-from bridge.relay import RouteLoop
+from bridge.relay import DeliveryLoop, RouteLoop
 from bridge.router import Router
 from tests.helpers import ROOT, RedisServer, free_port, wait_for
 from tests.helpers import Daemon as DaemonProcess
 from tests.poison_daemon import PoisonAdapter
 from tests.talkbot_rig import until
-from tests.test_bus import BatchingAdapter, RecordingAdapter, drain, enqueue, loop_for, make_delivery
+from tests.test_bus import BatchingAdapter, RecordingAdapter, enqueue, loop_for, make_delivery
+from tests.test_lanes import backlog, settled
 
 LOG = logging.getLogger("test.poison")
+
+
+async def drain(loop: DeliveryLoop) -> None:
+    task = asyncio.create_task(loop.run())
+    try:
+        await until(lambda: settled(loop), what="the stream delivered")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def poisoned(n: int, d: Delivery) -> Exception | None:
@@ -110,7 +120,7 @@ channel = "room"
         [letter] = await bus.dead_letters()
         assert letter.stream == bus.inbound("poison.a")
         assert letter.error.startswith("routing failed: ValueError: a router bug")
-        assert (await bus.stream_status(bus.inbound("poison.a"), ROUTER_GROUP))["pending"] == 0
+        assert await backlog(redis, bus.inbound("poison.a"), ROUTER_GROUP) == (0, 0)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
