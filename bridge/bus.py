@@ -38,12 +38,6 @@ FIELD = b"d"
 Entry = tuple[bytes, bytes | None]  # (stream id, payload or None if deleted)
 
 
-def delivered_key(prefix: str, delivery: Any) -> str:
-    """TRANSITIONAL (removed once the delivery loop records through
-    bridge.idmap): the old per-copy marker key."""
-    return f"{prefix}:dlv:{{{delivery.account}}}:{delivery.key}"
-
-
 def account_key(prefix: str, account: str, *parts: str) -> str:
     """A key private to one account (its adapter's state, its rooms set)."""
     return ":".join((prefix, "acct", account, *parts))

@@ -130,10 +130,11 @@ class AccountRunner:
                 self.owned = False
                 self.connected = False
                 self.d.metrics.account_connected.labels(self.name).set(0)
-                with contextlib.suppress(Exception):
-                    await self.adapter.disconnect()
-                with contextlib.suppress(Exception):
+                await self._disconnect()
+                try:
                     await asyncio.shield(self.lease.release())
+                except (RedisError, OSError) as exc:  # it expires by itself
+                    self.log.warning("%s: could not hand the lease back: %s", self.name, exc)
             await asyncio.sleep(cooldown)
 
     async def _owned(self) -> None:
@@ -172,12 +173,19 @@ class AccountRunner:
                 break
             except Exception as exc:
                 self.log.error("%s: connect failed: %s; retry in %.0fs", self.name, exc, delay)
-                with contextlib.suppress(Exception):
-                    await self.adapter.disconnect()
+                await self._disconnect()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, CONNECT_BACKOFF_MAX)
         self.connected = True
         self.d.metrics.account_connected.labels(self.name).set(1)
+
+    async def _disconnect(self) -> None:
+        """Close the adapter; a failure is logged (a port left bound would
+        otherwise fail the next connect with no clue), never raised."""
+        try:
+            await self.adapter.disconnect()
+        except Exception as exc:
+            self.log.warning("%s: disconnect failed: %s: %s", self.name, type(exc).__name__, exc)
 
     async def _route(self) -> None:
         loop = RouteLoop(self.d.bus, self.d.router, self.name, self.d.instance_id, self.d.metrics, self.log)
@@ -209,7 +217,7 @@ class AccountRunner:
             self.d.metrics,
             self.log,
             self.d.retry,
-            self.d.delivered_ttl,
+            fence=lambda: self.lease.fence,
         )
         while True:
             try:
@@ -241,7 +249,6 @@ class Daemon:
         redis_cfg, bus_cfg = config.section("redis"), config.section("bus")
         self.bus = Bus(redis, BusSettings.from_section(redis_cfg["KeyPrefix"], bus_cfg))
         self.map_ttl = int(bus_cfg["MessageMapDays"] * 86400)
-        self.delivered_ttl = 86400  # TRANSITIONAL: markers move into the id map
         self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl, bus_cfg["MessageMapPerRoom"])
         self.router = Router(config)
         self.lease_seconds = float(bus_cfg["LeaseSeconds"])

@@ -305,16 +305,6 @@ class IdMap:
             items.extend(triple)
         await self._run_commit(None, "", "", (), {self.room(dest_account, dest_channel): items}, {})
 
-    def record(self, pipe: Any, canonical: str, dest_account: str, dest_channel: str, dest_native_id: str) -> None:
-        """TRANSITIONAL (removed once the delivery loop commits through
-        ``commit``): queue one copy's fields on a pipeline, unfenced."""
-        items: list[Any] = []
-        for triple in self._copy_items(canonical, dest_account, dest_channel, dest_native_id):
-            items.extend(triple)
-        base = self.room(dest_account, dest_channel)
-        args = ["", "", 0, *self.header(), base, 1, len(items) // 3, *items]
-        pipe.eval(_COMMIT, 2, f"{self.prefix}:fence:none", f"{self.prefix}:none", *args)
-
     async def _run_commit(
         self,
         fence: Fence | None,

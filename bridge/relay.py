@@ -73,9 +73,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from adapters.base import AccountFailed, Adapter, PermanentError, RateLimited, TransientError
-from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, Entry, account_key, delivered_key
+from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, Entry, account_key
 from bridge.events import Delivery, EventKind, WireError, event_from_wire
-from bridge.idmap import Fenced, IdMap, canonical_of
+from bridge.idmap import Fence, Fenced, IdMap
 from bridge.metrics import Metrics
 from bridge.router import Router
 
@@ -251,7 +251,7 @@ class DeliveryLoop(_StreamLoop):
         metrics: Metrics,
         log: logging.Logger,
         retry: RetryPolicy,
-        ttl_seconds: int,
+        fence: Callable[[], Fence | None] = lambda: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         super().__init__(bus, bus.outbound(account), consumer, log)
@@ -260,7 +260,7 @@ class DeliveryLoop(_StreamLoop):
         self.adapter = adapter
         self.metrics = metrics
         self.retry = retry
-        self.ttl = ttl_seconds
+        self.fence = fence  # the lease token of this tenure (bridge.lease)
         self.sleep = sleep
         self.redis: Redis = bus.redis
         self.read_ahead = READ_AHEAD * bus.settings.batch_size
@@ -460,7 +460,8 @@ class DeliveryLoop(_StreamLoop):
         self._took(queued)
         dropped = queued + len(rest) - 1
         if dropped:
-            lane.spill_high = lane.last
+            if _sid(lane.last) > _sid(lane.spill_high):
+                lane.spill_high = lane.last
             lane.last = head.entry_id
             lane.spilled = True
             self._finished(dropped)  # not finished: back in the PEL only
@@ -526,6 +527,7 @@ class DeliveryLoop(_StreamLoop):
         message (nothing to resolve); False to fall back to one by one."""
         try:
             async with self._slots:
+                await self._check_fence()
                 native_ids = await self.adapter.send_batch([item.delivery for item in run])
             done = [(item.entry_id, item.delivery, nid) for item, nid in zip(run, native_ids, strict=True)]
         except STOPS_DELIVERY:
@@ -552,6 +554,7 @@ class DeliveryLoop(_StreamLoop):
                 self._finished(1)
                 return None
             async with self._slots:
+                await self._check_fence()
                 native_id = await self.adapter.send(delivery)
         except AccountFailed as exc:
             self.metrics.delivery_errors.labels(self.account, "account_failed").inc()
@@ -608,32 +611,35 @@ class DeliveryLoop(_StreamLoop):
             return delivery.target_id is not None
         return True
 
-    # delivery state: every read and write of it goes through these three --------
+    # delivery state: every read and write of it goes through these ------------
+    # All in the id map (bridge.idmap), whose fields double as delivered-
+    # markers; every write is fenced by the lease token, so an owner that
+    # stalled past its lease cannot record or acknowledge beside its successor.
     async def _already_delivered(self, deliveries: list[Delivery]) -> list[bool]:
         """Which of these copies a previous attempt (a crash, a takeover) sent."""
         if self.adapter.records_delivery:
             return [False] * len(deliveries)  # its own script checks the marker, atomically
-        if not deliveries:
-            return []
-        found = await self.redis.mget([delivered_key(self.bus.prefix, d) for d in deliveries])
-        return [value is not None for value in found]
+        return await self.idmap.delivered(deliveries)
+
+    async def _check_fence(self) -> None:
+        """Before a send Redis cannot fence (an HTTP post): are we still the
+        owner? Narrows a stale owner's window to the send itself (docs/talk-bot.md)."""
+        fence = self.fence()
+        if fence is not None and not self.adapter.records_delivery:
+            current = await self.redis.get(fence.key)
+            if current is None or current.decode() != fence.token:
+                raise Fenced(f"{self.account}: lease token {fence.token} is stale")
 
     async def _commit(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
-        """Record sent deliveries (marker, id map) and acknowledge their entries."""
-        pipe = self.redis.pipeline(transaction=False)
-        for _entry_id, delivery, native_id in done:
-            if not self.adapter.records_delivery:
-                pipe.set(delivered_key(self.bus.prefix, delivery), native_id or "", ex=self.ttl)
-            canonical = canonical_of(delivery)
-            if native_id and canonical is not None:
-                self.idmap.record(pipe, canonical, delivery.account, delivery.channel, native_id)
-        pipe.xack(self.stream, self.group, *[entry_id for entry_id, _, _ in done])
-        await pipe.execute()
+        """Record sent deliveries (id map + marker) and acknowledge their entries."""
+        # An adapter that records its own deliveries wrote them with the send.
+        records = [] if self.adapter.records_delivery else [(d, native_id) for _, d, native_id in done]
+        await self.idmap.commit(self.fence(), self.stream, self.group, [e for e, _, _ in done], records)
 
     async def _ack(self, entry_ids: list[bytes]) -> None:
         """Acknowledge entries that need no record (skipped, dead-lettered)."""
         if entry_ids:
-            await self.redis.xack(self.stream, self.group, *entry_ids)
+            await self.idmap.commit(self.fence(), self.stream, self.group, entry_ids)
 
     async def _dead(self, entry_id: bytes, payload: bytes, error: str, attempts: int) -> None:
         self.log.error(

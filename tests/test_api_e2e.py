@@ -30,7 +30,10 @@ class Api:
         got: list[dict] = []
 
         def enough() -> bool:
-            got.extend(self.messages())
+            try:
+                got.extend(self.messages())
+            except httpx.ConnectError:  # the account restarting (after a Redis outage): its port reopens
+                return False
             return len(got) >= count
 
         wait_for(enough, what=f"{count} messages at {self.base}")

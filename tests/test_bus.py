@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from adapters.base import AccountFailed, Adapter, PermanentError, RateLimited, TransientError
-from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings, delivered_key
+from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
 from bridge.events import Delivery, Event, EventKind, event_from_wire, event_to_wire
 from bridge.idmap import IdMap
 from bridge.metrics import Metrics
@@ -57,7 +57,7 @@ def loop_for(redis: Redis, adapter: Adapter, metrics: Metrics | None = None, att
     bus = Bus(redis, BusSettings(batch_size=50))
     return DeliveryLoop(
         bus, IdMap(redis, "tb", 3600), adapter, "api.b", "c1", metrics or Metrics(), LOG,
-        RetryPolicy(attempts, 0.01, 0.05), 3600, sleep=no_sleep,
+        RetryPolicy(attempts, 0.01, 0.05), sleep=no_sleep,
     )  # fmt: skip
 
 
@@ -125,7 +125,7 @@ async def test_delivery_in_order_and_idempotent(redis: Redis) -> None:
     await enqueue(redis, *first)
     await drain(loop_for(redis, adapter))
     assert len(adapter.sent) == 20
-    assert await redis.get(delivered_key("tb", first[0])) == b"native-1"
+    assert await IdMap(redis, "tb", 3600).delivered(first) == [True] * 20  # the markers, in the id map
 
 
 async def test_transient_errors_retry_then_dead_letter(redis: Redis) -> None:

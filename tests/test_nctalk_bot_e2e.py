@@ -170,8 +170,8 @@ def test_a_kill_after_delivery_posts_no_duplicate(bridge: Bridge, tmp_path: Path
     b = bridge
     assert b.api.post(text="first", username="bob").status_code == 200
     wait_for(b.bot_messages, what="first in Talk")
-    # the delivered-marker is written right after Talk's 201; wait for it
-    wait_for(lambda: b.redis.keys(f"tb:dlv:{{{ACCOUNT}}}:*"), what="the delivered-marker")
+    # the delivered-marker (a field of the room's id map) is written right after Talk's 201; wait for it
+    wait_for(lambda: b.redis.keys(f"tb:m:{{{ACCOUNT}}}*"), what="the delivered-marker")
     b.daemon.kill()
     b.daemon.start()
     assert b.api.post(text="second", username="bob").status_code == 200
