@@ -13,6 +13,7 @@ every message once, in order.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -22,8 +23,15 @@ from pathlib import Path
 import httpx
 import pytest
 import redis as sync_redis
+from redis.asyncio import Redis
 
+from bridge.bus import Bus, BusSettings
+from bridge.idmap import Fenced, IdMap
+from bridge.lease import Lease
+from bridge.metrics import Metrics
+from bridge.relay import DeliveryLoop, RetryPolicy
 from tests.helpers import Daemon, RedisServer, api_pair_config, free_port, wait_for
+from tests.test_bus import LOG, RecordingAdapter, enqueue, make_delivery
 from tests.test_scale_out import HEADERS_A, HEADERS_B, connected
 
 PER_CYCLE = 150
@@ -139,3 +147,25 @@ def test_a_resumed_stale_owner_delivers_nothing_twice(pair) -> None:
         receiver.quiet_for(QUIET)
         assert receiver.got == sent  # all, once each, in order
     assert all(d.proc is not None and d.proc.poll() is None for d in daemons.values())  # nobody crashed
+
+
+async def test_a_stale_owner_sends_nothing_to_a_network_redis_cannot_fence(redis: Redis) -> None:
+    """Talk's HTTP post cannot carry the fence: the loop checks its token
+    right before the send, so a stale owner stops with nothing sent and the
+    entry still pending for its successor (docs/talk-bot.md: the window left)."""
+    lease = Lease(redis, "tb", "api.b", "old-owner", 5)
+    assert await lease.acquire()
+    stale = lease.fence
+    await redis.incr(lease.fence_key)  # another instance's tenure began
+    adapter = RecordingAdapter()
+    await enqueue(redis, make_delivery("hello"))
+    bus = Bus(redis, BusSettings())
+    loop = DeliveryLoop(
+        bus, IdMap(redis, "tb", 3600), adapter, "api.b", "old-owner", Metrics(), LOG,
+        RetryPolicy(3, 0.01, 0.05), fence=lambda: stale,
+    )  # fmt: skip
+    with pytest.raises(Fenced):
+        async with asyncio.timeout(15):
+            await loop.run()
+    assert adapter.calls == 0
+    assert (await redis.xpending(bus.outbound("api.b"), "deliver"))["pending"] == 1
