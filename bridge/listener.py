@@ -129,6 +129,8 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
 
 
 def _one_line(text: str) -> str:
+    """A reason fit for one log line and a JSON answer (no surrogates, bounded)."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     line = _STATUS_PREFIX.sub("", " ".join(text.split()))  # aiohttp's "400, message: ..."
     return line if len(line) <= REASON_MAX else line[: REASON_MAX - 1] + "…"
 
@@ -166,9 +168,13 @@ class _Guard:
 
     # phase changes (the hot path: dictionary operations only) ------------------------
     def _leave(self, conn: _Connection) -> None:
-        queue = {_HEAD: self.heads, _BODY: self.bodies, _IDLE: self.idles}.get(conn.tb_phase)
-        if queue is not None:
-            queue.pop(conn, None)
+        phase = conn.tb_phase
+        if phase is _HEAD:
+            self.heads.pop(conn, None)
+        elif phase is _BODY:
+            self.bodies.pop(conn, None)
+        elif phase is _IDLE:
+            self.idles.pop(conn, None)
 
     def opened(self, conn: _Connection) -> None:
         self.live.add(conn)
