@@ -12,7 +12,8 @@ against slow, idle and malformed clients everywhere, set in ``[http]``.
   connection is closed. Slowloris clients live here.
 - *body*: from then until the body is complete. Limit:
   ``RequestTimeoutSeconds`` again; a handler still reading the body gets
-  ``BodyTimeout`` (answered ``408``) and the connection is closed.
+  ``BodyTimeout`` (answered ``408``) and the connection is closed — cut off
+  if the handler has not answered a second later.
 - *handling*: everything has arrived and the handler runs: no limit here (a
   slow Redis is not the client's doing, and ``/api/stream`` lives here).
 - *idle*: kept alive between requests. Limit: ``IdleTimeoutSeconds``.
@@ -69,7 +70,7 @@ BODY_GRACE = 1.0  # seconds a handler told of a body timeout has to answer befor
 REASON_MAX = 200  # characters of a parser's reason kept in the log line and the answer
 
 _STATUS_PREFIX = re.compile(r"^\d{3}, message: ")
-_HEAD, _BODY, _HANDLING, _IDLE = "head", "body", "handling", "idle"
+_HEAD, _BODY, _GRACE, _HANDLING, _IDLE = "head", "body", "grace", "handling", "idle"
 
 try:  # aiohttp >= 3.10: what non-HTTP traffic (TLS to a plain port) raises
     from aiohttp.http_exceptions import BadHttpMethod as _NotHttp
@@ -161,6 +162,7 @@ class _Guard:
         # phase queues: connection -> deadline, oldest first
         self.heads: OrderedDict[_Connection, float] = OrderedDict()
         self.bodies: OrderedDict[_Connection, float] = OrderedDict()
+        self.graces: OrderedDict[_Connection, float] = OrderedDict()  # told of a body timeout, to answer it
         self.idles: OrderedDict[_Connection, float] = OrderedDict()
         self.closed: dict[str, int] = {}  # why -> count since the last summary line
         self._summary_at: float | None = None
@@ -175,6 +177,8 @@ class _Guard:
             self.bodies.pop(conn, None)
         elif phase is _IDLE:
             self.idles.pop(conn, None)
+        elif phase is _GRACE:
+            self.graces.pop(conn, None)
 
     def opened(self, conn: _Connection) -> None:
         self.live.add(conn)
@@ -244,16 +248,18 @@ class _Guard:
             if deadline > now:
                 break
             payload = conn.tb_payload
+            self._leave(conn)
             if payload is None or payload.is_eof():
-                self._leave(conn)
                 conn.tb_phase = _HANDLING  # all in: the handler's time is its own
-            elif conn.tb_body_timed_out:
-                self._close(conn, "body timeout")  # the handler did not answer the timeout
             else:
-                conn.tb_body_timed_out = True
                 payload.set_exception(BodyTimeout(f"request body not received within {limit:g} s"))
-                self.bodies.move_to_end(conn)
-                self.bodies[conn] = now + BODY_GRACE
+                conn.tb_phase = _GRACE
+                self.graces[conn] = now + BODY_GRACE
+        while self.graces:
+            conn, deadline = next(iter(self.graces.items()))
+            if deadline > now:
+                break
+            self._close(conn, "body timeout")  # the handler did not answer the timeout: cut it off
         while self.idles:
             conn, deadline = next(iter(self.idles.items()))
             if deadline > now:
@@ -285,7 +291,7 @@ class _Guard:
 class _Connection(web.RequestHandler):
     """aiohttp's protocol, reporting its phases to the listener's guard."""
 
-    __slots__ = ("tb_body_timed_out", "tb_guard", "tb_payload", "tb_phase", "tb_spoke")
+    __slots__ = ("tb_guard", "tb_payload", "tb_phase", "tb_spoke")
 
     def __init__(self, manager: _Server, guard: _Guard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -293,7 +299,6 @@ class _Connection(web.RequestHandler):
         self.tb_phase = _HANDLING
         self.tb_payload: Any = None
         self.tb_spoke = False  # bytes arrived in this head phase
-        self.tb_body_timed_out = False
 
     def peer(self) -> str:
         transport = self.transport
@@ -322,7 +327,6 @@ class _Connection(web.RequestHandler):
     def log_access(self, request: web.BaseRequest, response: web.StreamResponse, time: float | None) -> None:
         # aiohttp calls this once each response is written (access log or not)
         super().log_access(request, response, time)
-        self.tb_body_timed_out = False
         self.tb_guard.answered(self)
 
     def log_exception(self, *args: Any, **kw: Any) -> None:

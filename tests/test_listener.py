@@ -85,6 +85,13 @@ def echo_app(release: asyncio.Event | None = None) -> web.Application:
         await release.wait()
         return web.json_response({"released": True})
 
+    async def stubborn(request: web.Request) -> web.Response:
+        try:
+            await request.read()
+        except Exception:
+            await asyncio.Event().wait()  # never answers
+        return web.json_response({})
+
     async def broken(request: web.Request) -> web.Response:
         raise RuntimeError("a bug")
 
@@ -95,6 +102,7 @@ def echo_app(release: asyncio.Event | None = None) -> web.Application:
     app.router.add_post("/echo", echo)
     app.router.add_get("/wait", wait)
     app.router.add_get("/broken", broken)
+    app.router.add_post("/stubborn", stubborn)
     app.router.add_get("/redis", redis_down)
     return app
 
@@ -148,6 +156,16 @@ async def test_an_unfinished_body_is_answered_408_and_closed(serve: Start, recor
     assert status_of(raw) == 408 and b"request body not received within 0.5 s" in raw
     await until(lambda: listener.open_connections == 0, what="the connection closed")
     assert not records.bad()
+
+
+async def test_a_handler_that_does_not_answer_a_body_timeout_is_cut_off(serve: Start, records: Records) -> None:
+    listener = await serve(echo_app())
+    request = b"POST /stubborn HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab"
+    reader, writer = await send(listener.port, request)
+    assert await asyncio.wait_for(answer(reader), 10) == b""
+    writer.close()
+    await until(lambda: listener.open_connections == 0, what="the connection closed")
+    await until(lambda: any("1 body timeout" in m for m in records.at(logging.INFO)), what="summary line")
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_its_answer(serve: Start) -> None:
