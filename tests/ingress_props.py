@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 # Bounded: the whole module of property tests stays within seconds. A deeper
 # run: TALKBRIDGE_PROPS_EXAMPLES=5000 python -m pytest tests/test_ingress_props.py
 PROPS = settings(
-    max_examples=int(os.environ.get("TALKBRIDGE_PROPS_EXAMPLES", "60")),
+    max_examples=int(os.environ.get("TALKBRIDGE_PROPS_EXAMPLES", "100")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
