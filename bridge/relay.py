@@ -16,7 +16,9 @@ Per-room lanes (``DeliveryLoop``)
 An account's deliveries share one stream, but a room that fails must not hold
 up the others. The reader hands every entry to the *lane* of its destination
 channel; each lane delivers its entries one after another in stream order, and
-lanes run concurrently (at most ``SEND_SLOTS`` sends of an account in flight).
+lanes run concurrently (at most ``SEND_SLOTS`` sends of an account in flight;
+one at a time until a send has gone through, so a refused credential costs
+one request).
 An entry is acknowledged (XACK) when its lane has finished with it —
 delivered, skipped or dead-lettered — so acknowledgements are in stream order
 within a room and in any order across rooms.
@@ -66,7 +68,7 @@ import logging
 import time
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -279,6 +281,8 @@ class DeliveryLoop(_StreamLoop):
         self._space = asyncio.Event()  # set when lanes finish entries
         self._taken = asyncio.Event()  # set when lanes have taken up everything queued
         self._slots = asyncio.Semaphore(SEND_SLOTS)
+        self._probe = asyncio.Lock()
+        self._proven = False  # a send of this run succeeded: the account's credentials work
         self._failure: asyncio.Future[BaseException] | None = None  # a lane's fatal exception
 
     # introspection (tests, status) -----------------------------------------------
@@ -522,13 +526,33 @@ class DeliveryLoop(_StreamLoop):
                 return  # deliver these first; the next refill goes on from lane.last
 
     # one delivery, or a run of them ----------------------------------------------
+    def _gate(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """Until a send of this run went through, sends go one at a time: a
+        refused credential (401) then costs one request, not one per room
+        waiting — Nextcloud counts each towards its brute-force lockout. Once
+        the loop is stopping (a lane raised), nothing more is sent."""
+        if self._stopping():
+            raise asyncio.CancelledError  # this lane is being torn down with the rest
+        return contextlib.nullcontext() if self._proven else self._probed()
+
+    @contextlib.asynccontextmanager
+    async def _probed(self) -> AsyncIterator[None]:
+        async with self._probe:
+            if self._stopping():
+                raise asyncio.CancelledError
+            yield
+
+    def _stopping(self) -> bool:
+        return self._failure is not None and self._failure.done()
+
     async def _deliver_batch(self, run: list[_Item]) -> bool:
         """One round trip for a run of deliveries that refer to no other
         message (nothing to resolve); False to fall back to one by one."""
         try:
-            async with self._slots:
+            async with self._slots, self._gate():
                 await self._check_fence()
                 native_ids = await self.adapter.send_batch([item.delivery for item in run])
+            self._proven = True
             done = [(item.entry_id, item.delivery, nid) for item, nid in zip(run, native_ids, strict=True)]
         except STOPS_DELIVERY:
             raise
@@ -553,9 +577,10 @@ class DeliveryLoop(_StreamLoop):
                 await self._ack([item.entry_id])
                 self._finished(1)
                 return None
-            async with self._slots:
+            async with self._slots, self._gate():
                 await self._check_fence()
                 native_id = await self.adapter.send(delivery)
+            self._proven = True
         except AccountFailed as exc:
             self.metrics.delivery_errors.labels(self.account, "account_failed").inc()
             self.metrics.account_failed.labels(self.account).set(1)

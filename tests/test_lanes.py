@@ -140,7 +140,9 @@ class Rooms(Adapter):
         self.gate: asyncio.Event | None = None  # a send to a room in ``hang`` waits on it
         self.hang: set[str] = set()
         self.cancelled: list[str] = []
+        self.in_flight: list[str] = []
         self.fatal: set[str] = set()
+        self.calls = 0
 
     async def connect(self) -> None:
         pass
@@ -149,11 +151,13 @@ class Rooms(Adapter):
         pass
 
     async def send(self, d: Delivery) -> str | None:
+        self.calls += 1
         if self.loop is not None:
             self.most_held = max(self.most_held, self.loop.held)
         if d.channel in self.fatal:
             raise AccountFailed("401")
         if d.channel in self.hang and self.gate is not None:
+            self.in_flight.append(d.text)
             try:
                 await self.gate.wait()
             except asyncio.CancelledError:
@@ -242,10 +246,12 @@ async def test_a_refused_credential_stops_every_lane(redis: Redis) -> None:
     net.gate = asyncio.Event()  # never set: a send to "slow" is in flight until cancelled
     net.hang.add("slow")
     net.fatal.add("denied")
-    await enqueue(bus, delivery("rooms.x", "slow", "s1"), delivery("rooms.x", "ok", "o1"))
+    await enqueue(bus, delivery("rooms.x", "ok", "o1"))
     loop = make_loop(bus, net, "rooms.x")
     task = asyncio.create_task(loop.run())
     await until(lambda: net.sent.get("ok") == ["o1"], what="the healthy room")
+    await enqueue(bus, delivery("rooms.x", "slow", "s1"))
+    await until(lambda: net.in_flight == ["s1"], what="a send in flight in another room")
     await enqueue(bus, delivery("rooms.x", "denied", "d1"), delivery("rooms.x", "ok", "o2"))
     with pytest.raises(AccountStopped):
         await asyncio.wait_for(task, 10)
@@ -254,6 +260,40 @@ async def test_a_refused_credential_stops_every_lane(redis: Redis) -> None:
     pending, unread = await backlog(redis, loop.stream)
     assert pending + unread >= 2  # s1 and d1 are still owed; nothing dead-lettered
     assert await bus.dead_letters() == []
+
+
+class CheckCounting(DeliveryLoop):
+    checked = 0
+
+    async def _already_delivered(self, deliveries: list[Delivery]) -> list[bool]:
+        found = await super()._already_delivered(deliveries)
+        self.checked += len(deliveries)
+        return found
+
+
+async def test_a_refused_credential_costs_one_request_however_many_rooms_wait(redis: Redis) -> None:
+    class Denied(Rooms):
+        answer = asyncio.Event()
+
+        async def send(self, d: Delivery) -> str | None:
+            self.calls += 1
+            await self.answer.wait()  # the 401 is on its way back
+            raise AccountFailed("401")
+
+    bus = Bus(redis, BusSettings(batch_size=10))
+    net = Denied()  # a wrong secret: every room would answer 401
+    rooms = ["r1", "r2", "r3", "r4"]
+    await enqueue(bus, *[delivery("rooms.x", r, f"{r}-1") for r in rooms])
+    loop = CheckCounting(
+        bus, IdMap(redis, bus.prefix, 3600), net, "rooms.x", "c1", Metrics(), LOG, RetryPolicy(5, 0.01, 0.05)
+    )
+    task = asyncio.create_task(loop.run())
+    # every room's delivery is ready to go (looked up, nothing left to await before its send)
+    await until(lambda: loop.checked == len(rooms) and net.calls >= 1, what="every lane at its send")
+    net.answer.set()
+    with pytest.raises(AccountStopped):
+        await asyncio.wait_for(task, 10)
+    assert net.calls == 1  # the others waited for the first answer, then stopped
 
 
 # real processes ------------------------------------------------------------------------
