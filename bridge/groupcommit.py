@@ -1,9 +1,12 @@
 """Group commit for Redis commands issued by many concurrent requests.
 
-Commands queued while a pipeline is in flight go out together in the next
-one: one write and one read for many concurrent webhooks or POSTs, instead
-of one round trip each. Every caller still gets its own results only once
-Redis has answered, so "acknowledged" keeps meaning "stored".
+While one round trip is in flight, the commands of every caller that arrives
+meanwhile are queued and go out together in the next pipeline: one write and
+one read for many concurrent webhooks or POSTs, instead of one round trip
+each. A caller that finds nothing in flight goes out at once, alone — one
+request at a time (a bot posting message after message) pays no batching
+delay. Every caller still gets its own results only once Redis has answered,
+so "acknowledged" keeps meaning "stored".
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 from typing import Any
 
 Op = tuple[str, tuple[Any, ...], dict[str, Any]]  # (redis method, args, kwargs)
+Waiting = tuple[list[Op], asyncio.Future[list[Any]]]
 
 
 class GroupCommit:
@@ -19,40 +23,59 @@ class GroupCommit:
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
-        self._queue: list[tuple[list[Op], asyncio.Future[list[Any]]]] = []
+        self._queue: list[Waiting] = []
+        self._busy = False  # a round trip is in flight (ours or the flusher's)
         self._flusher: asyncio.Task[None] | None = None
 
     async def run(self, ops: list[Op]) -> list[Any]:
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((ops, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
+        if self._busy:  # join the next pipeline
+            future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+            self._queue.append((ops, future))
+            return await future
+        self._busy = True
+        try:
+            if len(ops) == 1:  # one command: no pipeline object to build
+                name, args, kw = ops[0]
+                return [await getattr(self.redis, name)(*args, **kw)]
+            pipe = self.redis.pipeline(transaction=False)
+            for name, args, kw in ops:
+                getattr(pipe, name)(*args, **kw)
+            return list(await pipe.execute())
+        finally:
+            if self._queue:
+                self._flusher = asyncio.create_task(self._flush())  # keeps _busy until the queue is empty
+            else:
+                self._busy = False
 
     async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let requests already being handled join this batch
-        while self._queue:
-            batch, self._queue = self._queue, []
-            pipe = self.redis.pipeline(transaction=False)
-            for ops, _ in batch:
-                for name, args, kw in ops:
-                    getattr(pipe, name)(*args, **kw)
-            try:
-                # One caller's failing command must not fail the others'.
-                results = await pipe.execute(raise_on_error=False)
-            except Exception as exc:  # the connection itself: everyone's problem
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._execute(batch)
+        finally:
+            self._busy = False
+
+    async def _execute(self, batch: list[Waiting]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for ops, _ in batch:
+            for name, args, kw in ops:
+                getattr(pipe, name)(*args, **kw)
+        try:
+            # One caller's failing command must not fail the others'.
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # the connection itself: everyone's problem
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        at = 0
+        for ops, future in batch:
+            mine = results[at : at + len(ops)]
+            at += len(ops)
+            if future.done():
                 continue
-            at = 0
-            for ops, future in batch:
-                mine = results[at : at + len(ops)]
-                at += len(ops)
-                if future.done():
-                    continue
-                error = next((r for r in mine if isinstance(r, Exception)), None)
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(mine)
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(mine)
