@@ -260,7 +260,7 @@ class MatterbridgeAPI(Adapter):
         if fields["event"] not in kind_of:
             raise BadRequest(400, f'event "{fields["event"]}" is not supported')
         kind = kind_of[fields["event"]]
-        native_id = os.urandom(16).hex()
+        native_id = os.urandom(8).hex()  # 64 random bits: unique enough per room, compact in the id map
         event = Event(
             kind=kind,
             account=self.name,
