@@ -16,10 +16,10 @@ Per-room lanes (``DeliveryLoop``)
 An account's deliveries share one stream, but a room that fails must not hold
 up the others. The reader hands every entry to the *lane* of its destination
 channel; each lane delivers its entries one after another in stream order, and
-lanes run concurrently (at most ``SEND_SLOTS`` sends of an account in flight;
-one at a time until a send has gone through, so a refused credential costs
-one request).
-An entry is acknowledged (XACK) when its lane has finished with it —
+lanes run concurrently: at most ``SEND_SLOTS`` sends of an account in flight,
+and one at a time until a send of the run has gone through, so a refused
+credential costs one request. An entry is acknowledged (XACK) when its lane
+has finished with it —
 delivered, skipped or dead-lettered — so acknowledgements are in stream order
 within a room and in any order across rooms.
 
@@ -48,7 +48,9 @@ that are not parked heads; when they are full the reader stops reading until
 lanes drain (the entries wait in the stream, where they are safe). A room
 whose sends are merely slow keeps its entries in that shared window, so
 several rooms hanging at once (until the adapter's timeout turns the hang
-into an error and parks them) can hold up the others for that long.
+into an error and parks them) can hold up the others for that long; so can a
+first send that hangs while sends still go one at a time. A parked room's
+entries also keep the stream from being trimmed past its oldest one.
 
 Poison containment: an exception an adapter did not foresee (not a
 ``DeliveryError``, ``TimeoutError`` or ``OSError``) while resolving or sending
