@@ -219,8 +219,9 @@ class Bus:
         out["lag"] = lag
         if info["pending"]:
             summary = await self.redis.xpending(stream, group)
-            oldest_ms = int(_s(summary["min"]).split("-")[0])
-            out["oldest_pending_s"] = max(0.0, time.time() - oldest_ms / 1000)
+            if summary and summary.get("min"):  # an XACK may have emptied it since XINFO
+                oldest_ms = int(_s(summary["min"]).split("-")[0])
+                out["oldest_pending_s"] = max(0.0, time.time() - oldest_ms / 1000)
         return out
 
 

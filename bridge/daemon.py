@@ -122,8 +122,7 @@ class AccountRunner:
                     self.log.error(
                         "%s: unexpected error, restarting the account in %.0fs", self.name, crash_pause, exc_info=exc
                     )
-                # TODO(metrics.py): a dedicated talkbridge_account_restarts counter
-                self.d.metrics.delivery_errors.labels(self.name, "account_crashed").inc()
+                self.d.metrics.account_restarts.labels(self.name).inc()
                 cooldown = crash_pause
                 crash_pause = min(crash_pause * 2, CRASH_BACKOFF_MAX)
             finally:

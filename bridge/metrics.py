@@ -77,6 +77,12 @@ class Metrics:
             ["account"],
             registry=r,
         )
+        self.account_restarts = Counter(
+            "talkbridge_account_restarts",
+            "Accounts restarted after an error nobody foresaw (the log has its traceback)",
+            ["account"],
+            registry=r,
+        )
         self.api_buffer_dropped = Counter(
             "talkbridge_api_buffer_dropped", "Messages pushed out of a full api Buffer", ["account"], registry=r
         )

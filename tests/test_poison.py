@@ -231,7 +231,7 @@ async def test_an_account_that_crashes_starts_over_and_the_daemon_goes_on(
         await until(lambda: _eq(sent(redis, "poison.two")(), ["m1", "m2"]), what="delivered after the restart")
         assert crashed == ["poison.src"]
         assert not task.done()
-        assert d.metrics.delivery_errors.labels("poison.src", "account_crashed")._value.get() == 1
+        assert d.metrics.account_restarts.labels("poison.src")._value.get() == 1
         assert "poison.src: unexpected error, restarting the account" in caplog.text
     finally:
         stop.set()
