@@ -137,14 +137,19 @@ def bump(counts: bytearray, i: int) -> None:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_rss(pid: int) -> int:
+def proc_status(pid: int, field: str) -> int:
+    """A number from /proc/PID/status (``VmRSS`` in kB, ``Threads``)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def proc_rss(pid: int) -> int:
+    return proc_status(pid, "VmRSS") * 1024
 
 
 def proc_fds(pid: int) -> int:
@@ -183,9 +188,25 @@ def child_redis(pid: int) -> tuple[int, str] | None:
     return None
 
 
+async def pipe_recv(conn: Any) -> Any:
+    """Receive from a multiprocessing Connection without a blocked thread (a
+    thread stuck in recv() would keep Ctrl-C from ending the run)."""
+    loop = asyncio.get_running_loop()
+    while not conn.poll():
+        readable = asyncio.Event()
+        loop.add_reader(conn.fileno(), readable.set)
+        try:
+            await readable.wait()
+        finally:
+            loop.remove_reader(conn.fileno())
+            os.set_blocking(conn.fileno(), True)  # the loop made it non-blocking: a long message must not EAGAIN
+    return conn.recv()
+
+
 # --- the Talk side (a child process) -------------------------------------------------
 def talk_process(conn: Any, port: int, webhook_url: str) -> None:
     """Runs the test Talk server and the Talk users' share of the load."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops us in order
     from tests.talkserver import TalkServer
 
     class SoakTalk(TalkServer):
@@ -208,7 +229,6 @@ def talk_process(conn: Any, port: int, webhook_url: str) -> None:
         alice = server.add_user("alice", "Alice")
         server.create_room("Soak room", TOKEN, members=(alice,))
         bot = server.install_bot("talk", SECRET, webhook_url)
-        loop = asyncio.get_running_loop()
         sent = bytearray()  # per index: 1 posted, 2 its webhook answered 200, 3 refused
         webhook_status: dict[str, int] = {}
         bot_status: dict[str, int] = {}
@@ -263,7 +283,7 @@ def talk_process(conn: Any, port: int, webhook_url: str) -> None:
             }
 
         while True:
-            cmd, *args = await loop.run_in_executor(None, conn.recv)
+            cmd, *args = await pipe_recv(conn)
             if cmd == "enable":
                 await server.enable_bot(bot, TOKEN)  # Talk sends the bot a Join
                 tally()
@@ -455,14 +475,23 @@ async def streams_bytes(redis: Any, keys: list[bytes]) -> int:
 
 
 # --- the run -------------------------------------------------------------------------
+TASKS, RSS, FDS = "talkbridge_asyncio_tasks", "process_resident_memory_bytes", "process_open_fds"
+GEN2 = 'python_gc_collections_total{generation="2"}'
+
+
 @dataclass
 class Sample:
     t: float
     sent: int
     delivered: int
+    backlog: dict[str, int]  # per destination: copies due so far and not yet there
+    delivered_by: dict[str, int]  # per destination
     rss: int
     fds: int
+    threads: int
     tasks: float
+    gc2: float  # full collections so far
+    redis_clients: int
     metrics_rss: float
     metrics_fds: float
     used_memory: int
@@ -487,6 +516,7 @@ class Soak:
         self.source = [self.cycle[i % len(self.cycle)] for i in range(self.total)]
         self.counts = {d: bytearray(self.total) for d in "AB"}  # copies received by A and B
         self.api_sent = bytearray(self.total)  # 1 sent, 2 answered 200, 3 refused
+        self.sent_by = {"A": 0, "B": 0}
         self.api_status: dict[str, int] = {}
         self.lags: list[float] = []
         self.start = 0.0
@@ -500,9 +530,8 @@ class Soak:
 
     async def ask_talk(self, *cmd: Any) -> Any:
         async with self.talk_lock:  # one request/answer at a time on the pipe
-            loop = asyncio.get_running_loop()
             self.talk.send(cmd)
-            return await loop.run_in_executor(None, self.talk.recv)
+            return await pipe_recv(self.talk)
 
     # receivers ---------------------------------------------------------------------
     async def receive(self, dest: str, ready: asyncio.Event) -> None:
@@ -540,6 +569,7 @@ class Soak:
         async def one(i: int, src: str) -> None:
             conn = await pools[src].get()
             self.api_sent[i] = 1
+            self.sent_by[src] += 1
             body = json.dumps({"text": text_of(src, i), "username": "soak", "gateway": "soak"}).encode()
             try:
                 status, _ = await conn.request("POST", "/api/message", body)
@@ -569,35 +599,43 @@ class Soak:
                 pool.get_nowait().close()
 
     # sampling --------------------------------------------------------------------------
+    def delivered_to(self) -> dict[str, int]:
+        return {"A": sum(self.counts["A"]), "B": sum(self.counts["B"]), "T": self.talk_stats.get("delivered", 0)}
+
     def delivered(self) -> int:
-        return sum(self.counts["A"]) + sum(self.counts["B"]) + self.talk_stats.get("delivered", 0)
+        return sum(self.delivered_to().values())
 
     async def sample(self) -> Sample:
         pid = self.daemon.pid
         self.talk_stats = await self.ask_talk("stats")
-        sent = sum(1 for s in self.api_sent if s) + self.talk_stats["sent"]
+        sent_by = {"A": self.sent_by["A"], "B": self.sent_by["B"], "T": self.talk_stats["sent"]}
+        got = self.delivered_to()
+        backlog = {d: sum(n for src, n in sent_by.items() if src != d) - got[d] for d in "ABT"}
         try:
             _, body = await get(self.ports["http"], "/metrics", within=10)
-            m = scrape(
-                body.decode(),
-                ("talkbridge_asyncio_tasks", "process_resident_memory_bytes", "process_open_fds"),
-            )
+            m = scrape(body.decode(), (TASKS, RSS, FDS, GEN2))
         except (OSError, TimeoutError, ValueError):
             m = {}
         info = await self.redis.info("memory")
+        clients = (await self.redis.info("clients"))["connected_clients"] - 1  # less this sampler
         dbsize = await self.redis.dbsize()
         if dbsize < 100_000 or not self.streams:  # SCAN TYPE walks the keyspace: only while it is small
             self.streams = await stream_keys(self.redis, self.args.key_prefix)
         lags, self.lags = [x * 1000 for x in self.lags], []
         s = Sample(
             t=max(0.0, time.monotonic() - self.start) if self.start else 0.0,
-            sent=sent,
-            delivered=self.delivered(),
+            sent=sum(sent_by.values()),
+            delivered=sum(got.values()),
+            backlog=backlog,
+            delivered_by=got,
             rss=proc_rss(pid),
             fds=proc_fds(pid),
-            tasks=m.get("talkbridge_asyncio_tasks", float("nan")),
-            metrics_rss=m.get("process_resident_memory_bytes", float("nan")),
-            metrics_fds=m.get("process_open_fds", float("nan")),
+            threads=proc_status(pid, "Threads"),
+            tasks=m.get(TASKS, float("nan")),
+            gc2=m.get(GEN2, float("nan")),
+            redis_clients=int(clients),
+            metrics_rss=m.get(RSS, float("nan")),
+            metrics_fds=m.get(FDS, float("nan")),
             used_memory=int(info["used_memory"]),
             used_memory_rss=int(info["used_memory_rss"]),
             streams=await streams_bytes(self.redis, self.streams),
@@ -612,12 +650,17 @@ class Soak:
         print_sample(s, self.samples[-2] if len(self.samples) > 1 else None)
         return s
 
-    async def sampler(self) -> None:
+    async def sampler(self, main: asyncio.Task[Any]) -> None:
         n = 1
-        while True:
-            await asyncio.sleep(max(0.0, self.start + n * self.args.sample_seconds - time.monotonic()))
-            n += 1
-            await self.sample()
+        try:
+            while True:
+                await asyncio.sleep(max(0.0, self.start + n * self.args.sample_seconds - time.monotonic()))
+                n += 1
+                await self.sample()
+        except Exception as exc:  # e.g. the Talk process died: no point going on blind
+            print(f"sampling failed ({exc!r}): stopping the run", flush=True)
+            main.cancel()
+            raise
 
     # the whole run ---------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
@@ -652,7 +695,7 @@ class Soak:
         await self.sample()  # t = 0: before any load
         indices = [i for i in range(self.total) if self.source[i] == "T"]
         await self.ask_talk("load", self.start, args.rate, self.total, indices)
-        sampler = asyncio.create_task(self.sampler())
+        sampler = asyncio.create_task(self.sampler(asyncio.current_task()))  # type: ignore[arg-type]
         await self.send_api()
         final_talk = await self.ask_talk("final")
         self.talk_stats = final_talk
@@ -662,6 +705,15 @@ class Soak:
             await asyncio.sleep(0.5)
             self.talk_stats = await self.ask_talk("stats")
         drained_at = time.monotonic() - self.start
+        queued = []
+        if self.delivered() < expected:  # what the daemon still holds, by its own account
+            _, body = await get(self.ports["http"], "/metrics", within=10)
+            queued = [
+                line
+                for line in body.decode().splitlines()
+                if line.startswith(("talkbridge_stream_lag{", "talkbridge_stream_pending{"))
+                and not line.endswith(" 0.0")
+            ]
         sampler.cancel()
         await asyncio.sleep(1.0)  # the last acknowledgements and trims
         last = await self.sample()
@@ -677,6 +729,7 @@ class Soak:
             "tables": tables_after - tables_before,
             "talk": final_talk,
             "drained_at": drained_at,
+            "queued": queued,
             "last": last,
         }
 
@@ -686,8 +739,9 @@ class Soak:
 
 
 HEADER = (
-    f"{'t s':>6} {'sent':>8} {'deliv.':>8} {'backlog':>7} {'RSS MB':>7} {'fds':>4} {'tasks':>5} "
-    f"{'redis MB':>8} {'streams':>7} {'DBSIZE':>8} {'B/copy':>6} {'d.CPU%':>6} {'r.CPU%':>6} {'api lag p50/p99 ms':>18}"
+    f"{'t s':>5} {'sent':>7} {'deliv.':>7} {'backlog A/B/T':>17} {'RSS MB':>6} {'fds':>4} {'thr':>3} {'tasks':>5} "
+    f"{'gc2':>3} {'rcli':>4} {'redis MB':>8} {'streams':>7} {'DBSIZE':>8} {'B/copy':>6} {'d.CPU%':>6} {'r.CPU%':>6} "
+    f"{'api lag p50/p99 ms':>18}"
 )
 
 
@@ -697,11 +751,12 @@ def print_sample(s: Sample, prev: Sample | None) -> None:
     rcpu = 100 * (s.redis_cpu - prev.redis_cpu) / dt if prev and dt > 0 else float("nan")
     dcopies = s.delivered - prev.delivered if prev else 0
     growth = ((s.used_memory - s.streams) - (prev.used_memory - prev.streams)) if prev else 0
-    per_copy = f"{growth / dcopies:6.0f}" if dcopies > 0 else f"{'-':>6}"
+    per_copy = f"{growth / dcopies:6.0f}" if dcopies >= 500 else f"{'-':>6}"
+    backlog = "/".join(str(s.backlog[d]) for d in "ABT")
     print(
-        f"{s.t:6.0f} {s.sent:8d} {s.delivered:8d} {2 * s.sent - s.delivered:7d} {s.rss / 2**20:7.1f} {s.fds:4d} "
-        f"{s.tasks:5.0f} {s.used_memory / 2**20:8.1f} {s.streams / 2**20:7.2f} {s.dbsize:8d} {per_copy} "
-        f"{dcpu:6.0f} {rcpu:6.0f} {s.lag_p50:8.1f}/{s.lag_p99:<9.1f}",
+        f"{s.t:5.0f} {s.sent:7d} {s.delivered:7d} {backlog:>17} {s.rss / 2**20:6.1f} {s.fds:4d} {s.threads:3d} "
+        f"{s.tasks:5.0f} {s.gc2:3.0f} {s.redis_clients:4d} {s.used_memory / 2**20:8.1f} {s.streams / 2**20:7.2f} "
+        f"{s.dbsize:8d} {per_copy} {dcpu:6.0f} {rcpu:6.0f} {s.lag_p50:8.1f}/{s.lag_p99:<9.1f}",
         flush=True,
     )
 
@@ -757,9 +812,23 @@ def summarize(soak: Soak, result: dict[str, Any]) -> dict[str, Any]:
         f"  delivered {copies} of {all_due} copies; last copy {result['drained_at']:.1f} s after the start "
         f"(load ended at {total / args.rate:.1f} s)"
     )
+    loaded = [s for s in samples if 0 < s.t <= total / args.rate + 0.5]
+    if loaded:
+        end = loaded[-1]
+        print(
+            "  during the load, copies delivered per second / largest backlog: "
+            + ", ".join(
+                f"into {ACCOUNTS[d]} {end.delivered_by[d] / end.t:.0f}/s / {max(s.backlog[d] for s in loaded)}"
+                for d in "ABT"
+            )
+        )
+    if result["queued"]:
+        print(
+            f"  still queued in the daemon after --drain-seconds {args.drain_seconds:g}: " + "; ".join(result["queued"])
+        )
     # Process trends after warm-up.
     warm = [s for s in samples if s.t >= args.warmup_seconds] or samples[-1:]
-    first, last = warm[0], samples[-1]
+    first, last, s0 = warm[0], samples[-1], samples[0]
     xs = [s.t for s in warm]
     rss_slope = slope_per_min(xs, [s.rss / 2**20 for s in warm])
     print(f"\ndaemon after warm-up ({args.warmup_seconds:g} s; {len(warm)} samples, t={first.t:.0f}..{last.t:.0f} s):")
@@ -770,10 +839,11 @@ def summarize(soak: Soak, result: dict[str, Any]) -> dict[str, Any]:
     )
     print(
         f"  open fds {first.fds} -> {last.fds} (max {max(s.fds for s in warm)}; /metrics {last.metrics_fds:.0f}); "
-        f"asyncio tasks {first.tasks:.0f} -> {last.tasks:.0f} (max {max(s.tasks for s in warm):.0f})"
+        f"asyncio tasks {first.tasks:.0f} -> {last.tasks:.0f} (max {max(s.tasks for s in warm):.0f}); "
+        f"threads {first.threads} -> {last.threads}; Redis clients {first.redis_clients} -> {last.redis_clients} "
+        f"(max {max(s.redis_clients for s in warm)}); full GC collections over the run {last.gc2 - s0.gc2:.0f}"
     )
     # Redis growth.
-    s0 = samples[0]
     d_used = last.used_memory - s0.used_memory
     d_streams = last.streams - s0.streams
     measured = (d_used - d_streams) / copies if copies else float("nan")
@@ -876,7 +946,7 @@ def main() -> None:
     p.add_argument("--mix", default="1:1:1", help="A:B:T weights of the sources (api A, api B, Talk users)")
     p.add_argument("--sample-seconds", type=float, default=10)
     p.add_argument("--warmup-seconds", type=float, default=60, help="RSS/fds/tasks are compared from here on")
-    p.add_argument("--drain-seconds", type=float, default=120, help="wait at most this long for the last copies")
+    p.add_argument("--drain-seconds", type=float, default=600, help="wait at most this long for the last copies")
     p.add_argument("--concurrency", type=int, default=8, help="keep-alive connections per api account")
     p.add_argument("--redis-url", default="", help="use this Redis instead of the embedded one")
     p.add_argument("--key-prefix", default="tb", help="[redis] KeyPrefix (the census scans PREFIX:*)")
