@@ -386,19 +386,22 @@ SAMPLE_PER_GROUP = 400
 
 def _variable(segment: str) -> bool:
     """A key segment that is an id (so the key is one of many of its kind)."""
-    if "\x1f" in segment or segment.isdigit():
-        return True
+    if re.fullmatch(r"[0-9._-]+", segment):
+        return True  # a number, a generation.bucket
     if len(segment) >= 16 and sum(c.isdigit() for c in segment) >= 2:
-        return True
+        return True  # a digest, a random id
     return len(segment) > 40
 
 
 def group_of(key: str) -> str:
-    """``tb:dlv:{api.a}:3f9c…:api.a:api`` -> ``tb:dlv:{api.a}:*`` (no key names known)."""
-    parts = key.split(":")
-    for n, part in enumerate(parts):
-        if _variable(part):
-            return ":".join(parts[:n]) + ":*"
+    """A key's shape, from its segments (split at ``:`` and ``\\x1f``) up to
+    the first that is an id: ``tb:dlv:{api.a}:3f9c…:api.a:api`` ->
+    ``tb:dlv:{api.a}:*``, ``tb:m:{api.b}␟api␟0.3`` -> ``tb:m:{api.b}␟api␟*``.
+    No key names are known here: it holds for any layout."""
+    parts = re.split("([:\x1f])", key)
+    for n in range(0, len(parts), 2):
+        if _variable(parts[n]):
+            return "".join(parts[:n]) + "*"
     return key
 
 
@@ -885,8 +888,8 @@ def summarize(soak: Soak, result: dict[str, Any]) -> dict[str, Any]:
     print(
         f"  held at steady state, per delivered copy/s (keys: B/copy × TTL per group): {hold / 2**20:.0f} MB"
         + (
-            "; plus keys without expiry, which only grow"
-            if any(a.ttl < 0 and dk > 0 for _n, a, dk, _db in grown)
+            "; not counted: groups that grew without an expiry (bounded some other way, or a leak)"
+            if any(a.ttl < 0 and db > 0 for _n, a, _dk, db in grown)
             else ""
         )
     )
