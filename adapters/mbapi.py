@@ -50,33 +50,35 @@ STREAM_PAGE = 100
 # delivery's map fields (which are also its delivered-marker, bridge.idmap)
 # and its buffer entry are written together, so a redelivery after a crash
 # finds the marker and adds nothing, and a stale owner adds nothing at all.
-# KEYS: fence, buffer. ARGV: token, maxlen, gen_size, keep, buckets, ttl, then
-# per delivery: room, marker bucket, marker field, payload, native id, n, then
-# n (bucket, field, value) map items. Returns {native ids..., entries pushed
+# KEYS: fence, buffer. ARGV: token, maxlen, room, the id map's header, then
+# per delivery: marker bucket, marker field, payload, native id, n, then n
+# (bucket, field, value) map items. Returns {native ids..., entries pushed
 # out of a full buffer}.
 _DELIVER_MANY = (
     LUA_LIB
     + r"""
 if tb_fenced(KEYS[1], ARGV[1]) then return redis.error_reply('FENCED lease token is stale') end
-local maxlen = tonumber(ARGV[2])
-local gen_size, keep, buckets, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-local out = {}
+local maxlen, room = tonumber(ARGV[2]), ARGV[3]
+local gen_size, keep, buckets, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local marker_gens = tonumber(ARGV[8])
+local out, items = {}, {}
 local before = redis.call('XLEN', KEYS[2])
 local added = 0
-local at = 7
+local at = 9
 while at <= #ARGV do
-  local room, count = ARGV[at], tonumber(ARGV[at + 5])
-  local done = tb_find(room, gen_size, keep, ARGV[at + 1], ARGV[at + 2])
+  local count = tonumber(ARGV[at + 4])
+  local done = tb_find(room, gen_size, marker_gens, ARGV[at], ARGV[at + 1])
   if done then
     out[#out + 1] = done
   else
-    redis.call('XADD', KEYS[2], 'MAXLEN', maxlen, '*', 'd', ARGV[at + 3])
-    tb_put(room, gen_size, keep, buckets, ttl, 1, ARGV, at + 6, count)
-    out[#out + 1] = ARGV[at + 4]
+    redis.call('XADD', KEYS[2], 'MAXLEN', maxlen, '*', 'd', ARGV[at + 2])
+    for j = at + 5, at + 4 + 3 * count do items[#items + 1] = ARGV[j] end
+    out[#out + 1] = ARGV[at + 3]
     added = added + 1
   end
-  at = at + 6 + 3 * count
+  at = at + 5 + 3 * count
 end
+if added > 0 then tb_put(room, gen_size, keep, buckets, ttl, added, items, 1, #items / 3) end
 local dropped = before + added - maxlen
 if dropped < 0 then dropped = 0 end
 out[#out + 1] = dropped
@@ -427,13 +429,16 @@ class MatterbridgeAPI(Adapter):
         assert idmap is not None, "the api adapter records its deliveries in the id map"
         fence = self.ctx.fence()
         keys = [fence.key if fence else f"{self.ctx.key_prefix}:fence:none", self.buffer_key]
-        args: list[Any] = [fence.token if fence else "", self.buffer_size, *idmap.header()]
+        # an api account has one channel: every delivery here is to one room
+        room = idmap.room(self.name, deliveries[0].channel)
+        assert all(d.channel == deliveries[0].channel for d in deliveries)
+        args: list[Any] = [fence.token if fence else "", self.buffer_size, room, *idmap.header()]
         for delivery in deliveries:
             # 8 random bytes: unique per room, and a compact map entry
             native_id = os.urandom(8).hex() if delivery.event.kind == EventKind.MESSAGE else ""
             marker = idmap.marker(delivery)
             items = idmap.record_items(delivery, native_id or None)
-            args += [marker.base, marker.bucket, marker.name, orjson.dumps(self.message_for(delivery, native_id))]
+            args += [marker.bucket, marker.name, orjson.dumps(self.message_for(delivery, native_id))]
             args += [native_id, len(items)]
             for item in items:
                 args.extend(item)

@@ -248,7 +248,7 @@ class Daemon:
         redis_cfg, bus_cfg = config.section("redis"), config.section("bus")
         self.bus = Bus(redis, BusSettings.from_section(redis_cfg["KeyPrefix"], bus_cfg))
         self.map_ttl = int(bus_cfg["MessageMapDays"] * 86400)
-        self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl, bus_cfg["MessageMapPerRoom"])
+        self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl, bus_cfg["MessageMapPerRoom"], bus_cfg["BatchSize"])
         self.router = Router(config)
         self.lease_seconds = float(bus_cfg["LeaseSeconds"])
         self.retry = RetryPolicy(bus_cfg["MaxDeliveries"], bus_cfg["RetryBaseSeconds"], bus_cfg["RetryMaxSeconds"])

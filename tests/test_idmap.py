@@ -118,3 +118,22 @@ async def test_a_lease_reacquired_by_its_owner_keeps_its_token(redis: Redis) -> 
     assert await lease.acquire() and lease.token == token  # a renewal, not a new tenure
     await lease.release()
     assert await lease.acquire() and lease.token == token + 1
+
+
+async def test_a_marker_is_found_two_batches_of_copies_later(redis: Redis) -> None:
+    """Markers are looked for only in the generations a redelivery can reach:
+    a room takes at most two batches of copies between recording a copy and
+    meeting it again (the api script records a batch before its ack; a
+    re-routed inbound batch repeats at most a batch)."""
+    idmap = IdMap(redis, "tb", 3600, per_room=400, batch_size=50)  # generations of 100 copies
+    assert idmap.marker_gens < 5
+    for start in (0, 37, 99):  # the copy early, in the middle, at the end of a generation
+        await redis.flushall()
+        events = [message("api.a", "x", f"s{i}") for i in range(start + 1 + 100)]
+        for event in events[:start]:
+            await idmap.commit(None, STREAM, "deliver", [], [(copy(event, "api.b", "y"), "n")])
+        target = copy(events[start], "api.b", "y")
+        await idmap.commit(None, STREAM, "deliver", [], [(target, "n-target")])
+        later = [(copy(event, "api.b", "y"), "n") for event in events[start + 1 :]]
+        await idmap.commit(None, STREAM, "deliver", [], later)  # 2 x batch_size more copies
+        assert await idmap.delivered([target]) == [True], start
