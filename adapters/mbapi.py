@@ -456,8 +456,12 @@ class MatterbridgeAPI(Adapter):
         return [(s.decode() if isinstance(s, bytes) else s) or None for s in stored]
 
     async def messages(self, request: web.Request) -> web.Response:
-        async with self._read_lock:
-            rows = await self._drain(keys=[self.buffer_key])
+        try:
+            async with self._read_lock:
+                rows = await self._drain(keys=[self.buffer_key])
+        except (RedisError, OSError) as exc:
+            self.ctx.log.warning("%s: cannot read the buffer: %s", self.name, exc)
+            return web.json_response({"message": "message queue unavailable, retry later"}, status=503)
         body = b"[" + b",".join(_payload(row) for row in rows) + b"]"
         return web.Response(body=body, content_type="application/json")
 
@@ -466,6 +470,17 @@ class MatterbridgeAPI(Adapter):
         await resp.prepare(request)
         greet = {"event": API_CONNECTED, "timestamp": _go_time(datetime.now(UTC).timestamp())}
         await resp.write(orjson.dumps(greet) + b"\n")
+        try:
+            await self._stream_buffer(resp)
+        except ConnectionResetError:  # the client went away: nothing was removed that it did not get
+            pass
+        except (RedisError, OSError) as exc:
+            # Redis went away (an outage, or the daemon stopping under a
+            # connected reader): end this response; the client reconnects.
+            self.ctx.log.warning("%s: /api/stream ended: %s", self.name, exc)
+        return resp
+
+    async def _stream_buffer(self, resp: web.StreamResponse) -> None:
         redis = self.ctx.redis
         while True:
             seen = self._seq

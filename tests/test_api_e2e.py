@@ -191,3 +191,21 @@ def test_redis_down_answers_503_not_200(tmp_path: Path) -> None:
     finally:
         daemon.stop()
         server.stop()
+
+
+def test_stopping_the_daemon_under_a_stream_reader_logs_no_traceback(tmp_path: Path) -> None:
+    """SIGTERM with a client on /api/stream (the embedded Redis stops with the
+    daemon): a clean exit, and no traceback from the reader's handler."""
+    path, (_pa, pb, http) = api_pair_config(tmp_path, None)
+    daemon = Daemon(path, http, tmp_path / "daemon.log").start()
+    b = Api(pb, "token-b")
+    try:
+        with httpx.stream("GET", f"{b.base}/api/stream", headers=b.headers, timeout=30) as resp:
+            lines = resp.iter_lines()
+            assert json.loads(next(lines))["event"] == "api_connected"
+            assert daemon.stop() == 0
+    except httpx.RemoteProtocolError:
+        pass  # the connection was cut as the listener closed: expected
+    finally:
+        daemon.stop()
+    assert "Traceback" not in daemon.log() and " ERROR " not in daemon.log(), daemon.log()
