@@ -91,10 +91,6 @@ class AdapterContext:
     # tenure): exactly once, and never alongside a successor.
     idmap: IdMap | None = None
     fence: Callable[[], Fence | None] = lambda: None
-    # Record, later than its delivery, the native id a copy got in one of
-    # this account's channels: (canonical ref, channel, native id). For
-    # networks that do not answer a post with its id (Talk's bot API).
-    learn_copy: Callable[[str, str, str], Awaitable[None]] | None = None
 
     def key(self, *parts: str) -> str:
         """A Redis key private to this account."""

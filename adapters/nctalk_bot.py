@@ -65,7 +65,6 @@ ROOM_CONFIRM = 60.0  # seconds a room, once written to the rooms set, is not rew
 SECRET_PROVEN_FOR = 3600  # seconds a verified exchange vouches for the secret (fleet-wide, in Redis)
 SECRET_PROOF_REFRESH = 60.0  # seconds between one process's rewrites of that proof (the webhook path is hot)
 ECHO_TTL = 600  # seconds a "we reacted" marker waits for Talk's echo
-OWN_TTL = 7 * 86400  # seconds a posted text waits for Talk to show its id
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
 
@@ -398,26 +397,26 @@ class TalkBot(Adapter):
     # id and text. We remember each posted text (per room) with the message
     # it copies, and when Talk shows that text with an id, the id map learns
     # it — then replies and reactions to bridged messages cross like any other.
-    def _own_key(self, token: str, text: str) -> str:
-        digest = hashlib.sha256(f"{token}\x1f{text.strip()}".encode()).hexdigest()[:32]
-        return self.ctx.key("own", digest)
+    @staticmethod
+    def _own_key(text: str) -> str:
+        return text.strip()  # as Talk stores it: the webhook shows the trimmed text
 
     async def _remember_own(self, delivery: Delivery, text: str) -> None:
+        """Before posting: Talk will not tell the id of the bot's message, but
+        a later reply or reaction shows it with its text (``_learn_own``)."""
         canonical = canonical_of(delivery)
-        if canonical is None or self.ctx.learn_copy is None:
+        if canonical is None or self.ctx.idmap is None:
             return
-        await self.ctx.redis.set(self._own_key(delivery.channel, text), canonical, ex=OWN_TTL)
+        await self.ctx.idmap.remember(self.name, delivery.channel, self._own_key(text), canonical)
 
     async def _learn_own(self, token: str, note: dict[str, Any]) -> None:
-        if self.ctx.learn_copy is None:
+        if self.ctx.idmap is None:
             return
         try:
             message, _parameters = _content(note)
         except (WebhookRejected, KeyError, TypeError, ValueError):
             return  # not a message note (a system message, a file): nothing to learn
-        found = await self.ctx.redis.get(self._own_key(token, message))
-        if found is not None:
-            await self.ctx.learn_copy(found.decode(), token, str(note["id"]))
+        await self.ctx.idmap.learn_remembered(self.name, token, self._own_key(message), str(note["id"]))
 
     async def _own_echo(self, actor_id: str, token: str, target: str, emoji: str, op: str) -> bool:
         """Talk sends reaction hooks for the bot's own reactions too (and

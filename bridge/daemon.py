@@ -275,7 +275,6 @@ class Daemon:
                 http_limits=self.http_limits,
                 idmap=self.idmap,
                 fence=functools.partial(self._fence, name),
-                learn_copy=functools.partial(self._learn_copy, name),
             )
             self.runners[name] = AccountRunner(self, adapter_cls(ctx), name)
         self._site: web.TCPSite | None = None
@@ -314,9 +313,6 @@ class Daemon:
         """The lease token the account's writes carry (None before the runner exists)."""
         runner = self.runners.get(account)
         return runner.lease.fence if runner is not None else None
-
-    async def _learn_copy(self, account: str, canonical: str, channel: str, native_id: str) -> None:
-        await self.idmap.learn(canonical, account, channel, native_id)
 
     async def publish(self, event: Event) -> str:
         return await self.bus.publish(event)

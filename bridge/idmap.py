@@ -12,7 +12,11 @@ channel) in which copies were delivered, as compact fields:
 - ``r`` + native id of the copy -> digest(canonical) + digest(canonical's
   room) + canonical native id: what a reply *to the copy* refers to;
 - ``d`` + digest(event id) -> "": the delivered-marker of a delivery that is
-  not a new message (an edit, a deletion, a reaction).
+  not a new message (an edit, a deletion, a reaction);
+- ``o`` + digest(a key the adapter chose) -> the canonical message (as in
+  ``r``): a copy posted where the network does not answer with its id (a
+  Talk bot's post, remembered by its text until a webhook shows its id;
+  ``remember`` / ``learn_remembered``).
 
 Memory (issue 6): one key per field costs ~150 bytes of Redis overhead
 before the data. Here the fields of a room live in a few dozen small hashes
@@ -251,10 +255,8 @@ class IdMap:
         fwd = self._forward(account, channel, canonical)
         items = [(fwd.bucket, fwd.name, (native_id or "").encode())]
         if native_id:
-            c_account, c_channel, c_native = split_ref(canonical)
             rev = self._reverse(account, channel, native_id)
-            value = _digest(canonical) + _room_digest(c_account, c_channel) + c_native.encode()
-            items.append((rev.bucket, rev.name, value))
+            items.append((rev.bucket, rev.name, self._compact(canonical)))
         return items
 
     def header(self) -> list[Any]:
@@ -314,6 +316,36 @@ class IdMap:
                 items.extend(triple)
             copies[base] = copies.get(base, 0) + 1
         await self._run_commit(fence, stream, group, acks, rooms, copies)
+
+    @staticmethod
+    def _compact(canonical: str) -> bytes:
+        c_account, c_channel, c_native = split_ref(canonical)
+        return _digest(canonical) + _room_digest(c_account, c_channel) + c_native.encode()
+
+    def _remembered(self, account: str, channel: str, key: str) -> Field:
+        d = _digest(key)
+        return Field(self.room(account, channel), self._bucket(d), b"o" + d)
+
+    async def remember(self, account: str, channel: str, key: str, canonical: str) -> None:
+        """Note that the copy of ``canonical`` about to be posted in this room
+        will be recognisable by ``key`` (the network does not answer with its
+        id). Unfenced: a hint, not delivery state."""
+        f = self._remembered(account, channel, key)
+        items = [f.bucket, f.name, self._compact(canonical)]
+        await self._run_commit(None, "", "", (), {f.base: items}, {})
+
+    async def learn_remembered(self, account: str, channel: str, key: str, native_id: str) -> bool:
+        """The copy remembered by ``key`` has the id ``native_id``: record it
+        (as ``learn``). False when nothing was remembered by that key."""
+        [value] = await self.find([self._remembered(account, channel, key)])
+        if value is None or len(value) <= 12:
+            return False
+        digest = value[:8]
+        fwd = Field(self.room(account, channel), self._bucket(digest), b"f" + digest)
+        rev = self._reverse(account, channel, native_id)
+        items = [fwd.bucket, fwd.name, native_id.encode(), rev.bucket, rev.name, value]
+        await self._run_commit(None, "", "", (), {fwd.base: items}, {})
+        return True
 
     async def learn(self, canonical: str, dest_account: str, dest_channel: str, dest_native_id: str) -> None:
         """Record a copy whose id became known only after its delivery (not

@@ -84,9 +84,6 @@ async def start_rig(config: Config, account: str, redis: Redis, max_body: int = 
     metrics = Metrics()
     idmap = IdMap(redis, bus.prefix, 3600)
 
-    async def learn_copy(canonical: str, channel: str, native_id: str) -> None:
-        await idmap.learn(canonical, account, channel, native_id)
-
     ctx = AdapterContext(
         account=acct,
         publish=bus.publish,
@@ -95,7 +92,7 @@ async def start_rig(config: Config, account: str, redis: Redis, max_body: int = 
         log=logging.getLogger(f"test.{account}"),
         channels=config.channels_of(account),
         max_body=max_body,
-        learn_copy=learn_copy,
+        idmap=idmap,
     )
     adapter = TalkBot(ctx)
     app = web.Application(client_max_size=max_body)

@@ -137,3 +137,21 @@ async def test_a_marker_is_found_two_batches_of_copies_later(redis: Redis) -> No
         later = [(copy(event, "api.b", "y"), "n") for event in events[start + 1 :]]
         await idmap.commit(None, STREAM, "deliver", [], later)  # 2 x batch_size more copies
         assert await idmap.delivered([target]) == [True], start
+
+
+async def test_a_remembered_copy_is_learned_from_its_key(redis: Redis) -> None:
+    """A Talk bot's post: remembered by its text before posting, learned when
+    a webhook shows the text with Talk's id."""
+    idmap = IdMap(redis, "tb", 3600)
+    src = message("api.a", "api", "s1")
+    d = copy(src, "talk", "room")
+    canonical = canonical_of(d)
+    assert canonical is not None
+    await idmap.remember("talk", "room", "[api/a] <bob> hi", canonical)
+    await idmap.commit(None, STREAM, "deliver", [], [(d, None)])
+    assert not await idmap.learn_remembered("talk", "other-room", "[api/a] <bob> hi", "42")
+    assert not await idmap.learn_remembered("talk", "room", "another text", "42")
+    assert await idmap.resolve("api.a", "api", "s1", "talk", "room") is None
+    assert await idmap.learn_remembered("talk", "room", "[api/a] <bob> hi", "42")
+    assert await idmap.resolve("api.a", "api", "s1", "talk", "room") == "42"
+    assert await idmap.resolve("talk", "room", "42", "api.a", "api") == "s1"
