@@ -59,6 +59,23 @@ class AccountFailed(DeliveryError):
     """
 
 
+def error_for_status(status: int, what: str, retry_after: float | None = None) -> DeliveryError:
+    """What an HTTP answer that is not a success means for the delivery, for
+    any adapter over HTTP: 401 stops the account (retrying a refused credential
+    only feeds the server's lockout), 429 waits ``retry_after`` (the server's
+    ``Retry-After``, when it gave one), 5xx is retried, anything else cannot
+    succeed. ``what`` names the request and the answer for the logs and the
+    dead letter. An adapter that knows better for some status (Talk's 401 for
+    a room the bot is not in) decides that one before calling this."""
+    if status == 401:
+        return AccountFailed(what)
+    if status == 429:
+        return RateLimited(what, retry_after)
+    if status >= 500:
+        return TransientError(what)
+    return PermanentError(what)
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """One account key an adapter understands (Matterbridge spelling)."""

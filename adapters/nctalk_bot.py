@@ -41,18 +41,30 @@ from adapters.base import (
     AdapterContext,
     Option,
     PermanentError,
-    RateLimited,
     TransientError,
+    error_for_status,
+)
+from adapters.talk.common import (
+    MAX_CHAT_LENGTH,
+    OCS_API,
+    OCS_HEADERS,
+    BadContent,
+    is_message_id,
+    parse_content,
+    reference_id,
+    render,
+    retry_after,
+    split_message,
 )
 from bridge.config import AccountConfig
-from bridge.events import Attachment, Delivery, Event, EventKind
+from bridge.events import Delivery, Event, EventKind
 from bridge.groupcommit import GroupCommit, Op
 from bridge.idmap import canonical_of
 from bridge.listener import Refused, read_body
 
 PROTOCOL = "nctalkbot"
 WEBHOOK_PREFIX = "/webhook/nextcloud/"
-BOT_API = "/ocs/v2.php/apps/spreed/api/v1/bot"
+BOT_API = OCS_API + "/bot"
 H_RANDOM = "X-Nextcloud-Talk-Random"
 H_SIGNATURE = "X-Nextcloud-Talk-Signature"
 H_BACKEND = "X-Nextcloud-Talk-Backend"
@@ -60,13 +72,11 @@ H_BOT_RANDOM = "X-Nextcloud-Talk-Bot-Random"
 H_BOT_SIGNATURE = "X-Nextcloud-Talk-Bot-Signature"
 MIN_RANDOM = 32  # Talk sends 64 chars; it requires >= 32 from bots
 MAX_RANDOM = 256
-MAX_REFERENCE_ID = 64  # Talk's comments.reference_id column
 ROOM_CONFIRM = 60.0  # seconds a room, once written to the rooms set, is not rewritten in full by this process
 SECRET_PROVEN_FOR = 3600  # seconds a verified exchange vouches for the secret (fleet-wide, in Redis)
 SECRET_PROOF_REFRESH = 60.0  # seconds between one process's rewrites of that proof (the webhook path is hot)
 ECHO_TTL = 600  # seconds a "we reacted" marker waits for Talk's echo
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
 
 
 class WebhookRejected(Exception):
@@ -81,73 +91,6 @@ def sign(secret: str, random: str, data: str | bytes) -> str:
     """hex HMAC-SHA256(secret, random + data), as Talk computes it both ways."""
     payload = random.encode() + (data if isinstance(data, bytes) else data.encode())
     return hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
-
-
-def reference_id(key: str, part: int = 0) -> str:
-    """Talk ``referenceId`` for one posted message: 64 hex chars, the same
-    for every redelivery of the same copy (and chunk)."""
-    return hashlib.sha256(f"{key}#{part}".encode()).hexdigest()
-
-
-def render(message: str, parameters: Any) -> tuple[str, list[Attachment]]:
-    """Talk's rich-object string -> plain text (and the files it names).
-
-    ``parameters`` is ``[]`` when empty (PHP), an object otherwise.
-    """
-    params = parameters if isinstance(parameters, dict) else {}
-    files: list[Attachment] = []
-
-    def one(m: re.Match[str]) -> str:
-        obj = params.get(m.group(1))
-        if not isinstance(obj, dict):
-            return m.group(0)  # not a parameter: literal braces in the text
-        kind = obj.get("type")
-        name = str(obj.get("name") or obj.get("id") or "")
-        if kind == "file":
-            size = obj.get("size")
-            files.append(
-                Attachment(
-                    name=name or "file",
-                    mime=str(obj.get("mimetype") or "application/octet-stream"),
-                    size=_size(size),
-                    url=str(obj["link"]) if obj.get("link") else None,
-                )
-            )
-            return name
-        if kind in ("user", "guest", "email", "group", "user-group", "circle", "call", "federated_user", "highlight"):
-            return "@" + name if m.group(1).startswith("mention") else name
-        return name or m.group(0)
-
-    return _PLACEHOLDER.sub(one, message), files
-
-
-def _size(value: Any) -> int | None:
-    """A file parameter's size: an integer, or its ASCII digits (not "²", not 5,000 of them)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and 0 < len(value) <= 18 and value.isascii() and value.isdigit():
-        return int(value)
-    return None
-
-
-def split_message(text: str, limit: int) -> list[str]:
-    """Pieces of at most ``limit`` characters (code points, as Talk's
-    mb_strlen counts), cut at a line break or space where one is near."""
-    out: list[str] = []
-    rest = text
-    while len(rest) > limit:
-        cut = rest.rfind("\n", limit // 2, limit + 1)
-        if cut <= 0:
-            cut = rest.rfind(" ", limit // 2, limit + 1)
-        if cut <= 0:
-            cut = limit
-        piece, rest = rest[:cut], rest[cut:]
-        if piece.strip():
-            out.append(piece)
-        rest = rest.lstrip("\n ") if cut < limit or rest[:1] in ("\n", " ") else rest
-    if rest.strip():
-        out.append(rest)
-    return out
 
 
 def _shell_quote(value: str) -> str:
@@ -180,10 +123,12 @@ class TalkBot(Adapter):
         "WebhookURL": Option(str, default="", help="public URL Talk calls (for talk-bot-command)"),
         "BotName": Option(str, default="", help="name shown in Talk; default: the account name"),
         "Persona": Option(str, default="", help="LLM persona answering in this bot's rooms"),
-        "Timeout": Option((int, float), default=15, help="seconds per request to Talk"),
-        "MessageLength": Option(int, default=32000, help="Talk's chat max-length; longer messages are split"),
+        "Timeout": Option((int, float), default=15, above=0, help="seconds per request to Talk"),
+        "MessageLength": Option(
+            int, default=MAX_CHAT_LENGTH, min=1, help="Talk's chat max-length; longer messages are split"
+        ),
         "Silent": Option(bool, default=False, help="post without notifications"),
-        "ReplayWindow": Option(int, default=3600, help="seconds a webhook random is remembered"),
+        "ReplayWindow": Option(int, default=3600, min=1, help="seconds a webhook random is remembered"),
     }
 
     def __init__(self, ctx: AdapterContext) -> None:
@@ -193,7 +138,7 @@ class TalkBot(Adapter):
         self.secret: str = acct.get("BotSecret", "")
         self.server: str = str(acct.get("Server", "")).rstrip("/")
         self.timeout = float(acct.get("Timeout", 15))
-        self.max_length = int(acct.get("MessageLength", 32000) or 32000)
+        self.max_length = int(acct.get("MessageLength", MAX_CHAT_LENGTH) or MAX_CHAT_LENGTH)
         self.silent = bool(acct.get("Silent", False))
         self.replay_window = int(acct.get("ReplayWindow", 3600))
         url = acct.get("WebhookURL", "")
@@ -236,19 +181,13 @@ class TalkBot(Adapter):
                 parts = urlsplit(value)
                 if parts.scheme not in ("http", "https") or not parts.netloc:
                     problems.append(f'{account.name}.{key}: "{value}" is not an http(s) URL')
-        if account.get("Timeout", 15) <= 0:
-            problems.append(f"{account.name}.Timeout: must be more than 0")
-        if account.get("MessageLength", 32000) < 1:
-            problems.append(f"{account.name}.MessageLength: must be at least 1")
-        if account.get("ReplayWindow", 3600) < 1:
-            problems.append(f"{account.name}.ReplayWindow: must be at least 1")
         return problems
 
     # lifecycle ---------------------------------------------------------------------
     async def connect(self) -> None:
         self._client = httpx.AsyncClient(
             timeout=self.timeout,
-            headers={"OCS-APIRequest": "true", "Accept": "application/json"},
+            headers=OCS_HEADERS,
         )
 
     async def disconnect(self) -> None:
@@ -476,7 +415,17 @@ class TalkBot(Adapter):
                 "POST" if add else "DELETE", path, {"reaction": emoji}, emoji, ok_404=not add, room=delivery.channel
             )
         except Exception:
-            await self.ctx.redis.delete(marker)
+            try:  # no echo will come: a later identical reaction's echo must not be taken for this one's
+                await self.ctx.redis.delete(marker)
+            except (RedisError, OSError) as cleanup:  # the delivery's own error is what the core must see
+                self.ctx.log.warning(
+                    "%s: could not remove the echo marker of a failed reaction in room %s "
+                    "(Talk's echo of the same reaction within %ds may be dropped): %s",
+                    self.name,
+                    delivery.channel,
+                    ECHO_TTL,
+                    cleanup,
+                )
             raise
         if status == 404:  # DELETE of a reaction that is not there: already the wanted state
             await self.ctx.redis.delete(marker)
@@ -524,11 +473,7 @@ class TalkBot(Adapter):
                 hint = f"occ talk:bot:setup BOT_ID {room}"
                 raise PermanentError(f"{what}: the bot is not enabled in room {room} ({hint})")
             raise AccountFailed(f"{what} (bot not enabled in the room, or BotSecret differs from occ talk:bot:install)")
-        if status == 429:
-            raise RateLimited(what, _retry_after(resp.headers.get("Retry-After")))
-        if status >= 500:
-            raise TransientError(what)
-        raise PermanentError(what)
+        raise error_for_status(status, what, retry_after(resp.headers.get("Retry-After")))
 
     # Whether Talk has shown, lately, that it shares our secret --------------------------
     def _proof_op(self) -> Op:
@@ -561,15 +506,6 @@ def _path_token(token: str) -> str:
     return quote(token, safe="")
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
 # payload validation -------------------------------------------------------------------
 def _parse(raw: bytes) -> dict[str, Any]:
     try:  # orjson refuses what the rest could not carry: not UTF-8, lone surrogates, NaN, nesting past 1,024
@@ -597,22 +533,24 @@ def _parse(raw: bytes) -> dict[str, Any]:
     if not isinstance(target, dict) or not _nonempty(target.get("id")):
         raise WebhookRejected(400, "bad_shape", "target.id (the room token) is missing")
     if kind == "Create":
-        if not _msg_id(obj.get("id")):
+        if not is_message_id(obj.get("id")):
             raise WebhookRejected(400, "bad_shape", "object.id is not a message id")
         _content(obj)
         reply = obj.get("inReplyTo")
         if reply is not None and not (
-            isinstance(reply, dict) and isinstance(reply.get("object"), dict) and _msg_id(reply["object"].get("id"))
+            isinstance(reply, dict)
+            and isinstance(reply.get("object"), dict)
+            and is_message_id(reply["object"].get("id"))
         ):
             raise WebhookRejected(400, "bad_shape", "object.inReplyTo.object.id is not a message id")
     elif kind == "Like":
-        if not _msg_id(obj.get("id")):
+        if not is_message_id(obj.get("id")):
             raise WebhookRejected(400, "bad_shape", "object.id is not a message id")
         if not _nonempty(payload.get("content")):
             raise WebhookRejected(400, "bad_shape", "content (the emoji) is missing")
     elif kind == "Undo":
         like = obj.get("object")
-        if obj.get("type") != "Like" or not isinstance(like, dict) or not _msg_id(like.get("id")):
+        if obj.get("type") != "Like" or not isinstance(like, dict) or not is_message_id(like.get("id")):
             raise WebhookRejected(400, "bad_shape", "Undo must carry the Like with object.object.id")
         if not _nonempty(obj.get("content")) and not _nonempty(payload.get("content")):
             raise WebhookRejected(400, "bad_shape", "object.content (the emoji) is missing")
@@ -620,19 +558,10 @@ def _parse(raw: bytes) -> dict[str, Any]:
 
 
 def _content(obj: dict[str, Any]) -> tuple[str, Any]:
-    raw = obj.get("content")
-    if not isinstance(raw, str):
-        raise WebhookRejected(400, "bad_shape", "object.content must be a JSON string")
     try:
-        content = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise WebhookRejected(400, "bad_shape", "object.content is not JSON") from None
-    if not isinstance(content, dict) or not isinstance(content.get("message"), str):
-        raise WebhookRejected(400, "bad_shape", "object.content must hold {message, parameters}")
-    parameters = content.get("parameters", [])
-    if not isinstance(parameters, dict | list):
-        raise WebhookRejected(400, "bad_shape", "object.content.parameters must be an object or []")
-    return content["message"], parameters
+        return parse_content(obj.get("content"))
+    except BadContent as exc:
+        raise WebhookRejected(400, "bad_shape", str(exc)) from None
 
 
 def _room_of(payload: dict[str, Any]) -> str:
@@ -643,9 +572,3 @@ def _room_of(payload: dict[str, Any]) -> str:
 
 def _nonempty(value: Any) -> bool:
     return isinstance(value, str) and value != ""
-
-
-def _msg_id(value: Any) -> bool:
-    if isinstance(value, str):
-        return 0 < len(value) <= 20 and value.isascii() and value.isdigit()  # not "²": Talk's ids are integers
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

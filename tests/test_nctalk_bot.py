@@ -13,7 +13,8 @@ import pytest
 from redis.asyncio import Redis
 
 from adapters.base import AccountFailed, PermanentError, RateLimited, TransientError
-from adapters.nctalk_bot import TalkBot, install_command, reference_id, render, split_message
+from adapters.nctalk_bot import TalkBot, install_command
+from adapters.talk.common import reference_id, render, split_message
 from bridge.events import Delivery, Event, EventKind
 from bridge.idmap import IdMap
 from tests.talkbot_rig import SECRET, Rig, bot_section, start_rig, write_config

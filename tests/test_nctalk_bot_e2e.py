@@ -11,7 +11,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from adapters.nctalk_bot import reference_id
+from adapters.talk.common import reference_id
 from bridge.events import event_from_wire
 from tests.helpers import Daemon, RedisServer, free_port, wait_for
 from tests.talkbot_rig import SECRET

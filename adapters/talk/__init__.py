@@ -1,0 +1,1 @@
+"""Nextcloud Talk: what every Talk adapter shares (``adapters.talk.common``)."""
