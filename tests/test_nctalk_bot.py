@@ -510,6 +510,23 @@ async def test_reactions_to_talk_and_their_echo(talk: TalkServer, rig: Rig, room
     assert req.headers["X-Nextcloud-Talk-Bot-Signature"] == signature(SECRET, random, "🎉".encode())
 
 
+async def test_a_failed_reaction_keeps_its_error_when_its_marker_cannot_be_removed(
+    talk: TalkServer, rig: Rig, room, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r, _bot, alice = room
+    msg = await talk.post(r.token, alice, "nice")
+    talk.fail_next(502)  # the reaction fails: the echo marker set before it must go again
+
+    async def redis_gone(*_keys: str) -> int:  # and Redis goes away just then
+        raise ConnectionError("Redis went away")
+
+    monkeypatch.setattr(rig.adapter.ctx.redis, "delete", redis_gone)
+    with pytest.raises(TransientError, match="502"):  # the delivery's error, not the cleanup's
+        await rig.adapter.send(delivery(EventKind.REACTION, reaction="🎉", target_id=str(msg.id), source_target="x"))
+    [record] = [rec for rec in caplog.records if "echo marker" in rec.getMessage()]
+    assert ACCOUNT in record.getMessage() and "Redis went away" in record.getMessage()
+
+
 async def test_reaction_echo_with_the_old_actor_bug(talk: TalkServer, rig: Rig, room) -> None:
     """Before spreed#16889 the Like named the message author: the marker still catches it."""
     r, _bot, alice = room
