@@ -21,13 +21,16 @@ Modelled on Talk 19 (Nextcloud 29) with the Talk 21+ additions
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import hmac
 import json
 import re
 import secrets
+import sys
 import time
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, TextIO
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -39,24 +42,27 @@ from adapters.base import (
     AccountFailed,
     Adapter,
     AdapterContext,
+    CliCommand,
     Option,
     PermanentError,
     TransientError,
     error_for_status,
 )
 from adapters.talk.common import (
+    BRUTEFORCE_MAX_DELAY,
     MAX_CHAT_LENGTH,
     OCS_API,
     OCS_HEADERS,
     BadContent,
     is_message_id,
     parse_content,
+    php_trim,
     reference_id,
     render,
     retry_after,
     split_message,
 )
-from bridge.config import AccountConfig
+from bridge.config import AccountConfig, Config, ConfigError
 from bridge.events import Delivery, Event, EventKind
 from bridge.groupcommit import GroupCommit, Op
 from bridge.idmap import canonical_of
@@ -115,6 +121,26 @@ def install_command(account: AccountConfig) -> str:
     )
 
 
+def talk_bot_command(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    """``talkbridge talk-bot-command --config FILE NAME``: print the occ line."""
+    name = args.account if "." in args.account else f"{PROTOCOL}.{args.account}"
+    account = config.accounts.get(name)
+    if account is None or account.protocol != PROTOCOL:
+        bots = ", ".join(n for n, a in config.accounts.items() if a.protocol == PROTOCOL) or "none"
+        raise ConfigError([f'talk-bot-command: no {PROTOCOL} account "{args.account}" (configured: {bots})'])
+    if not account.get("WebhookURL"):
+        print(
+            f"talk-bot-command: {name}.WebhookURL is not set; replace PUBLIC-HOST with the address Talk can reach",
+            file=sys.stderr,
+        )
+    print(install_command(account), file=out)
+    return 0
+
+
+def _talk_bot_command_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("account", help=f"the account: NAME or {PROTOCOL}.NAME")
+
+
 class TalkBot(Adapter):
     protocol = PROTOCOL
     options: ClassVar[dict[str, Option]] = {
@@ -123,7 +149,9 @@ class TalkBot(Adapter):
         "WebhookURL": Option(str, default="", help="public URL Talk calls (for talk-bot-command)"),
         "BotName": Option(str, default="", help="name shown in Talk; default: the account name"),
         "Persona": Option(str, default="", help="LLM persona answering in this bot's rooms"),
-        "Timeout": Option((int, float), default=15, above=0, help="seconds per request to Talk"),
+        "Timeout": Option(
+            (int, float), default=15, above=0, help="seconds per request to Talk, beyond its brute-force delay"
+        ),
         "MessageLength": Option(
             int, default=MAX_CHAT_LENGTH, min=1, help="Talk's chat max-length; longer messages are split"
         ),
@@ -144,7 +172,7 @@ class TalkBot(Adapter):
         url = acct.get("WebhookURL", "")
         # Talk's own actor id for this bot: "bots/bot-" + sha1(webhook URL).
         self.self_actor = f"bots/bot-{hashlib.sha1(url.encode()).hexdigest()}" if url else None
-        self.rooms_key = ctx.key("rooms")
+        self.rooms_key = ctx.rooms.key  # in the room batches below; the router reads the set through ctx.rooms too
         self.left_key = ctx.key("left")  # rooms refused: Talk said Leave, or a 401 once the secret was proven
         # token -> when this process last wrote it to the rooms set in full.
         # Only a cache that saves commands on the hot webhook path: the room
@@ -183,10 +211,27 @@ class TalkBot(Adapter):
                     problems.append(f'{account.name}.{key}: "{value}" is not an http(s) URL')
         return problems
 
+    @classmethod
+    def cli_commands(cls) -> Sequence[CliCommand]:
+        return (
+            CliCommand(
+                "talk-bot-command",
+                "print the occ command that installs a Talk bot account",
+                _talk_bot_command_arguments,
+                talk_bot_command,
+            ),
+        )
+
     # lifecycle ---------------------------------------------------------------------
     async def connect(self) -> None:
         self._client = httpx.AsyncClient(
-            timeout=self.timeout,
+            # Nextcloud's brute-force throttle may hold a request up to
+            # BRUTEFORCE_MAX_DELAY before handling it (every request from a
+            # throttled IP) and as long again before answering a refused one.
+            # A correct request is then still done, after the wait: a read
+            # timeout inside that wait would retry (and post) it again, and a
+            # refused one would be retried instead of stopping the account.
+            timeout=httpx.Timeout(self.timeout, read=self.timeout + 2 * BRUTEFORCE_MAX_DELAY),
             headers=OCS_HEADERS,
         )
 
@@ -338,7 +383,7 @@ class TalkBot(Adapter):
     # it — then replies and reactions to bridged messages cross like any other.
     @staticmethod
     def _own_key(text: str) -> str:
-        return text.strip()  # as Talk stores it: the webhook shows the trimmed text
+        return php_trim(text)  # as Talk stores it: the webhook shows the text PHP's trim() left
 
     async def _remember_own(self, delivery: Delivery, text: str) -> None:
         """Before posting: Talk will not tell the id of the bot's message, but
@@ -444,12 +489,24 @@ class TalkBot(Adapter):
         url = f"{self.server}{BOT_API}/{path}"
         content = json.dumps(body, ensure_ascii=False).encode()
         try:
+            started = time.monotonic()
             resp = await self._client.request(method, url, content=content, headers=headers)
         except httpx.TimeoutException as exc:
             raise TransientError(f"{method} {path}: timed out ({exc.__class__.__name__})") from exc
         except httpx.HTTPError as exc:
             raise TransientError(f"{method} {path}: {exc.__class__.__name__}: {exc}") from exc
         status = resp.status_code
+        held = time.monotonic() - started
+        if held > self.timeout:  # only Talk's throttle makes a healthy server this slow
+            self.ctx.log.warning(
+                "%s: Talk took %.0fs to answer %s %s (%d): Nextcloud's brute-force protection is delaying "
+                "this IP after refused signatures (fix the cause, then occ security:bruteforce:reset IP)",
+                self.name,
+                held,
+                method,
+                path,
+                status,
+            )
         if status in (200, 201) or (ok_404 and status == 404):
             await self._request_accepted()
             return status
@@ -473,7 +530,17 @@ class TalkBot(Adapter):
                 hint = f"occ talk:bot:setup BOT_ID {room}"
                 raise PermanentError(f"{what}: the bot is not enabled in room {room} ({hint})")
             raise AccountFailed(f"{what} (bot not enabled in the room, or BotSecret differs from occ talk:bot:install)")
-        raise error_for_status(status, what, retry_after(resp.headers.get("Retry-After")))
+        wait = retry_after(resp.headers.get("Retry-After"))
+        if status == 429 and wait is None:
+            # The bot API has no rate limit: its 429 is the brute-force block
+            # (more than ten refused signatures from this IP in 30 minutes),
+            # with no Retry-After. Retrying cannot help until it lapses or an
+            # admin lifts it; stop the account instead of dead-lettering.
+            raise AccountFailed(
+                f"{what}: Nextcloud's brute-force protection blocks this IP after repeated refused signatures "
+                "(fix BotSecret or the rooms, then occ security:bruteforce:reset IP)"
+            )
+        raise error_for_status(status, what, wait)
 
     # Whether Talk has shown, lately, that it shares our secret --------------------------
     def _proof_op(self) -> Op:

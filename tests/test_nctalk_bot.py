@@ -386,7 +386,7 @@ async def test_brute_force_protection_answers_429_after_ten_failures(talk: TalkS
     async with httpx.AsyncClient() as client:
         codes = [(await client.post(url, json={"message": "x"}, headers=headers)).status_code for _ in range(12)]
     assert codes == [401] * 10 + [429, 429]
-    with pytest.raises(RateLimited):  # now even a correct request is refused, until the reset
+    with pytest.raises(AccountFailed, match="brute-force"):  # even a correct request, until the reset: stop
         await rig.adapter.send(delivery())
     talk.reset_bruteforce("127.0.0.1")  # occ security:bruteforce:reset 127.0.0.1
     assert await rig.adapter.send(delivery()) is None
@@ -424,9 +424,10 @@ async def test_error_statuses_map_to_delivery_errors(talk: TalkServer, rig: Rig,
     talk.fail_next(502)
     with pytest.raises(TransientError):
         await rig.adapter.send(delivery())
-    talk.fail_next(429)
-    with pytest.raises(RateLimited):
+    talk.fail_next(429, headers={"Retry-After": "7"})  # a proxy's rate limit, saying when
+    with pytest.raises(RateLimited) as limited:
         await rig.adapter.send(delivery())
+    assert limited.value.retry_after == 7
     with pytest.raises(PermanentError):  # replyTo a message that does not exist: 400
         await rig.adapter.send(delivery(reply_to="999999"))
     # A room the bot is not enabled in: Talk says 401, like a wrong secret; the

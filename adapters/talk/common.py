@@ -104,10 +104,10 @@ def split_message(text: str, limit: int) -> list[str]:
         if cut <= 0:
             cut = limit
         piece, rest = rest[:cut], rest[cut:]
-        if piece.strip():
+        if php_trim(piece):  # what Talk would refuse as empty; a piece of NBSPs it posts
             out.append(piece)
         rest = rest.lstrip("\n ") if cut < limit or rest[:1] in ("\n", " ") else rest
-    if rest.strip():
+    if php_trim(rest):
         out.append(rest)
     return out
 

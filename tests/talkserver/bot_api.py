@@ -6,7 +6,7 @@
   (the *message text* or the *reaction*, never the body). None matches ->
   401, throttled (brute-force attempt). A room that does not exist has no
   bots, so it answers 401 as well.
-- ``sendMessage``: empty (trimmed) message -> 400 before anything else;
+- ``sendMessage``: empty message (after PHP's ``trim``) -> 400 before anything else;
   ``replyTo`` not a message of this room (or a system message) -> 400; too
   long -> 413; otherwise 201 with ``data: null`` — the id is never returned.
 - ``react``: 201 created, 200 already there, 404 no such message, 400 not
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from tests.talkserver.chat import ChatError
+from tests.talkserver.chat import ChatError, php_trim
 from tests.talkserver.ocs import BruteForce, client_ip, csrf_ok, ocs_response, params, php_bool, php_int, php_string
 from tests.talkserver.state import FEATURE_RESPONSE, Bot, BotRequest
 
@@ -114,7 +114,7 @@ class BotApi:
             return web.Response(
                 status=500, text="TypeError: sendMessage(): Argument #2 ($message) must be of type string"
             )
-        if message.strip() == "":
+        if php_trim(message) == "":  # BotController: trim($message) === ''
             return ocs_response(request, 400)
         bot = self.bot_from_headers(request, token, message)
         reply_to = php_int(p.get("replyTo", 0))

@@ -5,6 +5,10 @@ message posted any way triggers the same webhooks.
 
 from __future__ import annotations
 
+import unicodedata
+
+import regex
+
 from tests.talkserver import webhooks
 from tests.talkserver.state import (
     FEATURE_REACTION,
@@ -42,10 +46,10 @@ class Chat:
         by_bot: bool = False,
     ) -> Message:
         """ChatManager::sendMessage, then ChatMessageSentEvent -> bots."""
-        text = text.strip()  # Comment::setMessage trims
+        text = php_trim(text)  # Comment::setMessage trims (PHP's trim: non-breaking spaces stay)
         if len(text) > MAX_CHAT_LENGTH:  # mb_strlen
             raise ChatError("too_long")
-        ref = reference_id.strip() if reference_id else ""
+        ref = php_trim(reference_id) if reference_id else ""
         if len(ref) > MAX_REFERENCE_ID:  # the DB column refuses it
             raise ChatError("invalid")
         if by_bot:
@@ -148,10 +152,36 @@ class Chat:
         await self.sender.send([bot], webhooks.join_payload(room, bot, "Leave"))
 
 
+def php_trim(text: str) -> str:
+    """PHP's ``trim()`` with its default characters: space, tab, LF, CR, NUL
+    and vertical tab, and no other (``str.strip`` also takes NBSP and friends)."""
+    return text.strip(" \t\n\r\0\x0b")
+
+
+# IntlChar::charType categories EmojiHelper lets through in a string of two
+# bytes or more ("Cn": ICU's GENERAL_OTHER_TYPES is the unassigned category).
+EMOJI_PART_CATEGORIES = frozenset({"Sk", "Lm", "So", "Cf", "Po", "Ll", "Sm", "Me", "Nd", "Pd", "Cn"})
+ZERO_WIDTH_JOINER, VARIATION_SELECTOR_16 = 0x200D, 0xFE0F
+
+
 def valid_emoji(value: str) -> bool:
-    """Roughly EmojiService::isValidSingleEmoji: one emoji (with modifiers/ZWJ), no text."""
-    if not value or len(value) > 10:
+    """Nextcloud's ``EmojiHelper::isValidSingleEmoji`` (lib/private/EmojiHelper.php).
+
+    Exactly one extended grapheme cluster (ICU's character break iterator;
+    the stdlib has no grapheme segmentation, ``regex``'s ``\\X`` is UAX #29),
+    and every code point of a general category emoji are made of — or, in a
+    one-byte string, only a ZWJ or VS16, so no ASCII letter, digit or sign.
+    Faithful to its leniency too: a lone "é" (Ll, two UTF-8 bytes) passes.
+    Categories come from Python's Unicode tables, not ICU's: the same for
+    every assigned emoji, apart from the version each knows.
+    """
+    if len(regex.findall(r"\X", value)) != 1:
         return False
-    return not any(ch.isascii() and (ch.isalnum() or ch.isspace()) for ch in value) and any(
-        ord(ch) > 0x2000 for ch in value
-    )
+    multibyte = len(value.encode()) >= 2  # PHP's strlen counts bytes
+    for ch in value:
+        if multibyte and unicodedata.category(ch) in EMOJI_PART_CATEGORIES:
+            continue
+        if ord(ch) in (ZERO_WIDTH_JOINER, VARIATION_SELECTOR_16):
+            continue
+        return False
+    return True

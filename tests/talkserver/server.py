@@ -39,7 +39,7 @@ class TalkServer:
         self.sender = WebhookSender(self.state)
         self.chat = Chat(self.state, self.sender)
         self.bruteforce_delay_scale = bruteforce_delay_scale
-        self._faults: list[int] = []
+        self._faults: list[tuple[int, dict[str, str]]] = []
         self._failing_rooms: dict[str, int] = {}  # token -> status every bot request there gets
         self._stalls = 0
         self._stalled = asyncio.Event()  # set when a stalled request is holding
@@ -72,8 +72,8 @@ class TalkServer:
             self._runner = None
 
     # faults ------------------------------------------------------------------------
-    def fail_next(self, status: int, count: int = 1) -> None:
-        self._faults.extend([status] * count)
+    def fail_next(self, status: int, count: int = 1, headers: dict[str, str] | None = None) -> None:
+        self._faults.extend([(status, headers or {})] * count)
 
     def fail_room(self, token: str, status: int = 503) -> None:
         """Fault injection: answer every bot request for ``token`` with ``status``."""
@@ -88,8 +88,8 @@ class TalkServer:
             return web.Response(status=status, text=f"injected fault {status} for this room")
         if not self._faults:
             return None
-        status = self._faults.pop(0)
-        return web.Response(status=status, text=f"injected fault {status}")
+        status, headers = self._faults.pop(0)
+        return web.Response(status=status, text=f"injected fault {status}", headers=headers)
 
     def stall_next(self, count: int = 1) -> None:
         self._stalls += count
