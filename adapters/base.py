@@ -16,16 +16,19 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 
 from bridge.bus import account_key
 from bridge.events import Delivery, Event
+from bridge.rooms import Rooms
 
 if TYPE_CHECKING:
+    import argparse
+
     from aiohttp import web
     from redis.asyncio import Redis
 
-    from bridge.config import AccountConfig
+    from bridge.config import AccountConfig, Config
     from bridge.idmap import Fence, IdMap
     from bridge.listener import ListenerLimits
     from bridge.metrics import Metrics
@@ -113,14 +116,37 @@ class AdapterContext:
         """A Redis key private to this account."""
         return account_key(self.key_prefix, self.account.name, *parts)
 
+    @property
+    def rooms(self) -> Rooms:
+        """The rooms this account is in, for gateways whose channel is ``*``:
+        an adapter whose rooms change at run time keeps it; the router reads it."""
+        return Rooms(self.redis, self.key_prefix, self.account.name)
+
+
+@dataclass(frozen=True, slots=True)
+class CliCommand:
+    """A ``talkbridge`` subcommand an adapter brings (``talk-bot-command``).
+
+    The CLI adds ``--config/-c`` to it, loads and validates that config, then
+    calls ``run(args, config, out)`` for an exit code; ``run`` raises
+    ``bridge.config.ConfigError`` for a problem with the config or the
+    arguments (printed, exit 2)."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Config, TextIO], int]
+
 
 class Adapter(ABC):
+    """One protocol. The class attributes below the methods are flags the core
+    reads; each says what it changes there. Nothing else about an adapter is
+    known to the core: no key names, no protocol names."""
+
     protocol: ClassVar[str]
+    # Read by the config loader (bridge/config.py): the account keys accepted,
+    # their types and defaults, and which are secrets (never printed).
     options: ClassVar[dict[str, Option]] = {}
-    # True when the same channel name may appear in several gateways and the
-    # adapter cannot tell them apart (Matterbridge's "api" channel): inbound
-    # events must then name their gateway.
-    needs_gateway: ClassVar[bool] = False
 
     def __init__(self, ctx: AdapterContext) -> None:
         self.ctx = ctx
@@ -144,6 +170,26 @@ class Adapter(ABC):
     async def disconnect(self) -> None:
         """Close everything ``connect`` opened."""
 
+    async def receive(self) -> None:
+        """Receive from the network for as long as the account is owned here
+        (a long poll, a sync loop), publishing through ``ctx.publish``.
+
+        Optional: an adapter whose traffic arrives only as webhooks does not
+        override it. When overridden, the account runner (bridge/daemon.py)
+        starts it after ``connect`` and ``join``, beside the delivery loop, and
+        supervises it: it should run for ever, so one that raises *or returns*
+        is started again after a capped, jittered backoff, counted in
+        ``talkbridge_receive_restarts``, and the account shows as degraded
+        meanwhile. It is cancelled when the lease is lost and at shutdown:
+        let ``CancelledError`` through. Raise ``AccountFailed`` on a refused
+        credential (the runner then waits long before trying again)."""
+        raise NotImplementedError(f"{type(self).__name__} has no receive loop")
+
+    @classmethod
+    def has_receive_loop(cls) -> bool:
+        """Whether this adapter overrides ``receive`` (the runner checks)."""
+        return cls.receive is not Adapter.receive
+
     async def send_batch(self, deliveries: Sequence[Delivery]) -> list[str | None]:
         """Deliver several in order; all or nothing (raise and none counts as sent).
 
@@ -152,9 +198,15 @@ class Adapter(ABC):
         """
         return [await self.send(d) for d in deliveries]
 
-    batch_send: ClassVar[bool] = False  # True when send_batch is all-or-nothing
-    # True when send itself records the delivery in ctx.idmap atomically with
-    # the delivery (a Redis-backed network): the core then only acknowledges.
+    # Read by the delivery loop (bridge/relay.py): True when ``send_batch`` is
+    # all-or-nothing in one round trip; the loop then hands a lane's plain
+    # messages over together instead of one ``send`` each.
+    batch_send: ClassVar[bool] = False
+    # Read by the delivery loop: True when ``send`` itself records the delivery
+    # in ctx.idmap atomically with it, checking the delivered-marker and the
+    # fence (``ctx.fence()``) in the same script (a Redis-backed network). The
+    # loop then neither looks the marker up, checks the fence before sending,
+    # nor records the copy: it only acknowledges.
     records_delivery: ClassVar[bool] = False
 
     def ingress_routes(self) -> list[web.RouteDef]:
@@ -165,3 +217,8 @@ class Adapter(ABC):
     def check_account(cls, account: AccountConfig) -> list[str]:
         """Extra validation beyond the option types; return problems."""
         return []
+
+    @classmethod
+    def cli_commands(cls) -> Sequence[CliCommand]:
+        """Subcommands of ``talkbridge`` this protocol adds (bridge/cli.py builds them)."""
+        return ()

@@ -109,7 +109,6 @@ def _go_time(ts: float) -> str:
 
 class MatterbridgeAPI(Adapter):
     protocol = "api"
-    needs_gateway = True
     options: ClassVar[dict[str, Option]] = {
         "BindAddress": Option(str, required=True, help="HOST:PORT to listen on"),
         "Token": Option(str, secret=True, default=""),

@@ -1,4 +1,5 @@
-"""``talkbridge run | check-config | status | dlq``.
+"""``talkbridge run | check-config | status | dlq``, and the subcommands
+adapters register (``Adapter.cli_commands``: ``talk-bot-command``).
 
 Exit codes: 0 fine, 1 runtime failure, 2 bad config or usage.
 """
@@ -21,11 +22,13 @@ from typing import Any, TextIO
 from redis.asyncio import Redis
 
 from adapters import AdapterRegistry
-from adapters.base import Adapter
+from adapters.base import Adapter, CliCommand
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
 from bridge.config import Config, ConfigError, ProtocolSpec, load_config
 from bridge.connections import RedisURLError, connect
 from bridge.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from bridge.health import degraded_accounts
+from bridge.lease import lease_key
 
 GC_GEN0_THRESHOLD = 20_000  # CPython's default, 700, collects every few requests
 EXIT_RUNTIME = 1
@@ -236,12 +239,21 @@ async def _status(config: Config, out: TextIO) -> int:
         for name in config.accounts:
             for stream, group in ((bus.inbound(name), ROUTER_GROUP), (bus.outbound(name), DELIVER_GROUP)):
                 rows.append(await bus.stream_status(stream, group))
+        owners = {name: await redis.get(lease_key(bus.prefix, name)) for name in config.accounts}
+        degraded = await degraded_accounts(redis, bus.prefix, config.accounts)
         dlq = await redis.xlen(bus.dlq)
     width = max([len(r["stream"]) for r in rows] + [6])
     print(f"{'stream':{width}}  {'length':>8}  {'lag':>8}  {'pending':>8}  {'oldest':>9}", file=out)
     for r in rows:
         oldest = f"{r['oldest_pending_s']:.1f}s" if r["pending"] else "-"
         print(f"{r['stream']:{width}}  {r['length']:>8}  {r['lag']:>8}  {r['pending']:>8}  {oldest:>9}", file=out)
+    width = max([len(name) for name in owners] + [7])
+    print(f"{'account':{width}}  state", file=out)
+    for name, owner in owners.items():
+        state = f"owned by {owner.decode()}" if owner else "not owned"
+        if name in degraded:
+            state += f", degraded: {degraded[name]}"
+        print(f"{name:{width}}  {state}", file=out)
     print(f"dead letters: {dlq}", file=out)
     return 0
 
@@ -272,26 +284,13 @@ def cmd_dlq(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out
     return asyncio.run(_dlq(load(args.config, adapters), args, out))
 
 
-def cmd_talk_bot_command(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
-    from adapters.nctalk_bot import install_command
-
-    config = load(args.config, adapters)
-    name = args.account if "." in args.account else f"nctalkbot.{args.account}"
-    account = config.accounts.get(name)
-    if account is None or account.protocol != "nctalkbot":
-        bots = ", ".join(n for n, a in config.accounts.items() if a.protocol == "nctalkbot") or "none"
-        print(f'talk-bot-command: no nctalkbot account "{args.account}" (configured: {bots})', file=sys.stderr)
-        return EXIT_CONFIG
-    if not account.get("WebhookURL"):
-        print(
-            f"talk-bot-command: {name}.WebhookURL is not set; replace PUBLIC-HOST with the address Talk can reach",
-            file=sys.stderr,
-        )
-    print(install_command(account), file=out)
-    return 0
+def cmd_adapter(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
+    """A subcommand an adapter registered (``Adapter.cli_commands``)."""
+    command: CliCommand = args.adapter_command
+    return command.run(args, load(args.config, adapters), out)
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(adapters: Mapping[str, type[Adapter]]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="talkbridge", description="Bridge Nextcloud Talk, Matrix and Matterbridge rooms.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
@@ -306,9 +305,14 @@ def parser() -> argparse.ArgumentParser:
     dlq.add_argument("ids", nargs="*", help="dead-letter entry ids (replay)")
     dlq.add_argument("--all", action="store_true", help="replay every dead letter")
     dlq.add_argument("--limit", type=int, default=100)
-    bot = sub.add_parser("talk-bot-command", help="print the occ command that installs a Talk bot account")
-    bot.add_argument("--config", "-c", required=True)
-    bot.add_argument("account", help="the account: NAME or nctalkbot.NAME")
+    for protocol, adapter in adapters.items():
+        for command in adapter.cli_commands():
+            if command.name in sub.choices:
+                raise ValueError(f"{protocol}: the command {command.name!r} is already taken")
+            extra = sub.add_parser(command.name, help=command.help)
+            extra.add_argument("--config", "-c", required=True)
+            command.add_arguments(extra)
+            extra.set_defaults(adapter_command=command)
     return p
 
 
@@ -317,15 +321,14 @@ COMMANDS = {
     "check-config": cmd_check_config,
     "status": cmd_status,
     "dlq": cmd_dlq,
-    "talk-bot-command": cmd_talk_bot_command,
 }
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, adapters: Mapping[str, Any] | None = None) -> int:
-    args = parser().parse_args(argv)
     registry = adapters if adapters is not None else AdapterRegistry()
+    args = parser(registry).parse_args(argv)
     try:
-        return COMMANDS[args.command](args, registry, out)
+        return COMMANDS.get(args.command, cmd_adapter)(args, registry, out)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import os
+import random
 import socket
 import time
 import uuid
@@ -23,10 +24,11 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from adapters.base import Adapter, AdapterContext
+from adapters.base import AccountFailed, Adapter, AdapterContext
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
 from bridge.config import Config, parse_hostport
 from bridge.events import Event
+from bridge.health import clear_degraded, mark_degraded
 from bridge.http import build_app
 from bridge.idmap import Fence, Fenced, IdMap
 from bridge.lease import Lease
@@ -42,6 +44,17 @@ CRASH_RESET = 300.0  # an account that ran this long without one starts the back
 TASK_RESTART_DELAY = 1.0  # Daemon.run: before a task that ended is started again (doubling)
 CONNECT_BACKOFF_MAX = 60.0
 REDIS_BACKOFF_MAX = 10.0
+RECEIVE_BACKOFF_MIN = 1.0  # seconds before a receive loop that died runs again…
+RECEIVE_BACKOFF_MAX = 60.0  # …doubling while it keeps dying, up to this (then jittered)
+RECEIVE_STEADY = 60.0  # a receive loop that ran this long before dying starts the backoff over
+
+
+def receive_restart_delay(failures: int, rng: random.Random) -> float:
+    """The pause before the ``failures``-th consecutive restart of a receive
+    loop: capped exponential, half of it random, so the accounts of a fleet
+    that lost one server together do not all hit it again at the same instant."""
+    step = min(RECEIVE_BACKOFF_MIN * 2 ** (failures - 1), RECEIVE_BACKOFF_MAX)
+    return step / 2 + rng.uniform(0, step / 2)
 
 
 class LeaseLost(Exception):
@@ -61,6 +74,14 @@ class AccountRunner:
         self.lease = Lease(daemon.redis, daemon.bus.prefix, name, daemon.instance_id, daemon.lease_seconds)
         self.connected = False
         self.owned = False
+        # Why the adapter's receive loop is not running while the account is
+        # owned here (None: running, or the adapter has none): /readyz shows
+        # the account as degraded meanwhile.
+        self.receive_down: str | None = None
+        # The pause before a receive loop is started again; a test holds it to
+        # look at the degraded state.
+        self.restart_pause: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self._rng = random.Random()  # the restart jitter; per runner, not the module's shared one
         self._free_since: float | None = None
 
     async def _may_take(self) -> bool:
@@ -142,6 +163,8 @@ class AccountRunner:
             await self._connect()
             tg.create_task(self._route())
             tg.create_task(self._deliver())
+            if self.adapter.has_receive_loop():
+                tg.create_task(self._receive(), name=f"receive:{self.name}")
             await renew  # ends only by raising LeaseLost; the group cancels the rest
 
     async def _renew(self) -> None:
@@ -185,6 +208,63 @@ class AccountRunner:
             await self.adapter.disconnect()
         except Exception as exc:
             self.log.warning("%s: disconnect failed: %s: %s", self.name, type(exc).__name__, exc)
+
+    async def _receive(self) -> None:
+        """Run the adapter's receive loop while the account is owned here.
+
+        It should never end: one that raises or returns is logged and started
+        again after a capped, jittered backoff, and the account is degraded
+        until then. Only cancellation (lease lost, shutdown) ends this; a
+        stale lease token (Fenced) stops the account like any other write."""
+        failures = 0
+        try:
+            while True:
+                await self._receive_up()
+                started = time.monotonic()
+                pause: float | None = None
+                try:
+                    await self.adapter.receive()
+                    why = "returned"
+                    self.log.error("%s: the receive loop returned; it should run for ever", self.name)
+                except Fenced:
+                    raise
+                except AccountFailed as exc:
+                    # Never retry a refused credential soon: Nextcloud's
+                    # brute-force protection would lock the bridge's IP out.
+                    why = f"credentials refused ({exc})"
+                    self.log.critical("%s: receive loop: %s; paused for %.0fs", self.name, why, ACCOUNT_FAILED_PAUSE)
+                    self.d.metrics.account_failed.labels(self.name).set(1)
+                    pause = ACCOUNT_FAILED_PAUSE
+                except Exception as exc:
+                    why = f"raised {type(exc).__name__}: {exc}"
+                    self.log.error("%s: the receive loop raised", self.name, exc_info=exc)
+                if time.monotonic() - started >= RECEIVE_STEADY:
+                    failures = 0  # a new fault, not the same one again
+                failures += 1
+                if pause is None:
+                    pause = receive_restart_delay(failures, self._rng)
+                await self._receive_stopped(f"receive loop {why}; restart {failures} in {pause:.1f}s", pause)
+                await self.restart_pause(pause)
+                self.d.metrics.account_failed.labels(self.name).set(0)
+                self.d.metrics.receive_restarts.labels(self.name).inc()
+        finally:
+            self.receive_down = None  # not owned any more: nothing to be degraded
+
+    async def _receive_stopped(self, reason: str, pause: float) -> None:
+        self.receive_down = reason
+        self.log.warning("%s: degraded: %s", self.name, reason)
+        try:
+            await mark_degraded(self.d.redis, self.d.bus.prefix, self.name, reason, pause + self.d.lease_seconds)
+        except (RedisError, OSError) as exc:  # /readyz still says it; the status command will not
+            self.log.warning("%s: could not record the degraded state: %s", self.name, exc)
+
+    async def _receive_up(self) -> None:
+        self.receive_down = None
+        try:
+            # also clears a mark a previous owner of the account left behind
+            await clear_degraded(self.d.redis, self.d.bus.prefix, self.name)
+        except (RedisError, OSError) as exc:  # it expires by itself
+            self.log.warning("%s: could not clear the degraded state: %s", self.name, exc)
 
     async def _route(self) -> None:
         loop = RouteLoop(self.d.bus, self.d.router, self.name, self.d.instance_id, self.d.metrics, self.log)
@@ -327,7 +407,10 @@ class Daemon:
         ready = True
         for name, runner in self.runners.items():
             if runner.connected:
-                detail["accounts"][name] = "connected"
+                # Degraded is still ready: webhooks, routing and delivery go on
+                # here, and another instance would not receive any better.
+                down = runner.receive_down
+                detail["accounts"][name] = f"degraded: {down}" if down else "connected"
                 continue
             holder = await runner.lease.holder()
             if holder and holder != self.instance_id:

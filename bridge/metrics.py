@@ -83,6 +83,12 @@ class Metrics:
             ["account"],
             registry=r,
         )
+        self.receive_restarts = Counter(
+            "talkbridge_receive_restarts",
+            "An adapter's receive loop started again after it raised or returned (the log says why)",
+            ["account"],
+            registry=r,
+        )
         self.api_buffer_dropped = Counter(
             "talkbridge_api_buffer_dropped", "Messages pushed out of a full api Buffer", ["account"], registry=r
         )

@@ -77,10 +77,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from adapters.base import AccountFailed, Adapter, PermanentError, RateLimited, TransientError
-from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, Entry, account_key
+from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, Entry
 from bridge.events import Delivery, EventKind, WireError, event_from_wire
 from bridge.idmap import Fence, Fenced, IdMap
 from bridge.metrics import Metrics
+from bridge.rooms import Rooms
 from bridge.router import Router
 
 BLOCK_MS = 5_000
@@ -151,12 +152,11 @@ class RouteLoop(_StreamLoop):
 
     async def rooms(self) -> dict[str, set[str]]:
         """Current rooms of the accounts a gateway names with channel ``*``."""
-        out = {}
-        for account in self.router.wildcard_accounts:
-            # the set its adapter keeps as ctx.key("rooms")
-            members = await self.bus.redis.smembers(account_key(self.bus.prefix, account, "rooms"))
-            out[account] = {m.decode() for m in members}
-        return out
+        # the sets their adapters keep through AdapterContext.rooms
+        return {
+            account: await Rooms(self.bus.redis, self.bus.prefix, account).members()
+            for account in self.router.wildcard_accounts
+        }
 
     async def handle(self, batch: list[Entry]) -> None:
         rooms = await self.rooms() if self.router.wildcard_accounts else None
