@@ -16,10 +16,11 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TextIO
+from typing import TYPE_CHECKING, ClassVar, TextIO
 
 from bridge.bus import account_key
 from bridge.events import Delivery, Event
+from bridge.options import Option  # declared in the config layer; adapters use it from here
 from bridge.rooms import Rooms
 
 if TYPE_CHECKING:
@@ -77,17 +78,6 @@ def error_for_status(status: int, what: str, retry_after: float | None = None) -
     if status >= 500:
         return TransientError(what)
     return PermanentError(what)
-
-
-@dataclass(frozen=True, slots=True)
-class Option:
-    """One account key an adapter understands (Matterbridge spelling)."""
-
-    type: type | tuple[type, ...] = str
-    required: bool = False
-    secret: bool = False  # never printed, never logged
-    default: Any = None
-    help: str = ""
 
 
 @dataclass(slots=True)

@@ -112,7 +112,7 @@ class MatterbridgeAPI(Adapter):
     options: ClassVar[dict[str, Option]] = {
         "BindAddress": Option(str, required=True, help="HOST:PORT to listen on"),
         "Token": Option(str, secret=True, default=""),
-        "Buffer": Option(int, default=1000),
+        "Buffer": Option(int, default=1000, min=1),
     }
 
     def __init__(self, ctx: AdapterContext) -> None:
@@ -137,8 +137,6 @@ class MatterbridgeAPI(Adapter):
         bind = account.get("BindAddress")
         if bind and parse_hostport(bind) is None:
             problems.append(f'{account.name}.BindAddress: "{bind}" is not HOST:PORT')
-        if account.get("Buffer", 1000) < 1:
-            problems.append(f"{account.name}.Buffer: must be at least 1")
         return problems
 
     # lifecycle -----------------------------------------------------------------

@@ -46,7 +46,6 @@ def account_key(prefix: str, account: str, *parts: str) -> str:
 @dataclass(frozen=True, slots=True)
 class BusSettings:
     prefix: str = "tb"
-    max_deliveries: int = 5
     stream_max_len: int = 0
     dead_letter_max_len: int = 100_000
     batch_size: int = 200
@@ -55,7 +54,6 @@ class BusSettings:
     def from_section(cls, prefix: str, bus: dict[str, Any]) -> BusSettings:
         return cls(
             prefix=prefix,
-            max_deliveries=bus["MaxDeliveries"],
             stream_max_len=bus["StreamMaxLen"],
             dead_letter_max_len=bus["DeadLetterMaxLen"],
             batch_size=bus["BatchSize"],

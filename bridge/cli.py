@@ -24,20 +24,17 @@ from redis.asyncio import Redis
 from adapters import AdapterRegistry
 from adapters.base import Adapter, CliCommand
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
-from bridge.config import Config, ConfigError, ProtocolSpec, load_config
+from bridge.config import Config, ConfigError, load_config
 from bridge.connections import RedisURLError, connect
 from bridge.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from bridge.health import degraded_accounts
 from bridge.lease import lease_key
+from bridge.options import protocol_specs
 
 GC_GEN0_THRESHOLD = 20_000  # CPython's default, 700, collects every few requests
 EXIT_RUNTIME = 1
 FILES_RESERVED = 256  # open files besides client connections: Redis, logs, the embedded server's pipes
 EXIT_CONFIG = 2
-
-
-def protocol_specs(adapters: Mapping[str, type[Adapter]]) -> dict[str, ProtocolSpec]:
-    return {name: ProtocolSpec(name, cls.options, cls.check_account) for name, cls in adapters.items()}
 
 
 class JsonFormatter(logging.Formatter):

@@ -22,40 +22,56 @@ from typing import Any
 
 import tomli
 
-from adapters.base import Option
-from bridge.connections import SCHEMES as REDIS_SCHEMES
+from bridge.options import Option, ProtocolSpec
 
 MAX_CONFIG_BYTES = 1 << 20  # a config larger than 1 MiB is a mistake, not a config
 
+# The URL forms bridge/connections.py connects to; here so that checking a
+# config needs no Redis client.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+
+_NO_MEDIA_SERVER = "talkbridge carries files itself and has no media server"
+_NO_TOPICS = "the protocols talkbridge bridges have no topic events"
+
 # Keys every account understands (Matterbridge's [general]-level options).
+# Where each one takes effect is said beside it; the ones with
+# ``not_implemented`` are accepted (a matterbridge.toml loads as it is) and
+# warned about when set.
 COMMON_OPTIONS: dict[str, Option] = {
-    "RemoteNickFormat": Option(str, default="{NICK}"),
-    "IgnoreNicks": Option(str, default=""),
-    "IgnoreMessages": Option(str, default=""),
-    "ReplaceMessages": Option(list, default=()),
-    "ReplaceNicks": Option(list, default=()),
-    "Label": Option(str, default=""),
-    "ShowJoinPart": Option(bool, default=False),
-    "NoSendJoinPart": Option(bool, default=False),
-    "StripNick": Option(bool, default=False),
-    "MediaDownloadSize": Option(int, default=1_000_000),
-    "MediaServerDownload": Option(str, default=""),
-    "MediaDownloadPath": Option(str, default=""),
-    "MediaDownloadBlackList": Option(list, default=()),
-    "MediaServerUpload": Option(str, default=""),
-    "IconURL": Option(str, default=""),
-    "EditDisable": Option(bool, default=False),
-    "EditSuffix": Option(str, default=""),
-    "PrefixMessagesWithNick": Option(bool, default=False),
-    "ShowTopicChange": Option(bool, default=False),
-    "SyncTopic": Option(bool, default=False),
-    "PreserveThreading": Option(bool, default=False),
-    "ExtractNicks": Option(list, default=()),
-    "IgnoreFailureOnStart": Option(bool, default=False),
-    "MessageSplit": Option(bool, default=False),
-    "MessageLength": Option(int, default=0),
-    "Debug": Option(bool, default=False),
-    "Charset": Option(str, default=""),
+    "RemoteNickFormat": Option(str, default="{NICK}"),  # router, destination's
+    "IgnoreNicks": Option(str, default=""),  # router, source's
+    "IgnoreMessages": Option(str, default=""),  # router, source's
+    "ReplaceMessages": Option(list, default=()),  # router, source's
+    "ReplaceNicks": Option(list, default=()),  # router, source's
+    "Label": Option(str, default=""),  # router: {LABEL}
+    "ShowJoinPart": Option(bool, default=False),  # router, destination's
+    "NoSendJoinPart": Option(bool, default=False),  # router, source's
+    "StripNick": Option(bool, default=False),  # router, destination's
+    "MediaDownloadSize": Option(int, default=1_000_000, min=0),  # api: largest file accepted in a POST
+    "MediaServerDownload": Option(str, default="", not_implemented=_NO_MEDIA_SERVER),
+    "MediaDownloadPath": Option(str, default="", not_implemented=_NO_MEDIA_SERVER),
+    "MediaDownloadBlackList": Option(list, default=(), not_implemented=_NO_MEDIA_SERVER),
+    "MediaServerUpload": Option(str, default="", not_implemented=_NO_MEDIA_SERVER),
+    "IconURL": Option(str, default="", not_implemented="avatars are passed on as the source gives them"),
+    "EditDisable": Option(bool, default=False),  # router, source's
+    "EditSuffix": Option(str, default=""),  # router, source's
+    "PrefixMessagesWithNick": Option(
+        bool,
+        default=False,
+        not_implemented="a Talk bot always puts the nick before the text, an api account never does",
+    ),
+    "ShowTopicChange": Option(bool, default=False, not_implemented=_NO_TOPICS),
+    "SyncTopic": Option(bool, default=False, not_implemented=_NO_TOPICS),
+    # router, destination's; talkbridge's default is true (see the README)
+    "PreserveThreading": Option(bool, default=True),
+    "ExtractNicks": Option(list, default=(), not_implemented="not yet: rewrite nicks with ReplaceNicks"),
+    "IgnoreFailureOnStart": Option(
+        bool, default=False, not_implemented="an account that fails to start never stops the others"
+    ),
+    "MessageSplit": Option(bool, default=False, not_implemented="a Talk bot always splits long messages"),
+    "MessageLength": Option(int, default=0, min=0, not_implemented="only a Talk bot account limits length"),
+    "Debug": Option(bool, default=False, not_implemented='use [log] Level = "debug"'),
+    "Charset": Option(str, default="", not_implemented="every protocol talkbridge bridges is UTF-8"),
 }
 
 # Sections of a Matterbridge config that hold no accounts.
@@ -74,7 +90,7 @@ OWN_SECTIONS: dict[str, OwnSection] = {
         {
             "URL": Option(str, default="", secret=True, help="empty: embedded Redis"),
             "DataDir": Option(str, default="talkbridge-data"),
-            "AppendFsync": Option(str, default="everysec"),
+            "AppendFsync": Option(str, default="everysec", choices=("always", "everysec", "no")),
             "KeyPrefix": Option(str, default="tb"),
             "RedisServer": Option(str, default="", help="redis-server binary for the embedded default"),
         }
@@ -82,30 +98,34 @@ OWN_SECTIONS: dict[str, OwnSection] = {
     "http": OwnSection(
         {
             "BindAddress": Option(str, default="127.0.0.1:4280"),
-            "MaxBodyBytes": Option(int, default=1 << 20),
+            "MaxBodyBytes": Option(int, default=1 << 20, min=1024),
             # every listener (this one, each api account's): bridge/listener.py
-            "RequestTimeoutSeconds": Option((int, float), default=10, help="for a request head, then its body"),
-            "IdleTimeoutSeconds": Option((int, float), default=75, help="a kept-alive connection between requests"),
-            "MaxConnections": Option(int, default=1000, help="open connections per listener"),
+            "RequestTimeoutSeconds": Option(
+                (int, float), default=10, above=0, max=86400, help="for a request head, then its body"
+            ),
+            "IdleTimeoutSeconds": Option(
+                (int, float), default=75, above=0, max=86400, help="a kept-alive connection between requests"
+            ),
+            "MaxConnections": Option(int, default=1000, min=1, help="open connections per listener"),
         }
     ),
     "bus": OwnSection(
         {
-            "MaxDeliveries": Option(int, default=5),
+            "MaxDeliveries": Option(int, default=5, min=1),
             "RetryBaseSeconds": Option((int, float), default=0.5),
             "RetryMaxSeconds": Option((int, float), default=30.0),
             "StreamMaxLen": Option(int, default=0, help="0: trim only what was consumed"),
             "DeadLetterMaxLen": Option(int, default=100_000),
-            "MessageMapDays": Option((int, float), default=7),
-            "MessageMapPerRoom": Option(int, default=5000, help="copies a room's id map keeps"),
-            "LeaseSeconds": Option((int, float), default=15),
-            "BatchSize": Option(int, default=200),
+            "MessageMapDays": Option((int, float), default=7, above=0),
+            "MessageMapPerRoom": Option(int, default=5000, min=100, help="copies a room's id map keeps"),
+            "LeaseSeconds": Option((int, float), default=15, min=2),
+            "BatchSize": Option(int, default=200, min=1),
         }
     ),
     "log": OwnSection(
         {
-            "Level": Option(str, default="info"),
-            "Format": Option(str, default="text"),
+            "Level": Option(str, default="info", choices=("debug", "info", "warning", "error")),
+            "Format": Option(str, default="text", choices=("text", "json")),
         }
     ),
 }
@@ -121,17 +141,25 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-@dataclass(frozen=True, slots=True)
-class ProtocolSpec:
-    """What the config loader needs to know about a protocol."""
-
-    name: str
-    options: dict[str, Option]
-    check: Any = None  # callable(AccountConfig) -> list[str]
-
-
 def _ci(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {k.lower(): v for k, v in mapping.items()}
+
+
+def go_replacement(template: str) -> str:
+    """Go's ``$1`` / ``${1}`` / ``${name}`` -> Python's ``\\g<1>``."""
+    out = template.replace("\\", "\\\\")
+    return re.sub(r"\$\{(\w+)\}|\$(\d+)", lambda m: f"\\g<{m.group(1) or m.group(2)}>", out)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRules:
+    """An account's filters and rewrites, compiled once when the config loads
+    (the loader must compile them to validate them; the router uses these)."""
+
+    ignore_nicks: tuple[re.Pattern[str], ...] = ()
+    ignore_messages: tuple[re.Pattern[str], ...] = ()
+    replace_messages: tuple[tuple[re.Pattern[str], str], ...] = ()  # (pattern, Python replacement)
+    replace_nicks: tuple[tuple[re.Pattern[str], str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -141,7 +169,7 @@ class AccountConfig:
     values: dict[str, Any]  # lower-cased keys, secrets resolved
     general: dict[str, Any]
     specs: dict[str, Option]
-    written: dict[str, str] = field(default_factory=dict)  # lower -> as written
+    rules: AccountRules = field(default_factory=AccountRules)
 
     @property
     def bridge(self) -> str:
@@ -158,9 +186,6 @@ class AccountConfig:
         if spec is not None and spec.default is not None:
             return spec.default
         return default
-
-    def is_set(self, key: str) -> bool:
-        return key.lower() in self.values or key.lower() in self.general
 
     def __repr__(self) -> str:  # never show values: some are secrets
         return f"AccountConfig({self.name!r})"
@@ -274,11 +299,20 @@ class _Loader:
             return [self.resolve(f"{key}[{i}]", v) for i, v in enumerate(value)]
         return value
 
-    def typed(self, key: str, value: Any, spec: Option) -> bool:
+    def checked(self, key: str, value: Any, spec: Option) -> tuple[bool, Any]:
+        """Is the value what ``spec`` declares (type, then range or choice)?
+        Records the problem when not; returns the value as it is stored."""
         if not _type_ok(value, spec.type):
             self.problem(key, f"must be {_type_name(spec.type)}, not {_describe(value)}")
-            return False
-        return True
+            return False, value
+        value, problem = spec.check(value)
+        if problem is not None:
+            self.problem(key, problem)
+            return False, value
+        return True, value
+
+    def warn_not_implemented(self, key: str, spec: Option) -> None:
+        self.warnings.append(f"{key}: accepted but ignored by talkbridge ({spec.not_implemented})")
 
     # sections -----------------------------------------------------------------
     def own_section(self, name: str, raw: Any) -> dict[str, Any]:
@@ -295,8 +329,8 @@ class _Loader:
                 known = ", ".join(spec.options)
                 self.problem(f"{name}.{key}", f"unknown key (known: {known})")
                 continue
-            value = self.resolve(f"{name}.{key}", value)
-            if self.typed(f"{name}.{key}", value, spec.options[opt_name]):
+            ok, value = self.checked(f"{name}.{key}", self.resolve(f"{name}.{key}", value), spec.options[opt_name])
+            if ok:
                 out[opt_name] = value
         return out
 
@@ -310,10 +344,25 @@ class _Loader:
         for key, value in raw.items():
             value = self.resolve(f"general.{key}", value)
             spec = _spec_ci(COMMON_OPTIONS, key.lower())
-            if spec is not None and not self.typed(f"general.{key}", value, spec):
-                continue
+            if spec is not None:
+                ok, value = self.checked(f"general.{key}", value, spec)
+                if not ok:
+                    continue
             out[key.lower()] = value
         return out
+
+    def warn_general_not_implemented(self, raw: Any, accounts: Mapping[str, AccountConfig]) -> None:
+        """A [general] key no account does anything with (a Talk bot account
+        does read MessageLength, an api account does not)."""
+        if not isinstance(raw, dict):
+            return
+        for key in raw:
+            specs = [_spec_ci(acct.specs, key.lower()) for acct in accounts.values()] or [
+                _spec_ci(COMMON_OPTIONS, key.lower())
+            ]
+            found = [spec for spec in specs if spec is not None]
+            if found and all(spec.not_implemented for spec in found):
+                self.warn_not_implemented(f"general.{key}", found[0])
 
     def account(self, protocol: str, bridge: str, raw: Any, general: dict[str, Any]) -> AccountConfig | None:
         name = f"{protocol}.{bridge}"
@@ -326,46 +375,57 @@ class _Loader:
         proto = self.protocols[protocol]
         specs = {**COMMON_OPTIONS, **proto.options}
         values: dict[str, Any] = {}
-        written: dict[str, str] = {}
         for key, value in raw.items():
             path = f"{name}.{key}"
             spec = _spec_ci(specs, key.lower())
             if spec is None:
                 self.warnings.append(f"{path}: unknown key, ignored")
                 continue
-            value = self.resolve(path, value)
-            if not self.typed(path, value, spec):
+            ok, value = self.checked(path, self.resolve(path, value), spec)
+            if not ok:
                 continue
+            if spec.not_implemented:
+                self.warn_not_implemented(path, spec)
             values[key.lower()] = value
-            written[key.lower()] = key
         for key, spec in specs.items():
             if spec.required and key.lower() not in values and key.lower() not in general:
                 self.problem(f"{name}.{key}", "is required")
-        acct = AccountConfig(name, protocol, values, general, specs, written)
-        self.check_rules(acct)
+        acct = AccountConfig(name, protocol, values, general, specs)
+        acct.rules = self.rules(acct)
         if proto.check is not None:
             for text in proto.check(acct):
                 self.problems.append(text if text.startswith(name) else f"{name}.{text}")
         return acct
 
-    def check_rules(self, acct: AccountConfig) -> None:
-        """Regexes and replace pairs must compile now, not at the first message."""
+    def rules(self, acct: AccountConfig) -> AccountRules:
+        """Compile the account's regexes and replace pairs: a bad one is a
+        problem now, not at the first message."""
+        ignore: dict[str, list[re.Pattern[str]]] = {}
         for key in ("IgnoreNicks", "IgnoreMessages"):
+            ignore[key] = []
             for pattern in str(acct.get(key, "")).split():
                 try:
-                    re.compile(pattern)
+                    ignore[key].append(re.compile(pattern))
                 except re.error as exc:
                     self.problem(f"{acct.name}.{key}", f"bad regular expression {pattern!r}: {exc}")
+        replace: dict[str, list[tuple[re.Pattern[str], str]]] = {}
         for key in ("ReplaceMessages", "ReplaceNicks"):
+            replace[key] = []
             for i, pair in enumerate(acct.get(key, ()) or ()):
                 where = f"{acct.name}.{key}[{i}]"
                 if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
                     self.problem(where, 'must be a pair of strings ["regex", "replacement"]')
                     continue
                 try:
-                    re.compile(pair[0])
+                    replace[key].append((re.compile(pair[0]), go_replacement(pair[1])))
                 except re.error as exc:
                     self.problem(where, f"bad regular expression {pair[0]!r}: {exc}")
+        return AccountRules(
+            ignore_nicks=tuple(ignore["IgnoreNicks"]),
+            ignore_messages=tuple(ignore["IgnoreMessages"]),
+            replace_messages=tuple(replace["ReplaceMessages"]),
+            replace_nicks=tuple(replace["ReplaceNicks"]),
+        )
 
     def gateways(self, raw: Any, accounts: dict[str, AccountConfig]) -> list[Gateway]:
         if raw is None:
@@ -512,6 +572,7 @@ def load_config(
             if acct is not None:
                 accounts[acct.name] = acct
 
+    loader.warn_general_not_implemented(raw.get(lower.get("general", "general")), accounts)
     gateways = loader.gateways(raw.get(lower.get("gateway", "gateway")), accounts)
     _check_sections(loader, sections)
     if loader.problems:
@@ -520,34 +581,13 @@ def load_config(
 
 
 def _check_sections(loader: _Loader, sections: dict[str, dict[str, Any]]) -> None:
+    """What the option declarations cannot say (ranges and choices they do)."""
     url = sections["redis"]["URL"]
     if url and not url.startswith(REDIS_SCHEMES):  # never echo the value: it may hold a password
         loader.problem("redis.URL", f"must start with one of {', '.join(REDIS_SCHEMES)}")
-    if sections["redis"]["AppendFsync"] not in ("always", "everysec", "no"):
-        loader.problem("redis.AppendFsync", "must be always, everysec or no")
     bind = sections["http"]["BindAddress"]
     if bind and parse_hostport(bind) is None:
         loader.problem("http.BindAddress", f'"{bind}" is not HOST:PORT')
-    for key in ("MaxDeliveries", "BatchSize"):
-        if sections["bus"][key] < 1:
-            loader.problem(f"bus.{key}", "must be at least 1")
-    if sections["bus"]["MessageMapDays"] <= 0:
-        loader.problem("bus.MessageMapDays", "must be more than 0")
-    if sections["bus"]["MessageMapPerRoom"] < 100:
-        loader.problem("bus.MessageMapPerRoom", "must be at least 100")
-    if sections["bus"]["LeaseSeconds"] < 2:
-        loader.problem("bus.LeaseSeconds", "must be at least 2")
-    if sections["http"]["MaxBodyBytes"] < 1024:
-        loader.problem("http.MaxBodyBytes", "must be at least 1024")
-    for key in ("RequestTimeoutSeconds", "IdleTimeoutSeconds"):
-        if not 0 < sections["http"][key] <= 86400:
-            loader.problem(f"http.{key}", "must be more than 0 and at most 86400")
-    if sections["http"]["MaxConnections"] < 1:
-        loader.problem("http.MaxConnections", "must be at least 1")
-    if sections["log"]["Level"].lower() not in ("debug", "info", "warning", "error"):
-        loader.problem("log.Level", "must be debug, info, warning or error")
-    if sections["log"]["Format"] not in ("text", "json"):
-        loader.problem("log.Format", "must be text or json")
 
 
 def parse_hostport(value: str) -> tuple[str, int] | None:

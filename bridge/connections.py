@@ -14,13 +14,15 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
+from bridge.config import REDIS_SCHEMES
+
 # Blocking reads (XREADGROUP BLOCK) must not trip a socket timeout. No
 # periodic health checks: every caller already retries on a broken connection,
 # and the check costs a clock read on every command.
 COMMON: dict[str, Any] = {"socket_timeout": None, "socket_connect_timeout": 5}
 
 
-SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+SCHEMES = REDIS_SCHEMES  # declared in the config layer, which checks URLs without a Redis client
 
 
 class RedisURLError(ValueError):

@@ -53,7 +53,6 @@ class Event:
     sender_id: str = ""
     sender_name: str = ""
     text: str = ""
-    html: str | None = None
     native_id: str | None = None  # the source network's id for this message
     reply_to: str | None = None  # native id (in the source channel) replied to
     target_id: str | None = None  # edit/delete/reaction: native id concerned

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from adapters import AdapterRegistry
-from adapters.base import Option
-from bridge.cli import main, protocol_specs
-from bridge.config import ConfigError, ProtocolSpec, load_config
+from bridge.cli import main
+from bridge.config import ConfigError, load_config
+from bridge.options import Option, ProtocolSpec, protocol_specs
+from tests.helpers import Daemon, RedisServer, api_pair_config
 
 # Seed 002's federation config, straight quotes. nctalk is described here only
 # by the keys the loader needs; the protocol itself is another issue.
@@ -219,7 +222,7 @@ def test_check_config_cli_exit_2_one_line_per_problem(tmp_path: Path, capsys: py
     path = write(tmp_path, API_PAIR + '[[gateway.out]]\naccount = "api.zzz"\nchannel = "api"\n[bus]\nBatchSize = 0\n')
     assert main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ['gateway[0].out[0].account: no account "api.zzz"', "bus.BatchSize: must be at least 1"]
+    assert err == ["bus.BatchSize: must be at least 1", 'gateway[0].out[0].account: no account "api.zzz"']
 
 
 @pytest.mark.parametrize(
@@ -231,3 +234,104 @@ def test_shipped_configs_are_valid(name: str, gateway: str) -> None:
     config = load_config(shipped, specs(), environ=environ)
     assert [g.name for g in config.gateways] == [gateway]
     assert config.warnings == []
+
+
+def test_loading_a_config_imports_no_adapter_bus_or_redis() -> None:
+    """The config layer stands alone: checking a file pulls in neither the
+    adapters nor the bus nor a Redis client (a fresh interpreter, so nothing
+    this test session imported counts)."""
+    code = (
+        "import sys, bridge.config, bridge.options\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('redis', 'adapters', 'aiohttp', 'httpx')"
+        " or m in ('bridge.bus', 'bridge.events'))\n"
+        "assert not loaded, loaded\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def counter_spec() -> dict[str, ProtocolSpec]:
+    return {
+        "counter": ProtocolSpec(
+            "counter",
+            {
+                "Every": Option(int, default=5, min=1),
+                "Ratio": Option((int, float), default=0.5, above=0, max=1),
+                "Mode": Option(str, default="fast", choices=("fast", "Careful")),
+            },
+        )
+    }
+
+
+def test_declared_ranges_are_enforced_and_choices_stored_as_declared(tmp_path: Path) -> None:
+    """An adapter declares a range or the allowed values once, on its Option;
+    the loader checks them (no hand-written check_account for plain ranges)."""
+    ok = load_config(write(tmp_path, "[counter.c]\nEvery = 1\nRatio = 1\nMode = 'CAREFUL'\n"), counter_spec())
+    acct = ok.accounts["counter.c"]
+    assert (acct.get("Every"), acct.get("Ratio"), acct.get("Mode")) == (1, 1, "Careful")
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "[counter.c]\nEvery = 0\nRatio = 0\nMode = 'slow'\n"), counter_spec())
+    assert err.value.problems == [
+        "counter.c.Every: must be at least 1",
+        "counter.c.Ratio: must be more than 0 and at most 1",
+        "counter.c.Mode: must be fast or Careful",
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[api.a]\nBindAddress='127.0.0.1:1'\nBuffer=0\n", "api.a.Buffer: must be at least 1"),
+        ("[http]\nRequestTimeoutSeconds=0\n", "http.RequestTimeoutSeconds: must be more than 0 and at most 86400"),
+        ("[bus]\nMessageMapPerRoom=99\n", "bus.MessageMapPerRoom: must be at least 100"),
+        ("[log]\nFormat='xml'\n", "log.Format: must be text or json"),
+    ],
+)
+def test_own_sections_and_adapters_keep_their_ranges(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in problems(tmp_path, text)
+
+
+def test_choices_match_without_regard_to_case(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, API_PAIR + "[log]\nLevel = 'DEBUG'\nFormat = 'JSON'\n"), specs())
+    assert (config.section("log")["Level"], config.section("log")["Format"]) == ("debug", "json")
+
+
+IGNORED = API_PAIR.replace("[api.a]\n", "[api.a]\nShowTopicChange = true\nEditSuffix = ' (edited)'\n").replace(
+    "[api.b]\n", "[api.b]\nPreserveThreading = false\n"
+)
+
+
+def test_check_config_warns_about_each_option_it_accepts_but_ignores(tmp_path: Path) -> None:
+    """Set in the file and not implemented: one warning naming the key, and
+    the config is still fine (exit 0). Implemented options get no warning."""
+    path = write(tmp_path, "[general]\nDebug = true\nStripNick = true\n" + IGNORED)
+    out = io.StringIO()
+    assert main(["check-config", str(path)], out=out) == 0
+    warnings = [line for line in out.getvalue().splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: api.a.ShowTopicChange: accepted but ignored by talkbridge "
+        "(the protocols talkbridge bridges have no topic events)",
+        'warning: general.Debug: accepted but ignored by talkbridge (use [log] Level = "debug")',
+    ]
+
+
+def test_a_general_option_is_warned_about_only_when_no_account_reads_it(tmp_path: Path) -> None:
+    """[general] MessageLength is read by a Talk bot account, not by an api one."""
+    api_only = load_config(write(tmp_path, "[general]\nMessageLength = 500\n" + API_PAIR), specs())
+    assert [w.split(":")[0] for w in api_only.warnings] == ["general.MessageLength"]
+    bot = "[nctalkbot.t]\nServer = 'https://cloud.example.com'\nBotSecret = '" + "s" * 40 + "'\n"
+    with_bot = load_config(write(tmp_path, "[general]\nMessageLength = 500\n" + API_PAIR + bot), specs())
+    assert with_bot.warnings == []
+    assert with_bot.accounts["nctalkbot.t"].get("MessageLength") == 500
+
+
+def test_the_daemon_logs_the_same_warnings_at_start_up(tmp_path: Path, redis_server: RedisServer) -> None:
+    path, (_, _, http) = api_pair_config(tmp_path, redis_server.url)
+    path.write_text(path.read_text().replace("[api.a]\n", "[api.a]\nShowTopicChange = true\n"))
+    daemon = Daemon(path, http, tmp_path / "daemon.log").start()
+    try:
+        log = daemon.log()
+    finally:
+        assert daemon.stop() == 0
+    assert "config: api.a.ShowTopicChange: accepted but ignored by talkbridge" in log

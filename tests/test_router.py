@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapters import AdapterRegistry
-from bridge.cli import protocol_specs
-from bridge.config import load_config
-from bridge.events import Event, EventKind
-from bridge.router import Router, go_replacement
+from bridge.config import go_replacement, load_config
+from bridge.events import Attachment, Event, EventKind
+from bridge.options import protocol_specs
+from bridge.router import Router
 
 
 def router(tmp_path: Path, text: str) -> Router:
@@ -163,3 +163,131 @@ def test_wildcard_channel_matches_every_room(tmp_path: Path) -> None:
     fan = r.route(msg("b", "x"), rooms={"api.bot": {"r2", "r1"}})
     assert dests(fan) == [("api.bot", "r1"), ("api.bot", "r2")]
     assert r.route(msg("b", "x")) == []  # no rooms known yet
+
+
+# Matterbridge v1.26 line, read through the search tool (42wim/matterbridge):
+#   gateway/gateway.go   @ 4ab72acec656dafd304f88359b509b1f27c06604
+#   gateway/handlers.go  @ 3c36f651beafbaeca36a7112a47378e8a4d19d7d
+#   gateway/router.go    @ 802dc3c324a3a1224519ba95ab615199f6368391
+#   bridge/discord/handlers.go @ 03b19062a548b47275e6ab58f01f97dd373a4bbb
+
+
+def edit(account: str, channel: str = "x", text: str = "fixed", nick: str = "alice") -> Event:
+    return Event(
+        kind=EventKind.EDIT, account=f"api.{account}", channel=channel, sender_name=nick, text=text, target_id="m1"
+    )
+
+
+def test_edit_disable_drops_the_edits_made_on_that_account(tmp_path: Path) -> None:
+    """bridge/discord/handlers.go messageUpdate (lines 19-29): ``if
+    b.GetBool("EditDisable") { return }`` -- the account that *receives* an
+    edit from its network does not relay it; its messages still cross, and
+    other accounts' edits still reach it."""
+    r = router(
+        tmp_path, accounts("a", "b", a_EditDisable="true") + gateway("g", ("inout", "a", "x"), ("inout", "b", "x"))
+    )
+    assert r.route(edit("a")) == []
+    assert dests(r.route(msg("a", "x"))) == [("api.b", "x")]
+    assert dests(r.route(edit("b"))) == [("api.a", "x")]
+
+
+def test_edit_suffix_is_appended_to_the_sources_edits_before_its_rules(tmp_path: Path) -> None:
+    """bridge/discord/handlers.go messageUpdate (lines 19-29): ``m.Content +=
+    b.GetString("EditSuffix")`` where the edit is received, so the gateway's
+    IgnoreMessages and ReplaceMessages (gateway.go ignoreMessage,
+    modifyMessage) see the text with its suffix. Messages get no suffix, and
+    the destination's EditSuffix plays no part."""
+    r = router(
+        tmp_path,
+        accounts(
+            "a",
+            "b",
+            a_EditSuffix='" (edited)"',
+            a_ReplaceMessages='[["[(]edited[)]$", "(fixed)"]]',
+            a_IgnoreMessages='"^skip.[(]edited"',
+            b_EditSuffix='" [b]"',
+        )
+        + gateway("g", ("inout", "a", "x"), ("inout", "b", "x")),
+    )
+    [copy] = r.route(edit("a", text="typo"))
+    assert copy.text == "typo (fixed)"
+    assert r.route(edit("a", text="skip")) == []  # matched only with the suffix
+    [plain] = r.route(msg("a", "x", text="new"))
+    assert plain.text == "new"
+    [other] = r.route(edit("b", text="typo"))
+    assert other.text == "typo [b]"
+
+
+def test_strip_nick_is_the_destinations_ascii_only_and_before_replace_nicks(tmp_path: Path) -> None:
+    """gateway/gateway.go modifyUsername: ``if dest.GetBool("StripNick")``
+    removes ``[^a-zA-Z0-9]+`` from the nick, then the source's ReplaceNicks
+    run on what is left."""
+    r = router(
+        tmp_path,
+        accounts("a", "b", "c", a_StripNick="true", a_ReplaceNicks='[["^", "~"]]', b_StripNick="true")
+        + gateway("g", ("inout", "a", "x"), ("inout", "b", "x"), ("inout", "c", "x")),
+    )
+    by_dest = {d.account: d.username for d in r.route(msg("a", "x", nick="Zoë_b-1"))}
+    assert by_dest == {"api.b": "~Zob1", "api.c": "~Zoë_b-1"}  # a's own StripNick plays no part
+    [to_a] = [d for d in r.route(msg("b", "x", nick="Zoë b")) if d.account == "api.a"]
+    assert to_a.username == "Zob"
+
+
+def test_preserve_threading_is_the_destinations(tmp_path: Path) -> None:
+    """gateway/handlers.go handleMessage: ``if rmsg.ParentID != "" &&
+    dest.GetBool("PreserveThreading")`` -- only then does the copy get its
+    parent. talkbridge's default is true (replies have always crossed);
+    PreserveThreading = false on a destination sends its copies unthreaded."""
+    r = router(
+        tmp_path,
+        accounts("a", "b", "c", b_PreserveThreading="false")
+        + gateway("g", ("inout", "a", "x"), ("inout", "b", "x"), ("inout", "c", "x")),
+    )
+    replies = {d.account: d.event.reply_to for d in r.route(msg("a", "x", reply_to="p1"))}
+    assert replies == {"api.b": None, "api.c": "p1"}
+
+
+def test_ignore_filters_apply_to_every_kind_of_event(tmp_path: Path) -> None:
+    """gateway/router.go handleReceive runs gateway.go ignoreMessage on every
+    message whatever its event: IgnoreNicks on the nick, IgnoreMessages on the
+    text (a join's, an edit's) and on each file's comment
+    (ignoreFilesComment). Our reactions carry their emoji where
+    Matterbridge's api carries text. (IgnoreNicks already held on every kind;
+    IgnoreMessages did not on joins, reactions and captions.)"""
+    r = router(
+        tmp_path,
+        accounts("a", "b", a_IgnoreNicks='"^bot"', a_IgnoreMessages='"secret 👎"', b_ShowJoinPart="true")
+        + gateway("g", ("inout", "a", "x"), ("inout", "b", "x")),
+    )
+
+    def event(kind: EventKind, nick: str = "alice", **kw) -> Event:
+        return Event(kind=kind, account="api.a", channel="x", sender_name=nick, target_id="m1", **kw)
+
+    assert r.route(event(EventKind.JOIN, text="alice has a secret")) == []
+    assert r.route(event(EventKind.EDIT, text="now secret")) == []
+    assert r.route(event(EventKind.REACTION, reaction="👎")) == []
+    assert r.route(event(EventKind.UNREACTION, reaction="👎")) == []
+    captioned = [Attachment("f.txt", data_b64="aGk=", caption="a secret file")]
+    assert r.route(event(EventKind.MESSAGE, text="see", attachments=captioned)) == []
+    for kind in (EventKind.JOIN, EventKind.EDIT, EventKind.DELETE, EventKind.REACTION):
+        assert r.route(event(kind, nick="botty", text="hi", reaction="👍")) == [], kind
+    # and what matches nothing still crosses
+    assert len(r.route(event(EventKind.JOIN, text="alice joined"))) == 1
+    assert len(r.route(event(EventKind.REACTION, reaction="👍"))) == 1
+    assert len(r.route(event(EventKind.DELETE))) == 1
+
+
+def test_router_uses_the_patterns_the_config_compiled(tmp_path: Path) -> None:
+    """One compiled form: the loader compiles each rule to validate it, and
+    the router matches with those objects instead of compiling again."""
+    path = tmp_path / "r.toml"
+    path.write_text(
+        accounts("a", "b", a_IgnoreMessages='"^!"', a_ReplaceNicks='[["x", "y"]]')
+        + gateway("g", ("inout", "a", "x"), ("inout", "b", "x"))
+    )
+    config = load_config(path, protocol_specs(AdapterRegistry()))
+    rules = config.accounts["api.a"].rules
+    assert [p.pattern for p in rules.ignore_messages] == ["^!"]
+    assert [(p.pattern, repl) for p, repl in rules.replace_nicks] == [("x", "y")]
+    r = Router(config)
+    assert r.accounts["api.a"].rules is rules
