@@ -170,8 +170,17 @@ def test_a_kill_after_delivery_posts_no_duplicate(bridge: Bridge, tmp_path: Path
     b = bridge
     assert b.api.post(text="first", username="bob").status_code == 200
     wait_for(b.bot_messages, what="first in Talk")
-    # the delivered-marker (a field of the room's id map) is written right after Talk's 201; wait for it
-    wait_for(lambda: b.redis.keys(f"tb:m:{{{ACCOUNT}}}*"), what="the delivered-marker")
+    # Talk's 201 is followed by the record of the delivery and its ack, in one
+    # script: wait until the delivery is acknowledged, then kill
+    stream = f"tb:out:{{{ACCOUNT}}}"
+
+    def acknowledged() -> bool:
+        entries = b.redis.xrange(stream)
+        groups = {g["name"]: g for g in b.redis.xinfo_groups(stream)} if entries else {}
+        group = groups.get(b"deliver")
+        return group is not None and group["last-delivered-id"] == entries[-1][0] and group["pending"] == 0
+
+    wait_for(acknowledged, what="the delivery recorded and acknowledged")
     b.daemon.kill()
     b.daemon.start()
     assert b.api.post(text="second", username="bob").status_code == 200
