@@ -259,5 +259,24 @@ async def test_trim_keeps_unconsumed_entries(redis: Redis) -> None:
     # approximate trimming may keep some acknowledged entries, never drops pending ones
     assert {e for e, _ in rows[200:]} <= {e for e, _ in remaining}
     assert len(remaining) >= 100
+    # ... but it does drop what was consumed: whole stream nodes (100 entries each) of it
+    assert rows[0][0] not in {e for e, _ in remaining}
+    assert len(remaining) <= 200
     status = await bus.stream_status(stream, DELIVER_GROUP)
     assert status["pending"] == 50 and status["lag"] == 50
+
+
+async def test_trim_with_nothing_pending_drops_what_was_read_and_acknowledged(redis: Redis) -> None:
+    bus = Bus(redis, BusSettings())
+    stream = bus.outbound("api.b")
+    await bus.ensure_group(stream, DELIVER_GROUP)
+    for i in range(300):
+        await redis.xadd(stream, {b"d": b"x%d" % i})
+    rows = await bus.read_new(stream, DELIVER_GROUP, "c", 250, 100)
+    await redis.xack(stream, DELIVER_GROUP, *[e for e, _ in rows])
+    await bus.trim_consumed(stream, DELIVER_GROUP)
+    remaining = {e for e, _ in await redis.xrange(stream)}
+    assert rows[0][0] not in remaining  # consumed: trimmed (whole nodes)
+    assert len(remaining) >= 50  # never read: kept
+    status = await bus.stream_status(stream, DELIVER_GROUP)
+    assert status["pending"] == 0 and status["lag"] == 50
