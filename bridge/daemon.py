@@ -312,6 +312,37 @@ class AccountRunner:
                 self.d.metrics.account_failed.labels(self.name).set(0)
 
 
+def adapter_context(
+    config: Config,
+    name: str,
+    redis: Redis,
+    publish: Callable[[Event], Awaitable[str]],
+    metrics: Metrics,
+    key_prefix: str,
+    idmap: IdMap,
+    fence: Callable[[], Fence | None] = lambda: None,
+) -> AdapterContext:
+    """The ``AdapterContext`` of account ``name``: what the daemon hands each
+    adapter (the tests' in-process rigs build theirs here too)."""
+    http = config.section("http")
+    return AdapterContext(
+        account=config.accounts[name],
+        publish=publish,
+        redis=redis,
+        metrics=metrics,
+        log=logging.getLogger(f"talkbridge.{name}"),
+        channels=config.channels_of(name),
+        sends_into={
+            gw.name: e.channel for gw in config.gateways for e in gw.entries if e.account == name and e.can_send
+        },
+        key_prefix=key_prefix,
+        max_body=http["MaxBodyBytes"],
+        http_limits=ListenerLimits.from_section(http),
+        idmap=idmap,
+        fence=fence,
+    )
+
+
 class Daemon:
     def __init__(
         self,
@@ -339,24 +370,11 @@ class Daemon:
         self.live_instances = 1
         self._shed_until = 0.0
         for name, acct in config.accounts.items():
-            adapter_cls = adapters[acct.protocol]
-            ctx = AdapterContext(
-                account=acct,
-                publish=self.publish,
-                redis=redis,
-                metrics=self.metrics,
-                log=logging.getLogger(f"talkbridge.{name}"),
-                channels=config.channels_of(name),
-                sends_into={
-                    gw.name: e.channel for gw in config.gateways for e in gw.entries if e.account == name and e.can_send
-                },
-                key_prefix=self.bus.prefix,
-                max_body=self.max_body,
-                http_limits=self.http_limits,
-                idmap=self.idmap,
+            ctx = adapter_context(
+                config, name, redis, self.publish, self.metrics, self.bus.prefix, self.idmap,
                 fence=functools.partial(self._fence, name),
-            )
-            self.runners[name] = AccountRunner(self, adapter_cls(ctx), name)
+            )  # fmt: skip
+            self.runners[name] = AccountRunner(self, adapters[acct.protocol](ctx), name)
         self._site: web.TCPSite | None = None
 
     # balancing accounts over instances --------------------------------------------

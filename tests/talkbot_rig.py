@@ -4,7 +4,6 @@ served on a real port, and async polling with a deadline."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from adapters.nctalk_bot import TalkBot
 from bridge.bus import Bus, BusSettings
 from bridge.cli import protocol_specs
 from bridge.config import Config, load_config
+from bridge.daemon import adapter_context
 from bridge.idmap import IdMap
 from bridge.metrics import Metrics
 
@@ -53,6 +53,33 @@ async def until(condition: Callable[[], Awaitable[T] | T], within: float = 15.0,
         await asyncio.sleep(0.01)
 
 
+async def until_quiet(
+    observe: Callable[[], Awaitable[T] | T], quiet: float = 1.0, within: float = 30.0, what: str = "quiet"
+) -> T:
+    """Keep observing (sync or async) until the value has not changed for
+    ``quiet`` seconds; return it. An observation window after a count-reached
+    wait, so a late duplicate or a stray retry is seen before the assertion;
+    the deadline only bounds a failure (a value that never settles)."""
+
+    async def look() -> T:
+        value = observe()
+        if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+            value = await value
+        return value  # type: ignore[return-value]
+
+    value = await look()
+    deadline = time.monotonic() + within
+    since = time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: still changing after {within} s")
+        await asyncio.sleep(0.02)
+        new = await look()
+        if new != value:
+            value, since = new, time.monotonic()
+    return value
+
+
 @dataclass
 class Rig:
     adapter: TalkBot
@@ -78,24 +105,15 @@ class Rig:
         await self.runner.cleanup()
 
 
-async def start_rig(config: Config, account: str, redis: Redis, max_body: int = 1 << 20) -> Rig:
-    acct = config.accounts[account]
+async def start_rig(config: Config, account: str, redis: Redis) -> Rig:
+    """The account's adapter, with the context the daemon would give it
+    (``bridge.daemon.adapter_context``), serving its webhook on a real port."""
     bus = Bus(redis, BusSettings())
     metrics = Metrics()
     idmap = IdMap(redis, bus.prefix, 3600)
-
-    ctx = AdapterContext(
-        account=acct,
-        publish=bus.publish,
-        redis=redis,
-        metrics=metrics,
-        log=logging.getLogger(f"test.{account}"),
-        channels=config.channels_of(account),
-        max_body=max_body,
-        idmap=idmap,
-    )
+    ctx = adapter_context(config, account, redis, bus.publish, metrics, bus.prefix, idmap)
     adapter = TalkBot(ctx)
-    app = web.Application(client_max_size=max_body)
+    app = web.Application(client_max_size=ctx.max_body)
     app.add_routes(adapter.ingress_routes())
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
@@ -103,5 +121,5 @@ async def start_rig(config: Config, account: str, redis: Redis, max_body: int = 
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     await adapter.connect()
-    url = f"http://127.0.0.1:{port}/webhook/nextcloud/{acct.bridge}"
+    url = f"http://127.0.0.1:{port}/webhook/nextcloud/{ctx.account.bridge}"
     return Rig(adapter, ctx, bus, redis, metrics, url, runner)

@@ -35,8 +35,9 @@ async def talk() -> AsyncIterator[TalkServer]:
 
 
 async def make_rig(tmp_path: Path, redis: Redis, talk: TalkServer, max_body: int = 1 << 20, **opts) -> Rig:
-    config = write_config(tmp_path / "talkbridge.toml", bot_section("talk", talk.url, **opts))
-    return await start_rig(config, ACCOUNT, redis, max_body=max_body)
+    body = bot_section("talk", talk.url, **opts) + f"[http]\nMaxBodyBytes = {max_body}\n"
+    config = write_config(tmp_path / "talkbridge.toml", body)
+    return await start_rig(config, ACCOUNT, redis)
 
 
 @pytest.fixture
