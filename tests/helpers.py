@@ -39,6 +39,31 @@ def wait_for(condition: Callable[[], T], timeout: float = 15.0, interval: float 
         time.sleep(interval)
 
 
+QUIET = 1.0  # seconds with nothing new before "nothing more arrives" is believed
+
+
+def wait_quiet(observe: Callable[[], object], quiet: float = QUIET, timeout: float = 30.0, interval: float = 0.05,
+               what: str = "quiet") -> object:  # fmt: skip
+    """Keep calling ``observe()`` until its value has not changed for ``quiet``
+    seconds, and return that value.
+
+    An observation window, not synchronization: after a count-reached wait, a
+    late duplicate (or a retry, or a publish that should not happen) shows up
+    here before the test asserts. The deadline only bounds a failure: a value
+    that never stops changing."""
+    value = observe()
+    deadline = time.monotonic() + timeout
+    since = time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: still changing after {timeout} s")
+        time.sleep(interval)
+        new = observe()
+        if new != value:
+            value, since = new, time.monotonic()
+    return value
+
+
 @dataclass
 class RedisServer:
     proc: subprocess.Popen[bytes]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,14 +29,13 @@ from bridge.idmap import Fenced, IdMap
 from bridge.lease import Lease
 from bridge.metrics import Metrics
 from bridge.relay import DeliveryLoop, RetryPolicy
-from tests.helpers import Daemon, RedisServer, api_pair_config, free_port, wait_for
+from tests.helpers import Daemon, RedisServer, api_pair_config, free_port, wait_for, wait_quiet
 from tests.test_bus import LOG, RecordingAdapter, enqueue, make_delivery
 from tests.test_scale_out import HEADERS_A, HEADERS_B, connected
 
 PER_CYCLE = 150
 STOP_AFTER = 40
 CYCLES = 2
-QUIET = 2.0  # seconds with nothing new before "no duplicate" is believed
 
 
 @pytest.fixture
@@ -85,7 +83,7 @@ class Receiver:
         self.got: list[str] = []
 
     def poll(self) -> int:
-        count = 0
+        """Drain every instance's buffer; the count received so far."""
         for url in self.urls:
             try:
                 # a stopped owner still accepts connections it never answers
@@ -93,18 +91,8 @@ class Receiver:
             except httpx.HTTPError:
                 continue
             if resp.status_code == 200:
-                batch = [m["text"] for m in resp.json()]
-                self.got.extend(batch)
-                count += len(batch)
-        return count
-
-    def quiet_for(self, seconds: float) -> None:
-        """Keep reading until nothing has arrived for ``seconds`` (bounded)."""
-        last = time.monotonic()
-        deadline = last + 30
-        while time.monotonic() - last < seconds and time.monotonic() < deadline:
-            if self.poll():
-                last = time.monotonic()
+                self.got.extend(m["text"] for m in resp.json())
+        return len(self.got)
 
 
 def test_a_resumed_stale_owner_delivers_nothing_twice(pair) -> None:
@@ -143,8 +131,8 @@ def test_a_resumed_stale_owner_delivers_nothing_twice(pair) -> None:
         poster.join(60)
         assert len(acked) == PER_CYCLE
         sent.extend(acked)
-        wait_for(lambda: receiver.poll() >= 0 and len(receiver.got) >= len(sent), timeout=60, what="every message")
-        receiver.quiet_for(QUIET)
+        wait_for(lambda: receiver.poll() >= len(sent), timeout=60, what="every message")
+        wait_quiet(receiver.poll, what="api.b's buffers")  # a late duplicate would arrive now
         assert receiver.got == sent  # all, once each, in order
     assert all(d.proc is not None and d.proc.poll() is None for d in daemons.values())  # nobody crashed
 

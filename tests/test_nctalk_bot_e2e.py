@@ -13,7 +13,7 @@ import redis as sync_redis
 
 from adapters.talk.common import reference_id
 from bridge.events import event_from_wire
-from tests.helpers import Daemon, RedisServer, free_port, wait_for
+from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
 from tests.talkbot_rig import SECRET
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Actor, Bot, Message
@@ -185,6 +185,7 @@ def test_a_kill_after_delivery_posts_no_duplicate(bridge: Bridge, tmp_path: Path
     b.daemon.start()
     assert b.api.post(text="second", username="bob").status_code == 200
     wait_for(lambda: len(b.bot_messages()) >= 2, what="second in Talk")
+    wait_quiet(lambda: len(b.bot_messages()), what="Talk's room")  # a late duplicate of "first" shows now
     assert [m.message for m in b.bot_messages()] == ["[api/a] <bob> first", "[api/a] <bob> second"]
 
 
@@ -204,6 +205,7 @@ def test_a_kill_between_talks_201_and_the_marker_repeats_the_reference_id(bridge
         return [m for m in b.bot_messages() if m.message == "[api/a] <bob> in the window"]
 
     wait_for(lambda: len(copies()) >= 2, what="the redelivered copy")
+    wait_quiet(lambda: len(copies()), what="Talk's room")  # posted again once, not more
     first, second = copies()
     assert first.reference_id == second.reference_id
     # ... the deterministic one of that delivery (event id, account, room)
@@ -220,6 +222,7 @@ def test_a_401_from_talk_is_not_retried(tmp_path: Path, redis_server: RedisServe
         wait_for(lambda: b.metric('talkbridge_account_failed{account="nctalkbot.talk"} 1.0'), what="account_failed")
         assert b.api.post(text="two", username="bob").status_code == 200
         wait_for(lambda: b.redis.xlen(f"tb:out:{{{ACCOUNT}}}") >= 2, what="the second delivery queued")
+        wait_quiet(lambda: len(b.talk.call("requests", "/message")), what="Talk's requests")  # no retry comes
         assert len(b.talk.call("requests", "/message")) == 1  # one attempt, then the account is paused
         assert b.talk.call("requests", "/message")[0].status == 401
         assert b.bot_messages() == []

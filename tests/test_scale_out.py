@@ -11,7 +11,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from tests.helpers import Daemon, RedisServer, api_pair_config, free_port, wait_for
+from tests.helpers import Daemon, RedisServer, api_pair_config, free_port, wait_for, wait_quiet
 
 HEADERS_A = {"Authorization": "Bearer token-a"}
 HEADERS_B = {"Authorization": "Bearer token-b"}
@@ -81,11 +81,12 @@ def test_order_and_exactly_once_across_a_killed_delivery_owner(pair) -> None:
     wait_for(lambda: sorted(connected(survivor)) == ["api.a", "api.b"], timeout=30, interval=0.1, what="takeover")
     received: list[str] = []
 
-    def all_arrived() -> bool:
+    def drain() -> int:
         received.extend(m["text"] for m in httpx.get(f"http://127.0.0.1:{pb}/api/messages", headers=HEADERS_B).json())
-        return len(received) >= TOTAL
+        return len(received)
 
-    wait_for(all_arrived, timeout=60, interval=0.05, what="every message at api.b")
+    wait_for(lambda: drain() >= TOTAL, timeout=60, interval=0.05, what="every message at api.b")
+    wait_quiet(drain, what="api.b's buffer")  # a late duplicate would arrive now
     assert received == [f"m{i:03d}" for i in range(TOTAL)]  # all, once each, in order
 
 
@@ -103,9 +104,10 @@ def test_survivor_takes_over_the_sending_side_too(pair) -> None:
     assert after.status_code == 200
     got: list[str] = []
 
-    def both() -> bool:
+    def drain() -> int:
         got.extend(m["text"] for m in httpx.get(f"http://127.0.0.1:{pb}/api/messages", headers=HEADERS_B).json())
-        return len(got) >= 2
+        return len(got)
 
-    wait_for(both, timeout=30, what="messages through the new owner")
+    wait_for(lambda: drain() >= 2, timeout=30, what="messages through the new owner")
+    wait_quiet(drain, what="api.b's buffer")
     assert got == ["before", "after"]
