@@ -102,38 +102,6 @@ def test_replies_edits_deletes_and_reactions_cross(bridge) -> None:
     assert reaction["event"] == "reaction_add" and reaction["text"] == "👍"
 
 
-@pytest.mark.parametrize(
-    "headers, body, status, reason",
-    [
-        ({}, {"text": "x", "gateway": "g"}, 400, "missing key"),
-        ({"Authorization": "Bearer wrong"}, {"text": "x", "gateway": "g"}, 401, "Unauthorized"),
-        ({"Authorization": "token-a"}, {"text": "x", "gateway": "g"}, 400, "missing key"),
-        (None, b"{not json", 400, "not valid JSON"),
-        (None, b"[1, 2]", 400, "must be a JSON object"),
-        (None, {"text": 5, "gateway": "g"}, 400, "text must be a string"),
-        (None, {"text": "x", "gateway": "nope"}, 400, 'unknown gateway "nope"'),
-        (None, {"text": "", "gateway": "g"}, 400, "text is empty"),
-        (None, {"text": "x", "gateway": "g", "event": "msg_delete"}, 400, "needs the id"),
-        (None, {"text": "x", "gateway": "g", "event": "topic_change"}, 400, "not supported"),
-        (None, {"text": "x", "gateway": "g", "Extra": {"file": [{"Name": "../etc", "Data": "eA=="}]}}, 400, "Name"),
-        (None, {"text": "x", "gateway": "g", "Extra": {"file": [{"Name": "a.txt", "Data": "%%%"}]}}, 400, "base64"),
-        (None, b"x" * (2 << 20), 413, "larger than"),
-    ],
-)
-def test_bad_input_is_refused_and_publishes_nothing(bridge, headers, body, status, reason) -> None:
-    a, _b, _daemon, client = bridge
-    sent_headers = a.headers if headers is None else headers
-    if isinstance(body, bytes):
-        resp = httpx.post(
-            f"{a.base}/api/message", content=body, headers={**sent_headers, "Content-Type": "application/json"}
-        )
-    else:
-        resp = httpx.post(f"{a.base}/api/message", json=body, headers=sent_headers)
-    assert resp.status_code == status
-    assert reason in resp.json()["message"]
-    assert client.xlen("tb:in:api.a") == 0
-
-
 def test_every_route_needs_the_token(bridge) -> None:
     a, _b, _daemon, _ = bridge
     for path in ("/api/health", "/api/messages", "/api/stream"):
@@ -160,12 +128,15 @@ def test_health_ready_and_metrics(bridge) -> None:
     assert ready["ready"] is True and ready["accounts"] == {"api.a": "connected", "api.b": "connected"}
     a.post(text="count me", username="alice", gateway="g")
     b.wait_messages(1)
-    metrics = httpx.get(base + "/metrics").text
-    assert 'talkbridge_events_in_total{account="api.a"} 1.0' in metrics
-    assert 'talkbridge_events_out_total{account="api.b"} 1.0' in metrics
-    assert 'talkbridge_delivery_latency_seconds_count{account="api.b"} 1.0' in metrics
-    assert 'talkbridge_stream_pending{stream="tb:out:{api.b}"} 0.0' in metrics
-    assert "talkbridge_dead_letter_length 0.0" in metrics
+    # bumped after the delivery's ack round trip, which may end after the message is readable
+    expected = [
+        'talkbridge_events_in_total{account="api.a"} 1.0',
+        'talkbridge_events_out_total{account="api.b"} 1.0',
+        'talkbridge_delivery_latency_seconds_count{account="api.b"} 1.0',
+        'talkbridge_stream_pending{stream="tb:out:{api.b}"} 0.0',
+        "talkbridge_dead_letter_length 0.0",
+    ]
+    wait_for(lambda: all(line in httpx.get(base + "/metrics").text for line in expected), what="the metrics")
 
 
 def test_redis_down_answers_503_not_200(tmp_path: Path) -> None:

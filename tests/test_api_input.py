@@ -1,0 +1,65 @@
+"""Bad input to a Matterbridge api account: refused with the reason, and
+nothing published. The cases change nothing, so they share one daemon (its
+module ends before the next test flushes the shared Redis)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis as sync_redis
+
+from tests.helpers import Daemon, RedisServer, api_pair_config, wait_quiet
+from tests.test_api_e2e import Api
+
+
+@pytest.fixture(scope="module")
+def shared_bridge(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
+) -> Iterator[tuple[Api, Api, Daemon, sync_redis.Redis]]:
+    """One daemon for tests that change nothing (the bad-input cases); its own
+    client, since the ``redis`` fixture flushes per test."""
+    tmp_path = tmp_path_factory.mktemp("shared-bridge")
+    client = sync_redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    path, (pa, pb, http) = api_pair_config(tmp_path, redis_server.url)
+    daemon = Daemon(path, http, tmp_path / "daemon.log").start()
+    try:
+        yield Api(pa, "token-a"), Api(pb, "token-b"), daemon, client
+    finally:
+        daemon.stop()
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "headers, body, status, reason",
+    [
+        ({}, {"text": "x", "gateway": "g"}, 400, "missing key"),
+        ({"Authorization": "Bearer wrong"}, {"text": "x", "gateway": "g"}, 401, "Unauthorized"),
+        ({"Authorization": "token-a"}, {"text": "x", "gateway": "g"}, 400, "missing key"),
+        (None, b"{not json", 400, "not valid JSON"),
+        (None, b"[1, 2]", 400, "must be a JSON object"),
+        (None, {"text": 5, "gateway": "g"}, 400, "text must be a string"),
+        (None, {"text": "x", "gateway": "nope"}, 400, 'unknown gateway "nope"'),
+        (None, {"text": "", "gateway": "g"}, 400, "text is empty"),
+        (None, {"text": "x", "gateway": "g", "event": "msg_delete"}, 400, "needs the id"),
+        (None, {"text": "x", "gateway": "g", "event": "topic_change"}, 400, "not supported"),
+        (None, {"text": "x", "gateway": "g", "Extra": {"file": [{"Name": "../etc", "Data": "eA=="}]}}, 400, "Name"),
+        (None, {"text": "x", "gateway": "g", "Extra": {"file": [{"Name": "a.txt", "Data": "%%%"}]}}, 400, "base64"),
+        (None, b"x" * (2 << 20), 413, "larger than"),
+    ],
+)
+def test_bad_input_is_refused_and_publishes_nothing(shared_bridge, headers, body, status, reason) -> None:
+    a, _b, _daemon, client = shared_bridge
+    sent_headers = a.headers if headers is None else headers
+    if isinstance(body, bytes):
+        resp = httpx.post(
+            f"{a.base}/api/message", content=body, headers={**sent_headers, "Content-Type": "application/json"}
+        )
+    else:
+        resp = httpx.post(f"{a.base}/api/message", json=body, headers=sent_headers)
+    assert resp.status_code == status
+    assert reason in resp.json()["message"]
+    # nothing published, now or a moment later (these cases share one daemon: nothing at all)
+    assert wait_quiet(lambda: client.xlen("tb:in:api.a"), quiet=0.3) == 0
