@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -355,38 +354,16 @@ async def test_send_posts_as_the_bot_signed_over_the_text(talk: TalkServer, rig:
     assert sum(b'"Create"' in c.body for c in talk.state.webhook_calls) == 1
 
 
-async def test_the_test_server_refuses_a_body_signed_reply(talk: TalkServer, rig: Rig, room) -> None:
-    r, _bot, _alice = room
-    body = json.dumps({"message": "hi"}).encode()
-    random = "r" * 64
-    headers = {
-        "OCS-APIRequest": "true",
-        "Accept": "application/json",
-        "Content-Type": "application/json",
-        "X-Nextcloud-Talk-Bot-Random": random,
-        "X-Nextcloud-Talk-Bot-Signature": hmac.new(SECRET.encode(), random.encode() + body, hashlib.sha256).hexdigest(),
-    }
-    url = f"{talk.url}/ocs/v2.php/apps/spreed/api/v1/bot/{r.token}/message"
-    async with httpx.AsyncClient() as client:
-        resp = await client.post(url, content=body, headers=headers)
-        assert resp.status_code == 401
-        assert resp.json() == {"ocs": {"meta": {"status": "failure", "statuscode": 401, "message": ""}, "data": None}}
-        headers["X-Nextcloud-Talk-Bot-Signature"] = signature(SECRET, random, b"hi")
-        ok = await client.post(url, content=body, headers=headers)
-        assert ok.status_code == 201
-        assert ok.json() == {"ocs": {"meta": {"status": "ok", "statuscode": 201, "message": "OK"}, "data": None}}
-        del headers["OCS-APIRequest"]
-        assert (await client.post(url, content=body, headers=headers)).status_code == 412
-
-
-async def test_brute_force_protection_answers_429_after_ten_failures(talk: TalkServer, rig: Rig, room) -> None:
+async def test_the_brute_force_block_stops_the_account_until_reset(talk: TalkServer, rig: Rig, room) -> None:
     r, _bot, _alice = room
     url = f"{talk.url}/ocs/v2.php/apps/spreed/api/v1/bot/{r.token}/message"
     headers = {"OCS-APIRequest": "true", "Content-Type": "application/json", "Accept": "application/json",
                "X-Nextcloud-Talk-Bot-Random": "r" * 64, "X-Nextcloud-Talk-Bot-Signature": "0" * 64}  # fmt: skip
-    async with httpx.AsyncClient() as client:
-        codes = [(await client.post(url, json={"message": "x"}, headers=headers)).status_code for _ in range(12)]
-    assert codes == [401] * 10 + [429, 429]
+    async with (
+        httpx.AsyncClient() as client
+    ):  # someone else's bad signatures block our address (tests/test_talkserver.py)
+        for _ in range(11):
+            await client.post(url, json={"message": "x"}, headers=headers)
     with pytest.raises(AccountFailed, match="brute-force"):  # even a correct request, until the reset: stop
         await rig.adapter.send(delivery())
     talk.reset_bruteforce("127.0.0.1")  # occ security:bruteforce:reset 127.0.0.1
