@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,8 +41,9 @@ class Api:
         return got
 
 
-@pytest.fixture
-def bridge(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[Api, Api, Daemon, sync_redis.Redis]]:
+@contextlib.contextmanager
+def running_bridge(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[Api, Api, Daemon, sync_redis.Redis]]:
+    """Two api accounts through a daemon process, on a flushed Redis."""
     client = sync_redis.Redis.from_url(redis_server.url)
     client.flushall()
     path, (pa, pb, http) = api_pair_config(tmp_path, redis_server.url)
@@ -51,6 +53,12 @@ def bridge(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[Api, Api
     finally:
         daemon.stop()
         client.close()
+
+
+@pytest.fixture
+def bridge(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[Api, Api, Daemon, sync_redis.Redis]]:
+    with running_bridge(tmp_path, redis_server) as running:
+        yield running
 
 
 def test_message_crosses_with_the_formatted_nick(bridge) -> None:

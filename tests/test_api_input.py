@@ -10,8 +10,8 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from tests.helpers import Daemon, RedisServer, api_pair_config, wait_quiet
-from tests.test_api_e2e import Api
+from tests.helpers import Daemon, RedisServer, wait_quiet
+from tests.test_api_e2e import Api, running_bridge
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +20,8 @@ def shared_bridge(
 ) -> Iterator[tuple[Api, Api, Daemon, sync_redis.Redis]]:
     """One daemon for tests that change nothing (the bad-input cases); its own
     client, since the ``redis`` fixture flushes per test."""
-    tmp_path = tmp_path_factory.mktemp("shared-bridge")
-    client = sync_redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    path, (pa, pb, http) = api_pair_config(tmp_path, redis_server.url)
-    daemon = Daemon(path, http, tmp_path / "daemon.log").start()
-    try:
-        yield Api(pa, "token-a"), Api(pb, "token-b"), daemon, client
-    finally:
-        daemon.stop()
-        client.close()
+    with running_bridge(tmp_path_factory.mktemp("shared-bridge"), redis_server) as running:
+        yield running
 
 
 @pytest.mark.parametrize(
