@@ -433,9 +433,9 @@ class MatterbridgeAPI(Adapter):
         for delivery in deliveries:
             # 8 random bytes: unique per room, and a compact map entry
             native_id = os.urandom(8).hex() if delivery.event.kind == EventKind.MESSAGE else ""
-            marker = idmap.marker(delivery)
             items = idmap.record_items(delivery, native_id or None)
-            args += [marker.bucket, marker.name, orjson.dumps(self.message_for(delivery, native_id))]
+            marker_bucket, marker_field, _ = items[0]  # the first item is the delivered-marker
+            args += [marker_bucket, marker_field, orjson.dumps(self.message_for(delivery, native_id))]
             args += [native_id, len(items)]
             for item in items:
                 args.extend(item)

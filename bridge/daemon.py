@@ -296,7 +296,7 @@ class AccountRunner:
             self.d.metrics,
             self.log,
             self.d.retry,
-            fence=lambda: self.lease.fence,
+            fence=self.adapter.ctx.fence,  # the same token the adapter's own scripts carry
         )
         while True:
             try:

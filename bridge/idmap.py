@@ -242,7 +242,8 @@ class IdMap:
         return Field(self.room(delivery.account, delivery.channel), self._bucket(d), b"d" + d)
 
     def record_items(self, delivery: Delivery, native_id: str | None) -> list[tuple[str, bytes, bytes]]:
-        """(bucket, field, value) for one delivered copy, all in its room."""
+        """(bucket, field, value) for one delivered copy, all in its room; the
+        first is always the copy's delivered-marker (``marker``)."""
         canonical = canonical_of(delivery)
         if canonical is None:
             m = self.marker(delivery)
@@ -252,11 +253,11 @@ class IdMap:
     def _copy_items(
         self, canonical: str, account: str, channel: str, native_id: str | None
     ) -> list[tuple[str, bytes, bytes]]:
-        fwd = self._forward(account, channel, canonical)
-        items = [(fwd.bucket, fwd.name, (native_id or "").encode())]
+        digest = _digest(canonical)  # once: the forward field and the reverse value both carry it
+        items = [(self._bucket(digest), b"f" + digest, (native_id or "").encode())]
         if native_id:
             rev = self._reverse(account, channel, native_id)
-            items.append((rev.bucket, rev.name, self._compact(canonical)))
+            items.append((rev.bucket, rev.name, self._compact(canonical, digest)))
         return items
 
     def header(self) -> list[Any]:
@@ -318,9 +319,9 @@ class IdMap:
         await self._run_commit(fence, stream, group, acks, rooms, copies)
 
     @staticmethod
-    def _compact(canonical: str) -> bytes:
+    def _compact(canonical: str, digest: bytes | None = None) -> bytes:
         c_account, c_channel, c_native = split_ref(canonical)
-        return _digest(canonical) + _room_digest(c_account, c_channel) + c_native.encode()
+        return (digest or _digest(canonical)) + _room_digest(c_account, c_channel) + c_native.encode()
 
     def _remembered(self, account: str, channel: str, key: str) -> Field:
         d = _digest(key)

@@ -155,3 +155,15 @@ async def test_a_remembered_copy_is_learned_from_its_key(redis: Redis) -> None:
     assert await idmap.learn_remembered("talk", "room", "[api/a] <bob> hi", "42")
     assert await idmap.resolve("api.a", "api", "s1", "talk", "room") == "42"
     assert await idmap.resolve("talk", "room", "42", "api.a", "api") == "s1"
+
+
+async def test_the_first_record_item_is_the_delivered_marker(redis: Redis) -> None:
+    """The api buffer script checks the marker from the first item it records."""
+    idmap = IdMap(redis, "tb", 3600)
+    for d, native_id in (
+        (copy(message("api.a", "x", "s1"), "api.b", "y"), "n1"),
+        (copy(message("api.a", "x", "s2"), "api.b", "y"), None),
+        (copy(message("api.a", "x", None, EventKind.EDIT), "api.b", "y"), None),
+    ):
+        marker = idmap.marker(d)
+        assert idmap.record_items(d, native_id)[0][:2] == (marker.bucket, marker.name)
