@@ -38,6 +38,14 @@ FIELD = b"d"
 Entry = tuple[bytes, bytes | None]  # (stream id, payload or None if deleted)
 
 
+def inbound_key(prefix: str, account: str) -> str:
+    """The stream of events an account received (``Bus.inbound``). A key
+    ``"{" + inbound_key(...) + "}:…"`` hashes to the same Redis Cluster slot,
+    so an adapter can append events and its own receive cursor in one
+    MULTI/EXEC (adapters/nctalk.py)."""
+    return f"{prefix}:in:{account}"
+
+
 def account_key(prefix: str, account: str, *parts: str) -> str:
     """A key private to one account (its adapter's state, its rooms set)."""
     return ":".join((prefix, "acct", account, *parts))
@@ -80,7 +88,7 @@ class Bus:
 
     # key names -----------------------------------------------------------------
     def inbound(self, account: str) -> str:
-        return f"{self.prefix}:in:{account}"
+        return inbound_key(self.prefix, account)
 
     def outbound(self, account: str) -> str:
         return f"{self.prefix}:out:{{{account}}}"

@@ -77,6 +77,12 @@ class Metrics:
             ["account"],
             registry=r,
         )
+        self.room_failed = Gauge(
+            "talkbridge_room_failed",
+            "1 while one room of a polling account fails (retried with backoff, never dropped; the log says why)",
+            ["account", "room"],
+            registry=r,
+        )
         self.account_restarts = Counter(
             "talkbridge_account_restarts",
             "Accounts restarted after an error nobody foresaw (the log has its traceback)",
