@@ -5,6 +5,7 @@ message posted any way triggers the same webhooks.
 
 from __future__ import annotations
 
+import time
 import unicodedata
 
 import regex
@@ -13,7 +14,6 @@ from tests.talkserver import webhooks
 from tests.talkserver.state import (
     FEATURE_REACTION,
     FEATURE_WEBHOOK,
-    MAX_CHAT_LENGTH,
     MAX_REFERENCE_ID,
     Actor,
     Bot,
@@ -47,7 +47,7 @@ class Chat:
     ) -> Message:
         """ChatManager::sendMessage, then ChatMessageSentEvent -> bots."""
         text = php_trim(text)  # Comment::setMessage trims (PHP's trim: non-breaking spaces stay)
-        if len(text) > MAX_CHAT_LENGTH:  # mb_strlen
+        if len(text) > self.state.max_chat_length:  # mb_strlen
             raise ChatError("too_long")
         ref = php_trim(reference_id) if reference_id else ""
         if len(ref) > MAX_REFERENCE_ID:  # the DB column refuses it
@@ -72,7 +72,7 @@ class Chat:
         return msg
 
     async def system_message(
-        self, token: str, actor: Actor, name: str, message: str, params: dict, parent: Message | None
+        self, token: str, actor: Actor, name: str, message: str, params: dict | list, parent: Message | None
     ) -> Message:
         msg = self.state.add_message(
             token, actor, message, params, message_type="system", system_message=name,
@@ -116,17 +116,24 @@ class Chat:
         return msg
 
     async def _reaction_events(self, token: str, actor: Actor, msg: Message, emoji: str, added: bool) -> None:
-        # The system message every chat client sees (and webhook bots get as Activity) ...
-        name = "reaction" if added else "reaction_revoked"
-        text = "{actor} reacted with {reaction}" if added else "{actor} deleted a reaction"
-        params = {
-            "actor": {
-                "type": "user" if actor.type == "users" else actor.type.rstrip("s"),
-                "id": actor.id,
-                "name": actor.display_name,
-            },
-        }
-        await self.system_message(token, actor, name, text, params, msg)
+        # ReactionManager: a reaction is a comment of verb "reaction" whose
+        # message is the emoji (chat readers see it as a system message
+        # "reaction"). Revoking turns that comment into "reaction_deleted" and
+        # adds a system message "reaction_revoked" that does not name the emoji.
+        if added:
+            await self.system_message(token, actor, "reaction", emoji, [], msg)
+        else:
+            for other in reversed(self.state.room_messages(token)):
+                if (
+                    other.system_message == "reaction"
+                    and other.parent_id == msg.id
+                    and other.actor.ref == actor.ref
+                    and other.message == emoji
+                ):
+                    other.system_message, other.message = "reaction_deleted", "Reaction deleted by author"
+                    break
+            params = {"actor": actor_parameter(actor)}
+            await self.system_message(token, actor, "reaction_revoked", "{actor} deleted a reaction", params, msg)
         # ... and, from Talk 21, the Like / Undo hook for bots with the reaction feature
         # (the reacting bot included: Talk does not skip it).
         if self.state.version >= 21:
@@ -134,6 +141,31 @@ class Chat:
             bots = self.state.bots_for_token(token, FEATURE_REACTION)
             build = webhooks.like_payload if added else webhooks.undo_payload
             await self.sender.send(bots, build(self.state, room, msg, actor, emoji))
+
+    async def edit_message(self, token: str, actor: Actor, msg: Message, text: str) -> Message:
+        """ChatManager::editMessage: the comment changes in place, and a system
+        message "message_edited" whose parent is the comment tells every reader."""
+        if php_trim(text) == "":
+            raise ChatError("invalid")
+        text = php_trim(text)
+        if len(text) > self.state.max_chat_length:
+            raise ChatError("too_long")
+        msg.message, msg.parameters = webhooks.parse_mentions(self.state, text)
+        msg.edited_by, msg.edited_at = actor, int(time.time())
+        params = {"actor": actor_parameter(actor)}
+        return await self.system_message(token, actor, "message_edited", "{actor} edited a message", params, msg)
+
+    async def delete_message(self, token: str, actor: Actor, msg: Message) -> Message:
+        """ChatManager::deleteMessage: the comment becomes "comment_deleted",
+        a shared file's share is removed, and "message_deleted" follows."""
+        msg.message_type = "comment_deleted"
+        msg.message = "Message deleted by {actor}"
+        msg.parameters = {"actor": actor_parameter(actor)}
+        if msg.share is not None:
+            msg.share.deleted = True
+            msg.share = None
+        params = {"actor": actor_parameter(actor)}
+        return await self.system_message(token, actor, "message_deleted", "{actor} deleted a message", params, msg)
 
     async def enable_bot(self, bot: Bot, token: str) -> bool:
         """BotController::enableBot / occ talk:bot:setup; False if already enabled."""
@@ -150,6 +182,12 @@ class Chat:
         room = self.state.rooms[token]
         room.bots.discard(bot.id)
         await self.sender.send([bot], webhooks.join_payload(room, bot, "Leave"))
+
+
+def actor_parameter(actor: Actor) -> dict[str, str]:
+    """The rich-object parameter SystemMessage gives an actor."""
+    kind = {"users": "user", "guests": "guest", "federated_users": "user", "bots": "user"}.get(actor.type, "user")
+    return {"type": kind, "id": actor.id, "name": actor.display_name}
 
 
 def php_trim(text: str) -> str:

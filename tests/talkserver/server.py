@@ -5,32 +5,61 @@ Python API tests drive it with.
 ``ThreadedTalkServer`` runs one in a thread of its own, for tests that block
 (a daemon in a child process, ``tests.helpers.wait_for``).
 
-Routes live in modules by area (``bot_api`` now; chat, WebDAV and shares for
-the polling-user adapter later) and all change state through ``Chat`` so the
-same webhooks fire whichever way a message arrives.
+Routes live in modules by area (``bot_api`` for bots, ``chat_api`` for users
+and guests, ``files`` for WebDAV and shares) and all change state through
+``Chat`` so the same webhooks fire whichever way a message arrives.
+
+Authentication (``authenticate``): Basic auth with a user's app password; a
+wrong or revoked one is 401 on every route (Nextcloud >= 22, server#26572)
+and a brute-force attempt (action ``login``) — throttled like the bot API's.
+Without Basic auth a request is anonymous with a PHP session cookie (a guest
+of public rooms), created on first use.
 
 Fault injection (not Talk behaviour, named as such): ``fail_next`` answers
-the next bot requests with a status (a proxy's 502, a 5xx); ``stall_next``
-stores the next bot message and then never answers (the window between
-Talk's 201 and the bridge's delivered-marker); ``fail_room`` answers every bot
-request for one room with a status until ``heal_room`` (a room whose backend
-is down while the others work).
+the next bot requests with a status (a proxy's 502, a 5xx), ``fail_chat_next``
+the next user (chat, reaction, DAV, share) requests; ``stall_next`` stores
+the next bot or user chat message and then never answers (the window between
+Talk's 201 and the bridge's delivered-marker); ``fail_room`` answers every
+request for one room with a status (and headers) until ``heal_room`` (a room
+whose backend is down while the others work).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import inspect
+import secrets
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from tests.talkserver import bot_api
+from tests.talkserver import bot_api, chat_api, files
 from tests.talkserver.chat import Chat
-from tests.talkserver.state import OWNER, Actor, Bot, Message, Room, TalkState
+from tests.talkserver.ocs import BruteForce, client_ip, ocs_response
+from tests.talkserver.state import OWNER, Actor, Bot, BotRequest, Message, Room, TalkState
 from tests.talkserver.webhooks import WebhookSender
+
+
+@dataclass
+class Session:
+    """A PHP session (the cookie): its CSRF token and the Talk sessions of its guests."""
+
+    id: str
+    request_token: str
+    rooms: dict[str, str] = field(default_factory=dict)  # token -> the guest attendee's ref
+    talk_sessions: dict[str, str] = field(default_factory=dict)  # token -> Talk session id
+
+
+@dataclass
+class Who:
+    user: str | None = None
+    session: Session | None = None
+    new_cookie: str | None = None  # set on the answer: a session created by this request
 
 
 class TalkServer:
@@ -40,7 +69,13 @@ class TalkServer:
         self.chat = Chat(self.state, self.sender)
         self.bruteforce_delay_scale = bruteforce_delay_scale
         self._faults: list[tuple[int, dict[str, str]]] = []
-        self._failing_rooms: dict[str, int] = {}  # token -> status every bot request there gets
+        self._chat_faults: list[tuple[int, dict[str, str], str | None]] = []
+        self._failing_rooms: dict[str, tuple[int, dict[str, str]]] = {}  # token -> what every request there gets
+        self.sessions: dict[str, Session] = {}
+        self.login_bruteforce = BruteForce(self.state, "login", bruteforce_delay_scale)
+        self.files = files.Files(self)
+        self.chat_api = chat_api.ChatApi(self)
+        self.user_requests: list[BotRequest] = []  # every request to the user-facing routes
         self._stalls = 0
         self._stalled = asyncio.Event()  # set when a stalled request is holding
         self._release: asyncio.Event | None = None
@@ -51,6 +86,8 @@ class TalkServer:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 << 20)
         app.add_routes(bot_api.routes(self))
+        app.add_routes(chat_api.routes(self.chat_api))
+        app.add_routes(files.routes(self.files))
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> TalkServer:
@@ -75,21 +112,74 @@ class TalkServer:
     def fail_next(self, status: int, count: int = 1, headers: dict[str, str] | None = None) -> None:
         self._faults.extend([(status, headers or {})] * count)
 
-    def fail_room(self, token: str, status: int = 503) -> None:
-        """Fault injection: answer every bot request for ``token`` with ``status``."""
-        self._failing_rooms[token] = status
+    def fail_chat_next(
+        self, status: int, count: int = 1, headers: dict[str, str] | None = None, method: str | None = None
+    ) -> None:
+        """Fault injection: the next ``count`` user requests (of ``method``, if given) get ``status``."""
+        self._chat_faults.extend([(status, headers or {}, method)] * count)
+
+    def fail_room(self, token: str, status: int = 503, headers: dict[str, str] | None = None) -> None:
+        """Fault injection: answer every request for ``token`` with ``status``."""
+        self._failing_rooms[token] = (status, headers or {})
 
     def heal_room(self, token: str) -> None:
         self._failing_rooms.pop(token, None)
 
     def take_fault(self, request: web.Request) -> web.Response | None:
-        status = self._failing_rooms.get(request.match_info.get("token", ""))
-        if status is not None:
-            return web.Response(status=status, text=f"injected fault {status} for this room")
+        failing = self._failing_rooms.get(request.match_info.get("token", ""))
+        if failing is not None:
+            status, headers = failing
+            return web.Response(status=status, text=f"injected fault {status} for this room", headers=headers)
+        if "/bot/" not in request.path:
+            for i, (status, headers, method) in enumerate(self._chat_faults):
+                if method is None or method == request.method:
+                    del self._chat_faults[i]
+                    return web.Response(status=status, text=f"injected fault {status}", headers=headers)
+            return None
         if not self._faults:
             return None
         status, headers = self._faults.pop(0)
         return web.Response(status=status, text=f"injected fault {status}", headers=headers)
+
+    # users, sessions, authentication ---------------------------------------------
+    COOKIE = "ocnc3xampl3"  # Nextcloud names its session cookie after the instance id
+
+    def log_request(self, request: web.Request, body: bytes) -> BotRequest:
+        log = BotRequest(request.method, request.path_qs, client_ip(request), dict(request.headers), body)
+        self.user_requests.append(log)
+        return log
+
+    async def authenticate(self, request: web.Request) -> Who | web.Response:
+        header = request.headers.get("Authorization", "")
+        if header.lower().startswith("basic "):
+            try:
+                user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                user, password = "", ""
+            blocked = await self.login_bruteforce.before(request)
+            if blocked is not None:
+                return blocked
+            known = self.state.users.get(user)
+            if known is not None and password in known.passwords:
+                return Who(user=user)
+            refused = ocs_response(request, 401, None, "Current user is not logged in")
+            return await self.login_bruteforce.throttled(request, refused)
+        sid = request.cookies.get(self.COOKIE)
+        session = self.sessions.get(sid) if sid else None
+        if session is None:
+            session = Session(secrets.token_urlsafe(24), secrets.token_urlsafe(48) + ":" + secrets.token_urlsafe(24))
+            self.sessions[session.id] = session
+            return Who(session=session, new_cookie=session.id)
+        return Who(session=session)
+
+    def new_talk_session(self) -> str:
+        return secrets.token_urlsafe(192)[:255]
+
+    def new_guest(self) -> Actor:
+        return Actor("guests", hashlib.sha1(secrets.token_bytes(16)).hexdigest(), "", 4)
+
+    async def after_chat_message(self, msg: Message) -> None:
+        await self.after_bot_message(msg)
 
     def stall_next(self, count: int = 1) -> None:
         self._stalls += count
@@ -105,8 +195,68 @@ class TalkServer:
             await self._release.wait()  # stored, never answered (until stop)
 
     # the Python API ----------------------------------------------------------------
-    def add_user(self, user_id: str, display_name: str | None = None) -> Actor:
-        return self.state.add_user(user_id, display_name)
+    def add_user(self, user_id: str, display_name: str | None = None, password: str | None = None) -> Actor:
+        actor = self.state.add_user(user_id, display_name)
+        if password is not None:
+            self.state.users[user_id].passwords.add(password)
+        return actor
+
+    def revoke_password(self, user_id: str, password: str) -> None:
+        self.state.users[user_id].passwords.discard(password)
+
+    def make_public(self, token: str) -> None:
+        self.state.rooms[token].public = True
+
+    def expire_guest_sessions(self) -> None:
+        """Every PHP session ends, and the guests they held leave their rooms (as Talk's cleanup does)."""
+        for session in self.sessions.values():
+            for token, ref in session.rooms.items():
+                self.state.rooms[token].participants.pop(ref, None)
+        self.sessions.clear()
+
+    def age(self, message_id: int, seconds: float) -> None:
+        """Make a message ``seconds`` older (for the edit and delete windows)."""
+        self.state.messages[message_id].created -= seconds
+
+    def join_room(self, token: str, actor: Actor, participant_type: int = 3) -> Actor:
+        return self.state.join(token, actor, participant_type)
+
+    def leave_room(self, token: str, actor: Actor) -> None:
+        self.state.rooms[token].participants.pop(actor.ref, None)
+
+    async def edit(self, token: str, actor: Actor, message_id: int, text: str) -> Message:
+        return await self.chat.edit_message(token, actor, self.state.messages[message_id], text)
+
+    async def delete(self, token: str, actor: Actor, message_id: int) -> Message:
+        return await self.chat.delete_message(token, actor, self.state.messages[message_id])
+
+    async def post_file(
+        self,
+        token: str,
+        actor: Actor,
+        name: str,
+        data: bytes,
+        caption: str = "",
+        voice: bool = False,
+        reply_to: int | None = None,
+    ) -> Message:
+        """A user uploads ``Talk/NAME`` and shares it into the room, as Talk's web client does."""
+        self.files.mkdirs(actor.id, "Talk")
+        self.files.put(actor.id, f"Talk/{name}", data)
+        meta: dict[str, Any] = {"messageType": "voice-message" if voice else "comment"}
+        if caption:
+            meta["caption"] = caption
+        if reply_to:
+            meta["replyTo"] = reply_to
+        return await self.files.share(actor, f"Talk/{name}", token, meta)
+
+    def file_of(self, msg: Message, reader: str) -> bytes | None:
+        if msg.share is None:
+            return None
+        return self.files.read(reader, msg.share.mounts.get(reader, msg.share.path))
+
+    def chat_requests(self, path_part: str = "", method: str | None = None) -> list[Any]:
+        return [r for r in self.user_requests if path_part in r.path and (method is None or r.method == method)]
 
     def guest(self, name: str, session: str = "s1") -> Actor:
         import hashlib

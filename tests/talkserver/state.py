@@ -40,6 +40,7 @@ OWNER, MODERATOR, USER, GUEST = 1, 2, 3, 4
 class User:
     id: str
     display_name: str
+    passwords: set[str] = field(default_factory=set)  # app passwords (Basic auth)
 
 
 @dataclass
@@ -90,6 +91,11 @@ class Message:
     silent: bool = False
     # emoji -> [actor ref, ...] in the order they reacted
     reactions: dict[str, list[str]] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)  # edit and delete windows are measured from here
+    edited_by: Actor | None = None
+    edited_at: int = 0
+    share: Any = None  # a file share (tests.talkserver.files.Share): the message renders its file parameter
+    meta_type: str = ""  # talkMetaData messageType of a share ("voice-message"…); "" for a comment
 
     @property
     def replyable(self) -> bool:
@@ -102,6 +108,7 @@ class Room:
     name: str
     type: int = 2  # group
     federated: bool = False
+    public: bool = False  # type 3: guests may join through the room's link
     participants: dict[str, Actor] = field(default_factory=dict)  # actor ref -> actor
     bots: set[int] = field(default_factory=set)  # bot ids enabled here
 
@@ -143,6 +150,9 @@ class TalkState:
         # brute force: (ip, action) -> attempt timestamps
         self.bruteforce: dict[tuple[str, str], list[float]] = {}
         self.webhook_calls: list[WebhookCall] = []
+        self.max_chat_length = MAX_CHAT_LENGTH  # capability spreed.config.chat.max-length
+        # called with each message stored (the chat long-poll wakes on it)
+        self.on_message: list[Any] = []
         self.bot_requests: list[BotRequest] = []
         # Before Talk 22.0.x (spreed#16889) Like/Undo hooks named the message
         # author as actor; "reactor" is the fixed, documented behaviour.
@@ -150,8 +160,12 @@ class TalkState:
 
     # users and rooms ------------------------------------------------------------
     def add_user(self, user_id: str, display_name: str | None = None) -> Actor:
-        self.users[user_id] = User(user_id, display_name or user_id)
-        return Actor("users", user_id, display_name or user_id)
+        user = self.users.get(user_id)
+        if user is None:
+            user = self.users[user_id] = User(user_id, display_name or user_id)
+        elif display_name:
+            user.display_name = display_name
+        return Actor("users", user_id, user.display_name)
 
     def create_room(self, name: str, token: str | None = None, federated: bool = False) -> Room:
         token = token or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
@@ -207,6 +221,8 @@ class TalkState:
         msg = Message(self._next_message, token, actor, message, parameters or [], int(time.time()), **kw)
         self.messages[msg.id] = msg
         self._next_message += 1
+        for listener in self.on_message:
+            listener(msg)
         return msg
 
     def room_messages(self, token: str) -> list[Message]:
