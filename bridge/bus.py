@@ -79,12 +79,32 @@ class DeadLetter:
     payload: bytes
 
 
+# Redis 6.2's XINFO GROUPS has no ``lag``: count the entries after the group's
+# last-delivered id inside Redis, a chunk at a time, up to a cap. Reading them
+# back instead (XRANGE to the client) moved a whole backlog across the
+# connection at every /metrics scrape, and its transient garbage fragmented the
+# daemon's heap: RSS grew with the backlog (docs/benchmarks.md, "Soak").
+# KEYS: stream. ARGV: last-delivered id, cap.
+_COUNT_AFTER = """
+local after, cap, n = ARGV[1], tonumber(ARGV[2]), 0
+while n < cap do
+  local rows = redis.call('XRANGE', KEYS[1], '(' .. after, '+', 'COUNT', math.min(1000, cap - n))
+  n = n + #rows
+  if #rows < 1000 then break end
+  after = rows[#rows][1]
+end
+return n
+"""
+LAG_COUNT_CAP = 100_000  # Redis 6.2 only: a lag beyond this reads as this
+
+
 class Bus:
     def __init__(self, redis: Redis, settings: BusSettings) -> None:
         self.redis = redis
         self.settings = settings
         self.prefix = settings.prefix
         self._commits = GroupCommit(redis)
+        self._count_after = redis.register_script(_COUNT_AFTER)
 
     # key names -----------------------------------------------------------------
     def inbound(self, account: str) -> str:
@@ -220,8 +240,8 @@ class Bus:
             return out
         out["pending"] = info["pending"]
         lag = info.get("lag")
-        if lag is None:  # Redis 6.2 has no lag field: count what is after last-delivered
-            lag = len(await self.redis.xrange(stream, min="(" + _s(info["last-delivered-id"]), max="+", count=100_000))
+        if lag is None:  # Redis 6.2
+            lag = await self.entries_after(stream, _s(info["last-delivered-id"]))
         out["lag"] = lag
         if info["pending"]:
             summary = await self.redis.xpending(stream, group)
@@ -229,6 +249,10 @@ class Bus:
                 oldest_ms = int(_s(summary["min"]).split("-")[0])
                 out["oldest_pending_s"] = max(0.0, time.time() - oldest_ms / 1000)
         return out
+
+    async def entries_after(self, stream: str, entry_id: str, cap: int = LAG_COUNT_CAP) -> int:
+        """How many entries follow ``entry_id`` (at most ``cap``), counted inside Redis."""
+        return int(await self._count_after(keys=[stream], args=[entry_id, cap]))
 
 
 def _s(value: bytes | str) -> str:

@@ -44,6 +44,7 @@ CRASH_RESET = 300.0  # an account that ran this long without one starts the back
 TASK_RESTART_DELAY = 1.0  # Daemon.run: before a task that ended is started again (doubling)
 CONNECT_BACKOFF_MAX = 60.0
 REDIS_BACKOFF_MAX = 10.0
+GAUGES_MAX_AGE = 1.0  # seconds: /metrics scrapes within this share one read of the stream gauges
 RECEIVE_BACKOFF_MIN = 1.0  # seconds before a receive loop that died runs again…
 RECEIVE_BACKOFF_MAX = 60.0  # …doubling while it keeps dying, up to this (then jittered)
 RECEIVE_STEADY = 60.0  # a receive loop that ran this long before dying starts the backoff over
@@ -369,6 +370,8 @@ class Daemon:
         self.instances_key = f"{self.bus.prefix}:instances"
         self.live_instances = 1
         self._shed_until = 0.0
+        self._gauges_lock = asyncio.Lock()
+        self._gauges_at = -math.inf
         for name, acct in config.accounts.items():
             ctx = adapter_context(
                 config, name, redis, self.publish, self.metrics, self.bus.prefix, self.idmap,
@@ -446,6 +449,19 @@ class Daemon:
         return out
 
     async def refresh_metrics(self) -> None:
+        """Read the stream gauges from Redis, at most once per ``GAUGES_MAX_AGE``.
+
+        Every /metrics request asks for them; concurrent and back-to-back scrapes
+        share one refresh, so a client looping on /metrics cannot turn into a
+        load on Redis (each refresh is a few commands per stream, and on Redis 6.2
+        a count of each backlog)."""
+        async with self._gauges_lock:
+            if time.monotonic() - self._gauges_at < GAUGES_MAX_AGE:
+                return
+            await self._refresh_gauges()
+            self._gauges_at = time.monotonic()
+
+    async def _refresh_gauges(self) -> None:
         for stream, group in self.streams():
             st = await self.bus.stream_status(stream, group)
             self.metrics.stream_length.labels(stream).set(st["length"])
