@@ -73,9 +73,14 @@ class ChatApi:
         self.state = server.state
         self.chat = server.chat
         self._waiters: set[asyncio.Event] = set()
+        self.closing = False  # the server stops: held polls answer now
         self.state.on_message.append(self._wake)
 
-    def _wake(self, _msg: Message) -> None:
+    def close(self) -> None:
+        self.closing = True
+        self._wake(None)
+
+    def _wake(self, _msg: Message | None) -> None:
         for event in self._waiters:
             event.set()
 
@@ -206,7 +211,7 @@ class ChatApi:
         found = select()
         if future and not found and timeout > 0:
             deadline = time.monotonic() + timeout
-            while not found and (left := deadline - time.monotonic()) > 0:
+            while not found and not self.closing and (left := deadline - time.monotonic()) > 0:
                 event = asyncio.Event()
                 self._waiters.add(event)
                 try:

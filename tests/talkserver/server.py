@@ -69,7 +69,7 @@ class TalkServer:
         self.chat = Chat(self.state, self.sender)
         self.bruteforce_delay_scale = bruteforce_delay_scale
         self._faults: list[tuple[int, dict[str, str]]] = []
-        self._chat_faults: list[tuple[int, dict[str, str], str | None]] = []
+        self._chat_faults: list[tuple[int, dict[str, str], str | None, bytes | None]] = []
         self._failing_rooms: dict[str, tuple[int, dict[str, str]]] = {}  # token -> what every request there gets
         self.sessions: dict[str, Session] = {}
         self.login_bruteforce = BruteForce(self.state, "login", bruteforce_delay_scale)
@@ -101,6 +101,7 @@ class TalkServer:
         return self
 
     async def stop(self) -> None:
+        self.chat_api.close()
         if self._release is not None:
             self._release.set()
         await self.sender.close()
@@ -113,10 +114,16 @@ class TalkServer:
         self._faults.extend([(status, headers or {})] * count)
 
     def fail_chat_next(
-        self, status: int, count: int = 1, headers: dict[str, str] | None = None, method: str | None = None
+        self,
+        status: int,
+        count: int = 1,
+        headers: dict[str, str] | None = None,
+        method: str | None = None,
+        body: bytes | None = None,
     ) -> None:
-        """Fault injection: the next ``count`` user requests (of ``method``, if given) get ``status``."""
-        self._chat_faults.extend([(status, headers or {}, method)] * count)
+        """Fault injection: the next ``count`` user requests (of ``method``, if
+        given) get ``status`` (and ``body``: a broken or hostile answer)."""
+        self._chat_faults.extend([(status, headers or {}, method, body)] * count)
 
     def fail_room(self, token: str, status: int = 503, headers: dict[str, str] | None = None) -> None:
         """Fault injection: answer every request for ``token`` with ``status``."""
@@ -131,10 +138,11 @@ class TalkServer:
             status, headers = failing
             return web.Response(status=status, text=f"injected fault {status} for this room", headers=headers)
         if "/bot/" not in request.path:
-            for i, (status, headers, method) in enumerate(self._chat_faults):
+            for i, (status, headers, method, body) in enumerate(self._chat_faults):
                 if method is None or method == request.method:
                     del self._chat_faults[i]
-                    return web.Response(status=status, text=f"injected fault {status}", headers=headers)
+                    text = f"injected fault {status}".encode() if body is None else body
+                    return web.Response(status=status, body=text, headers=headers)
             return None
         if not self._faults:
             return None
