@@ -64,16 +64,19 @@ local marker_gens = tonumber(ARGV[8])
 local out, items = {}, {}
 local before = redis.call('XLEN', KEYS[2])
 local added = 0
+local this_call = {}  -- markers written by this call: the map gets them only at the end
 local at = 9
 while at <= #ARGV do
   local count = tonumber(ARGV[at + 4])
-  local done = tb_find(room, gen_size, marker_gens, ARGV[at], ARGV[at + 1])
+  local marker = ARGV[at] .. '\31' .. ARGV[at + 1]
+  local done = this_call[marker] or tb_find(room, gen_size, marker_gens, ARGV[at], ARGV[at + 1])
   if done then
     out[#out + 1] = done
   else
     redis.call('XADD', KEYS[2], 'MAXLEN', maxlen, '*', 'd', ARGV[at + 2])
     for j = at + 5, at + 4 + 3 * count do items[#items + 1] = ARGV[j] end
     out[#out + 1] = ARGV[at + 3]
+    this_call[marker] = ARGV[at + 7]  -- what tb_find will answer: the marker item's value
     added = added + 1
   end
   at = at + 5 + 3 * count
