@@ -198,6 +198,16 @@ class Adapter(ABC):
     # loop then neither looks the marker up, checks the fence before sending,
     # nor records the copy: it only acknowledges.
     records_delivery: ClassVar[bool] = False
+    # Read by the config loader: the channel every gateway entry of this
+    # protocol has, whatever the entry says (which may then omit it): "api"
+    # for Matterbridge's api accounts (gateway.go mapChannelConfig). None:
+    # each entry names its channel.
+    fixed_channel: ClassVar[str | None] = None
+    # Read by the router (through the loader's ProtocolSpec): True when
+    # ``send`` passes on events of ``EventKind.OTHER`` (an api client's
+    # topic_change or custom events, named in ``extra["event"]``), as
+    # Matterbridge's api bridge does; other adapters never get them.
+    relays_other_events: ClassVar[bool] = False
 
     def ingress_routes(self) -> list[web.RouteDef]:
         """Stateless HTTP routes for the shared server (webhooks)."""

@@ -11,8 +11,11 @@ declaration cannot say (a URL's shape, a secret's length).
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -74,6 +77,78 @@ def _one_of(choices: tuple[str, ...]) -> str:
     return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
 
 
+# Go's strconv.ParseBool, as viper's decoder and cast read a bool from a string
+_GO_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True}
+_GO_BOOLS |= {"0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
+# Go's strconv.ParseInt(s, 0, 64): a Go integer literal, "_" between digits
+_GO_INT = re.compile(
+    r"[+-]?(?:0[xX](?:_?[0-9a-fA-F])+|0[bB](?:_?[01])+|0[oO](?:_?[0-7])+|0(?:_?[0-7])*|[1-9](?:_?[0-9])*)"
+)
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def go_weak(value: Any, t: type | tuple[type, ...]) -> tuple[bool, Any]:
+    """A Matterbridge key's value as Matterbridge's loader reads it: viper
+    decodes the config with mapstructure's ``WeaklyTypedInput`` and reads keys
+    with ``cast`` (bridge/config/config.go; mapstructure 1.5.0, cast 1.5.0),
+    so ``enable = "true"``, ``Buffer = "100"`` and ``Label = 5`` are fine
+    there. Returns (understood, the value as the declared type). What Go
+    cannot read either (``Buffer = "big"``) stays a problem here, where
+    Matterbridge would refuse it at start (a section it decodes) or read it
+    as zero (one it only looks up)."""
+    types = t if isinstance(t, tuple) else (t,)
+    if type(value) in types or (isinstance(value, int) and not isinstance(value, bool) and int in types):
+        return True, value
+    if bool in types:
+        if isinstance(value, str):
+            if value == "":
+                return True, False
+            return (True, _GO_BOOLS[value]) if value in _GO_BOOLS else (False, value)
+        if isinstance(value, int | float):
+            return True, value != 0
+    if int in types:
+        if isinstance(value, bool):
+            return True, int(value)
+        if isinstance(value, float):
+            # Go converts a float to an int by truncation
+            return (True, int(value)) if math.isfinite(value) and _INT64[0] <= value <= _INT64[1] else (False, value)
+        if isinstance(value, str):
+            return _go_int(value)
+    if str in types:
+        if isinstance(value, bool):
+            return True, "true" if value else "false"  # cast.ToString, as the keys are read
+        if isinstance(value, int):
+            return True, str(value)
+        if isinstance(value, float):
+            return True, _go_float(value)
+    return False, value
+
+
+def _go_int(text: str) -> tuple[bool, Any]:
+    if text == "":
+        return True, 0
+    if not _GO_INT.fullmatch(text):
+        return False, text
+    sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
+    digits = digits.replace("_", "")
+    base = 10
+    if len(digits) > 1 and digits[0] == "0":
+        prefix = digits[1].lower()
+        base, digits = {"x": (16, digits[2:]), "b": (2, digits[2:]), "o": (8, digits[2:])}.get(prefix, (8, digits[1:]))
+    number = sign * int(digits, base)
+    return (True, number) if _INT64[0] <= number <= _INT64[1] else (False, text)
+
+
+def _go_float(value: float) -> str:
+    """strconv.FormatFloat(f, 'f', -1, 64): shortest digits, no exponent."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    text = format(Decimal(repr(value)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 AccountCheck = Callable[["AccountConfig"], list[str]]
 
 
@@ -84,6 +159,9 @@ class ProtocolSpec:
     name: str
     options: Mapping[str, Option]
     check: AccountCheck | None = None  # problems beyond what the declarations say
+    # The adapter's class flags of the same names (adapters/base.py).
+    fixed_channel: str | None = None
+    relays_other_events: bool = False
 
 
 class DeclaresOptions(Protocol):
@@ -96,4 +174,13 @@ class DeclaresOptions(Protocol):
 
 def protocol_specs(adapters: Mapping[str, DeclaresOptions]) -> dict[str, ProtocolSpec]:
     """The loader's view of the adapter classes, by protocol name."""
-    return {name: ProtocolSpec(name, cls.options, cls.check_account) for name, cls in adapters.items()}
+    return {
+        name: ProtocolSpec(
+            name,
+            cls.options,
+            cls.check_account,
+            fixed_channel=getattr(cls, "fixed_channel", None),
+            relays_other_events=getattr(cls, "relays_other_events", False),
+        )
+        for name, cls in adapters.items()
+    }
