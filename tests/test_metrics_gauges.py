@@ -22,8 +22,10 @@ name = "g"
 enable = true
 [[gateway.inout]]
 account = "api.a"
+channel = "api"
 [[gateway.inout]]
 account = "api.b"
+channel = "api"
 """
 
 
