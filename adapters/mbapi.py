@@ -13,6 +13,12 @@ POST answer gave it), deletions (``event: "msg_delete"``), replies
 (``parent_id``) and reactions (``event: "reaction_add"`` /
 ``"reaction_remove"``, emoji in ``text``, target in ``parent_id``) are carried.
 Outbound, a message whose ``id`` a client has seen before replaces it.
+
+Otherwise a POST is read as Matterbridge's (bridge/api/api.go
+``handlePostMessage``, Go's encoding/json into config.Message): keys match
+without regard to case, the channel is always ``api``, and an event we have
+no kind for (``topic_change``, ``user_typing``, a client's own) is accepted
+and routed as Matterbridge routes it (bridge/router.py).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from bridge.events import Attachment, Delivery, Event, EventKind
 from bridge.idmap import FENCED, LUA_LIB, Fenced
 from bridge.listener import Listener, ListenerLimits, Refused, read_body
 
+API_CHANNEL = "api"  # every api account's one channel (gateway.go mapChannelConfig, api.go handlePostMessage)
+DEFAULT_BUFFER = 1000  # Buffer = 0 means this (api.go leaves its ring at its default for 0)
 API_CONNECTED = "api_connected"
 EVENT_DELETE = "msg_delete"
 EVENT_ACTION = "user_action"
@@ -110,20 +118,53 @@ def _go_time(ts: float) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond:06d}000Z"
 
 
+# config.Message's JSON names; Go's encoding/json matches a key to them
+# without regard to case (Extra has no tag: its field name)
+MESSAGE_FIELDS = (
+    "text", "channel", "username", "userid", "avatar", "account", "event", "protocol", "gateway", "parent_id",
+    "timestamp", "id", "Extra",
+)  # fmt: skip
+FILE_FIELDS = ("Name", "Data", "Comment", "URL", "Size", "Avatar", "SHA", "NativeID")  # config.FileInfo
+_ASCII_FOLD = {**{c: c + 32 for c in range(65, 91)}, 0x212A: "k", 0x17F: "s"}
+
+
+def go_fold(key: str) -> str:
+    """A key as Go's encoding/json (and mapstructure) compares it to a field
+    name: ASCII letters without case, and the Kelvin sign and long s, which
+    fold to k and s."""
+    return key.translate(_ASCII_FOLD)
+
+
+def go_fields(body: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """The body's values by field name, keys matched as Go matches them; of
+    several keys for one field the last wins, as Go assigns each in turn.
+    Keys that name no field are left out (Go ignores them)."""
+    by_fold = {go_fold(name): name for name in names}
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        name = by_fold.get(go_fold(key))
+        if name is not None:
+            out.pop(name, None)  # the last key for a field wins
+            out[name] = value
+    return out
+
+
 class MatterbridgeAPI(Adapter):
     protocol = "api"
     options: ClassVar[dict[str, Option]] = {
         "BindAddress": Option(str, required=True, help="HOST:PORT to listen on"),
         "Token": Option(str, secret=True, default=""),
-        "Buffer": Option(int, default=1000, min=1),
+        "Buffer": Option(int, default=DEFAULT_BUFFER, min=0, help="0: the default"),
     }
+    fixed_channel = API_CHANNEL
+    relays_other_events = True
 
     def __init__(self, ctx: AdapterContext) -> None:
         super().__init__(ctx)
         acct = ctx.account
         self.name = acct.name
         self.token: str = acct.get("Token", "")
-        self.buffer_size: int = acct.get("Buffer", 1000)
+        self.buffer_size: int = acct.get("Buffer", DEFAULT_BUFFER) or DEFAULT_BUFFER
         self.max_file = int(acct.get("MediaDownloadSize", 1_000_000))
         self.buffer_key = f"{ctx.key_prefix}:apibuf:{{{acct.name}}}"  # tagged like delivered keys
         self._deliver_many = ctx.redis.register_script(_DELIVER_MANY)
@@ -208,12 +249,13 @@ class MatterbridgeAPI(Adapter):
         except BadRequest as exc:
             self.ctx.metrics.rejected.labels(self.name, str(exc.status)).inc()
             return web.json_response({"message": exc.reason}, status=exc.status)
-        try:
-            await self.ctx.publish(event)
-        except (RedisError, OSError) as exc:
-            self.ctx.log.error("%s: cannot queue a message: %s", self.name, exc)
-            return web.json_response({"message": "message queue unavailable, retry later"}, status=503)
-        self._events_in.inc()
+        if event is not None:  # None: accepted, and nothing would reach anyone
+            try:
+                await self.ctx.publish(event)
+            except (RedisError, OSError) as exc:
+                self.ctx.log.error("%s: cannot queue a message: %s", self.name, exc)
+                return web.json_response({"message": "message queue unavailable, retry later"}, status=503)
+            self._events_in.inc()
         return web.Response(body=answer, content_type="application/json")
 
     async def _read_body(self, request: web.Request) -> dict[str, Any]:
@@ -229,28 +271,33 @@ class MatterbridgeAPI(Adapter):
         except Refused as exc:
             raise BadRequest(exc.status, exc.reason) from None
         if form:
-            return _form_fields(raw, encoding)
+            return go_fields(_form_fields(raw, encoding), MESSAGE_FIELDS)
         try:
             body = orjson.loads(raw)  # refuses text that is not UTF-8, lone surrogates, NaN, nesting past 1,024
         except orjson.JSONDecodeError as exc:
             raise BadRequest(400, f"body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise BadRequest(400, "body must be a JSON object")
-        return body
+        return go_fields(body, MESSAGE_FIELDS)
 
-    def event_from_post(self, body: dict[str, Any]) -> tuple[Event, dict[str, Any]]:
-        """Validate a POSTed Matterbridge message; raise BadRequest."""
+    def event_from_post(self, body: dict[str, Any]) -> tuple[Event | None, dict[str, Any]]:
+        """Validate a POSTed Matterbridge message (its keys as ``go_fields``
+        gives them); raise BadRequest. The event is None for a POST that is
+        accepted but reaches nobody (a deletion of no message)."""
         fields: dict[str, str] = {}
-        for key in ("text", "username", "userid", "avatar", "gateway", "event", "parent_id", "id", "channel"):
+        for key in MESSAGE_FIELDS:
+            if key == "Extra":
+                continue
             value = body.get(key, "")
-            if value is None:
+            if value is None:  # Go leaves a field alone for null
                 value = ""
             if not isinstance(value, str):
                 raise BadRequest(400, f"{key} must be a string")
             fields[key] = value
         gateway = self._gateway(fields["gateway"])
-        channel = self.ctx.sends_into[gateway]
-        attachments = self._files(body.get("Extra"))
+        channel = API_CHANNEL  # api.go handlePostMessage: "these values are fixed"
+        extra = body.get("Extra")
+        attachments = self._files(extra)
         kind_of = {
             "": EventKind.EDIT if fields["id"] else EventKind.MESSAGE,
             EVENT_ACTION: EventKind.EDIT if fields["id"] else EventKind.MESSAGE,
@@ -259,9 +306,7 @@ class MatterbridgeAPI(Adapter):
             EVENT_REACTION_REMOVE: EventKind.UNREACTION,
             EVENT_JOIN_LEAVE: EventKind.JOIN,
         }
-        if fields["event"] not in kind_of:
-            raise BadRequest(400, f'event "{fields["event"]}" is not supported')
-        kind = kind_of[fields["event"]]
+        kind = kind_of.get(fields["event"], EventKind.OTHER)
         native_id = os.urandom(8).hex()  # 64 random bits: unique enough per room, compact in the id map
         event = Event(
             kind=kind,
@@ -275,6 +320,7 @@ class MatterbridgeAPI(Adapter):
             attachments=attachments,
             origin=[f"{self.name}/{channel}"],
         )
+        reaches_nobody = False
         if kind == EventKind.MESSAGE:
             if not fields["text"] and not attachments:
                 raise BadRequest(400, "text is empty and there is no file")
@@ -288,10 +334,11 @@ class MatterbridgeAPI(Adapter):
             event.target_id = fields["id"]
             native_id = fields["id"]
         elif kind == EventKind.DELETE:
-            if not fields["id"]:
-                raise BadRequest(400, "msg_delete needs the id of the message")
+            # Without an id there is nothing to delete: every Matterbridge
+            # bridge drops such a deletion (its api bridge drops them all)
             event.target_id = fields["id"]
             native_id = fields["id"]
+            reaches_nobody = not fields["id"]
         elif kind in (EventKind.REACTION, EventKind.UNREACTION):
             if not fields["parent_id"] or not fields["text"]:
                 raise BadRequest(400, f"{fields['event']} needs parent_id (the message) and text (the emoji)")
@@ -301,9 +348,12 @@ class MatterbridgeAPI(Adapter):
             event.reaction = fields["text"]
             event.text = ""
             native_id = ""
+        elif kind == EventKind.OTHER:
+            event.extra["event"] = fields["event"]
+            native_id = ""  # nothing to edit or delete later
         reply = {
             "text": fields["text"],
-            "channel": "api",
+            "channel": API_CHANNEL,
             "username": fields["username"],
             "userid": fields["userid"],
             "avatar": fields["avatar"],
@@ -314,9 +364,9 @@ class MatterbridgeAPI(Adapter):
             "parent_id": fields["parent_id"],
             "timestamp": _go_time(event.timestamp),
             "id": native_id,  # Matterbridge answers ""; ours lets a client edit later
-            "Extra": body.get("Extra") if isinstance(body.get("Extra"), dict) else None,
+            "Extra": extra if isinstance(extra, dict) else None,
         }
-        return event, reply
+        return (None if reaches_nobody else event), reply
 
     def _gateway(self, name: str) -> str:
         sends = self.ctx.sends_into
@@ -334,13 +384,15 @@ class MatterbridgeAPI(Adapter):
             return []
         if not isinstance(extra, dict):
             raise BadRequest(400, "Extra must be an object")
-        files = extra.get("file", [])
-        if not isinstance(files, list):
-            raise BadRequest(400, "Extra.file must be a list")
+        for key, value in extra.items():  # config.Message.Extra is map[string][]interface{}
+            if value is not None and not isinstance(value, list):
+                raise BadRequest(400, f"Extra.{_shown(key)} must be a list")
+        files = extra.get("file") or []  # a map key: exact, as in Go
         out = []
-        for i, item in enumerate(files):
-            if not isinstance(item, dict):
+        for i, raw in enumerate(files):
+            if not isinstance(raw, dict):
                 raise BadRequest(400, f"Extra.file[{i}] must be an object")
+            item = go_fields(raw, FILE_FIELDS)  # mapstructure matches names without regard to case
             name = item.get("Name")
             if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
                 raise BadRequest(400, f"Extra.file[{i}].Name must be a file name")
@@ -379,7 +431,7 @@ class MatterbridgeAPI(Adapter):
             "channel": event.channel,  # Matterbridge gives api clients the origin channel
             "username": delivery.username,
             "userid": event.sender_id,
-            "avatar": event.avatar or "",
+            "avatar": delivery.avatar or event.avatar or "",  # the router's IconURL when the event has none
             "account": event.account,
             "event": "",
             "protocol": event.protocol,
@@ -398,6 +450,8 @@ class MatterbridgeAPI(Adapter):
             msg["text"], msg["parent_id"], msg["id"] = event.reaction or "", delivery.target_id, ""
         elif event.kind in (EventKind.JOIN, EventKind.LEAVE):
             msg["event"] = EVENT_JOIN_LEAVE
+        elif event.kind == EventKind.OTHER:
+            msg["event"], msg["id"] = str(event.extra.get("event", "")), ""
         elif event.extra.get("action"):
             msg["event"] = EVENT_ACTION
         if event.attachments:

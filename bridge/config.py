@@ -22,7 +22,8 @@ from typing import Any
 
 import tomli
 
-from bridge.options import Option, ProtocolSpec
+from bridge.goregex import GoRegexError, GoRegexp, Template, go_fields, unknown_references
+from bridge.options import Option, ProtocolSpec, go_weak
 
 MAX_CONFIG_BYTES = 1 << 20  # a config larger than 1 MiB is a mistake, not a config
 
@@ -31,7 +32,6 @@ MAX_CONFIG_BYTES = 1 << 20  # a config larger than 1 MiB is a mistake, not a con
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
 
 _NO_MEDIA_SERVER = "talkbridge carries files itself and has no media server"
-_NO_TOPICS = "the protocols talkbridge bridges have no topic events"
 
 # Keys every account understands (Matterbridge's [general]-level options).
 # Where each one takes effect is said beside it; the ones with
@@ -52,7 +52,7 @@ COMMON_OPTIONS: dict[str, Option] = {
     "MediaDownloadPath": Option(str, default="", not_implemented=_NO_MEDIA_SERVER),
     "MediaDownloadBlackList": Option(list, default=(), not_implemented=_NO_MEDIA_SERVER),
     "MediaServerUpload": Option(str, default="", not_implemented=_NO_MEDIA_SERVER),
-    "IconURL": Option(str, default="", not_implemented="avatars are passed on as the source gives them"),
+    "IconURL": Option(str, default=""),  # router, destination's: the avatar of a message without one
     "EditDisable": Option(bool, default=False),  # router, source's
     "EditSuffix": Option(str, default=""),  # router, source's
     "PrefixMessagesWithNick": Option(
@@ -60,8 +60,9 @@ COMMON_OPTIONS: dict[str, Option] = {
         default=False,
         not_implemented="a Talk bot always puts the nick before the text, an api account never does",
     ),
-    "ShowTopicChange": Option(bool, default=False, not_implemented=_NO_TOPICS),
-    "SyncTopic": Option(bool, default=False, not_implemented=_NO_TOPICS),
+    # router, destination's: either lets an api client's topic_change events through
+    "ShowTopicChange": Option(bool, default=False),
+    "SyncTopic": Option(bool, default=False),
     # router, destination's; talkbridge's default is true (see the README)
     "PreserveThreading": Option(bool, default=True),
     "ExtractNicks": Option(list, default=(), not_implemented="not yet: rewrite nicks with ReplaceNicks"),
@@ -145,21 +146,25 @@ def _ci(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {k.lower(): v for k, v in mapping.items()}
 
 
-def go_replacement(template: str) -> str:
-    """Go's ``$1`` / ``${1}`` / ``${name}`` -> Python's ``\\g<1>``."""
-    out = template.replace("\\", "\\\\")
-    return re.sub(r"\$\{(\w+)\}|\$(\d+)", lambda m: f"\\g<{m.group(1) or m.group(2)}>", out)
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """One ``ReplaceMessages`` / ``ReplaceNicks`` pair, compiled."""
+
+    key: str  # "ReplaceMessages[0]": named in the log when it fails on a message
+    regexp: GoRegexp
+    template: Template
 
 
 @dataclass(frozen=True, slots=True)
 class AccountRules:
-    """An account's filters and rewrites, compiled once when the config loads
-    (the loader must compile them to validate them; the router uses these)."""
+    """An account's filters and rewrites in Go's regexp dialect
+    (bridge/goregex.py), compiled once when the config loads (the loader must
+    compile them to validate them; the router uses these)."""
 
-    ignore_nicks: tuple[re.Pattern[str], ...] = ()
-    ignore_messages: tuple[re.Pattern[str], ...] = ()
-    replace_messages: tuple[tuple[re.Pattern[str], str], ...] = ()  # (pattern, Python replacement)
-    replace_nicks: tuple[tuple[re.Pattern[str], str], ...] = ()
+    ignore_nicks: tuple[GoRegexp, ...] = ()
+    ignore_messages: tuple[GoRegexp, ...] = ()
+    replace_messages: tuple[Rewrite, ...] = ()
+    replace_nicks: tuple[Rewrite, ...] = ()
 
 
 @dataclass(slots=True)
@@ -170,6 +175,9 @@ class AccountConfig:
     general: dict[str, Any]
     specs: dict[str, Option]
     rules: AccountRules = field(default_factory=AccountRules)
+    # The protocol's adapter passes on events talkbridge has no kind of its
+    # own for (an api client's topic_change or custom ones): ProtocolSpec
+    relays_other_events: bool = False
 
     @property
     def bridge(self) -> str:
@@ -299,10 +307,13 @@ class _Loader:
             return [self.resolve(f"{key}[{i}]", v) for i, v in enumerate(value)]
         return value
 
-    def checked(self, key: str, value: Any, spec: Option) -> tuple[bool, Any]:
+    def checked(self, key: str, value: Any, spec: Option, weak: bool = False) -> tuple[bool, Any]:
         """Is the value what ``spec`` declares (type, then range or choice)?
-        Records the problem when not; returns the value as it is stored."""
-        if not _type_ok(value, spec.type):
+        Records the problem when not; returns the value as it is stored.
+        ``weak``: a Matterbridge key, read as Matterbridge's loader reads it
+        (``"true"`` for true, ``"100"`` for 100: options.go_weak)."""
+        understood, value = go_weak(value, spec.type) if weak else (_type_ok(value, spec.type), value)
+        if not understood:
             self.problem(key, f"must be {_type_name(spec.type)}, not {_describe(value)}")
             return False, value
         value, problem = spec.check(value)
@@ -345,7 +356,7 @@ class _Loader:
             value = self.resolve(f"general.{key}", value)
             spec = _spec_ci(COMMON_OPTIONS, key.lower())
             if spec is not None:
-                ok, value = self.checked(f"general.{key}", value, spec)
+                ok, value = self.checked(f"general.{key}", value, spec, weak=True)
                 if not ok:
                     continue
             out[key.lower()] = value
@@ -381,7 +392,7 @@ class _Loader:
             if spec is None:
                 self.warnings.append(f"{path}: unknown key, ignored")
                 continue
-            ok, value = self.checked(path, self.resolve(path, value), spec)
+            ok, value = self.checked(path, self.resolve(path, value), spec, weak=True)
             if not ok:
                 continue
             if spec.not_implemented:
@@ -390,7 +401,7 @@ class _Loader:
         for key, spec in specs.items():
             if spec.required and key.lower() not in values and key.lower() not in general:
                 self.problem(f"{name}.{key}", "is required")
-        acct = AccountConfig(name, protocol, values, general, specs)
+        acct = AccountConfig(name, protocol, values, general, specs, relays_other_events=proto.relays_other_events)
         acct.rules = self.rules(acct)
         if proto.check is not None:
             for text in proto.check(acct):
@@ -398,17 +409,20 @@ class _Loader:
         return acct
 
     def rules(self, acct: AccountConfig) -> AccountRules:
-        """Compile the account's regexes and replace pairs: a bad one is a
-        problem now, not at the first message."""
-        ignore: dict[str, list[re.Pattern[str]]] = {}
+        """Compile the account's patterns in Go's dialect and parse its
+        replacements by Go's Expand rules: a pattern Go would refuse is a
+        problem now, not at the first message (Matterbridge logs it at every
+        message and skips the rule); a replacement naming a group the pattern
+        lacks is valid Go (it expands to nothing) and gets a warning."""
+        ignore: dict[str, list[GoRegexp]] = {}
         for key in ("IgnoreNicks", "IgnoreMessages"):
             ignore[key] = []
-            for pattern in str(acct.get(key, "")).split():
+            for pattern in go_fields(str(acct.get(key, ""))):  # gateway.go: strings.Fields
                 try:
-                    ignore[key].append(re.compile(pattern))
-                except re.error as exc:
+                    ignore[key].append(GoRegexp.compile(pattern))
+                except GoRegexError as exc:
                     self.problem(f"{acct.name}.{key}", f"bad regular expression {pattern!r}: {exc}")
-        replace: dict[str, list[tuple[re.Pattern[str], str]]] = {}
+        replace: dict[str, list[Rewrite]] = {}
         for key in ("ReplaceMessages", "ReplaceNicks"):
             replace[key] = []
             for i, pair in enumerate(acct.get(key, ()) or ()):
@@ -417,9 +431,13 @@ class _Loader:
                     self.problem(where, 'must be a pair of strings ["regex", "replacement"]')
                     continue
                 try:
-                    replace[key].append((re.compile(pair[0]), go_replacement(pair[1])))
-                except re.error as exc:
+                    regexp = GoRegexp.compile(pair[0])
+                except GoRegexError as exc:
                     self.problem(where, f"bad regular expression {pair[0]!r}: {exc}")
+                    continue
+                for note in unknown_references(pair[1], regexp):
+                    self.warnings.append(f"{where}: {note}")
+                replace[key].append(Rewrite(f"{key}[{i}]", regexp, regexp.template(pair[1])))
         return AccountRules(
             ignore_nicks=tuple(ignore["IgnoreNicks"]),
             ignore_messages=tuple(ignore["IgnoreMessages"]),
@@ -428,6 +446,9 @@ class _Loader:
         )
 
     def gateways(self, raw: Any, accounts: dict[str, AccountConfig]) -> list[Gateway]:
+        """``[[gateway]]`` as Matterbridge's router reads them
+        (gateway/router.go NewRouter): a disabled gateway is skipped before
+        its name is looked at, so only enabled ones need a name of their own."""
         if raw is None:
             return []
         if not isinstance(raw, list):
@@ -441,45 +462,52 @@ class _Loader:
                 self.problem(where, "must be a table")
                 continue
             gwl = _ci(gw)
-            name = gwl.get("name")
-            if not isinstance(name, str) or not name:
-                self.problem(f"{where}.name", "is required (a non-empty string)")
-                name = None
-            elif name in names:
-                self.problem(f"{where}.name", f'gateway "{name}" is defined twice')
-            else:
-                names.add(name)
-            enable = gwl.get("enable", False)
-            if not isinstance(enable, bool):
+            enable_ok, enable = go_weak(gwl.get("enable", False), bool)
+            if not enable_ok:
                 self.problem(f"{where}.enable", f"must be true or false, not {_describe(enable)}")
+            name_ok, name = go_weak(gwl.get("name", ""), str)
             for key in gw:
                 if key.lower() not in ("name", "enable", *DIRECTIONS):
                     self.warnings.append(f"{where}.{key}: unknown key, ignored")
-            entries: list[GatewayEntry] = []
-            seen: set[tuple[str, str]] = set()
-            for direction in DIRECTIONS:
-                items = gwl.get(direction, [])
-                if not isinstance(items, list):
-                    self.problem(f"{where}.{direction}", f"must be an array of tables ([[gateway.{direction}]])")
-                    continue
-                for ei, item in enumerate(items):
-                    ewhere = f"{where}.{direction}[{ei}]"
-                    entry = self.gateway_entry(ewhere, item, direction, accounts)
-                    if entry is None:
-                        continue
-                    if (entry.account, entry.channel) in seen:
-                        self.problem(ewhere, f'{entry.account} channel "{entry.channel}" is listed twice')
-                        continue
-                    seen.add((entry.account, entry.channel))
-                    entries.append(entry)
-            if name is None or enable is not True:
-                if name is not None:
-                    self.warnings.append(f'{where}: gateway "{name}" is not enabled (enable=true), skipped')
+            entries = self.gateway_entries(where, gwl, accounts)
+            if enable_ok and enable is not True:
+                shown = f'gateway "{name}"' if name_ok and name else "a gateway without a name"
+                self.warnings.append(f"{where}: {shown} is not enabled (enable=true), skipped")
                 continue
+            # (an enable we cannot read is a problem already; the rest is checked as if enabled)
+            if not name_ok or not name:
+                self.problem(f"{where}.name", "is required (a non-empty string)")
+                continue
+            if name in names:
+                self.problem(f"{where}.name", f'gateway "{name}" is defined twice')
+                continue
+            names.add(name)
             if len(entries) < 2:
                 self.warnings.append(f'{where}: gateway "{name}" links fewer than two channels')
             out.append(Gateway(name, tuple(entries)))
         return out
+
+    def gateway_entries(
+        self, where: str, gwl: dict[str, Any], accounts: dict[str, AccountConfig]
+    ) -> list[GatewayEntry]:
+        """A channel listed more than once in a gateway is one channel; listed
+        with two directions it is ``inout`` (gateway.go mapChannelConfig)."""
+        entries: dict[tuple[str, str], GatewayEntry] = {}
+        for direction in DIRECTIONS:
+            items = gwl.get(direction, [])
+            if not isinstance(items, list):
+                self.problem(f"{where}.{direction}", f"must be an array of tables ([[gateway.{direction}]])")
+                continue
+            for ei, item in enumerate(items):
+                entry = self.gateway_entry(f"{where}.{direction}[{ei}]", item, direction, accounts)
+                if entry is None:
+                    continue
+                known = entries.get((entry.account, entry.channel))
+                if known is None:
+                    entries[(entry.account, entry.channel)] = entry
+                elif known.direction != entry.direction:
+                    entries[(entry.account, entry.channel)] = GatewayEntry(entry.account, entry.channel, "inout")
+        return list(entries.values())
 
     def gateway_entry(
         self, where: str, item: Any, direction: str, accounts: dict[str, AccountConfig]
@@ -488,20 +516,25 @@ class _Loader:
             self.problem(where, "must be a table with account and channel")
             return None
         il = _ci(item)
-        account = il.get("account")
-        channel = il.get("channel")
+        account_ok, account = go_weak(il.get("account"), str)
+        channel_ok, channel = go_weak(il.get("channel"), str)
         ok = True
-        if not isinstance(account, str) or not account:
+        acct = accounts.get(account) if account_ok else None
+        if not account_ok or not account:
             self.problem(f"{where}.account", 'is required (a string like "api.myapi")')
             ok = False
-        elif account not in accounts:
+        elif acct is None:
             self.problem(f"{where}.account", f'no account "{account}"')
             ok = False
-        if not isinstance(channel, str) or not channel:
+        fixed = self.protocols[acct.protocol].fixed_channel if acct is not None else None
+        if fixed is not None:
+            # gateway.go mapChannelConfig: an api account's channel is "api", whatever the entry says
+            channel = fixed
+        elif not channel_ok or not channel:
             self.problem(f"{where}.channel", "is required (a non-empty string)")
             ok = False
         for key in item:
-            if key.lower() not in ("account", "channel", "options"):
+            if key.lower() not in ("account", "channel", "options", "samechannel"):
                 self.warnings.append(f"{where}.{key}: unknown key, ignored")
         return GatewayEntry(account, channel, direction) if ok else None
 

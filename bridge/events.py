@@ -29,6 +29,10 @@ class EventKind(StrEnum):
     UNREACTION = "unreaction"
     JOIN = "join"
     LEAVE = "leave"
+    # An event talkbridge has no kind of its own for, passed on by name in
+    # ``extra["event"]``: an api client's topic_change, user_typing or custom
+    # ones, which Matterbridge relays (bridge/router.py decides where to).
+    OTHER = "other"
 
 
 class WireError(ValueError):
@@ -113,6 +117,9 @@ class Delivery:
     # delivered moments before, by this same ordered stream):
     reply_to: str | None = None  # native id in the destination
     target_id: str | None = None  # native id in the destination
+    # The destination's IconURL when the event brings no avatar of its own;
+    # None: the event's avatar stands.
+    avatar: str | None = None
 
     @property
     def key(self) -> str:
@@ -129,6 +136,8 @@ class Delivery:
             "u": self.username,
             "t": self.text,
         }
+        if self.avatar is not None:  # rare: only destinations with an IconURL
+            body["av"] = self.avatar
         return orjson.dumps(body)
 
     @classmethod
@@ -142,6 +151,7 @@ class Delivery:
                 gateway=body["g"],
                 username=body["u"],
                 text=body["t"],
+                avatar=body.get("av"),
             )
         except KeyError as exc:
             raise WireError(f"delivery lacks {exc}") from exc

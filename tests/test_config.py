@@ -140,7 +140,7 @@ enable = "yes"
 channel = "api"
 """
     found = problems(tmp_path, text, environ={})
-    assert "api.a.BindAddress: must be a string, not the integer 5001" in found
+    assert 'api.a.BindAddress: "5001" is not HOST:PORT' in found  # read as the string "5001", as viper does
     assert "api.a.Buffer: must be an integer, not a string" in found
     assert any(p.startswith("api.a.IgnoreMessages: bad regular expression '(unclosed'") for p in found)
     assert 'api.a.ReplaceNicks[0]: must be a pair of strings ["regex", "replacement"]' in found
@@ -282,7 +282,7 @@ def test_declared_ranges_are_enforced_and_choices_stored_as_declared(tmp_path: P
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("[api.a]\nBindAddress='127.0.0.1:1'\nBuffer=0\n", "api.a.Buffer: must be at least 1"),
+        ("[api.a]\nBindAddress='127.0.0.1:1'\nBuffer=-1\n", "api.a.Buffer: must be at least 0"),
         ("[http]\nRequestTimeoutSeconds=0\n", "http.RequestTimeoutSeconds: must be more than 0 and at most 86400"),
         ("[bus]\nMessageMapPerRoom=99\n", "bus.MessageMapPerRoom: must be at least 100"),
         ("[log]\nFormat='xml'\n", "log.Format: must be text or json"),
@@ -297,7 +297,7 @@ def test_choices_match_without_regard_to_case(tmp_path: Path) -> None:
     assert (config.section("log")["Level"], config.section("log")["Format"]) == ("debug", "json")
 
 
-IGNORED = API_PAIR.replace("[api.a]\n", "[api.a]\nShowTopicChange = true\nEditSuffix = ' (edited)'\n").replace(
+IGNORED = API_PAIR.replace("[api.a]\n", "[api.a]\nMessageSplit = true\nEditSuffix = ' (edited)'\n").replace(
     "[api.b]\n", "[api.b]\nPreserveThreading = false\n"
 )
 
@@ -310,8 +310,7 @@ def test_check_config_warns_about_each_option_it_accepts_but_ignores(tmp_path: P
     assert main(["check-config", str(path)], out=out) == 0
     warnings = [line for line in out.getvalue().splitlines() if line.startswith("warning:")]
     assert warnings == [
-        "warning: api.a.ShowTopicChange: accepted but ignored by talkbridge "
-        "(the protocols talkbridge bridges have no topic events)",
+        "warning: api.a.MessageSplit: accepted but ignored by talkbridge (a Talk bot always splits long messages)",
         'warning: general.Debug: accepted but ignored by talkbridge (use [log] Level = "debug")',
     ]
 
@@ -328,10 +327,10 @@ def test_a_general_option_is_warned_about_only_when_no_account_reads_it(tmp_path
 
 def test_the_daemon_logs_the_same_warnings_at_start_up(tmp_path: Path, redis_server: RedisServer) -> None:
     path, (_, _, http) = api_pair_config(tmp_path, redis_server.url)
-    path.write_text(path.read_text().replace("[api.a]\n", "[api.a]\nShowTopicChange = true\n"))
+    path.write_text(path.read_text().replace("[api.a]\n", "[api.a]\nMessageSplit = true\n"))
     daemon = Daemon(path, http, tmp_path / "daemon.log").start()
     try:
         log = daemon.log()
     finally:
         assert daemon.stop() == 0
-    assert "config: api.a.ShowTopicChange: accepted but ignored by talkbridge" in log
+    assert "config: api.a.MessageSplit: accepted but ignored by talkbridge" in log

@@ -1,26 +1,30 @@
-"""Gateway routing: directions, filters, nick formats, loops."""
+"""Gateway routing: directions, filters, nick formats, loops.
+
+The accounts are of a plain protocol, ``chat``, whose gateway entries name
+their channels (an api account's channel is always "api")."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from adapters import AdapterRegistry
-from bridge.config import go_replacement, load_config
+from bridge.config import load_config
 from bridge.events import Attachment, Event, EventKind
-from bridge.options import protocol_specs
+from bridge.options import ProtocolSpec
 from bridge.router import Router
+
+SPECS = {"chat": ProtocolSpec("chat", {})}
 
 
 def router(tmp_path: Path, text: str) -> Router:
     path = tmp_path / "r.toml"
     path.write_text(text)
-    return Router(load_config(path, protocol_specs(AdapterRegistry())))
+    return Router(load_config(path, SPECS))
 
 
 def accounts(*names: str, **options: str) -> str:
     out = []
-    for i, name in enumerate(names):
-        out.append(f'[api.{name}]\nBindAddress = "127.0.0.1:{6000 + i}"\n')
+    for name in names:
+        out.append(f"[chat.{name}]\n")
         for key, value in options.items():
             if key.startswith(name + "_"):
                 out.append(f"{key[len(name) + 1 :]} = {value}\n")
@@ -30,12 +34,12 @@ def accounts(*names: str, **options: str) -> str:
 def gateway(name: str, *entries: tuple[str, str, str]) -> str:
     out = f'[[gateway]]\nname = "{name}"\nenable = true\n'
     for direction, account, channel in entries:
-        out += f'[[gateway.{direction}]]\naccount = "api.{account}"\nchannel = "{channel}"\n'
+        out += f'[[gateway.{direction}]]\naccount = "chat.{account}"\nchannel = "{channel}"\n'
     return out
 
 
 def msg(account: str, channel: str = "api", text: str = "hello", nick: str = "alice", **kw) -> Event:
-    return Event(kind=EventKind.MESSAGE, account=f"api.{account}", channel=channel, sender_name=nick, text=text, **kw)
+    return Event(kind=EventKind.MESSAGE, account=f"chat.{account}", channel=channel, sender_name=nick, text=text, **kw)
 
 
 def dests(deliveries) -> list[tuple[str, str]]:
@@ -48,8 +52,8 @@ def test_directions(tmp_path: Path) -> None:
         accounts("a", "b", "c", "d")
         + gateway("g", ("inout", "a", "x"), ("in", "b", "x"), ("out", "c", "x"), ("inout", "d", "x")),
     )
-    assert dests(r.route(msg("a", "x"))) == [("api.c", "x"), ("api.d", "x")]  # never back to a, never to in-only b
-    assert dests(r.route(msg("b", "x"))) == [("api.a", "x"), ("api.c", "x"), ("api.d", "x")]
+    assert dests(r.route(msg("a", "x"))) == [("chat.c", "x"), ("chat.d", "x")]  # never back to a, never to in-only b
+    assert dests(r.route(msg("b", "x"))) == [("chat.a", "x"), ("chat.c", "x"), ("chat.d", "x")]
     assert r.route(msg("c", "x")) == []  # out-only channels send nothing
     assert r.route(msg("a", "elsewhere")) == []  # a channel in no gateway
 
@@ -61,7 +65,7 @@ def test_same_destination_through_two_gateways_gets_one_copy(tmp_path: Path) -> 
         + gateway("g1", ("inout", "a", "x"), ("inout", "b", "y"))
         + gateway("g2", ("inout", "a", "x"), ("inout", "b", "y")),
     )
-    assert dests(r.route(msg("a", "x"))) == [("api.b", "y")]
+    assert dests(r.route(msg("a", "x"))) == [("chat.b", "y")]
 
 
 def test_event_gateway_restricts_routing(tmp_path: Path) -> None:
@@ -71,8 +75,8 @@ def test_event_gateway_restricts_routing(tmp_path: Path) -> None:
         + gateway("g1", ("inout", "a", "api"), ("inout", "b", "api"))
         + gateway("g2", ("inout", "a", "api"), ("inout", "c", "api")),
     )
-    assert dests(r.route(msg("a", gateway="g2"))) == [("api.c", "api")]
-    assert dests(r.route(msg("a"))) == [("api.b", "api"), ("api.c", "api")]
+    assert dests(r.route(msg("a", gateway="g2"))) == [("chat.c", "api")]
+    assert dests(r.route(msg("a"))) == [("chat.b", "api"), ("chat.c", "api")]
 
 
 def test_remote_nick_format_is_the_destinations_with_source_placeholders(tmp_path: Path) -> None:
@@ -87,7 +91,7 @@ def test_remote_nick_format_is_the_destinations_with_source_placeholders(tmp_pat
         + gateway("gw", ("inout", "a", "x"), ("inout", "b", "y")),
     )
     [d] = r.route(msg("a", "x", sender_id="u1"))
-    assert d.username == "[api/a] <alice> u1 LA gw x a\u200blice"
+    assert d.username == "[chat/a] <alice> u1 LA gw x a\u200blice"
     [back] = r.route(msg("b", "y"))
     assert back.username == "alice"  # a has no RemoteNickFormat: Matterbridge's "{NICK}"
 
@@ -100,7 +104,7 @@ def test_protocols_md_example(tmp_path: Path) -> None:
         + gateway("g", ("inout", "a", "api"), ("inout", "b", "api")),
     )
     [d] = r.route(msg("a"))
-    assert d.username == "[api/a] <alice> "
+    assert d.username == "[chat/a] <alice> "
 
 
 def test_ignore_filters_are_the_sources(tmp_path: Path) -> None:
@@ -137,14 +141,13 @@ def test_replace_rules_with_go_backreferences(tmp_path: Path) -> None:
     [d] = r.route(msg("a", "x", text="cat mail bob@example"))
     assert d.text == "dog mail bob at example"
     assert d.username == "<ALice> "
-    assert go_replacement("$1-${2}-$name-\\") == "\\g<1>-\\g<2>-$name-\\\\"
 
 
 def test_origin_trail_stops_loops(tmp_path: Path) -> None:
     r = router(
         tmp_path, accounts("a", "b", "c") + gateway("g", ("inout", "a", "x"), ("inout", "b", "x"), ("inout", "c", "x"))
     )
-    assert dests(r.route(msg("a", "x", origin=["api.a/x", "api.c/x"]))) == [("api.b", "x")]
+    assert dests(r.route(msg("a", "x", origin=["chat.a/x", "chat.c/x"]))) == [("chat.b", "x")]
 
 
 def test_join_leave_only_where_show_join_part(tmp_path: Path) -> None:
@@ -153,15 +156,15 @@ def test_join_leave_only_where_show_join_part(tmp_path: Path) -> None:
         accounts("a", "b", "c", c_ShowJoinPart="true")
         + gateway("g", ("inout", "a", "x"), ("inout", "b", "x"), ("inout", "c", "x")),
     )
-    join = Event(kind=EventKind.JOIN, account="api.a", channel="x", sender_name="alice")
-    assert dests(r.route(join)) == [("api.c", "x")]
+    join = Event(kind=EventKind.JOIN, account="chat.a", channel="x", sender_name="alice", text="alice joins")
+    assert dests(r.route(join)) == [("chat.c", "x")]
 
 
 def test_wildcard_channel_matches_every_room(tmp_path: Path) -> None:
     r = router(tmp_path, accounts("bot", "b") + gateway("g", ("inout", "bot", "*"), ("inout", "b", "x")))
-    assert dests(r.route(msg("bot", "room1"))) == [("api.b", "x")]
-    fan = r.route(msg("b", "x"), rooms={"api.bot": {"r2", "r1"}})
-    assert dests(fan) == [("api.bot", "r1"), ("api.bot", "r2")]
+    assert dests(r.route(msg("bot", "room1"))) == [("chat.b", "x")]
+    fan = r.route(msg("b", "x"), rooms={"chat.bot": {"r2", "r1"}})
+    assert dests(fan) == [("chat.bot", "r1"), ("chat.bot", "r2")]
     assert r.route(msg("b", "x")) == []  # no rooms known yet
 
 
@@ -174,7 +177,7 @@ def test_wildcard_channel_matches_every_room(tmp_path: Path) -> None:
 
 def edit(account: str, channel: str = "x", text: str = "fixed", nick: str = "alice") -> Event:
     return Event(
-        kind=EventKind.EDIT, account=f"api.{account}", channel=channel, sender_name=nick, text=text, target_id="m1"
+        kind=EventKind.EDIT, account=f"chat.{account}", channel=channel, sender_name=nick, text=text, target_id="m1"
     )
 
 
@@ -187,8 +190,8 @@ def test_edit_disable_drops_the_edits_made_on_that_account(tmp_path: Path) -> No
         tmp_path, accounts("a", "b", a_EditDisable="true") + gateway("g", ("inout", "a", "x"), ("inout", "b", "x"))
     )
     assert r.route(edit("a")) == []
-    assert dests(r.route(msg("a", "x"))) == [("api.b", "x")]
-    assert dests(r.route(edit("b"))) == [("api.a", "x")]
+    assert dests(r.route(msg("a", "x"))) == [("chat.b", "x")]
+    assert dests(r.route(edit("b"))) == [("chat.a", "x")]
 
 
 def test_edit_suffix_is_appended_to_the_sources_edits_before_its_rules(tmp_path: Path) -> None:
@@ -228,8 +231,8 @@ def test_strip_nick_is_the_destinations_ascii_only_and_before_replace_nicks(tmp_
         + gateway("g", ("inout", "a", "x"), ("inout", "b", "x"), ("inout", "c", "x")),
     )
     by_dest = {d.account: d.username for d in r.route(msg("a", "x", nick="Zoë_b-1"))}
-    assert by_dest == {"api.b": "~Zob1", "api.c": "~Zoë_b-1"}  # a's own StripNick plays no part
-    [to_a] = [d for d in r.route(msg("b", "x", nick="Zoë b")) if d.account == "api.a"]
+    assert by_dest == {"chat.b": "~Zob1", "chat.c": "~Zoë_b-1"}  # a's own StripNick plays no part
+    [to_a] = [d for d in r.route(msg("b", "x", nick="Zoë b")) if d.account == "chat.a"]
     assert to_a.username == "Zob"
 
 
@@ -244,7 +247,7 @@ def test_preserve_threading_is_the_destinations(tmp_path: Path) -> None:
         + gateway("g", ("inout", "a", "x"), ("inout", "b", "x"), ("inout", "c", "x")),
     )
     replies = {d.account: d.event.reply_to for d in r.route(msg("a", "x", reply_to="p1"))}
-    assert replies == {"api.b": None, "api.c": "p1"}
+    assert replies == {"chat.b": None, "chat.c": "p1"}
 
 
 def test_ignore_filters_apply_to_every_kind_of_event(tmp_path: Path) -> None:
@@ -261,7 +264,7 @@ def test_ignore_filters_apply_to_every_kind_of_event(tmp_path: Path) -> None:
     )
 
     def event(kind: EventKind, nick: str = "alice", **kw) -> Event:
-        return Event(kind=kind, account="api.a", channel="x", sender_name=nick, target_id="m1", **kw)
+        return Event(kind=kind, account="chat.a", channel="x", sender_name=nick, target_id="m1", **kw)
 
     assert r.route(event(EventKind.JOIN, text="alice has a secret")) == []
     assert r.route(event(EventKind.EDIT, text="now secret")) == []
@@ -285,9 +288,11 @@ def test_router_uses_the_patterns_the_config_compiled(tmp_path: Path) -> None:
         accounts("a", "b", a_IgnoreMessages='"^!"', a_ReplaceNicks='[["x", "y"]]')
         + gateway("g", ("inout", "a", "x"), ("inout", "b", "x"))
     )
-    config = load_config(path, protocol_specs(AdapterRegistry()))
-    rules = config.accounts["api.a"].rules
+    config = load_config(path, SPECS)
+    rules = config.accounts["chat.a"].rules
     assert [p.pattern for p in rules.ignore_messages] == ["^!"]
-    assert [(p.pattern, repl) for p, repl in rules.replace_nicks] == [("x", "y")]
+    assert [(r.key, r.regexp.pattern, r.template.literal) for r in rules.replace_nicks] == [
+        ("ReplaceNicks[0]", "x", b"y")
+    ]
     r = Router(config)
-    assert r.accounts["api.a"].rules is rules
+    assert r.accounts["chat.a"].rules is rules
