@@ -273,17 +273,18 @@ class Router:
                     if f"{entry.account}/{channel}" in trail:
                         continue  # it came from there: never bridge a message back
                     seen.add(where)
-                    if dest.strip_nick not in names:
-                        names[dest.strip_nick] = self.display_name(event, dest.strip_nick)
+                    name = names.get(dest.strip_nick)
+                    if name is None:
+                        name = names[dest.strip_nick] = self.display_name(event, dest.strip_nick)
                     out.append(
                         Delivery(
                             event=copy,
                             account=entry.account,
                             channel=channel,
                             gateway=gw.name,
-                            username=self.nick(event, gw.name, entry.account, names[dest.strip_nick]),
+                            username=self.nick(event, gw.name, entry.account, name),
                             text=text,
-                            avatar=self.avatar(event, dest),
+                            avatar=self.avatar(event, dest) if dest.icon_url else None,
                         )
                     )
         return out
