@@ -314,7 +314,10 @@ class _Loader:
         (``"true"`` for true, ``"100"`` for 100: options.go_weak)."""
         understood, value = go_weak(value, spec.type) if weak else (_type_ok(value, spec.type), value)
         if not understood:
-            self.problem(key, f"must be {_type_name(spec.type)}, not {_describe(value)}")
+            if weak and type(value) is int and spec.type is int:  # an integer Go's int cannot hold
+                self.problem(key, "must fit in 64 bits")
+            else:
+                self.problem(key, f"must be {_type_name(spec.type)}, not {_describe(value)}")
             return False, value
         value, problem = spec.check(value)
         if problem is not None:

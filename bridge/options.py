@@ -97,7 +97,9 @@ def go_weak(value: Any, t: type | tuple[type, ...]) -> tuple[bool, Any]:
     Matterbridge would refuse it at start (a section it decodes) or read it
     as zero (one it only looks up)."""
     types = t if isinstance(t, tuple) else (t,)
-    if type(value) in types or (isinstance(value, int) and not isinstance(value, bool) and int in types):
+    if type(value) is int and int in types:
+        return (True, value) if _INT64[0] <= value <= _INT64[1] else (False, value)  # Go's int is 64 bits
+    if type(value) in types:
         return True, value
     if bool in types:
         if isinstance(value, str):

@@ -179,9 +179,33 @@ def test_weakly_typed_values_read_as_go_reads_them(value: object, kind: type, ex
     assert go_weak(value, kind) == (True, expected)
 
 
-@pytest.mark.parametrize("value, kind", [("yes", bool), ("big", int), (" 5", int), ("1.5", int), ([1], str)])
+@pytest.mark.parametrize(
+    "value, kind", [("yes", bool), ("big", int), (" 5", int), ("1.5", int), ([1], str), (1 << 63, int)]
+)
 def test_what_go_cannot_read_stays_a_problem(value: object, kind: type) -> None:
     assert go_weak(value, kind)[0] is False
+
+
+TOML_VALUES = st.one_of(
+    st.text(max_size=12),
+    st.from_regex(r"\A[+-]?(0[xXbBoO])?[0-9a-fA-F_]{1,25}\Z"),
+    st.integers(min_value=-(1 << 64), max_value=1 << 64),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=TOML_VALUES, kind=st.sampled_from([bool, int, str, list]))
+def test_any_value_is_read_or_refused_never_an_error(value: object, kind: type) -> None:
+    """The weak reading of any TOML value: understood as the declared type,
+    or not understood -- a problem the loader names -- and never an error."""
+    understood, read = go_weak(value, kind)
+    if understood:
+        assert type(read) is kind
+        if kind is int:
+            assert -(1 << 63) <= read < 1 << 63  # Go's int
 
 
 def test_gateways_as_matterbridges_router_reads_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
