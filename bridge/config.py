@@ -537,7 +537,7 @@ class _Loader:
             self.problem(f"{where}.channel", "is required (a non-empty string)")
             ok = False
         for key in item:
-            if key.lower() not in ("account", "channel", "options", "samechannel"):
+            if key.lower() not in ("account", "channel", "options"):
                 self.warnings.append(f"{where}.{key}: unknown key, ignored")
         return GatewayEntry(account, channel, direction) if ok else None
 
