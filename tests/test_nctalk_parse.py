@@ -29,10 +29,13 @@ anything = st.recursive(
     scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4), max_leaves=30
 )
 
+# PHP's json_encode fails on invalid UTF-8: Talk never sends a lone surrogate
+# (st.characters with arguments would draw them; st.text() alone does not).
+no_braces = st.characters(exclude_characters="{}", exclude_categories=("Cs",))
 param = st.fixed_dictionaries(
     {"type": st.sampled_from(["user", "guest", "file", "call", "highlight", "deck-card"]),
-     "id": st.text(st.characters(exclude_characters="{}"), max_size=10),
-     "name": st.text(st.characters(exclude_characters="{}"), max_size=20)},
+     "id": st.text(no_braces, max_size=10),
+     "name": st.text(no_braces, max_size=20)},
     optional={"path": st.text(max_size=20), "size": st.integers(0, 10**9) | st.text(max_size=5),
               "mimetype": st.text(max_size=10), "link": st.text(max_size=20)},
 )  # fmt: skip
