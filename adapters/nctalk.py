@@ -14,8 +14,14 @@ that fails (401 aside: 403, 404, 429, 5xx, the network, an answer that is
 not Talk's) is retried with capped, jittered exponential backoff — a 429's
 ``Retry-After`` honoured — and shown as failed (log, metric, ``status``),
 never given up; the other rooms are untouched. A refused password (401)
-stops every poll of the account at once and raises ``AccountFailed``, so
-Nextcloud's brute-force counter sees one burst, not a loop.
+stops every poll and send of the account at once, so Nextcloud's
+brute-force counter sees one burst (at most a request per room and send in
+flight), not a loop. The account then makes one request per
+``RefusedRetrySeconds`` (``GET capabilities``) and resumes polling and
+sending as soon as one is accepted: a password fixed on the server is
+picked up by the next probe, a fixed config by a restart. (It does not raise
+``AccountFailed`` for the runner to pause on: the runner's pause is fixed and
+would hold the sends for it even after the receive side came back.)
 
 Sending: ``POST chat/{token}`` with ``replyTo`` and a ``referenceId`` per
 piece; Talk answers with the message, so every copy's id is recorded and
@@ -37,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import random
 import time
@@ -51,7 +58,6 @@ import orjson
 from redis.exceptions import RedisError
 
 from adapters.base import (
-    AccountFailed,
     Adapter,
     AdapterContext,
     Option,
@@ -163,6 +169,9 @@ class TalkUser(Adapter):
         "RoomRetryMinSeconds": Option((int, float), default=1, above=0, help="first backoff of a failing room"),
         "RoomRetryMaxSeconds": Option((int, float), default=300, above=0, help="longest backoff of a failing room"),
         "MaxAnswerBytes": Option(int, default=64 << 20, min=1 << 16, help="largest answer read from Talk"),
+        "RefusedRetrySeconds": Option(
+            (int, float), default=900, above=0, help="after a 401: seconds between the account's probes (one request)"
+        ),
     }
 
     def __init__(self, ctx: AdapterContext) -> None:
@@ -192,7 +201,12 @@ class TalkUser(Adapter):
         self.guests_key = ctx.key("own-guests")  # every guest actor this account has been (never relayed)
         self._own: set[str] = set() if self.guest else {f"users/{self.login}"}
         self._refused: str | None = None  # why Talk refused the credentials (401), until a probe passes
-        self._refused_event = asyncio.Event()
+        self._refused_event = asyncio.Event()  # set while refused: the polls stop
+        self._accepted = asyncio.Event()  # set while not refused: receive and sends wait on it
+        self._accepted.set()
+        self._probe_lock = asyncio.Lock()  # one probe at a time for the whole account
+        self._next_probe = 0.0  # monotonic time of the next probe while refused
+        self.refused_pause = float(acct.get("RefusedRetrySeconds", 900))
         self._room_state: dict[str, _RoomState] = {}
         self._sent_since_connect: set[str] = set()  # rooms posted to by this connection
         self._attempted: OrderedDict[str, None] = OrderedDict()  # delivery keys sent here before
@@ -259,52 +273,90 @@ class TalkUser(Adapter):
         self.caps = parse_capabilities(answer.body)
 
     def _refuse(self, why: str) -> None:
+        """Talk answered 401: every poll and send of the account stops until a probe is accepted."""
         if self._refused is None:
-            self.ctx.log.critical("%s: ALERT: credentials refused: %s; every room stops polling", self.name, why)
+            self._next_probe = time.monotonic() + self.refused_pause
+            self.ctx.log.critical(
+                "%s: ALERT: credentials refused: %s; every room stops polling and sending; "
+                "one request every %.0fs until Talk accepts them again", self.name, why, self.refused_pause,
+            )  # fmt: skip
         self._refused = why
         self._refused_event.set()
+        self._accepted.clear()
         self.ctx.metrics.account_failed.labels(self.name).set(1)
+
+    async def _await_accepted(self) -> None:
+        """While Talk refuses the credentials: one probe (``GET capabilities``)
+        per ``RefusedRetrySeconds`` for the whole account — receive and every
+        send wait here — until one is accepted. Nextcloud counts each refused
+        probe towards its brute-force lockout: one per pause, never a loop."""
+        while self._refused is not None:
+            wait = self._next_probe - time.monotonic()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._accepted.wait()
+                continue
+            async with self._probe_lock:
+                if self._refused is not None and time.monotonic() >= self._next_probe:
+                    await self._probe()
+
+    async def _probe(self) -> None:
+        try:
+            await self._load_capabilities()
+        except Refused as exc:
+            self._refused = str(exc)
+            why = "still refused"
+        except (Unreachable, BadAnswer, ConnectionError, TransientError) as exc:
+            why = f"not answered ({exc})"  # Talk away, or its brute-force block's 429: no news of the password
+        else:
+            self.ctx.log.warning("%s: credentials accepted again; polling and sending resume", self.name)
+            self._refused = None
+            self._refused_event.clear()
+            self._accepted.set()
+            self.ctx.metrics.account_failed.labels(self.name).set(0)
+            await self._mark_health(0)
+            return
+        self._next_probe = time.monotonic() + self.refused_pause
+        self.ctx.log.error("%s: credentials %s; next probe in %.0fs", self.name, why, self.refused_pause)
+        await self._mark_health(self.refused_pause)
 
     # receiving -----------------------------------------------------------------------
     async def receive(self) -> None:
-        if self._refused is not None:
-            # the runner waited before calling again: one probe, not a poll per room
-            try:
-                await self._load_capabilities()
-            except Refused as exc:
-                raise AccountFailed(str(exc)) from None
-            except (Unreachable, BadAnswer, ConnectionError) as exc:
-                raise TransientError(f"capabilities: {exc}") from exc
-            self.ctx.log.warning("%s: credentials accepted again; polling resumes", self.name)
-            self._refused = None
-            self._refused_event.clear()
-            self.ctx.metrics.account_failed.labels(self.name).set(0)
-        elif not self.guest:
-            try:
-                await self._load_capabilities()
-            except Refused as exc:
-                self._refuse(str(exc))
-                raise AccountFailed(str(exc)) from None
-            except (Unreachable, BadAnswer, ConnectionError) as exc:
-                self.ctx.log.warning("%s: capabilities not read (%s); assuming Talk 17", self.name, exc)
-        if self.guest:
-            await self._guest_setup()
-            try:  # public: a guest reads them with its session
-                await self._load_capabilities()
-            except (Refused, Unreachable, BadAnswer, ConnectionError) as exc:
-                self.ctx.log.warning("%s: capabilities not read (%s); assuming Talk 17", self.name, exc)
+        while True:
+            if self._refused is not None:
+                await self._mark_health(self.refused_pause)
+                await self._await_accepted()  # the probe that passed read the capabilities
+            elif not self.guest:
+                try:
+                    await self._load_capabilities()
+                except Refused as exc:
+                    self._refuse(str(exc))
+                    continue
+                except (Unreachable, BadAnswer, ConnectionError) as exc:
+                    self.ctx.log.warning("%s: capabilities not read (%s); assuming Talk 17", self.name, exc)
+            if self.guest:
+                await self._guest_setup()
+                try:  # public: a guest reads them with its session
+                    await self._load_capabilities()
+                except (Refused, Unreachable, BadAnswer, ConnectionError) as exc:
+                    self.ctx.log.warning("%s: capabilities not read (%s); assuming Talk 17", self.name, exc)
+            await self._poll_rooms()  # until the credentials are refused
+
+    async def _poll_rooms(self) -> None:
+        """Every room's long poll, until a 401 stops them all (a poller that
+        raised — Redis away, a bug — is raised: the runner restarts receive)."""
         pollers = [asyncio.create_task(self._poll_room(t), name=f"poll:{self.name}:{t}") for t in self.rooms]
         refused = asyncio.create_task(self._refused_event.wait())
         try:
             done, _ = await asyncio.wait([refused, *pollers], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not refused and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]  # Redis away, a bug: the runner restarts us
+                    raise task.exception()  # type: ignore[misc]
         finally:
             for task in (refused, *pollers):
                 task.cancel()
             await asyncio.gather(refused, *pollers, return_exceptions=True)
-        raise AccountFailed(self._refused or "credentials refused")
 
     async def _poll_room(self, token: str) -> None:
         state = self._room_state.setdefault(token, _RoomState())
@@ -407,11 +459,7 @@ class TalkUser(Adapter):
 
     async def _commit(self, token: str, events: list[Event], cursor: int) -> None:
         """The page's events and the room's new cursor, in one transaction."""
-        fence = self.ctx.fence()
-        if fence is not None:  # a stale owner stops before publishing beside its successor
-            current = await self.ctx.redis.get(fence.key)
-            if current is None or current.decode() != fence.token:
-                raise Fenced(f"{self.name}: lease token {fence.token} is stale")
+        await self._check_fence()  # a stale owner stops before publishing beside its successor
         pipe = self.ctx.redis.pipeline(transaction=True)
         for event in events:
             pipe.xadd(self.stream, {FIELD: event_to_wire(event)})
@@ -445,10 +493,14 @@ class TalkUser(Adapter):
         await self._mark_health(0)
 
     async def _mark_health(self, delay: float) -> None:
-        """``talkbridge status`` shows an account whose rooms fail as degraded, naming them."""
+        """``talkbridge status`` shows an account whose rooms fail (or whose
+        credentials Talk refuses) as degraded, naming them."""
         failing = {t: s.reason for t, s in self._room_state.items() if s.failures}
         try:
-            if failing:
+            if self._refused is not None:
+                why = f"credentials refused ({self._refused}); one probe every {self.refused_pause:.0f}s"
+                await mark_degraded(self.ctx.redis, self.ctx.key_prefix, self.name, why, self.refused_pause + 60)
+            elif failing:
                 text = "; ".join(f"room {t}: {why}" for t, why in sorted(failing.items())[:5])
                 more = f" (and {len(failing) - 5} more)" if len(failing) > 5 else ""
                 await mark_degraded(self.ctx.redis, self.ctx.key_prefix, self.name, text + more, max(60.0, 2 * delay))
@@ -622,6 +674,25 @@ class TalkUser(Adapter):
 
     # sending ---------------------------------------------------------------------------
     async def send(self, delivery: Delivery) -> str | None:
+        """One delivery. While Talk refuses the credentials it waits for the
+        probe that passes (no request of its own), then goes on."""
+        while True:
+            if self._refused is not None:
+                await self._await_accepted()
+                await self._check_fence()  # waited long: still the account's owner?
+            try:
+                return await self._send(delivery)
+            except Refused as exc:
+                self._refuse(str(exc))
+
+    async def _check_fence(self) -> None:
+        fence = self.ctx.fence()
+        if fence is not None:
+            current = await self.ctx.redis.get(fence.key)
+            if current is None or current.decode() != fence.token:
+                raise Fenced(f"{self.name}: lease token {fence.token} is stale")
+
+    async def _send(self, delivery: Delivery) -> str | None:
         kind = delivery.event.kind
         try:
             if kind == EventKind.EDIT:
@@ -631,9 +702,6 @@ class TalkUser(Adapter):
             if kind in (EventKind.REACTION, EventKind.UNREACTION):
                 return await self._react(delivery)
             return await self._post(delivery)
-        except Refused as exc:
-            self._refuse(str(exc))
-            raise AccountFailed(str(exc)) from None
         except RoomFailure as exc:
             if exc.retry_after is not None:
                 raise RateLimited(str(exc), exc.retry_after) from None

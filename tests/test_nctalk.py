@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from adapters.base import AccountFailed, PermanentError, RateLimited, TransientError
+from adapters.base import PermanentError, RateLimited, TransientError
 from bridge.events import Attachment, Event, EventKind
 from tests.nctalk_rig import PASSWORD, UserRig, delivery, gateway, load, start_user_rig, user_section
 from tests.talkbot_rig import until, until_quiet
@@ -64,6 +64,10 @@ async def rig(tmp_path: Path, talk: TalkServer, people, redis: Redis) -> AsyncIt
 
 async def _has_cursor(rig: UserRig, token: str) -> bool:
     return await rig.cursor(token) is not None
+
+
+async def _both_cursors(rig: UserRig) -> bool:
+    return await _has_cursor(rig, ROOM) and await _has_cursor(rig, OTHER)
 
 
 def api_event(text: str = "hello", native_id: str = "api-1", **kw: object) -> Event:
@@ -297,19 +301,52 @@ async def test_a_failing_room_backs_off_exponentially_with_jitter_up_to_the_cap(
     assert b"room room1234" in (await rig.redis.get("tb:degraded:{nctalk.cloud}") or b"")
 
 
-async def test_a_revoked_password_stops_the_account_after_one_burst(rig, talk, people) -> None:
+async def test_a_revoked_password_stops_the_account_after_one_burst_and_resumes_when_fixed(
+    tmp_path, talk, people, redis
+) -> None:
     _bridge, alice, _bob = people
+    r = await start_user_rig(load(tmp_path, config_text(talk, RefusedRetrySeconds=0.5)), ACCOUNT, redis)
+    try:
+        await until(lambda: _both_cursors(r), what="both rooms polled")
+        talk.revoke_password("bridge", PASSWORD)
+        await talk.post(ROOM, alice, "wakes the poll")
+        await talk.post(OTHER, alice, "wakes the other")
+        await until(lambda: r.metrics.account_failed.labels(ACCOUNT)._value.get() == 1, what="account failed")
+        burst = len([q for q in talk.user_requests if q.status == 401])
+        assert 1 <= burst <= 2  # at most one per room's poll in flight
+        # a send waits for the account (no request of its own) ...
+        send = asyncio.create_task(r.adapter.send(delivery(api_event("while refused"), ACCOUNT, ROOM)))
+        # ... while one probe per RefusedRetrySeconds asks again, and only that
+        await until(lambda: len([q for q in talk.user_requests if q.status == 401]) >= burst + 2, what="two probes")
+        refused = [q for q in talk.user_requests if q.status == 401]
+        assert all("/cloud/capabilities" in q.path for q in refused[burst:])
+        assert not send.done() and not [m for m in talk.messages(ROOM) if m.actor.id == "bridge"]
+        assert b"credentials refused" in (await redis.get("tb:degraded:{nctalk.cloud}") or b"")
+        # fixed on the server: the next probe passes, polling and sending resume
+        talk.grant_password("bridge", PASSWORD)
+        native = await asyncio.wait_for(send, 30)
+        [posted] = [m for m in talk.messages(ROOM) if m.actor.id == "bridge"]
+        assert native == str(posted.id) and posted.message == "[api/a] <bob> while refused"
+        await talk.post(OTHER, alice, "after the fix")
+        await until(lambda: _at_least(r, 3), what="the messages posted while refused, and after")
+        assert sorted(await until_quiet(r.texts)) == ["after the fix", "wakes the other", "wakes the poll"]
+        assert r.metrics.account_failed.labels(ACCOUNT)._value.get() == 0
+        assert await redis.get("tb:degraded:{nctalk.cloud}") is None
+        assert r.task is not None and not r.task.done()  # receive never ended: it waited
+    finally:
+        await r.close()
+
+
+async def test_a_password_refused_at_connect_is_probed_not_polled(tmp_path, talk, people, redis) -> None:
     talk.revoke_password("bridge", PASSWORD)
-    await talk.post(ROOM, alice, "wakes the poll")
-    await talk.post(OTHER, alice, "wakes the other")
-    error = await until(lambda: rig.task is not None and rig.task.done(), what="receive ends")
-    assert error
-    with pytest.raises(AccountFailed):
-        rig.task.result()  # type: ignore[union-attr]
-    refused = await until_quiet(lambda: len([r for r in talk.user_requests if r.status == 401]))
-    assert 1 <= refused <= 2  # at most one per room's poll in flight, then nothing
-    with pytest.raises(AccountFailed):
-        await rig.adapter.send(delivery(api_event(), ACCOUNT, ROOM))
+    r = await start_user_rig(load(tmp_path, config_text(talk, RefusedRetrySeconds=0.5)), ACCOUNT, redis)
+    try:
+        await until(lambda: len([q for q in talk.user_requests if q.status == 401]) >= 3, what="three probes")
+        assert all("/cloud/capabilities" in q.path for q in talk.user_requests)  # never a room's poll
+        talk.grant_password("bridge", PASSWORD)
+        await until(lambda: _both_cursors(r), what="both rooms polled")
+    finally:
+        await r.close()
 
 
 async def test_a_send_to_a_room_that_answers_404_is_retried_not_dropped(rig, talk, people) -> None:

@@ -212,6 +212,10 @@ class TalkServer:
     def revoke_password(self, user_id: str, password: str) -> None:
         self.state.users[user_id].passwords.discard(password)
 
+    def grant_password(self, user_id: str, password: str) -> None:
+        """The password works (again): an account re-enabled, a login password set back."""
+        self.state.users[user_id].passwords.add(password)
+
     def make_public(self, token: str) -> None:
         self.state.rooms[token].public = True
 

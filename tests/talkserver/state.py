@@ -135,6 +135,7 @@ class BotRequest:
     headers: dict[str, str]
     body: bytes
     status: int = 0
+    at: float = field(default_factory=time.time)  # when the server received it
 
 
 class TalkState:
