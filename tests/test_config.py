@@ -95,10 +95,19 @@ def test_seed_002_config_loads_as_is(tmp_path: Path) -> None:
     ]
 
 
-def test_seed_002_names_the_unsupported_protocol_until_it_exists(tmp_path: Path) -> None:
+def test_seed_002_loads_with_the_real_nctalk_adapter(tmp_path: Path) -> None:
+    """With adapters/nctalk.py in PROTOCOLS, seed 002 loads through the real
+    registry (its options, not the stub's): unchanged, no problems."""
+    config = load_config(write(tmp_path, SEED_002), specs())
+    assert sorted(config.accounts) == ["nctalk.nube-minube1-com", "nctalk.nube-minube2-com"]
+    assert config.accounts["nctalk.nube-minube1-com"].protocol == "nctalk"
+
+
+def test_an_unsupported_protocol_is_named_with_the_supported_ones(tmp_path: Path) -> None:
+    text = SEED_002.replace("[nctalk.nube-minube1-com]", "[telegram.nube-minube1-com]")
     with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, SEED_002), specs())
-    assert any('protocol "nctalk" is not supported (supported: api' in p for p in err.value.problems)
+        load_config(write(tmp_path, text), specs())
+    assert any('protocol "telegram" is not supported (supported: api' in p for p in err.value.problems)
 
 
 def test_typographic_quotes_get_a_hint(tmp_path: Path) -> None:
