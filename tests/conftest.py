@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.helpers import RedisServer, start_redis_server
+from tests.synapse_rig import SynapseServer
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +33,14 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SynapseServer]:
+    """One real Synapse for the whole session (tests/synapse_rig.py): started
+    on first use, so a run without Matrix tests never starts it."""
+    server = SynapseServer(tmp_path_factory.mktemp("synapse")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
