@@ -1,0 +1,148 @@
+"""Shared set-up for the Matrix adapter tests: a bot user on the session's
+Synapse, a room with a human in it, the adapter with the context the daemon
+would give it, its receive loop as a task, and the events it published."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from adapters.matrix import Matrix
+from bridge.bus import Bus, BusSettings
+from bridge.config import Config
+from bridge.daemon import adapter_context
+from bridge.events import Delivery, Event, EventKind, event_from_wire
+from bridge.idmap import IdMap
+from bridge.metrics import Metrics
+from tests.synapse_rig import MatrixUser, SynapseServer, unique
+from tests.talkbot_rig import write_config
+
+BOT_PASSWORD = "bot-password-9f3k"
+ACCOUNT = "matrix.test"
+
+
+def matrix_section(name: str, server: str, login: str = "", password: str = BOT_PASSWORD, **extra: Any) -> str:
+    lines = [f"[matrix.{name}]", f'Server = "{server}"']
+    if login:
+        lines += [f'Login = "{login}"', f'Password = "{password}"']
+    for key, value in extra.items():
+        if isinstance(value, str):
+            lines.append(f'{key} = "{value}"')
+        else:
+            lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+    return "\n".join(lines) + "\n"
+
+
+def gateway(name: str, *entries: tuple[str, str]) -> str:
+    out = f'[[gateway]]\nname = "{name}"\nenable = true\n'
+    for account, channel in entries:
+        out += f'[[gateway.inout]]\naccount = "{account}"\nchannel = "{channel}"\n'
+    return out
+
+
+def api_section(port: int = 1) -> str:
+    return f'[api.a]\nBindAddress = "127.0.0.1:{port}"\nToken = "t"\n'
+
+
+@dataclass
+class Room:
+    """A room with a human (``alice``) and the bot invited."""
+
+    synapse: SynapseServer
+    alice: MatrixUser
+    bot_login: str
+    room_id: str
+
+    @property
+    def bot_id(self) -> str:
+        return f"@{self.bot_login}:test.local"
+
+
+def new_room(synapse: SynapseServer, invite_bot: bool = True, encrypted: bool = False) -> Room:
+    bot_login = unique("bot")
+    bot = synapse.register(bot_login, BOT_PASSWORD)
+    bot.call("POST", "/_matrix/client/v3/logout", {})  # the registration's device: the adapter logs in itself
+    bot.close()
+    alice = synapse.register(unique("alice"))
+    alice.call("PUT", f"/_matrix/client/v3/profile/{alice.user_id}/displayname", {"displayname": "Alice"})
+    room_id = alice.create_room(invite=[bot.user_id] if invite_bot else [], encrypted=encrypted)
+    return Room(synapse, alice, bot_login, room_id)
+
+
+def room_config(tmp_path: Path, room: Room, channel: str | None = None, **extra: Any) -> Config:
+    body = matrix_section("test", room.synapse.url, login=room.bot_login, **extra) + api_section()
+    body += gateway("g", (ACCOUNT, channel or room.room_id), ("api.a", "api"))
+    return write_config(tmp_path / "talkbridge.toml", body)
+
+
+@dataclass
+class MatrixRig:
+    adapter: Matrix
+    redis: Redis
+    bus: Bus
+    metrics: Metrics
+    idmap: IdMap
+    task: asyncio.Task[None] | None = None
+
+    async def events(self) -> list[Event]:
+        rows = await self.redis.xrange(self.bus.inbound(ACCOUNT))
+        return [event_from_wire(fields[b"d"]) for _id, fields in rows]
+
+    async def texts(self) -> list[str]:
+        return [e.text for e in await self.events() if e.kind == EventKind.MESSAGE]
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.adapter.receive())
+
+    async def stop_receiving(self) -> BaseException | None:
+        if self.task is None:
+            return None
+        task, self.task = self.task, None
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            try:
+                await task
+            except Exception as exc:
+                return exc
+        return None
+
+    async def close(self) -> None:
+        await self.stop_receiving()
+        await self.adapter.disconnect()
+
+    async def synced(self) -> bool:
+        return await self.redis.get(self.adapter.sync_key) is not None
+
+
+async def start_rig(config: Config, redis: Redis, receive: bool = True) -> MatrixRig:
+    bus = Bus(redis, BusSettings())
+    metrics = Metrics()
+    idmap = IdMap(redis, bus.prefix, 3600)
+    ctx = adapter_context(config, ACCOUNT, redis, bus.publish, metrics, bus.prefix, idmap)
+    adapter = Matrix(ctx)
+    await adapter.connect()
+    for channel in ctx.channels:
+        await adapter.join(channel)
+    rig = MatrixRig(adapter, redis, bus, metrics, idmap)
+    if receive:
+        rig.start()
+    return rig
+
+
+def delivery(
+    source: Event, channel: str, username: str = "[api/a] <bob> ", *, text: str | None = None,
+    reply_to: str | None = None, target_id: str | None = None,
+) -> Delivery:  # fmt: skip
+    d = Delivery(source, ACCOUNT, channel, "g", username, source.text if text is None else text)
+    d.reply_to, d.target_id = reply_to, target_id
+    return d
+
+
+def api_event(text: str = "", kind: EventKind = EventKind.MESSAGE, **fields: Any) -> Event:
+    return Event(kind=kind, account="api.a", channel="api", sender_name="bob", text=text, **fields)
