@@ -15,6 +15,7 @@ from adapters.base import Adapter
 
 PROTOCOLS: dict[str, str] = {
     "api": "adapters.mbapi:MatterbridgeAPI",
+    "matrix": "adapters.matrix:Matrix",
     "nctalk": "adapters.nctalk:TalkUser",
     "nctalkbot": "adapters.nctalk_bot:TalkBot",
 }
