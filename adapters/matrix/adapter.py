@@ -49,6 +49,8 @@ import contextlib
 import hashlib
 import html
 import io
+import logging
+import mimetypes
 import random
 import ssl
 import time
@@ -249,6 +251,9 @@ class Matrix(Adapter):
 
     # lifecycle -----------------------------------------------------------------------
     async def connect(self) -> None:
+        nio_log = logging.getLogger("nio")
+        if nio_log.level == logging.NOTSET:  # nio logs every event it handles at INFO
+            nio_log.setLevel(logging.WARNING)
         config = AsyncClientConfig(
             max_limit_exceeded=0,  # a 429 comes back to us: the core parks that room only
             max_timeouts=0,  # network trouble too: our own capped backoff, not nio's loop
@@ -785,8 +790,10 @@ class Matrix(Adapter):
         relates: dict[str, Any] | None,
     ) -> str:  # fmt: skip
         client = self._client()
-        mime = att.mime or "application/octet-stream"
         name = att.name or "file"
+        mime = att.mime or "application/octet-stream"
+        if mime == "application/octet-stream":  # an api client's file: its name says more
+            mime = mimetypes.guess_type(name, strict=False)[0] or mime
         resp = await self._call(
             f"upload {name}",
             lambda: client.upload(io.BytesIO(data), content_type=mime, filename=name, filesize=len(data)),
