@@ -1,0 +1,143 @@
+"""Relay throughput and latency api -> talkbridge -> Synapse -> a second Matrix client,
+next to Synapse's own single-client send rate measured in the same run.
+
+    .venv/bin/python -m bench.matrix_relay [--messages 500]
+
+Starts its own Redis, a Synapse from the ``matrix-synapse`` package (sqlite,
+rate limits raised: tests/synapse_rig.py) and ``talkbridge run`` with one
+Matrix account and one api account in a gateway. A reader (a second Matrix
+user in the room) long-polls /sync and notes when each message arrives.
+
+1. Synapse alone: one client sends N messages one after another (PUT send,
+   each awaited), as the bridge's room lane does; messages/s and the
+   send -> reader latency.
+2. Through the bridge: N messages POSTed to the api account; messages/s
+   from the first POST to the last arrival, and the POST -> reader latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.helpers import Daemon, free_port, start_redis_server, wait_for
+from tests.synapse_rig import SynapseServer
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+class Reader:
+    """A second Matrix user: /sync long polls, arrival time per message body."""
+
+    def __init__(self, server: str, token: str, room: str) -> None:
+        self.server, self.token, self.room = server, token, room
+        self.seen: dict[str, float] = {}
+        self.since: str | None = None
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {self.token}"}) as client:
+            while True:
+                params = {"timeout": "30000", "filter": '{"room":{"timeline":{"limit":1000}}}'}
+                if self.since:
+                    params["since"] = self.since
+                resp = await client.get(self.server + "/_matrix/client/v3/sync", params=params)
+                data = resp.json()
+                now = time.perf_counter()
+                self.since = data["next_batch"]
+                room = data.get("rooms", {}).get("join", {}).get(self.room, {})
+                for event in room.get("timeline", {}).get("events", []):
+                    body = event.get("content", {}).get("body")
+                    if isinstance(body, str):
+                        self.seen.setdefault(body.rsplit(" ", 1)[-1], now)
+
+
+async def until(cond, within: float = 300) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        await asyncio.sleep(0.01)
+
+
+def report(name: str, n: int, start: float, sent: dict[str, float], seen: dict[str, float]) -> tuple[float, float]:
+    lat = [(seen[k] - sent[k]) * 1000 for k in sent]
+    rate = n / (max(seen[k] for k in sent) - start)
+    print(f"{name:<28} {rate:8.1f} msg/s   p50 {statistics.median(lat):7.1f} ms   p99 {pct(lat, 99):7.1f} ms")
+    return rate, statistics.median(lat)
+
+
+async def main(n: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-matrix-"))
+    redis = start_redis_server(work)
+    synapse = SynapseServer(work / "synapse").start()
+    daemon = None
+    try:
+        bot = synapse.register("bot", "bot-password")
+        bot.call("POST", "/_matrix/client/v3/logout", {})
+        alice = synapse.register("alice")
+        reader_user = synapse.register("reader")
+        room = alice.create_room(invite=["@bot:test.local", reader_user.user_id])
+        reader_user.join(room)
+        http, api = free_port(), free_port()
+        config = work / "talkbridge.toml"
+        config.write_text(
+            f'[matrix.hs]\nServer = "{synapse.url}"\nLogin = "bot"\nPassword = "bot-password"\n'
+            f'RemoteNickFormat = "<{{NICK}}> "\n[api.a]\nBindAddress = "127.0.0.1:{api}"\nToken = "t"\n'
+            f'[[gateway]]\nname = "g"\nenable = true\n[[gateway.inout]]\naccount = "matrix.hs"\nchannel = "{room}"\n'
+            '[[gateway.inout]]\naccount = "api.a"\nchannel = "api"\n'
+            f'[redis]\nURL = "{redis.url}"\n[http]\nBindAddress = "127.0.0.1:{http}"\n[log]\nLevel = "warning"\n'
+        )
+        daemon = Daemon(config, http, work / "daemon.log").start()
+        members = f"/_matrix/client/v3/rooms/{room}/joined_members"
+        wait_for(lambda: "@bot:test.local" in alice.call("GET", members)["joined"], timeout=60, what="bot joined")
+        reader = Reader(synapse.url, reader_user.access_token, room)
+        task = asyncio.create_task(reader.run())
+        await until(lambda: reader.since is not None)
+
+        # 1. Synapse alone: one client, sends one after another
+        sent: dict[str, float] = {}
+        async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {alice.access_token}"}) as c:
+            start = time.perf_counter()
+            for i in range(n):
+                key = f"s{i}"
+                sent[key] = time.perf_counter()
+                url = f"{synapse.url}/_matrix/client/v3/rooms/{room}/send/m.room.message/b{i}"
+                (await c.put(url, json={"msgtype": "m.text", "body": f"direct {key}"})).raise_for_status()
+        await until(lambda: all(k in reader.seen for k in sent))
+        base_rate, base_p50 = report("Synapse, one client", n, start, sent, reader.seen)
+
+        # 2. through the bridge
+        sent2: dict[str, float] = {}
+        async with httpx.AsyncClient(timeout=60, headers={"Authorization": "Bearer t"}) as c:
+            start = time.perf_counter()
+            for i in range(n):
+                key = f"b{i}"
+                sent2[key] = time.perf_counter()
+                body = {"text": key, "username": "zoe", "gateway": "g"}
+                (await c.post(f"http://127.0.0.1:{api}/api/message", json=body)).raise_for_status()
+        await until(lambda: all(k in reader.seen for k in sent2))
+        rate, p50 = report("api -> talkbridge -> Synapse", n, start, sent2, reader.seen)
+        print(f"bridge / Synapse alone: {rate / base_rate:.2f} x the rate, +{p50 - base_p50:.1f} ms p50")
+        print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        task.cancel()
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        synapse.stop()
+        redis.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=500)
+    asyncio.run(main(parser.parse_args().messages))
