@@ -236,7 +236,7 @@ class TalkUser(Adapter):
         rooms = max(1, len(self.ctx.channels))
         self.client = TalkClient(
             self.server, self.login, self.password,
-            timeout=self.timeout, max_answer=self.max_answer, connections=rooms + 32, verify=self.verify,
+            timeout=self.timeout, max_answer=self.max_answer, rooms=rooms, verify=self.verify,
         )  # fmt: skip
         self._sent_since_connect.clear()
         if self.guest:
