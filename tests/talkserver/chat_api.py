@@ -72,7 +72,7 @@ class ChatApi:
         self.server = server
         self.state = server.state
         self.chat = server.chat
-        self._waiters: set[asyncio.Event] = set()
+        self._waiters: dict[str, set[asyncio.Event]] = {}  # token -> its held long polls
         self.closing = False  # the server stops: held polls answer now
         self.state.on_message.append(self._wake)
 
@@ -80,9 +80,19 @@ class ChatApi:
         self.closing = True
         self._wake(None)
 
-    def _wake(self, _msg: Message | None) -> None:
-        for event in self._waiters:
-            event.set()
+    def _wake(self, msg: Message | None) -> None:
+        """A message wakes the polls held on its room (None: every held poll)."""
+        rooms = self._waiters.values() if msg is None else [self._waiters.get(msg.token, set())]
+        for waiters in rooms:
+            for event in waiters:
+                event.set()
+
+    def held_polls(self) -> int:
+        return sum(len(w) for w in self._waiters.values())
+
+    def held_rooms(self) -> int:
+        """Rooms with a long poll held now (bench/poll_rooms.py waits for all of them)."""
+        return sum(1 for w in self._waiters.values() if w)
 
     # plumbing ------------------------------------------------------------------------
     def wrap(self, handler: Any, ocs: bool = True) -> Any:
@@ -213,13 +223,14 @@ class ChatApi:
             deadline = time.monotonic() + timeout
             while not found and not self.closing and (left := deadline - time.monotonic()) > 0:
                 event = asyncio.Event()
-                self._waiters.add(event)
+                held = self._waiters.setdefault(token, set())
+                held.add(event)
                 try:
                     await asyncio.wait_for(event.wait(), left)
                 except TimeoutError:
                     pass
                 finally:
-                    self._waiters.discard(event)
+                    held.discard(event)
                 if self.participant(who, token) is None:
                     return ocs_response(request, 404)
                 found = select()

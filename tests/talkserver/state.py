@@ -146,6 +146,7 @@ class TalkState:
         self.rooms: dict[str, Room] = {}
         self.bots: dict[int, Bot] = {}
         self.messages: dict[int, Message] = {}
+        self._room_ids: dict[str, list[int]] = {}  # token -> its message ids, ascending
         self._next_message = 1
         self._next_bot = 1
         # brute force: (ip, action) -> attempt timestamps
@@ -221,13 +222,21 @@ class TalkState:
     ) -> Message:
         msg = Message(self._next_message, token, actor, message, parameters or [], int(time.time()), **kw)
         self.messages[msg.id] = msg
+        self._room_ids.setdefault(token, []).append(msg.id)
         self._next_message += 1
         for listener in self.on_message:
             listener(msg)
         return msg
 
     def room_messages(self, token: str) -> list[Message]:
-        return [m for m in self.messages.values() if m.token == token]
+        """The room's messages in id order (an index per room: 500 rooms polled
+        at once must not each scan every message; one dropped from
+        ``messages`` — bench/soak.py keeps memory flat so — is gone here too)."""
+        ids = self._room_ids.get(token, [])
+        out = [self.messages[i] for i in ids if i in self.messages]
+        if len(out) < len(ids):
+            self._room_ids[token] = [m.id for m in out]
+        return out
 
     def parent_in_room(self, token: str, message_id: int) -> Message | None:
         """ChatManager::getParentComment: only a message of the same room."""
