@@ -2,7 +2,9 @@
 
 Matterbridge's ``nctalk`` keys (``Server``, ``Login``, ``Password``,
 ``GuestSuffix``, ``SeparateDisplayName``, ``SkipTLSVerify``…); the channel is
-the room token. See docs/talk-user.md.
+the room token, or ``*``: every group and public conversation the user is
+in, read from Talk's room list every ``RoomsRefreshSeconds`` (rooms joined
+are polled and delivered to, rooms left dropped). See docs/talk-user.md.
 
 Receiving: one long poll per room (``GET chat/{token}?lookIntoFuture=1``).
 The room's cursor (``X-Chat-Last-Given``) lives in Redis beside the account's
@@ -66,6 +68,8 @@ from adapters.base import (
     TransientError,
 )
 from adapters.talk.chat import (
+    GROUP,
+    PUBLIC,
     WRITTEN_TYPES,
     BadAnswer,
     Capabilities,
@@ -74,6 +78,7 @@ from adapters.talk.chat import (
     parse_message,
     parse_page,
     parse_reactions,
+    parse_rooms,
 )
 from adapters.talk.chat import (
     last_given as parse_last_given,
@@ -112,6 +117,8 @@ REACTIONS_TTL = 7 * 86400  # how long who-reacted-with-what is remembered (for r
 RECENT_WINDOW = 200  # messages looked at for a referenceId (Talk's largest page)
 ATTEMPTED_KEEP = 4096  # delivery keys remembered as attempted in this process
 THROTTLE_SLACK = 55.0  # seconds Nextcloud's brute-force throttle may add to an answer (2 x 25 s, and some)
+WILDCARD = "*"  # a gateway channel: every group and public conversation the account is in
+FOLLOWED_TYPES = frozenset({GROUP, PUBLIC})  # not one-to-one (private), changelog or note-to-self
 JOIN_PART = {"user_added": EventKind.JOIN, "user_removed": EventKind.LEAVE,
              "federated_user_added": EventKind.JOIN, "federated_user_removed": EventKind.LEAVE}  # fmt: skip
 
@@ -169,6 +176,9 @@ class TalkUser(Adapter):
         "RoomRetryMinSeconds": Option((int, float), default=1, above=0, help="first backoff of a failing room"),
         "RoomRetryMaxSeconds": Option((int, float), default=300, above=0, help="longest backoff of a failing room"),
         "MaxAnswerBytes": Option(int, default=64 << 20, min=1 << 16, help="largest answer read from Talk"),
+        "RoomsRefreshSeconds": Option(
+            (int, float), default=300, above=0, help="with a channel of *: seconds between reads of the room list"
+        ),
         "RefusedRetrySeconds": Option(
             (int, float), default=900, above=0, help="after a 401: seconds between the account's probes (one request)"
         ),
@@ -192,7 +202,11 @@ class TalkUser(Adapter):
         self.retry_max = max(self.retry_min, float(acct.get("RoomRetryMaxSeconds", 300)))
         self.max_answer = int(acct.get("MaxAnswerBytes", 64 << 20))
         self.max_file = int(acct.get("MediaDownloadSize", 1_000_000))
-        self.rooms: list[str] = []
+        self.rooms: list[str] = []  # the configured rooms
+        # A channel of "*": every group and public conversation the user is in, read from Talk
+        self.all_rooms = WILDCARD in ctx.sends_into.values()
+        self.rooms_refresh = float(acct.get("RoomsRefreshSeconds", 300))
+        self._followed: set[str] = set()  # the rooms "*" added (beside the configured ones)
         self.caps = Capabilities(max_length=MAX_CHAT_LENGTH)
         self.client: TalkClient | None = None
         # Redis: the cursors sit in the inbound stream's cluster slot (one MULTI with the events)
@@ -233,11 +247,13 @@ class TalkUser(Adapter):
 
     # lifecycle -----------------------------------------------------------------------
     async def connect(self) -> None:
-        rooms = max(1, len(self.ctx.channels))
+        rooms = None if self.all_rooms and not self.guest else max(1, len(self.ctx.channels))
         self.client = TalkClient(
             self.server, self.login, self.password,
             timeout=self.timeout, max_answer=self.max_answer, rooms=rooms, verify=self.verify,
         )  # fmt: skip
+        if self.all_rooms and self.guest:
+            self.ctx.log.error("%s: a guest cannot list rooms: channel * ignored (list the public rooms)", self.name)
         self._sent_since_connect.clear()
         if self.guest:
             self._own |= {m.decode() for m in await self.ctx.redis.smembers(self.guests_key)}
@@ -344,19 +360,94 @@ class TalkUser(Adapter):
             await self._poll_rooms()  # until the credentials are refused
 
     async def _poll_rooms(self) -> None:
-        """Every room's long poll, until a 401 stops them all (a poller that
-        raised — Redis away, a bug — is raised: the runner restarts receive)."""
-        pollers = [asyncio.create_task(self._poll_room(t), name=f"poll:{self.name}:{t}") for t in self.rooms]
-        refused = asyncio.create_task(self._refused_event.wait())
-        try:
-            done, _ = await asyncio.wait([refused, *pollers], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not refused and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
-        finally:
-            for task in (refused, *pollers):
+        """Every room's long poll (with ``*``, the rooms come and go), until a
+        401 stops them all. A poller that raised — Redis away, a bug — is
+        raised: the runner restarts receive."""
+        failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        pollers: dict[str, asyncio.Task[None]] = {}
+
+        def watch(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None and not failed.done():
+                failed.set_result(task.exception())  # type: ignore[arg-type]
+
+        def start(token: str) -> None:
+            task = asyncio.create_task(self._poll_room(token), name=f"poll:{self.name}:{token}")
+            task.add_done_callback(watch)
+            pollers[token] = task
+
+        def stop(token: str) -> asyncio.Task[None] | None:
+            task = pollers.pop(token, None)
+            if task is not None:
                 task.cancel()
-            await asyncio.gather(refused, *pollers, return_exceptions=True)
+            return task
+
+        for token in [*self.rooms, *sorted(self._followed - set(self.rooms))]:
+            start(token)
+        refused = asyncio.create_task(self._refused_event.wait())
+        helpers = [refused]
+        if self.all_rooms and not self.guest:
+            follow = asyncio.create_task(self._follow_rooms(start, stop), name=f"rooms:{self.name}")
+            follow.add_done_callback(watch)
+            helpers.append(follow)
+        try:
+            await asyncio.wait([refused, failed], return_when=asyncio.FIRST_COMPLETED)
+            if failed.done():
+                raise failed.result()
+        finally:
+            tasks = [*helpers, *pollers.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _follow_rooms(
+        self, start: Callable[[str], None], stop: Callable[[str], asyncio.Task[None] | None]
+    ) -> None:
+        """Channel ``*``: the account's group and public conversations (not
+        one-to-one: those are private), read every ``RoomsRefreshSeconds``
+        (Talk's own advice is a full read every 5 minutes). A new one is
+        polled (from its newest message) and added to the account's rooms, so
+        ``*`` destinations deliver there too; one the account left is dropped,
+        its cursor with it (if it comes back, it starts at its newest message)."""
+        while True:
+            try:
+                answer = await self._client().call(
+                    "GET", ROOM_API, params={"noStatusUpdate": 1}, seconds=self.timeout + THROTTLE_SLACK
+                )
+                if answer.status == 401:
+                    raise Refused(f"GET room list: Talk answered 401 (app password of {self.login} wrong or revoked)")
+                if answer.status != 200:
+                    raise BadAnswer(f"the room list answered {answer.status}")
+                listed = parse_rooms(answer.body)
+            except Refused as exc:
+                self._refuse(str(exc))
+                return
+            except (Unreachable, BadAnswer) as exc:
+                self.ctx.log.warning("%s: room list not read (%s); the rooms stay as they are", self.name, exc)
+            else:
+                configured = set(self.rooms)
+                wanted = {c.token for c in listed if c.type in FOLLOWED_TYPES} - configured
+                new, gone = wanted - self._followed, self._followed - wanted
+                if new:
+                    await self.ctx.rooms.add(*sorted(new))
+                    self._followed |= new
+                    for token in sorted(new):
+                        start(token)
+                    self.ctx.log.info("%s: channel *: now in room(s) %s", self.name, ", ".join(sorted(new)))
+                if gone:
+                    await self._drop_rooms(sorted(gone), stop)
+            await asyncio.sleep(self.rooms_refresh)
+
+    async def _drop_rooms(self, tokens: list[str], stop: Callable[[str], asyncio.Task[None] | None]) -> None:
+        stopped = [task for task in map(stop, tokens) if task is not None]
+        await asyncio.gather(*stopped, return_exceptions=True)  # no page of theirs is committed after this
+        self._followed -= set(tokens)
+        await self.ctx.rooms.remove(*tokens)
+        await self.ctx.redis.hdel(self.cursor_key, *tokens)
+        for token in tokens:
+            if self._room_state.pop(token, _RoomState()).failures:
+                self.ctx.metrics.room_failed.labels(self.name, token).set(0)
+        await self._mark_health(0)
+        self.ctx.log.info("%s: channel *: no longer in room(s) %s", self.name, ", ".join(tokens))
 
     async def _poll_room(self, token: str) -> None:
         state = self._room_state.setdefault(token, _RoomState())

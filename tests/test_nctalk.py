@@ -364,3 +364,64 @@ async def test_a_reaction_talk_refuses_is_permanent(rig, talk, people) -> None:
     bad = Event(kind=EventKind.REACTION, account="api.a", channel="api", reaction="abc", target_id="api-1")
     with pytest.raises(PermanentError):
         await rig.adapter.send(delivery(bad, ACCOUNT, ROOM, target_id=native))
+
+
+# channel * ---------------------------------------------------------------------------
+async def _members(rig: UserRig) -> set[str]:
+    return await rig.adapter.ctx.rooms.members()
+
+
+async def test_channel_star_follows_the_group_and_public_rooms_the_user_is_in(tmp_path, talk, people, redis) -> None:
+    bridge, alice, _bob = people
+    talk.create_room("Alice and the bridge", "dm000001", (alice, bridge), type=1)  # one-to-one: private
+    talk.create_room("Talk updates", "changes1", (bridge,), type=4)  # the changelog
+    text = (
+        user_section("cloud", talk.url, RoomRetryMinSeconds=0.05, PollTimeout=2, RoomsRefreshSeconds=0.2)
+        + '[api.a]\nBindAddress = "127.0.0.1:0"\nToken = "t"\n'
+        + gateway("g", (ACCOUNT, "*"), ("api.a", "api"))
+    )
+    r = await start_user_rig(load(tmp_path, text), ACCOUNT, redis)
+    try:
+        await until(lambda: _both_cursors(r), what="both group rooms polled")
+        assert await _members(r) == {ROOM, OTHER}  # where a "*" destination delivers
+        await talk.post("dm000001", alice, "private")
+        await talk.post(ROOM, alice, "in one")
+        await talk.post(OTHER, alice, "in the other")
+        await until(lambda: _at_least(r, 2), what="both rooms' messages")
+        assert sorted((e.channel, e.text) for e in await until_quiet(r.events)) == [
+            (ROOM, "in one"), (OTHER, "in the other")]  # fmt: skip
+        assert not talk.chat_requests("/chat/dm000001") and not talk.chat_requests("/chat/changes1")
+        assert all("noStatusUpdate=1" in q.path for q in talk.chat_requests("/api/v4/room", "GET"))
+
+        # added to a room: polled from its newest message on, and a destination of "*"
+        talk.create_room("New", "room9999", (alice, bridge))
+        await talk.post("room9999", alice, "before the bridge saw it")
+        await until(lambda: r.cursor("room9999"), what="the new room polled")
+        await talk.post("room9999", alice, "in the new room")
+        await until(lambda: _at_least(r, 3), what="the new room's message")
+        assert (await r.events())[-1].text == "in the new room" and "room9999" in await _members(r)
+
+        # removed from one: no longer polled, nor delivered to, its cursor forgotten
+        talk.leave_room(OTHER, bridge)
+        await until(lambda: OTHER not in r.adapter._followed, what="the room dropped")
+        assert await _members(r) == {ROOM, "room9999"} and await r.cursor(OTHER) is None
+        await talk.post(ROOM, alice, "still flowing")
+        await until(lambda: _at_least(r, 4), what="the other rooms go on")
+        assert r.metrics.room_failed.labels(ACCOUNT, OTHER)._value.get() == 0
+    finally:
+        await r.close()
+
+
+async def test_channel_star_with_a_room_list_talk_refuses_keeps_the_rooms(tmp_path, talk, people, redis) -> None:
+    _bridge, alice, _bob = people
+    text = user_section("cloud", talk.url, PollTimeout=2, RoomsRefreshSeconds=0.1) + gateway("g", (ACCOUNT, "*"))
+    r = await start_user_rig(load(tmp_path, text), ACCOUNT, redis)
+    try:
+        await until(lambda: _both_cursors(r), what="both rooms polled")
+        talk.fail_chat_next(500, count=3, method="GET", body=b"<html>proxy</html>", path="/api/v4/room")
+        await until(lambda: len([q for q in talk.chat_requests("/api/v4/room") if q.status == 500]) == 3, what="500s")
+        await talk.post(ROOM, alice, "still here")
+        await until(r.events, what="the message")
+        assert await _members(r) == {ROOM, OTHER}
+    finally:
+        await r.close()

@@ -16,10 +16,12 @@ from adapters.nctalk import safe_name
 from adapters.talk.chat import (
     BadAnswer,
     ChatMessage,
+    Conversation,
     last_given,
     parse_capabilities,
     parse_page,
     parse_reactions,
+    parse_rooms,
 )
 from adapters.talk.common import render
 from tests.ingress_props import PROPS
@@ -132,3 +134,35 @@ def test_rendering_replaces_known_placeholders_and_never_fails(text: str, params
 def test_a_file_name_is_always_safe_for_webdav(name: str) -> None:
     safe = safe_name(name)
     assert safe and "/" not in safe and "\\" not in safe and safe not in (".", "..") and len(safe) <= 200
+
+
+conversation = st.fixed_dictionaries(
+    {"id": st.integers(1, 10**6), "token": st.text(st.characters(codec="utf-8"), min_size=1, max_size=64),
+     "type": st.integers(1, 6), "name": st.text(max_size=20), "displayName": st.text(max_size=20),
+     "participantType": st.integers(1, 6), "readOnly": st.integers(0, 1), "lastActivity": st.integers(0, 2**40)},
+)  # fmt: skip
+
+
+@PROPS
+@given(st.lists(conversation, max_size=6))
+def test_a_room_list_is_read_as_talk_sent_it(raw: list[dict[str, Any]]) -> None:
+    try:
+        rooms = parse_rooms(ocs(raw))
+    except BadAnswer:  # only for a token that is not one (a control character)
+        assert any(not item["token"].isprintable() for item in raw)
+        return
+    assert [(c.token, c.type) for c in rooms] == [(item["token"], item["type"]) for item in raw]
+    assert [c.name for c in rooms] == [item["displayName"] or item["name"] for item in raw]
+
+
+@PROPS
+@given(anything.map(ocs) | anything.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=100),
+       st.lists(conversation, min_size=1, max_size=3), st.sampled_from(["token", "type"]), anything)  # fmt: skip
+def test_any_room_list_answer_is_conversations_or_bad_answer(body: bytes, raw: list, key: str, value: Any) -> None:
+    raw[0][key] = value
+    for answer in (body, ocs(raw)):
+        try:
+            rooms = parse_rooms(answer)
+        except BadAnswer:
+            continue
+        assert all(isinstance(c, Conversation) and c.token and isinstance(c.type, int) for c in rooms)

@@ -216,3 +216,39 @@ def parse_reactions(body: bytes) -> dict[str, set[str]]:
                 raise BadAnswer(f"reactions[{emoji!r}] has an entry that is not an object")
             who.add(f"{_str(actor, 'actorType', 'reaction')}/{_str(actor, 'actorId', 'reaction')}")
     return out
+
+
+# Conversation types (spreed docs/constants.md)
+ONE_TO_ONE, GROUP, PUBLIC, CHANGELOG, FORMER_ONE_TO_ONE, NOTE_TO_SELF = 1, 2, 3, 4, 5, 6
+MAX_ROOMS = 10_000  # conversations in one room list: past it the answer is not believed
+MAX_TOKEN = 64  # a room token (Talk makes 8 characters; federated ones are the remote's)
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """One entry of ``GET v4/room``: a conversation the user is in."""
+
+    token: str
+    type: int
+    name: str = ""
+
+
+def parse_rooms(body: bytes) -> list[Conversation]:
+    """``GET /ocs/v2.php/apps/spreed/api/v4/room``: the user's conversations
+    (only ``token``, ``type`` and the name are read; every entry checked)."""
+    data = ocs_data(body)
+    if not isinstance(data, list):
+        raise BadAnswer("ocs.data is not a list of conversations")
+    if len(data) > MAX_ROOMS:
+        raise BadAnswer(f"{len(data)} conversations; more than {MAX_ROOMS} is not believed")
+    out = []
+    for i, item in enumerate(data):
+        what = f"ocs.data[{i}]"
+        if not isinstance(item, dict):
+            raise BadAnswer(f"{what} is not an object")
+        token = _str(item, "token", what)
+        if not 0 < len(token) <= MAX_TOKEN or not token.isprintable():
+            raise BadAnswer(f"{what}.token is not a room token")
+        name = item.get("displayName") or item.get("name") or ""
+        out.append(Conversation(token, _int(item.get("type"), f"{what}.type"), name if isinstance(name, str) else ""))
+    return out

@@ -78,10 +78,12 @@ class TalkClient:
         *,
         timeout: float,
         max_answer: int,
-        rooms: int,
+        rooms: int | None,
         verify: bool = True,
     ) -> None:
-        """Made in a running event loop (``connect``): aiohttp binds the session to it."""
+        """Made in a running event loop (``connect``): aiohttp binds the session
+        to it. ``rooms``: how many long polls at most (None: not known, as with
+        a channel of ``*``: no limit on the pool, a poll per room bounds it)."""
         self.server = server.rstrip("/")
         self.login = login
         self.guest = not login
@@ -92,7 +94,9 @@ class TalkClient:
         if login:  # Basic auth as httpx and curl send it: UTF-8
             headers["Authorization"] = "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode()
         self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=rooms + SEND_CONNECTIONS, limit_per_host=0, ssl=verify),
+            connector=aiohttp.TCPConnector(
+                limit=0 if rooms is None else rooms + SEND_CONNECTIONS, limit_per_host=0, ssl=verify
+            ),
             headers=headers,
             cookie_jar=aiohttp.CookieJar(unsafe=True),  # a guest's session cookie, also from a server named by IP
         )

@@ -20,6 +20,9 @@ RoomController::joinRoom, Model/Message::toArray (Talk 19 to 22).
 - Not a participant, or no such room: 404 (``RequireParticipant``).
 - Basic auth with a wrong or revoked app password: 401 on every route
   (Nextcloud >= 22) and a brute-force attempt for the IP (``login``).
+- ``GET v4/room`` (RoomController::getRooms): the user's conversations
+  (token, type, names, the user's participantType…), 401 for a guest; the
+  room list's own fields beyond those are left out.
 - ``GET /call/{token}`` of a public room: the page with ``data-requesttoken``
   and a session cookie; ``POST v4/room/{token}/participants/active`` joins
   the session as a guest (a new ``guests`` attendee per session).
@@ -413,6 +416,28 @@ class ChatApi:
              "sessionId": session_id, "callFlag": 0, "lastMessage": []},
         )  # fmt: skip
 
+    async def rooms(self, request: web.Request, who: Who) -> web.Response:
+        """The user's conversations (a guest is not logged in: 401)."""
+        if who.user is None:
+            return ocs_response(request, 401, None, "Current user is not logged in")
+        me = f"users/{who.user}"
+        out = []
+        for i, room in enumerate(self.state.rooms.values(), start=1):
+            actor = room.participants.get(me)
+            if actor is None:
+                continue
+            msgs = self._room_msgs(room.token)
+            out.append({
+                "id": i, "token": room.token, "type": 3 if room.public else room.type, "name": room.name,
+                "displayName": room.name, "description": "", "participantType": actor.participant_type,
+                "actorType": actor.type, "actorId": actor.id, "readOnly": 0, "hasPassword": False,
+                "lastActivity": msgs[-1].timestamp if msgs else 0, "unreadMessages": 0,
+                "remoteServer": "" if not room.federated else "https://remote.example",
+            })  # fmt: skip
+        resp = ocs_response(request, 200, out)
+        resp.headers["X-Nextcloud-Talk-Modified-Before"] = str(int(time.time()))
+        return resp
+
 
 def routes(api: ChatApi) -> list[web.RouteDef]:
     return [
@@ -424,6 +449,7 @@ def routes(api: ChatApi) -> list[web.RouteDef]:
         web.get(REACTION, api.wrap(api.reaction)),
         web.post(REACTION, api.wrap(api.reaction)),
         web.delete(REACTION, api.wrap(api.reaction)),
+        web.get("/ocs/v2.php/apps/spreed/api/{apiVersion}/room", api.wrap(api.rooms)),
         web.post("/ocs/v2.php/apps/spreed/api/{apiVersion}/room/{token}/participants/active", api.wrap(api.join)),
         web.get("/call/{token}", api.wrap(api.call_page, ocs=False)),
         web.get("/index.php/call/{token}", api.wrap(api.call_page, ocs=False)),

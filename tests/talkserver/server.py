@@ -69,7 +69,7 @@ class TalkServer:
         self.chat = Chat(self.state, self.sender)
         self.bruteforce_delay_scale = bruteforce_delay_scale
         self._faults: list[tuple[int, dict[str, str]]] = []
-        self._chat_faults: list[tuple[int, dict[str, str], str | None, bytes | None]] = []
+        self._chat_faults: list[tuple[int, dict[str, str], str | None, bytes | None, str]] = []
         self._failing_rooms: dict[str, tuple[int, dict[str, str]]] = {}  # token -> what every request there gets
         self.sessions: dict[str, Session] = {}
         self.login_bruteforce = BruteForce(self.state, "login", bruteforce_delay_scale)
@@ -120,10 +120,12 @@ class TalkServer:
         headers: dict[str, str] | None = None,
         method: str | None = None,
         body: bytes | None = None,
+        path: str = "",
     ) -> None:
-        """Fault injection: the next ``count`` user requests (of ``method``, if
-        given) get ``status`` (and ``body``: a broken or hostile answer)."""
-        self._chat_faults.extend([(status, headers or {}, method, body)] * count)
+        """Fault injection: the next ``count`` user requests (of ``method``, and
+        whose path ends with ``path``, if given) get ``status`` (and ``body``: a
+        broken or hostile answer)."""
+        self._chat_faults.extend([(status, headers or {}, method, body, path)] * count)
 
     def fail_room(self, token: str, status: int = 503, headers: dict[str, str] | None = None) -> None:
         """Fault injection: answer every request for ``token`` with ``status``."""
@@ -138,8 +140,8 @@ class TalkServer:
             status, headers = failing
             return web.Response(status=status, text=f"injected fault {status} for this room", headers=headers)
         if "/bot/" not in request.path:
-            for i, (status, headers, method, body) in enumerate(self._chat_faults):
-                if method is None or method == request.method:
+            for i, (status, headers, method, body, path) in enumerate(self._chat_faults):
+                if (method is None or method == request.method) and request.path.endswith(path):
                     del self._chat_faults[i]
                     text = f"injected fault {status}".encode() if body is None else body
                     return web.Response(status=status, body=text, headers=headers)

@@ -169,9 +169,10 @@ class TalkState:
             user.display_name = display_name
         return Actor("users", user_id, user.display_name)
 
-    def create_room(self, name: str, token: str | None = None, federated: bool = False) -> Room:
+    def create_room(self, name: str, token: str | None = None, federated: bool = False, type: int = 2) -> Room:
+        """``type``: Talk's conversation type (1 one-to-one, 2 group, 4 changelog, 6 note to self)."""
         token = token or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        room = Room(token, name, federated=federated)
+        room = Room(token, name, type=type, federated=federated)
         self.rooms[token] = room
         return room
 
