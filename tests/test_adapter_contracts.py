@@ -109,5 +109,5 @@ def test_a_subcommand_name_is_taken_once() -> None:
 def test_talk_bot_command_comes_from_the_talk_bot_adapter() -> None:
     registry = AdapterRegistry()
     commands = {c.name for protocol in registry for c in registry[protocol].cli_commands()}
-    assert commands == {"talk-bot-command"}
+    assert commands == {"talk-bot-command", "matrix-register"}
     assert [c.name for c in registry["nctalkbot"].cli_commands()] == ["talk-bot-command"]

@@ -189,6 +189,7 @@ def test_a_homeserver_restart_mid_stream_loses_nothing(hs: Bridge) -> None:
                      timeout=90, what="the ten")  # fmt: skip
     assert texts == [f"[api] <zoe> to matrix {i}" for i in range(10)]
     assert wait_quiet(lambda: len(b.bridged())) == 10
+    assert b.redis.xlen("tb:dlq") == 0  # the outage delayed the deliveries; it did not spend their attempts
 
 
 def test_synapse_default_rate_limits_are_waited_out(

@@ -106,9 +106,10 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, ConnectionError, OSError)
 class Unavailable(Exception):
     """The homeserver cannot serve this now (network, 5xx, 429): retry later."""
 
-    def __init__(self, what: str, retry_after: float | None = None) -> None:
+    def __init__(self, what: str, retry_after: float | None = None, unreachable: bool = False) -> None:
         super().__init__(what)
         self.retry_after = retry_after
+        self.unreachable = unreachable  # the homeserver itself is away (network, 5xx): not this request's fault
 
 
 class TokenRefused(Exception):
@@ -153,7 +154,7 @@ def check_response(resp: Any, what: str) -> None:
     if code == "M_LIMIT_EXCEEDED" or status == 429:
         raise Unavailable(f"{what}: rate limited ({_describe(resp)})", _retry_after(resp) or 5.0)
     if status >= 500 or status == 0:
-        raise Unavailable(f"{what}: {_describe(resp)}")
+        raise Unavailable(f"{what}: {_describe(resp)}", unreachable=True)
     raise PermanentError(f"{what}: the homeserver answered {_describe(resp)}")
 
 
@@ -219,6 +220,10 @@ class Matrix(Adapter):
         self._relogin_lock = asyncio.Lock()
         self._last_login = -1e9  # monotonic time of the last login after a refused token
         self._rng = random.Random()
+        # Cleared while the homeserver is away (the sync loop sets it again):
+        # sends wait for it instead of spending their delivery attempts.
+        self._reachable = asyncio.Event()
+        self._reachable.set()
         self.pause: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._events_in = ctx.metrics.events_in.labels(self.name)
 
@@ -370,7 +375,9 @@ class Matrix(Adapter):
             try:
                 resp = await call()
             except TRANSPORT_ERRORS as exc:
-                raise Unavailable(f"{what}: homeserver unreachable: {type(exc).__name__}: {exc}") from None
+                raise Unavailable(
+                    f"{what}: homeserver unreachable: {type(exc).__name__}: {exc}", unreachable=True
+                ) from None
             try:
                 check_response(resp, what)
                 return resp
@@ -464,11 +471,14 @@ class Matrix(Adapter):
                 await self._commit(events, resp.next_batch, joined - known)
                 await self._invites(resp)
             except Unavailable as exc:
+                if exc.unreachable:
+                    self._reachable.clear()
                 failures += 1
                 delay = self._backoff(failures, exc.retry_after)
                 await self._sync_failed(str(exc), failures, delay)
                 await self.pause(delay)
                 continue
+            self._reachable.set()
             if failures:
                 self.ctx.log.warning("%s: homeserver answers again after %d failed syncs", self.name, failures)
                 failures = 0
@@ -721,24 +731,39 @@ class Matrix(Adapter):
 
     # sending -----------------------------------------------------------------------------
     async def send(self, delivery: Delivery) -> str | None:
-        try:
-            room = await self._room_id(delivery.channel)
-            if room in self.encrypted:
-                raise PermanentError(f"room {delivery.channel} is end-to-end encrypted: talkbridge does not send there")
-            kind = delivery.event.kind
-            if kind == EventKind.EDIT:
-                return await self._edit(room, delivery)
-            if kind == EventKind.DELETE:
-                return await self._redact(room, delivery, delivery.target_id or "", "0")
-            if kind in (EventKind.REACTION, EventKind.UNREACTION):
-                return await self._react(room, delivery)
-            if kind in (EventKind.JOIN, EventKind.LEAVE, EventKind.OTHER):
-                return await self._post(room, delivery, notice=True)
-            return await self._post(room, delivery)
-        except Unavailable as exc:
-            if exc.retry_after is not None:
-                raise RateLimited(str(exc), exc.retry_after) from None
-            raise TransientError(str(exc)) from None
+        """One delivery. While the homeserver is away (a restart) it waits
+        for it — the sync loop notices its return; at least one try per
+        RetryMaxSeconds — rather than spend the core's delivery attempts and
+        dead-letter messages an outage should only delay."""
+        while True:
+            try:
+                return await self._send(delivery)
+            except Unavailable as exc:
+                if exc.retry_after is not None:
+                    raise RateLimited(str(exc), exc.retry_after) from None
+                if not exc.unreachable:
+                    raise TransientError(str(exc)) from None
+                self._reachable.clear()
+                self.ctx.log.warning("%s: %s; the delivery waits for the homeserver", self.name, exc)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.retry_max):
+                        await self._reachable.wait()
+                await self._check_fence()  # waited: still the account's owner?
+
+    async def _send(self, delivery: Delivery) -> str | None:
+        room = await self._room_id(delivery.channel)
+        if room in self.encrypted:
+            raise PermanentError(f"room {delivery.channel} is end-to-end encrypted: talkbridge does not send there")
+        kind = delivery.event.kind
+        if kind == EventKind.EDIT:
+            return await self._edit(room, delivery)
+        if kind == EventKind.DELETE:
+            return await self._redact(room, delivery, delivery.target_id or "", "0")
+        if kind in (EventKind.REACTION, EventKind.UNREACTION):
+            return await self._react(room, delivery)
+        if kind in (EventKind.JOIN, EventKind.LEAVE, EventKind.OTHER):
+            return await self._post(room, delivery, notice=True)
+        return await self._post(room, delivery)
 
     def _content(self, delivery: Delivery, text: str, notice: bool = False) -> dict[str, Any]:
         event = delivery.event
