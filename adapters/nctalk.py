@@ -247,6 +247,7 @@ class TalkUser(Adapter):
 
     # lifecycle -----------------------------------------------------------------------
     async def connect(self) -> None:
+        await self.disconnect()  # connected again without a disconnect: the old session is not left open
         rooms = None if self.all_rooms and not self.guest else max(1, len(self.ctx.channels))
         self.client = TalkClient(
             self.server, self.login, self.password,
