@@ -94,11 +94,6 @@ Password = "{PASSWORD}"
 RemoteNickFormat = "[{{NICK}}] "
 PollTimeout = 30
 
-[api.sink]
-BindAddress = "127.0.0.1:{sink}"
-Token = "{SINK_TOKEN}"
-Buffer = 100000
-
 [redis]
 {redis}
 
@@ -109,6 +104,7 @@ BindAddress = "127.0.0.1:{http}"
 Level = "warning"
 """
     if args.mode == "api":
+        out += f'[api.sink]\nBindAddress = "127.0.0.1:{sink}"\nToken = "{SINK_TOKEN}"\nBuffer = 100000\n'
         for i in range(rooms):
             out += (
                 f'[[gateway]]\nname = "r{i}"\nenable = true\n'
@@ -122,7 +118,6 @@ Level = "warning"
                 f'[[gateway.inout]]\naccount = "{ACCOUNT}"\nchannel = "{room(i)}"\n'
                 f'[[gateway.inout]]\naccount = "{ACCOUNT}"\nchannel = "{room(i + 1)}"\n'
             )
-        out += '[[gateway]]\nname = "sink"\nenable = true\n[[gateway.inout]]\naccount = "api.sink"\nchannel = "api"\n'
     return out
 
 
