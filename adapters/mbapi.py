@@ -27,10 +27,12 @@ import asyncio
 import base64
 import binascii
 import codecs
+import functools
 import hmac
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
@@ -135,14 +137,25 @@ def go_fold(key: str) -> str:
     return key.translate(_ASCII_FOLD)
 
 
+@functools.cache
+def _fields_by_key(names: tuple[str, ...]) -> Mapping[str, str]:
+    """Field name by folded key, and by its exact spelling (the common case,
+    found without folding). Built once per field list: this is the POST path."""
+    table = {go_fold(name): name for name in names}
+    table.update({name: name for name in names})
+    return MappingProxyType(table)
+
+
 def go_fields(body: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
     """The body's values by field name, keys matched as Go matches them; of
     several keys for one field the last wins, as Go assigns each in turn.
     Keys that name no field are left out (Go ignores them)."""
-    by_fold = {go_fold(name): name for name in names}
+    by_key = _fields_by_key(tuple(names))
     out: dict[str, Any] = {}
     for key, value in body.items():
-        name = by_fold.get(go_fold(key))
+        name = by_key.get(key)
+        if name is None:
+            name = by_key.get(go_fold(key))
         if name is not None:
             out.pop(name, None)  # the last key for a field wins
             out[name] = value
