@@ -25,6 +25,8 @@ _SKIP = {"mx-reply", "script", "style", "head", "title"}
 _VOID = {"br", "hr", "img", "area", "base", "col", "embed", "input", "link", "meta", "source", "track", "wbr"}
 MAX_DEPTH = 64  # nesting beyond this is treated as text: a hostile body cannot blow the stack
 
+_CLOSING_FENCE = re.compile(r"```+[ \t]*")
+
 
 class _ToMarkdown(HTMLParser):
     def __init__(self) -> None:
@@ -230,7 +232,9 @@ def markdown_to_html(text: str) -> str | None:
     while i < len(lines):
         line = lines[i]
         if line.startswith("```"):
-            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
+            # a closing fence is backticks alone (CommonMark): "```bar" opens no block's end,
+            # so no word after it is lost with the fence line
+            end = next((j for j in range(i + 1, len(lines)) if _CLOSING_FENCE.fullmatch(lines[j])), None)
             if end is not None:
                 flush_quote()
                 lang = line[3:].strip()
