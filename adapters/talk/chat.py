@@ -173,7 +173,8 @@ def last_given(header: str | None) -> int | None:
     if header is None:
         return None
     text = header.strip()
-    if not (0 < len(text) <= 19 and text.isascii() and text.isdigit()):
+    # message ids start at 1: a 0 would send the next poll back to the room's first message
+    if not (0 < len(text) <= 19 and text.isascii() and text.isdigit()) or int(text) == 0:
         raise BadAnswer(f"X-Chat-Last-Given {header[:40]!r} is not a message id")
     return int(text)
 
