@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, TextIO
+from urllib.parse import urlsplit
 
 from bridge.bus import account_key
 from bridge.events import Delivery, Event
@@ -61,6 +62,18 @@ class AccountFailed(DeliveryError):
     The core stops delivering for the account and raises an alert instead of
     retrying — a Nextcloud server locks out an IP after repeated 401s.
     """
+
+
+def url_problems(account: AccountConfig, *keys: str) -> list[str]:
+    """check_account's test of URL options: each that is set must be http(s) with a host."""
+    problems = []
+    for key in keys:
+        value = account.get(key, "")
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                problems.append(f'{account.name}.{key}: "{value}" is not an http(s) URL')
+    return problems
 
 
 def error_for_status(status: int, what: str, retry_after: float | None = None) -> DeliveryError:

@@ -54,7 +54,6 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
 import orjson
 from redis.exceptions import RedisError
@@ -66,6 +65,7 @@ from adapters.base import (
     PermanentError,
     RateLimited,
     TransientError,
+    url_problems,
 )
 from adapters.talk.chat import (
     GROUP,
@@ -233,12 +233,7 @@ class TalkUser(Adapter):
     # config ------------------------------------------------------------------------
     @classmethod
     def check_account(cls, account: AccountConfig) -> list[str]:
-        problems = []
-        server = account.get("Server", "")
-        if server:
-            parts = urlsplit(server)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                problems.append(f'{account.name}.Server: "{server}" is not an http(s) URL')
+        problems = url_problems(account, "Server")
         if account.get("Login") and not account.get("Password"):
             problems.append(f"{account.name}.Password: is required with Login (an app password)")
         if account.get("Password") and not account.get("Login"):

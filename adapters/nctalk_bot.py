@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, TextIO
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -47,6 +47,7 @@ from adapters.base import (
     PermanentError,
     TransientError,
     error_for_status,
+    url_problems,
 )
 from adapters.talk.common import (
     BRUTEFORCE_MAX_DELAY,
@@ -203,12 +204,7 @@ class TalkBot(Adapter):
         secret = account.get("BotSecret", "")
         if secret and not 40 <= len(secret) <= 128:
             problems.append(f"{account.name}.BotSecret: must be 40 to 128 characters (Talk refuses others)")
-        for key in ("Server", "WebhookURL"):
-            value = account.get(key, "")
-            if value:
-                parts = urlsplit(value)
-                if parts.scheme not in ("http", "https") or not parts.netloc:
-                    problems.append(f'{account.name}.{key}: "{value}" is not an http(s) URL')
+        problems += url_problems(account, "Server", "WebhookURL")
         return problems
 
     @classmethod

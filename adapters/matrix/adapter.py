@@ -56,7 +56,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -85,6 +85,7 @@ from adapters.base import (
     PermanentError,
     RateLimited,
     TransientError,
+    url_problems,
 )
 from adapters.matrix.convert import markdown_to_html
 from adapters.matrix.media import image_size, msgtype_for
@@ -230,12 +231,7 @@ class Matrix(Adapter):
     # config ------------------------------------------------------------------------
     @classmethod
     def check_account(cls, account: AccountConfig) -> list[str]:
-        problems = []
-        server = account.get("Server", "")
-        if server:
-            parts = urlsplit(server)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                problems.append(f'{account.name}.Server: "{server}" is not an http(s) URL')
+        problems = url_problems(account, "Server")
         login, password = account.get("Login", ""), account.get("Password", "")
         mxid, token = account.get("MxID", ""), account.get("Token", "")
         if token and not mxid:
