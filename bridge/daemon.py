@@ -372,6 +372,7 @@ class Daemon:
         self._shed_until = 0.0
         self._gauges_lock = asyncio.Lock()
         self._gauges_at = -math.inf
+        self.gauges_max_age = GAUGES_MAX_AGE
         for name, acct in config.accounts.items():
             ctx = adapter_context(
                 config, name, redis, self.publish, self.metrics, self.bus.prefix, self.idmap,
@@ -449,14 +450,14 @@ class Daemon:
         return out
 
     async def refresh_metrics(self) -> None:
-        """Read the stream gauges from Redis, at most once per ``GAUGES_MAX_AGE``.
+        """Read the stream gauges from Redis, at most once per ``gauges_max_age``.
 
         Every /metrics request asks for them; concurrent and back-to-back scrapes
         share one refresh, so a client looping on /metrics cannot turn into a
         load on Redis (each refresh is a few commands per stream, and on Redis 6.2
         a count of each backlog)."""
         async with self._gauges_lock:
-            if time.monotonic() - self._gauges_at < GAUGES_MAX_AGE:
+            if time.monotonic() - self._gauges_at < self.gauges_max_age:
                 return
             await self._refresh_gauges()
             self._gauges_at = time.monotonic()
