@@ -4,8 +4,6 @@ would give it, its receive loop as a task, and the events it published."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,12 +11,10 @@ from typing import Any
 from redis.asyncio import Redis
 
 from adapters.matrix import Matrix
-from bridge.bus import Bus, BusSettings
 from bridge.config import Config
-from bridge.daemon import adapter_context
-from bridge.events import Delivery, Event, EventKind, event_from_wire
-from bridge.idmap import IdMap
-from bridge.metrics import Metrics
+from bridge.events import Delivery, Event, EventKind
+from tests.adapter_rig import AdapterRig, connected_parts, gateway
+from tests.adapter_rig import delivery as account_delivery
 from tests.synapse_rig import MatrixUser, SynapseServer, unique
 from tests.talkbot_rig import write_config
 
@@ -36,13 +32,6 @@ def matrix_section(name: str, server: str, login: str = "", password: str = BOT_
         else:
             lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
     return "\n".join(lines) + "\n"
-
-
-def gateway(name: str, *entries: tuple[str, str]) -> str:
-    out = f'[[gateway]]\nname = "{name}"\nenable = true\n'
-    for account, channel in entries:
-        out += f'[[gateway.inout]]\naccount = "{account}"\nchannel = "{channel}"\n'
-    return out
 
 
 def api_section(port: int = 1) -> str:
@@ -80,56 +69,13 @@ def room_config(tmp_path: Path, room: Room, channel: str | None = None, **extra:
     return write_config(tmp_path / "talkbridge.toml", body)
 
 
-@dataclass
-class MatrixRig:
-    adapter: Matrix
-    redis: Redis
-    bus: Bus
-    metrics: Metrics
-    idmap: IdMap
-    task: asyncio.Task[None] | None = None
-
-    async def events(self) -> list[Event]:
-        rows = await self.redis.xrange(self.bus.inbound(ACCOUNT))
-        return [event_from_wire(fields[b"d"]) for _id, fields in rows]
-
-    async def texts(self) -> list[str]:
-        return [e.text for e in await self.events() if e.kind == EventKind.MESSAGE]
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self.adapter.receive())
-
-    async def stop_receiving(self) -> BaseException | None:
-        if self.task is None:
-            return None
-        task, self.task = self.task, None
-        if not task.done():
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            try:
-                await task
-            except Exception as exc:
-                return exc
-        return None
-
-    async def close(self) -> None:
-        await self.stop_receiving()
-        await self.adapter.disconnect()
-
+class MatrixRig(AdapterRig[Matrix]):
     async def synced(self) -> bool:
         return await self.redis.get(self.adapter.sync_key) is not None
 
 
 async def start_rig(config: Config, redis: Redis, receive: bool = True) -> MatrixRig:
-    bus = Bus(redis, BusSettings())
-    metrics = Metrics()
-    idmap = IdMap(redis, bus.prefix, 3600)
-    ctx = adapter_context(config, ACCOUNT, redis, bus.publish, metrics, bus.prefix, idmap)
-    adapter = Matrix(ctx)
-    await adapter.connect()
-    for channel in ctx.channels:
-        await adapter.join(channel)
-    rig = MatrixRig(adapter, redis, bus, metrics, idmap)
+    rig = MatrixRig(*await connected_parts(Matrix, config, ACCOUNT, redis))
     if receive:
         rig.start()
     return rig
@@ -139,9 +85,7 @@ def delivery(
     source: Event, channel: str, username: str = "[api/a] <bob> ", *, text: str | None = None,
     reply_to: str | None = None, target_id: str | None = None,
 ) -> Delivery:  # fmt: skip
-    d = Delivery(source, ACCOUNT, channel, "g", username, source.text if text is None else text)
-    d.reply_to, d.target_id = reply_to, target_id
-    return d
+    return account_delivery(source, ACCOUNT, channel, username, text=text, reply_to=reply_to, target_id=target_id)
 
 
 def api_event(text: str = "", kind: EventKind = EventKind.MESSAGE, **fields: Any) -> Event:

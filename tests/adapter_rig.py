@@ -1,0 +1,96 @@
+"""What the adapter rigs share (tests/nctalk_rig.py, tests/matrix_rig.py): a
+gateway's TOML, the adapter with the context the daemon would give it
+(``bridge.daemon.adapter_context``), its receive loop as a task, and the
+events it published."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from redis.asyncio import Redis
+
+from adapters.base import Adapter
+from bridge.bus import Bus, BusSettings
+from bridge.config import Config
+from bridge.daemon import adapter_context
+from bridge.events import Delivery, Event, EventKind, event_from_wire
+from bridge.idmap import IdMap
+from bridge.metrics import Metrics
+
+A = TypeVar("A", bound=Adapter)
+
+
+def gateway(name: str, *entries: tuple[str, str]) -> str:
+    out = f'[[gateway]]\nname = "{name}"\nenable = true\n'
+    for account, channel in entries:
+        out += f'[[gateway.inout]]\naccount = "{account}"\nchannel = "{channel}"\n'
+    return out
+
+
+@dataclass
+class AdapterRig(Generic[A]):
+    adapter: A
+    redis: Redis
+    bus: Bus
+    metrics: Metrics
+    idmap: IdMap
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def account(self) -> str:
+        return self.adapter.name
+
+    async def events(self) -> list[Event]:
+        rows = await self.redis.xrange(self.bus.inbound(self.account))
+        return [event_from_wire(fields[b"d"]) for _id, fields in rows]
+
+    async def texts(self) -> list[str]:
+        return [e.text for e in await self.events() if e.kind == EventKind.MESSAGE]
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.adapter.receive())
+
+    async def stop_receiving(self) -> BaseException | None:
+        if self.task is None:
+            return None
+        task, self.task = self.task, None
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            try:
+                await task
+            except Exception as exc:
+                return exc
+        return None
+
+    async def close(self) -> None:
+        await self.stop_receiving()
+        await self.adapter.disconnect()
+
+
+async def connected_parts(
+    adapter_class: type[A], config: Config, account: str, redis: Redis
+) -> tuple[A, Redis, Bus, Metrics, IdMap]:
+    """An ``AdapterRig``'s fields: the adapter connected and joined to its channels,
+    with its Redis, bus, metrics and id map."""
+    bus = Bus(redis, BusSettings())
+    metrics = Metrics()
+    idmap = IdMap(redis, bus.prefix, 3600)
+    ctx = adapter_context(config, account, redis, bus.publish, metrics, bus.prefix, idmap)
+    adapter = adapter_class(ctx)
+    await adapter.connect()
+    for channel in ctx.channels:
+        await adapter.join(channel)
+    return adapter, redis, bus, metrics, idmap
+
+
+def delivery(
+    source: Event, account: str, channel: str, username: str = "[api/a] <bob> ", *, text: str | None = None,
+    reply_to: str | None = None, target_id: str | None = None,
+) -> Delivery:  # fmt: skip
+    d = Delivery(source, account, channel, "g", username, source.text if text is None else text)
+    d.reply_to, d.target_id = reply_to, target_id
+    return d
