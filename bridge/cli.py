@@ -1,4 +1,4 @@
-"""``talkbridge run | check-config | status | dlq``, and the subcommands
+"""``talkbridge run | worker | check-config | status | dlq``, and the subcommands
 adapters register (``Adapter.cli_commands``: ``talk-bot-command``).
 
 Exit codes: 0 fine, 1 runtime failure, 2 bad config or usage.
@@ -250,6 +250,44 @@ def cmd_run(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out
         return runner.run(_run(config, adapters))
 
 
+async def _worker(config: Config) -> int:
+    from workers.settings import run_worker  # arq and the features only for the worker
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    url = config.section("redis")["URL"]
+    if not url:
+        # Workers share the daemon's embedded server; they never start one of
+        # their own (a second server on the data directory would be a second bus).
+        embedded = embedded_for(config)
+        if not embedded.attach():
+            print(
+                f"talkbridge worker: no Redis: start `talkbridge run` with this config first "
+                f"(embedded Redis in {embedded.data_dir}), or set [redis] URL",
+                file=sys.stderr,
+            )
+            return EXIT_RUNTIME
+        url = embedded.url
+    redis = connect(url)
+    try:
+        await run_worker(config, redis, stop)
+    finally:
+        await redis.aclose()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
+    config = load(args.config, adapters)
+    setup_logging(config)
+    log = logging.getLogger("talkbridge")
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(_worker(config))
+
+
 async def _status(config: Config, out: TextIO) -> int:
     async with redis_for(config, start=False) as redis:
         bus = Bus(redis, BusSettings.from_section(config.section("redis")["KeyPrefix"], config.section("bus")))
@@ -313,6 +351,8 @@ def parser(adapters: Mapping[str, type[Adapter]]) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", "-c", required=True)
+    worker = sub.add_parser("worker", help="run jobs (Instagram previews, persona replies) for the daemons")
+    worker.add_argument("--config", "-c", required=True)
     check = sub.add_parser("check-config", help="validate a config and show what it sets up")
     check.add_argument("config")
     status = sub.add_parser("status", help="stream lengths, lag, pending and dead letters")
@@ -336,6 +376,7 @@ def parser(adapters: Mapping[str, type[Adapter]]) -> argparse.ArgumentParser:
 
 COMMANDS = {
     "run": cmd_run,
+    "worker": cmd_worker,
     "check-config": cmd_check_config,
     "status": cmd_status,
     "dlq": cmd_dlq,

@@ -13,6 +13,7 @@ loader collects them all instead of stopping at the first.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -72,6 +73,9 @@ COMMON_OPTIONS: dict[str, Option] = {
     "MessageSplit": Option(bool, default=False, not_implemented="a Talk bot always splits long messages"),
     "MessageLength": Option(int, default=0, min=0, not_implemented="only a Talk bot account limits length"),
     "Debug": Option(bool, default=False, not_implemented='use [log] Level = "debug"'),
+    # talkbridge's own: Instagram link previews in every room of the account
+    # (workers/instagram.py; also per gateway and per channel: Config.instagram_enabled)
+    "Instagram": Option(bool, default=False),
     "Charset": Option(str, default="", not_implemented="every protocol talkbridge bridges is UTF-8"),
 }
 
@@ -123,12 +127,58 @@ OWN_SECTIONS: dict[str, OwnSection] = {
             "BatchSize": Option(int, default=200, min=1),
         }
     ),
+    # arq workers (`talkbridge worker`): workers/settings.py
+    "workers": OwnSection(
+        {
+            # arq's default of 0.5 s caps a worker near 200 jobs/s and adds up to
+            # half a second to every job (docs/benchmarks.md)
+            "PollDelay": Option((int, float), default=0.05, above=0, max=10),
+            "MaxJobs": Option(int, default=10, min=1, help="jobs one worker runs at a time"),
+            "JobTimeout": Option((int, float), default=300, above=0),
+            "KeepResultSeconds": Option((int, float), default=3600, min=0),
+        }
+    ),
+    # Instagram link previews: workers/instagram.py, docs/instagram.md
+    "instagram": OwnSection(
+        {
+            "RequestsPerMinute": Option(int, default=30, min=1, help="fetches per minute, all workers together"),
+            "RoomRequestsPerMinute": Option(int, default=6, min=1, help="fetches per minute for one room"),
+            "CacheSeconds": Option((int, float), default=86400, min=0),
+            "DedupeSeconds": Option((int, float), default=60, min=0),
+            "CookiesFile": Option(str, default="", help="Netscape cookies file for logged-in fetching"),
+            "MaxMediaBytes": Option(int, default=50_000_000, min=1),
+            "QueueNoticeSeconds": Option((int, float), default=5, min=0),
+            "FetchTimeout": Option((int, float), default=30, above=0),
+            "MaxImages": Option(int, default=10, min=1),
+        }
+    ),
     "log": OwnSection(
         {
             "Level": Option(str, default="info", choices=("debug", "info", "warning", "error")),
             "Format": Option(str, default="text", choices=("text", "json")),
         }
     ),
+}
+
+# ``[persona.NAME]``: an LLM persona (workers/llm.py, docs/persona.md)
+PERSONA_OPTIONS: dict[str, Option] = {
+    "Name": Option(str, default="", help="the @-name that calls it; default: NAME"),
+    "Endpoint": Option(str, required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1"),
+    "Model": Option(str, required=True),
+    "APIKey": Option(str, default="", secret=True),
+    "SystemPrompt": Option(str, default=""),
+    "SystemPromptFile": Option(str, default="", help="read into SystemPrompt"),
+    "MaxTokens": Option(int, default=256, min=1),
+    "Temperature": Option((int, float), default=0.7, min=0, max=2),
+    "History": Option(int, default=10, min=0, max=200, help="recent room messages sent as context"),
+    "Timeout": Option((int, float), default=55, above=0, max=3600),
+}
+MAX_PROMPT_BYTES = 64 * 1024
+# Keys a [[gateway]] table may carry beside name, enable and its channels, and
+# the same as a channel entry's ``options``: talkbridge's own.
+GATEWAY_OPTIONS: dict[str, Option] = {
+    "Instagram": Option(bool, default=None),
+    "Persona": Option(str, default=None),
 }
 
 DIRECTIONS = ("inout", "in", "out")
@@ -204,6 +254,9 @@ class GatewayEntry:
     account: str
     channel: str
     direction: str  # "inout" | "in" | "out"
+    # the entry's ``options`` (GATEWAY_OPTIONS); None: not set here
+    instagram: bool | None = None
+    persona: str | None = None
 
     @property
     def can_send(self) -> bool:  # the channel's messages go into the gateway
@@ -218,6 +271,8 @@ class GatewayEntry:
 class Gateway:
     name: str
     entries: tuple[GatewayEntry, ...]
+    instagram: bool = False  # for all its channels (GATEWAY_OPTIONS)
+    persona: str = ""  # answers @Name in all its channels
 
 
 @dataclass(slots=True)
@@ -227,9 +282,51 @@ class Config:
     gateways: list[Gateway]
     sections: dict[str, dict[str, Any]]  # our own sections, defaults applied
     warnings: list[str] = field(default_factory=list)
+    # [persona.NAME] -> its options, secrets resolved, SystemPromptFile read
+    personas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def section(self, name: str) -> dict[str, Any]:
         return self.sections[name]
+
+    def _entries_of(self, account: str, channel: str) -> list[tuple[Gateway, GatewayEntry]]:
+        return [
+            (gw, e) for gw in self.gateways for e in gw.entries if e.account == account and e.channel in (channel, "*")
+        ]
+
+    def instagram_enabled(self, account: str, channel: str) -> bool:
+        """Instagram previews in this room? The channel entry's option, else
+        any gateway of the room that enables them, else the account's key
+        (which falls back to [general]). A room must be enabled explicitly
+        (seed 004: the bot ignores URLs elsewhere)."""
+        acct = self.accounts.get(account)
+        if acct is None:
+            return False
+        entries = self._entries_of(account, channel)
+        for _, entry in entries:
+            if entry.instagram is not None:
+                return entry.instagram
+        if any(gw.instagram for gw, _ in entries):
+            return True
+        return acct.get("Instagram") is True
+
+    def persona_of(self, account: str, channel: str) -> tuple[str, bool] | None:
+        """The persona answering in this room, and whether it answers every
+        message (the account is the persona's bot: its own ``Persona`` key)
+        or only those that start with ``@Name`` (a gateway or channel option)."""
+        acct = self.accounts.get(account)
+        if acct is None:
+            return None
+        own = acct.values.get("persona")
+        if own:
+            return own, True
+        entries = self._entries_of(account, channel)
+        for _, entry in entries:
+            if entry.persona:
+                return entry.persona, False
+        for gw, _ in entries:
+            if gw.persona:
+                return gw.persona, False
+        return None
 
     def channels_of(self, account: str) -> list[str]:
         seen: dict[str, None] = {}
@@ -469,9 +566,11 @@ class _Loader:
             if not enable_ok:
                 self.problem(f"{where}.enable", f"must be true or false, not {_describe(enable)}")
             name_ok, name = go_weak(gwl.get("name", ""), str)
+            own = {k: v for k, v in gw.items() if _spec_ci(GATEWAY_OPTIONS, k.lower()) is not None}
             for key in gw:
-                if key.lower() not in ("name", "enable", *DIRECTIONS):
+                if key.lower() not in ("name", "enable", *DIRECTIONS) and key not in own:
                     self.warnings.append(f"{where}.{key}: unknown key, ignored")
+            options = self.gateway_options(where, own)
             entries = self.gateway_entries(where, gwl, accounts)
             if enable_ok and enable is not True:
                 shown = f'gateway "{name}"' if name_ok and name else "a gateway without a name"
@@ -487,7 +586,24 @@ class _Loader:
             names.add(name)
             if len(entries) < 2:
                 self.warnings.append(f'{where}: gateway "{name}" links fewer than two channels')
-            out.append(Gateway(name, tuple(entries)))
+            out.append(Gateway(name, tuple(entries), options.get("Instagram") or False, options.get("Persona") or ""))
+        return out
+
+    def gateway_options(self, where: str, raw: Any) -> dict[str, Any]:
+        """talkbridge's own keys on a gateway or in a channel entry's ``options``
+        (GATEWAY_OPTIONS); Matterbridge's entry options (WebhookURL…) are
+        accepted and ignored."""
+        if not isinstance(raw, dict):
+            self.problem(where, f"must be a table, not {_describe(raw)}")
+            return {}
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            known = next((k for k in GATEWAY_OPTIONS if k.lower() == key.lower()), None)
+            if known is None:
+                continue
+            ok, value = self.checked(f"{where}.{key}", value, GATEWAY_OPTIONS[known])
+            if ok:
+                out[known] = value
         return out
 
     def gateway_entries(
@@ -509,7 +625,7 @@ class _Loader:
                 if known is None:
                     entries[(entry.account, entry.channel)] = entry
                 elif known.direction != entry.direction:
-                    entries[(entry.account, entry.channel)] = GatewayEntry(entry.account, entry.channel, "inout")
+                    entries[(entry.account, entry.channel)] = dataclasses.replace(known, direction="inout")
         return list(entries.values())
 
     def gateway_entry(
@@ -539,7 +655,77 @@ class _Loader:
         for key in item:
             if key.lower() not in ("account", "channel", "options"):
                 self.warnings.append(f"{where}.{key}: unknown key, ignored")
-        return GatewayEntry(account, channel, direction) if ok else None
+        options = self.gateway_options(f"{where}.options", il["options"]) if "options" in il else {}
+        if not ok:
+            return None
+        return GatewayEntry(account, channel, direction, options.get("Instagram"), options.get("Persona"))
+
+    def personas(self, raw: Any) -> dict[str, dict[str, Any]]:
+        """``[persona.NAME]`` tables (PERSONA_OPTIONS)."""
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+            self.problem("persona", "must hold personas as [persona.NAME] tables")
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        for name, body in raw.items():
+            where = f"persona.{name}"
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                self.problem(where, "persona names may use letters, digits, '-' and '_' only")
+                continue
+            values = {k: opt.default for k, opt in PERSONA_OPTIONS.items()}
+            given: set[str] = set()
+            for key, value in body.items():
+                known = next((k for k in PERSONA_OPTIONS if k.lower() == key.lower()), None)
+                if known is None:
+                    self.problem(f"{where}.{key}", f"unknown key (known: {', '.join(PERSONA_OPTIONS)})")
+                    continue
+                ok, value = self.checked(
+                    f"{where}.{known}", self.resolve(f"{where}.{known}", value), PERSONA_OPTIONS[known]
+                )
+                if ok:
+                    values[known] = value
+                    given.add(known)
+            for key, opt in PERSONA_OPTIONS.items():
+                if opt.required and key not in given:
+                    self.problem(f"{where}.{key}", "is required")
+            endpoint = values["Endpoint"]
+            if endpoint and not re.match(r"https?://[^/\s]+", endpoint):
+                self.problem(f"{where}.Endpoint", "must be an http:// or https:// URL")
+            values["Name"] = values["Name"] or name
+            if not re.fullmatch(r"[\w.-]{1,64}", values["Name"]):
+                self.problem(f"{where}.Name", "must be 1 to 64 letters, digits, '.', '-' or '_' (it is written @Name)")
+            prompt_file = values.pop("SystemPromptFile")
+            if prompt_file:
+                if values["SystemPrompt"]:
+                    self.problem(f"{where}.SystemPromptFile", "set SystemPrompt or SystemPromptFile, not both")
+                target = Path(prompt_file).expanduser()
+                target = target if target.is_absolute() else self.base / target
+                try:
+                    data = target.read_bytes()
+                    if len(data) > MAX_PROMPT_BYTES:
+                        self.problem(f"{where}.SystemPromptFile", f"{target} is larger than 64 KiB")
+                    values["SystemPrompt"] = data.decode()
+                except OSError as exc:
+                    self.problem(f"{where}.SystemPromptFile", f"cannot read {target}: {exc.strerror or exc}")
+                except UnicodeDecodeError:
+                    self.problem(f"{where}.SystemPromptFile", f"{target} is not UTF-8 text")
+            out[name] = values
+        return out
+
+    def check_persona_names(
+        self, personas: Mapping[str, Any], accounts: Mapping[str, AccountConfig], gateways: list[Gateway]
+    ) -> None:
+        """Every persona an account, a gateway or a channel names is defined."""
+        named = [(f"{a.name}.Persona", a.values.get("persona")) for a in accounts.values()]
+        for gw in gateways:
+            named.append((f'gateway "{gw.name}".Persona', gw.persona))
+            named.extend(
+                (f'gateway "{gw.name}" {e.account}:{e.channel} options.Persona', e.persona) for e in gw.entries
+            )
+        for where, name in named:
+            if name and name not in personas:
+                self.problem(where, f"no [persona.{name}] is defined")
 
 
 def _describe(value: Any) -> str:
@@ -592,6 +778,8 @@ def load_config(
     accounts: dict[str, AccountConfig] = {}
     for key, value in raw.items():
         low = key.lower()
+        if low == "persona":
+            continue  # loaded below, once the accounts that name them are known
         if low in OWN_SECTIONS or low in MATTERBRIDGE_SECTIONS:
             if low in ("samechannelgateway", "tengo"):
                 loader.warnings.append(f"{key}: not supported by talkbridge, ignored")
@@ -610,10 +798,12 @@ def load_config(
 
     loader.warn_general_not_implemented(raw.get(lower.get("general", "general")), accounts)
     gateways = loader.gateways(raw.get(lower.get("gateway", "gateway")), accounts)
+    personas = loader.personas(raw.get(lower.get("persona", "persona")))
+    loader.check_persona_names(personas, accounts, gateways)
     _check_sections(loader, sections)
     if loader.problems:
         raise ConfigError(loader.problems)
-    return Config(path, accounts, gateways, sections, loader.warnings)
+    return Config(path, accounts, gateways, sections, loader.warnings, personas)
 
 
 def _check_sections(loader: _Loader, sections: dict[str, dict[str, Any]]) -> None:

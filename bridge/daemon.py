@@ -36,6 +36,7 @@ from bridge.listener import Listener, ListenerLimits
 from bridge.metrics import Metrics
 from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy, RouteLoop
 from bridge.router import Router
+from workers.triggers import build_triggers
 
 ACCOUNT_FAILED_PAUSE = 900.0  # after a refused credential, try once more only this much later
 CRASH_BACKOFF_MIN = 1.0  # seconds before an account restarts after an unexpected error…
@@ -268,7 +269,9 @@ class AccountRunner:
             self.log.warning("%s: could not clear the degraded state: %s", self.name, exc)
 
     async def _route(self) -> None:
-        loop = RouteLoop(self.d.bus, self.d.router, self.name, self.d.instance_id, self.d.metrics, self.log)
+        loop = RouteLoop(
+            self.d.bus, self.d.router, self.name, self.d.instance_id, self.d.metrics, self.log, self.d.triggers
+        )
         await self._survive_redis(loop.run)
 
     async def _survive_redis(self, run: Callable[[], Awaitable[None]]) -> None:
@@ -362,6 +365,8 @@ class Daemon:
         self.map_ttl = int(bus_cfg["MessageMapDays"] * 86400)
         self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl, bus_cfg["MessageMapPerRoom"], bus_cfg["BatchSize"])
         self.router = Router(config)
+        # the workers' features (Instagram previews, personas): which inbound events start jobs
+        self.triggers = build_triggers(config, redis, self.bus.prefix, logging.getLogger("talkbridge.workers"))
         self.lease_seconds = float(bus_cfg["LeaseSeconds"])
         self.retry = RetryPolicy(bus_cfg["MaxDeliveries"], bus_cfg["RetryBaseSeconds"], bus_cfg["RetryMaxSeconds"])
         self.max_body = config.section("http")["MaxBodyBytes"]

@@ -72,6 +72,7 @@ import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -83,6 +84,9 @@ from bridge.idmap import Fence, Fenced, IdMap
 from bridge.metrics import Metrics
 from bridge.rooms import Rooms
 from bridge.router import Router
+
+if TYPE_CHECKING:
+    from workers.triggers import Triggers
 
 BLOCK_MS = 5_000
 TRIM_EVERY = 1_000  # acknowledged entries between two XTRIMs
@@ -144,11 +148,21 @@ class _StreamLoop:
 class RouteLoop(_StreamLoop):
     group = ROUTER_GROUP
 
-    def __init__(self, bus: Bus, router: Router, account: str, consumer: str, metrics: Metrics, log: logging.Logger):
+    def __init__(
+        self,
+        bus: Bus,
+        router: Router,
+        account: str,
+        consumer: str,
+        metrics: Metrics,
+        log: logging.Logger,
+        triggers: Triggers | None = None,
+    ):
         super().__init__(bus, bus.inbound(account), consumer, log)
         self.account = account
         self.router = router
         self.metrics = metrics
+        self.triggers = triggers  # the workers' features: which events start jobs
 
     async def rooms(self) -> dict[str, set[str]]:
         """Current rooms of the accounts a gateway names with channel ``*``."""
@@ -165,7 +179,8 @@ class RouteLoop(_StreamLoop):
             if payload is None:
                 continue  # trimmed or deleted while pending
             try:
-                deliveries = self.router.route(event_from_wire(payload), rooms)
+                event = event_from_wire(payload)
+                deliveries = self.router.route(event, rooms)
             except WireError as exc:
                 await self._dead(entry_id, payload, f"unreadable event: {exc}")
                 continue
@@ -175,6 +190,10 @@ class RouteLoop(_StreamLoop):
                 continue
             for delivery in deliveries:
                 self.bus.add_to(pipe, self.bus.outbound(delivery.account), delivery.to_wire())
+            if self.triggers is not None:
+                # before the XACK: a crash here routes the event again, and the
+                # jobs' deterministic ids keep it from running twice
+                await self.triggers.consider(event)
         # Not MULTI: on Redis Cluster the streams live in different slots. A
         # crash between the XADDs and the XACK re-routes the entry; the copies
         # it adds are dropped by the delivered-markers.

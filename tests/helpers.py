@@ -165,6 +165,56 @@ class Daemon:
         return code
 
 
+class WorkerProcess:
+    """``talkbridge worker`` as a real child process (SIGKILL it for a crash)."""
+
+    READY = "job functions on queue"  # workers/settings.py logs it once arq is about to poll
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready: bool = True) -> WorkerProcess:
+        self._log = open(self.log_path, "ab")  # closed in stop()/kill()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge.cli", "worker", "--config", str(self.config)],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        if ready:
+
+            def started() -> bool:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+                return self.READY in self.log()
+
+            wait_for(started, timeout=30, what="worker started")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code
+
+
 def api_pair_config(
     tmp_path: Path,
     redis_url: str | None,

@@ -1,0 +1,40 @@
+"""What a job gets: ``ctx["deps"]``, one ``WorkerDeps`` per worker process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+from redis.asyncio import Redis
+
+from bridge.bus import Bus
+from bridge.config import Config
+
+DEPS = "deps"  # the key of the WorkerDeps in arq's job context
+
+
+async def _log_alert(log: logging.Logger, key: str, text: str, severity: str = "error") -> None:
+    log.log(logging.CRITICAL if severity == "critical" else logging.ERROR, "alert %s: %s", key, text)
+
+
+@dataclass(slots=True)
+class WorkerDeps:
+    config: Config
+    redis: Redis  # decode_responses=False
+    bus: Bus
+    http: httpx.AsyncClient  # one shared client, no base URL
+    log: logging.Logger
+    # An admin-room alert, deduplicated by key: (key, text, severity "error" | "critical")
+    alert: Callable[[str, str, str], Awaitable[None]]
+    clear_alert: Callable[[str, str], Awaitable[None]]  # (key, text): the condition is over
+
+    async def server_time(self) -> float:
+        """Redis's clock in seconds: the one clock every worker on every machine shares."""
+        seconds, micros = await self.redis.time()
+        return seconds + micros / 1e6
+
+    @property
+    def prefix(self) -> str:
+        return self.bus.prefix

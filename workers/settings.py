@@ -1,0 +1,107 @@
+"""``talkbridge worker``: arq's ``Worker``, configured from ``[workers]``.
+
+Every worker on every machine reads the one queue the daemons enqueue to
+(triggers.queue_name) on the daemons' Redis. Tuned for latency: arq polls
+its queue every ``poll_delay`` seconds when idle, and its default of 0.5 s
+adds up to half a second to every job and caps a worker near 200 jobs/s
+(docs/benchmarks.md); ``[workers] PollDelay`` defaults to 0.05 s.
+
+arq runs a job at least once: a job stays in the queue until it is done, and
+one whose worker died is taken by another worker once its in-progress mark
+expires (``JobTimeout`` + 10 s). Jobs are written to be run twice: their
+answers are posted once (results.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import httpx
+from arq.connections import ArqRedis
+from arq.worker import Worker
+from redis.asyncio import Redis
+
+from bridge.bus import Bus, BusSettings
+from bridge.config import Config
+from workers.deps import DEPS, WorkerDeps, _log_alert
+from workers.registry import FEATURES
+from workers.triggers import queue_name
+
+STOP_GRACE = 10.0  # seconds running jobs get to finish when the worker stops
+HTTP_TIMEOUT = 60.0  # a job's own timeouts (FetchTimeout, a persona's Timeout) are shorter or explicit
+
+
+def functions(features: Sequence[ModuleType] = FEATURES) -> list[Any]:
+    return [function for feature in features for function in feature.FUNCTIONS]
+
+
+def worker_options(config: Config) -> dict[str, Any]:
+    """arq ``Worker`` keyword arguments from ``[workers]`` (not the connection)."""
+    section = config.section("workers")
+    return {
+        "queue_name": queue_name(config.section("redis")["KeyPrefix"]),
+        "poll_delay": section["PollDelay"],
+        "max_jobs": section["MaxJobs"],
+        "job_timeout": section["JobTimeout"],
+        "keep_result": section["KeepResultSeconds"],
+        "max_tries": 5,
+        # the job ids are ours (deterministic); results are kept only to refuse duplicates
+        "log_results": False,
+    }
+
+
+def build_deps(config: Config, redis: Redis, http: httpx.AsyncClient, log: logging.Logger) -> WorkerDeps:
+    bus = Bus(redis, BusSettings.from_section(config.section("redis")["KeyPrefix"], config.section("bus")))
+
+    async def alert(key: str, text: str, severity: str = "error") -> None:
+        await _log_alert(log, key, text, severity)
+
+    async def clear_alert(key: str, text: str) -> None:
+        log.warning("alert %s cleared: %s", key, text)
+
+    return WorkerDeps(config, redis, bus, http, log, alert, clear_alert)
+
+
+async def run_worker(
+    config: Config, redis: Redis, stop: asyncio.Event, features: Sequence[ModuleType] = FEATURES
+) -> None:
+    """Run jobs until ``stop`` is set; jobs in progress then finish or are
+    given back to the queue (arq: run again by another worker)."""
+    log = logging.getLogger("talkbridge.worker")
+    pool = getattr(redis, "connection_pool", None)
+    if pool is None:
+        raise RuntimeError("workers need a standalone or Sentinel Redis (arq does not run on Redis Cluster)")
+    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False) as http:
+        deps = build_deps(config, redis, http, log)
+        worker = Worker(
+            functions(features),
+            redis_pool=ArqRedis(connection_pool=pool),
+            handle_signals=False,
+            ctx={DEPS: deps},
+            **worker_options(config),
+        )
+        log.info("worker: %d job functions on queue %s", len(worker.functions), worker.queue_name)
+        main = asyncio.create_task(worker.async_run())
+        waiter = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait([main, waiter], return_when=asyncio.FIRST_COMPLETED)
+            if main.done():
+                main.result()  # a worker that ended by itself ended with an error
+        finally:
+            # Stop taking jobs, give the running ones a moment, cancel the rest
+            # (arq runs them again elsewhere once their in-progress mark expires).
+            # Not Worker.close(): it closes the connection pool, which is ours.
+            waiter.cancel()
+            main.cancel()
+            running = [t for t in worker.tasks.values() if not t.done()]
+            if running:
+                log.info("worker: stopping, %d job(s) running get %.0fs to finish", len(running), STOP_GRACE)
+                _, late = await asyncio.wait(running, timeout=STOP_GRACE)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+            await asyncio.gather(main, waiter, return_exceptions=True)
