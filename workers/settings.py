@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -31,6 +32,7 @@ from workers.deps import DEPS, WorkerDeps, _log_alert
 from workers.registry import FEATURES
 from workers.triggers import queue_name
 
+HEALTH_EVERY = 10.0  # seconds between a worker's health notes
 STOP_GRACE = 10.0  # seconds running jobs get to finish when the worker stops
 HTTP_TIMEOUT = 60.0  # a job's own timeouts (FetchTimeout, a persona's Timeout) are shorter or explicit
 
@@ -39,11 +41,21 @@ def functions(features: Sequence[ModuleType] = FEATURES) -> list[Any]:
     return [function for feature in features for function in feature.FUNCTIONS]
 
 
+def health_key(prefix: str, host: str | None = None) -> str:
+    """Where a worker notes that its loop turns (every HEALTH_EVERY seconds,
+    expiring just after): one key per host, which is one worker per container
+    (docker-compose.yml's healthcheck reads it)."""
+    return f"{queue_name(prefix)}:health:{host or socket.gethostname()}"
+
+
 def worker_options(config: Config) -> dict[str, Any]:
     """arq ``Worker`` keyword arguments from ``[workers]`` (not the connection)."""
     section = config.section("workers")
+    prefix = config.section("redis")["KeyPrefix"]
     return {
-        "queue_name": queue_name(config.section("redis")["KeyPrefix"]),
+        "queue_name": queue_name(prefix),
+        "health_check_key": health_key(prefix),
+        "health_check_interval": HEALTH_EVERY,
         "poll_delay": section["PollDelay"],
         "max_jobs": section["MaxJobs"],
         "job_timeout": section["JobTimeout"],
