@@ -1,7 +1,7 @@
 """Relay throughput and latency api -> talkbridge -> Synapse -> a second Matrix client,
 next to Synapse's own single-client send rate measured in the same run.
 
-    .venv/bin/python -m bench.matrix_relay [--messages 500]
+    .venv/bin/python -m bench.matrix_relay [--messages 500] [--rate MSG_PER_S]
 
 Starts its own Redis, a Synapse from the ``matrix-synapse`` package (sqlite,
 rate limits raised: tests/synapse_rig.py) and ``talkbridge run`` with one
@@ -13,6 +13,12 @@ user in the room) long-polls /sync and notes when each message arrives.
    send -> reader latency.
 2. Through the bridge: N messages POSTed to the api account; messages/s
    from the first POST to the last arrival, and the POST -> reader latency.
+
+Without ``--rate`` both are one burst: the rate is the most each path
+carries, and the latency is mostly queueing behind Synapse. With ``--rate R``
+both send on a schedule of R messages/s (open loop: message i is due at
+start + i/R, sent then whatever the answers before it did), below Synapse's
+own rate, so the latencies are what each path adds to a message, not queueing.
 """
 
 from __future__ import annotations
@@ -76,7 +82,15 @@ def report(name: str, n: int, start: float, sent: dict[str, float], seen: dict[s
     return rate, statistics.median(lat)
 
 
-async def main(n: int) -> None:
+async def due(start: float, i: int, rate: float | None) -> None:
+    """Sleep until message ``i`` is due (paced runs only)."""
+    if rate:
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+async def main(n: int, rate: float | None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-matrix-"))
     redis = start_redis_server(work)
     synapse = SynapseServer(work / "synapse").start()
@@ -108,11 +122,22 @@ async def main(n: int) -> None:
         sent: dict[str, float] = {}
         async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {alice.access_token}"}) as c:
             start = time.perf_counter()
-            for i in range(n):
+
+            async def direct(i: int) -> None:
                 key = f"s{i}"
                 sent[key] = time.perf_counter()
                 url = f"{synapse.url}/_matrix/client/v3/rooms/{room}/send/m.room.message/b{i}"
                 (await c.put(url, json={"msgtype": "m.text", "body": f"direct {key}"})).raise_for_status()
+
+            if rate:  # on schedule, each send on its own (as the bridge's sends are paced by arrivals)
+                sends = []
+                for i in range(n):
+                    await due(start, i, rate)
+                    sends.append(asyncio.create_task(direct(i)))
+                await asyncio.gather(*sends)
+            else:  # one after another, as the bridge's room lane sends
+                for i in range(n):
+                    await direct(i)
         await until(lambda: all(k in reader.seen for k in sent))
         base_rate, base_p50 = report("Synapse, one client", n, start, sent, reader.seen)
 
@@ -121,6 +146,7 @@ async def main(n: int) -> None:
         async with httpx.AsyncClient(timeout=60, headers={"Authorization": "Bearer t"}) as c:
             start = time.perf_counter()
             for i in range(n):
+                await due(start, i, rate)
                 key = f"b{i}"
                 sent2[key] = time.perf_counter()
                 body = {"text": key, "username": "zoe", "gateway": "g"}
@@ -140,4 +166,6 @@ async def main(n: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=500)
-    asyncio.run(main(parser.parse_args().messages))
+    parser.add_argument("--rate", type=float, default=None, help="messages/s on a schedule (default: one burst)")
+    args = parser.parse_args()
+    asyncio.run(main(args.messages, args.rate))
