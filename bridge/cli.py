@@ -137,6 +137,10 @@ def cmd_check_config(args: argparse.Namespace, adapters: Mapping[str, type[Adapt
         print(f"  {gw.name}:", file=out)
         for entry in gw.entries:
             print(f"    {entry.direction:5}  {entry.account}  {entry.channel}", file=out)
+    if config.personas:
+        print(f"personas ({len(config.personas)}):", file=out)
+        for name, persona in config.personas.items():  # never the APIKey
+            print(f"  {name}  (@{persona['Name']}, {persona['Model']} at {persona['Endpoint']})", file=out)
     return 0
 
 

@@ -251,3 +251,19 @@ def test_a_job_answers_once_in_its_room_through_the_daemon(tmp_path: Path, redis
 async def test_result_ids_are_stable_and_distinct() -> None:
     assert result_id("a") == result_id("a") != result_id("b")
     assert len(result_id("a")) == 32
+
+
+def test_check_config_lists_personas_without_their_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from bridge.cli import main
+
+    monkeypatch.setenv("KEY", "sk-very-secret")
+    path = tmp_path / "talkbridge.toml"
+    path.write_text(
+        BASE + '[persona.ada]\nEndpoint = "http://127.0.0.1:8080/v1"\nModel = "smollm2"\nAPIKey = "env:KEY"\n'
+    )
+    out = io.StringIO()
+    assert main(["check-config", str(path)], out=out) == 0
+    assert "ada  (@ada, smollm2 at http://127.0.0.1:8080/v1)" in out.getvalue()
+    assert "sk-very-secret" not in out.getvalue()
