@@ -23,12 +23,11 @@ from redis.asyncio import Redis
 
 from adapters import AdapterRegistry
 from adapters.base import Adapter, CliCommand
-from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
+from bridge.admin import fleet  # what the management page reads too
+from bridge.bus import Bus, BusSettings
 from bridge.config import Config, ConfigError, load_config
 from bridge.connections import RedisURLError, connect
 from bridge.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from bridge.health import degraded_accounts
-from bridge.lease import lease_key
 from bridge.options import protocol_specs
 
 GC_GEN0_THRESHOLD = 20_000  # CPython's default, 700, collects every few requests
@@ -295,25 +294,23 @@ def cmd_worker(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], 
 async def _status(config: Config, out: TextIO) -> int:
     async with redis_for(config, start=False) as redis:
         bus = Bus(redis, BusSettings.from_section(config.section("redis")["KeyPrefix"], config.section("bus")))
-        rows = []
-        for name in config.accounts:
-            for stream, group in ((bus.inbound(name), ROUTER_GROUP), (bus.outbound(name), DELIVER_GROUP)):
-                rows.append(await bus.stream_status(stream, group))
-        owners = {name: await redis.get(lease_key(bus.prefix, name)) for name in config.accounts}
-        degraded = await degraded_accounts(redis, bus.prefix, config.accounts)
+        accounts = await fleet.account_status(redis, bus, fleet.account_protocols(config))
         dlq = await redis.xlen(bus.dlq)
+    rows = [stream for account in accounts for stream in (account.inbound, account.outbound)]
     width = max([len(r["stream"]) for r in rows] + [6])
     print(f"{'stream':{width}}  {'length':>8}  {'lag':>8}  {'pending':>8}  {'oldest':>9}", file=out)
     for r in rows:
         oldest = f"{r['oldest_pending_s']:.1f}s" if r["pending"] else "-"
         print(f"{r['stream']:{width}}  {r['length']:>8}  {r['lag']:>8}  {r['pending']:>8}  {oldest:>9}", file=out)
-    width = max([len(name) for name in owners] + [7])
+    width = max([len(account.name) for account in accounts] + [7])
     print(f"{'account':{width}}  state", file=out)
-    for name, owner in owners.items():
-        state = f"owned by {owner.decode()}" if owner else "not owned"
-        if name in degraded:
-            state += f", degraded: {degraded[name]}"
-        print(f"{name:{width}}  {state}", file=out)
+    for account in accounts:
+        state = f"owned by {account.owner}" if account.owner else "not owned"
+        if account.degraded:
+            state += f", degraded: {account.degraded}"
+        if account.paused is not None:
+            state += f", paused by {account.paused.get('by', '?')} (the admin page)"
+        print(f"{account.name:{width}}  {state}", file=out)
     print(f"dead letters: {dlq}", file=out)
     return 0
 
@@ -326,16 +323,27 @@ async def _dlq(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     async with redis_for(config, start=False) as redis:
         bus = Bus(redis, BusSettings.from_section(config.section("redis")["KeyPrefix"], config.section("bus")))
         if args.action == "list":
-            letters = await bus.dead_letters(args.limit)
+            letters = await fleet.oldest_dead_letters(bus, args.limit)
             for letter in letters:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(letter.failed_at))
                 print(f"{letter.id}  {when}Z  {letter.stream}  attempts={letter.attempts}  {letter.error}", file=out)
             print(f"{len(letters)} dead letter(s) shown", file=out)
             return 0
+        bad = [one for one in args.ids if not fleet.valid_entry_id(one)]
+        if bad:
+            print(f"dlq {args.action}: not a dead letter id: {bad[0]!r}", file=sys.stderr)
+            return EXIT_CONFIG
+        if args.action == "discard":
+            if not args.ids:
+                print("dlq discard: name entry ids", file=sys.stderr)
+                return EXIT_CONFIG
+            gone = await fleet.discard(bus, args.ids)
+            print(f"discarded {len(gone)} dead letter(s)", file=out)
+            return 0
         if not args.all and not args.ids:
             print("dlq replay: name entry ids or pass --all", file=sys.stderr)
             return EXIT_CONFIG
-        count = await bus.replay(None if args.all else args.ids)
+        count = await fleet.replay(bus, None if args.all else args.ids)
         print(f"replayed {count} dead letter(s)", file=out)
         return 0
 
@@ -361,10 +369,10 @@ def parser(adapters: Mapping[str, type[Adapter]]) -> argparse.ArgumentParser:
     check.add_argument("config")
     status = sub.add_parser("status", help="stream lengths, lag, pending and dead letters")
     status.add_argument("--config", "-c", required=True)
-    dlq = sub.add_parser("dlq", help="inspect or re-drive dead letters")
-    dlq.add_argument("action", choices=["list", "replay"])
+    dlq = sub.add_parser("dlq", help="inspect, re-drive or discard dead letters")
+    dlq.add_argument("action", choices=["list", "replay", "discard"])
     dlq.add_argument("--config", "-c", required=True)
-    dlq.add_argument("ids", nargs="*", help="dead-letter entry ids (replay)")
+    dlq.add_argument("ids", nargs="*", help="dead-letter entry ids (replay, discard)")
     dlq.add_argument("--all", action="store_true", help="replay every dead letter")
     dlq.add_argument("--limit", type=int, default=100)
     for protocol, adapter in adapters.items():

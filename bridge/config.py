@@ -152,6 +152,22 @@ OWN_SECTIONS: dict[str, OwnSection] = {
             "MaxImages": Option(int, default=10, min=1),
         }
     ),
+    # the management page (bridge/admin, docs/operations.md): served when User and Password are set
+    "admin": OwnSection(
+        {
+            "BindAddress": Option(str, default="127.0.0.1:4281", help="its own listener; localhost unless set"),
+            "User": Option(str, default=""),
+            "Password": Option(
+                str, default="", secret=True, help="the password (env:/file:), or its scrypt:/pbkdf2: hash"
+            ),
+            "SessionHours": Option((int, float), default=12, above=0, max=24 * 90),
+            "MaxFailedLogins": Option(int, default=5, min=1, help="per client, within LockoutMinutes"),
+            "MaxFailedLoginsAll": Option(int, default=50, min=1, help="from all clients, within LockoutMinutes"),
+            "LockoutMinutes": Option((int, float), default=15, above=0, max=24 * 60),
+            "SecureCookie": Option(bool, default=False, help="true behind an HTTPS proxy"),
+            "RefreshSeconds": Option((int, float), default=2, min=0.5, max=60, help="live updates' interval"),
+        }
+    ),
     "log": OwnSection(
         {
             "Level": Option(str, default="info", choices=("debug", "info", "warning", "error")),
@@ -814,6 +830,22 @@ def _check_sections(loader: _Loader, sections: dict[str, dict[str, Any]]) -> Non
     bind = sections["http"]["BindAddress"]
     if bind and parse_hostport(bind) is None:
         loader.problem("http.BindAddress", f'"{bind}" is not HOST:PORT')
+    _check_admin(loader, sections["admin"])
+
+
+def _check_admin(loader: _Loader, admin: dict[str, Any]) -> None:
+    from bridge.admin.passwords import PasswordFormatError, parse_password  # hashlib only
+
+    bind = admin["BindAddress"]
+    if bind and parse_hostport(bind) is None:
+        loader.problem("admin.BindAddress", f'"{bind}" is not HOST:PORT')
+    if bool(admin["User"]) != bool(admin["Password"]):
+        missing = "Password" if admin["User"] else "User"
+        loader.problem(f"admin.{missing}", "is required with the other (the page is served when both are set)")
+    try:
+        parse_password(admin["Password"])
+    except PasswordFormatError as exc:
+        loader.problem("admin.Password", str(exc))
 
 
 def parse_hostport(value: str) -> tuple[str, int] | None:

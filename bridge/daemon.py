@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.metadata
 import logging
 import math
 import os
@@ -27,6 +28,15 @@ from redis.exceptions import RedisError
 from adapters.base import AccountFailed, Adapter, AdapterContext
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
 from bridge.config import Config, parse_hostport
+from bridge.control import (
+    AccountControl,
+    RateRecorder,
+    RestartRequested,
+    announce_instance,
+    instance_key,
+    instances_key,
+    listen,
+)
 from bridge.events import Event
 from bridge.health import clear_degraded, mark_degraded
 from bridge.http import build_app
@@ -49,6 +59,13 @@ GAUGES_MAX_AGE = 1.0  # seconds: /metrics scrapes within this share one read of 
 RECEIVE_BACKOFF_MIN = 1.0  # seconds before a receive loop that died runs again…
 RECEIVE_BACKOFF_MAX = 60.0  # …doubling while it keeps dying, up to this (then jittered)
 RECEIVE_STEADY = 60.0  # a receive loop that ran this long before dying starts the backoff over
+
+
+def talkbridge_version() -> str:
+    try:
+        return importlib.metadata.version("talkbridge")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
 
 
 def receive_restart_delay(failures: int, rng: random.Random) -> float:
@@ -85,6 +102,8 @@ class AccountRunner:
         self.restart_pause: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._rng = random.Random()  # the restart jitter; per runner, not the module's shared one
         self._free_since: float | None = None
+        # operators' requests (pause, restart) and the state the admin page shows: bridge/control.py
+        self.control = AccountControl(daemon.redis, daemon.bus.prefix, name, daemon.instance_id, daemon.lease_seconds)
 
     async def _may_take(self) -> bool:
         """Balance accounts over the live instances: take a free lease only
@@ -135,6 +154,8 @@ class AccountRunner:
             except* LeaseShed:
                 self.log.info("%s: handing the account to a less loaded instance", self.name)
                 cooldown = 2 * self.d.lease_seconds  # let another instance take it
+            except* RestartRequested:
+                self.log.warning("%s: restarting the account's connection, as an operator asked", self.name)
             except* (RedisError, OSError) as group:
                 self.log.error("%s: Redis trouble, restarting the account: %s", self.name, group.exceptions[0])
                 cooldown = poll
@@ -153,6 +174,8 @@ class AccountRunner:
                 self.connected = False
                 self.d.metrics.account_connected.labels(self.name).set(0)
                 await self._disconnect()
+                with contextlib.suppress(RedisError, OSError):  # it expires by itself
+                    await asyncio.shield(self.control.clear_state())
                 try:
                     await asyncio.shield(self.lease.release())
                 except (RedisError, OSError) as exc:  # it expires by itself
@@ -160,8 +183,12 @@ class AccountRunner:
             await asyncio.sleep(cooldown)
 
     async def _owned(self) -> None:
+        self.control.begin()
+        with contextlib.suppress(RedisError, OSError):  # a pause set before we took over holds from the start
+            await self.control.refresh()
         async with asyncio.TaskGroup() as tg:
             renew = tg.create_task(self._renew())
+            tg.create_task(self.control.obey(self.log))
             await self._connect()
             tg.create_task(self._route())
             tg.create_task(self._deliver())
@@ -197,11 +224,13 @@ class AccountRunner:
                 break
             except Exception as exc:
                 self.log.error("%s: connect failed: %s; retry in %.0fs", self.name, exc, delay)
+                self.control.set_state("failed", f"connect failed: {exc}")
                 await self._disconnect()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, CONNECT_BACKOFF_MAX)
         self.connected = True
         self.d.metrics.account_connected.labels(self.name).set(1)
+        self.control.set_state("connected")
 
     async def _disconnect(self) -> None:
         """Close the adapter; a failure is logged (a port left bound would
@@ -236,6 +265,7 @@ class AccountRunner:
                     why = f"credentials refused ({exc})"
                     self.log.critical("%s: receive loop: %s; paused for %.0fs", self.name, why, ACCOUNT_FAILED_PAUSE)
                     self.d.metrics.account_failed.labels(self.name).set(1)
+                    self.control.set_state("failed", why)
                     pause = ACCOUNT_FAILED_PAUSE
                 except Exception as exc:
                     why = f"raised {type(exc).__name__}: {exc}"
@@ -248,6 +278,7 @@ class AccountRunner:
                 await self._receive_stopped(f"receive loop {why}; restart {failures} in {pause:.1f}s", pause)
                 await self.restart_pause(pause)
                 self.d.metrics.account_failed.labels(self.name).set(0)
+                self.control.set_state("connected")
                 self.d.metrics.receive_restarts.labels(self.name).inc()
         finally:
             self.receive_down = None  # not owned any more: nothing to be degraded
@@ -272,6 +303,7 @@ class AccountRunner:
         loop = RouteLoop(
             self.d.bus, self.d.router, self.name, self.d.instance_id, self.d.metrics, self.log, self.d.triggers
         )
+        loop.hold = self.control.hold.wait  # paused from the admin page: routing waits
         await self._survive_redis(loop.run)
 
     async def _survive_redis(self, run: Callable[[], Awaitable[None]]) -> None:
@@ -301,6 +333,7 @@ class AccountRunner:
             self.log,
             self.d.retry,
             fence=self.adapter.ctx.fence,  # the same token the adapter's own scripts carry
+            hold=self.control.hold.wait,  # paused from the admin page: sends wait
         )
         while True:
             try:
@@ -312,8 +345,10 @@ class AccountRunner:
                     "%s: credentials refused (%s); delivery paused for %.0fs — fix the account and restart",
                     self.name, exc, ACCOUNT_FAILED_PAUSE,
                 )  # fmt: skip
+                self.control.set_state("failed", f"credentials refused: {exc}")
                 await asyncio.sleep(ACCOUNT_FAILED_PAUSE)
                 self.d.metrics.account_failed.labels(self.name).set(0)
+                self.control.set_state("connected")
 
 
 def adapter_context(
@@ -372,7 +407,9 @@ class Daemon:
         self.max_body = config.section("http")["MaxBodyBytes"]
         self.http_limits = ListenerLimits.from_section(config.section("http"))
         self.runners: dict[str, AccountRunner] = {}
-        self.instances_key = f"{self.bus.prefix}:instances"
+        self.instances_key = instances_key(self.bus.prefix)
+        self.started = time.time()
+        self.rates = RateRecorder(redis, self.bus.prefix, self.metrics.events_in, self.metrics.events_out)
         self.live_instances = 1
         self._shed_until = 0.0
         self._gauges_lock = asyncio.Lock()
@@ -408,13 +445,33 @@ class Daemon:
         pipe.zadd(self.instances_key, {self.instance_id: now_ms + int(self.lease_seconds * 1000)})
         pipe.zremrangebyscore(self.instances_key, "-inf", now_ms)
         pipe.zcard(self.instances_key)
-        self.live_instances = max(1, (await pipe.execute())[-1])
+        # what the admin page shows of this instance (bridge/control.py), expiring with the heartbeat
+        announce_instance(pipe, self.bus.prefix, self.instance_id, self.info(), int(self.lease_seconds * 2000))
+        self.live_instances = max(1, (await pipe.execute())[2])
+
+    def info(self) -> dict[str, str]:
+        return {
+            "version": talkbridge_version(),
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+            "started": f"{self.started:.3f}",
+        }
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             with contextlib.suppress(RedisError, OSError):  # keep the last count meanwhile
                 await self._heartbeat_once()
+            with contextlib.suppress(RedisError, OSError):  # added to the next flush
+                await self.rates.flush()
+
+    def _poke(self, account: str) -> None:
+        runner = self.runners.get(account)
+        if runner is not None and runner.owned:
+            runner.control.poke()
+
+    async def _control(self) -> None:
+        await listen(self.redis, self.bus.prefix, self._poke, logging.getLogger("talkbridge.control"))
 
     def _fence(self, account: str) -> Fence | None:
         """The lease token the account's writes carry (None before the runner exists)."""
@@ -492,6 +549,28 @@ class Daemon:
         )  # fmt: skip
         return listener
 
+    async def start_admin(self) -> Listener | None:
+        """The management page (bridge/admin), when [admin] User and Password are set.
+
+        A port already taken (another instance on this host serves it) is
+        logged and the daemon runs on without the page."""
+        section = self.config.section("admin")
+        if not (section["User"] and section["Password"]):
+            return None
+        from bridge.admin.web import build_admin_app  # Jinja2 only where the page is served
+
+        log = logging.getLogger("talkbridge.admin")
+        bind = section["BindAddress"]
+        host, port = parse_hostport(bind)  # type: ignore[misc]
+        listener = Listener(build_admin_app(self.config, self.redis, log), bind, self.http_limits, log)
+        try:
+            await listener.start(host, port)
+        except OSError as exc:
+            log.error("admin: cannot listen on %s (%s); this instance serves no management page", bind, exc)
+            return None
+        log.info("admin: the management page listens on http://%s", bind)
+        return listener
+
     @staticmethod
     async def _after(pause: float, start: Callable[[], Awaitable[None]]) -> None:
         await asyncio.sleep(pause)
@@ -502,8 +581,9 @@ class Daemon:
         task that ends anyway (it should not: each loops for ever) is logged
         and started again after a pause; the other accounts are untouched."""
         http = await self.start_http()
+        admin = await self.start_admin()
         log = logging.getLogger("talkbridge")
-        starts: dict[str, Callable[[], Awaitable[None]]] = {"heartbeat": self._heartbeat}
+        starts: dict[str, Callable[[], Awaitable[None]]] = {"heartbeat": self._heartbeat, "control": self._control}
         with contextlib.suppress(RedisError, OSError):
             await self._heartbeat_once()
         starts.update({f"account:{n}": r.run for n, r in self.runners.items()})
@@ -530,5 +610,8 @@ class Daemon:
             await asyncio.gather(waiter, *tasks, return_exceptions=True)
             if http is not None:
                 await http.cleanup()
+            if admin is not None:
+                await admin.cleanup()
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.zrem(self.instances_key, self.instance_id)
+                await self.redis.delete(instance_key(self.bus.prefix, self.instance_id))

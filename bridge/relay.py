@@ -52,6 +52,11 @@ into an error and parks them) can hold up the others for that long; so can a
 first send that hangs while sends still go one at a time. A parked room's
 entries also keep the stream from being trimmed past its oldest one.
 
+Pausing (``bridge/control.py``): ``hold`` is awaited before a route batch
+is handled and before every send; while the account is paused from the
+admin page it does not return, so entries wait in the stream (read ones in
+the pending list) and go on in stream order once it does.
+
 Poison containment: an exception an adapter did not foresee (not a
 ``DeliveryError``, ``TimeoutError`` or ``OSError``) while resolving or sending
 one delivery is that delivery's failure: it is retried with backoff and then
@@ -79,6 +84,7 @@ from redis.exceptions import RedisError
 
 from adapters.base import AccountFailed, Adapter, PermanentError, RateLimited, TransientError
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, Entry
+from bridge.control import not_held
 from bridge.events import Delivery, EventKind, WireError, event_from_wire
 from bridge.idmap import Fence, Fenced, IdMap
 from bridge.metrics import Metrics
@@ -108,6 +114,9 @@ def failure_summary(exc: BaseException, frames: int = 6) -> str:
 
 class _StreamLoop:
     group: str
+    # Awaited before work that moves traffic on; waits while the account is
+    # paused (the owner sets it to its AccountControl's hold: bridge/control.py).
+    hold: Callable[[], Awaitable[None]] = staticmethod(not_held)
 
     def __init__(self, bus: Bus, stream: str, consumer: str, log: logging.Logger) -> None:
         self.bus = bus
@@ -135,6 +144,7 @@ class _StreamLoop:
                 await self._handle(batch)
 
     async def _handle(self, batch: list[Entry]) -> None:
+        await self.hold()
         await self.handle(batch)
         await self._count_for_trim(len(batch))
 
@@ -276,8 +286,10 @@ class DeliveryLoop(_StreamLoop):
         retry: RetryPolicy,
         fence: Callable[[], Fence | None] = lambda: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        hold: Callable[[], Awaitable[None]] = not_held,
     ) -> None:
         super().__init__(bus, bus.outbound(account), consumer, log)
+        self.hold = hold
         self.account = account
         self.idmap = idmap
         self.adapter = adapter
@@ -570,6 +582,7 @@ class DeliveryLoop(_StreamLoop):
         """One round trip for a run of deliveries that refer to no other
         message (nothing to resolve); False to fall back to one by one."""
         try:
+            await self.hold()
             async with self._slots, self._gate():
                 await self._check_fence()
                 native_ids = await self.adapter.send_batch([item.delivery for item in run])
@@ -598,6 +611,7 @@ class DeliveryLoop(_StreamLoop):
                 await self._ack([item.entry_id])
                 self._finished(1)
                 return None
+            await self.hold()
             async with self._slots, self._gate():
                 await self._check_fence()
                 native_id = await self.adapter.send(delivery)
