@@ -9,4 +9,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-FEATURES: list[ModuleType] = []
+from workers import llm
+
+FEATURES: list[ModuleType] = [llm]
