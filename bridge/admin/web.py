@@ -66,6 +66,12 @@ SECURITY_HEADERS = {
 LEVEL_CHOICES = ("WARNING", "ERROR", "CRITICAL")
 PUBLIC_PATHS = ("/login", "/static/")
 
+if hasattr(web, "RequestKey"):  # aiohttp >= 3.12: typed keys
+    SESSION = web.RequestKey("session", Session)
+    FORM = web.RequestKey("form", dict)
+else:  # pragma: no cover
+    SESSION, FORM = "session", "form"  # type: ignore[assignment]
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -136,7 +142,7 @@ class AdminApp:
         return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
 
     async def page(self, request: web.Request, name: str, **context: Any) -> web.Response:
-        session: Session = request["session"]
+        session: Session = request[SESSION]
         flash = await self.auth.take_flash(session)
         return self.render(name, session=session, flash=flash, path=request.path, **context)
 
@@ -195,7 +201,7 @@ class AdminApp:
     def _refusal(self, request: web.Request, status: int, reason: str) -> web.Response:
         if "text/html" in request.headers.get("Accept", ""):
             response = self.render("error.html", status=status, reason=reason, code=status,
-                                   session=request.get("session"))  # fmt: skip
+                                   session=request.get(SESSION))  # fmt: skip
         else:
             response = web.Response(text=reason + "\n", status=status, content_type="text/plain")
         for name, value in SECURITY_HEADERS.items():
@@ -213,14 +219,14 @@ class AdminApp:
             if request.method == "GET" and path != "/events":
                 raise web.HTTPSeeOther(_login_url(path, request.query_string))
             raise BadRequest(401, "log in first")
-        request["session"] = session
+        request[SESSION] = session
         if request.method == "POST":
             _check_origin(request)
             form = await read_form(request)
             given = request.headers.get("X-CSRF-Token") or _one(form, "csrf")
             if not session.csrf_ok(given):
                 raise BadRequest(403, "missing or wrong CSRF token: nothing was changed (reload the page)")
-            request["form"] = form
+            request[FORM] = form
         return await handler(request)
 
     # login ------------------------------------------------------------------------------------
@@ -262,7 +268,7 @@ class AdminApp:
         )  # fmt: skip
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
-        await self.auth.logout(request["session"])
+        await self.auth.logout(request[SESSION])
         response = _see_other("/login")
         response.del_cookie(SESSION_COOKIE, path="/")
         return response
@@ -276,7 +282,7 @@ class AdminApp:
         """Server-sent events: ``snapshot`` (the live parts, JSON of HTML
         fragments) whenever they change, a comment line now and then, and
         ``logout`` when the session ends."""
-        session: Session = request["session"]
+        session: Session = request[SESSION]
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no", **SECURITY_HEADERS}
         )
@@ -309,7 +315,7 @@ class AdminApp:
         name, action = request.match_info["name"], request.match_info["action"]
         if name not in self.config.accounts:
             raise BadRequest(404, f"no account {name!r} in the config")
-        session: Session = request["session"]
+        session: Session = request[SESSION]
         prefix = self.bus.prefix
         if action == "pause":
             changed = await control.pause(self.redis, prefix, name, session.user)
@@ -330,8 +336,8 @@ class AdminApp:
     async def _done(self, request: web.Request, message: str) -> web.StreamResponse:
         if request.headers.get("X-CSRF-Token"):  # a script's request: it shows the answer itself
             return web.json_response({"message": message})
-        await self.auth.flash(request["session"], message)
-        return _see_other(_local(_one(request["form"], "next") or "/"))
+        await self.auth.flash(request[SESSION], message)
+        return _see_other(_local(_one(request[FORM], "next") or "/"))
 
     # dead letters -------------------------------------------------------------------------------
     async def dead_letters(self, request: web.Request) -> web.Response:
@@ -362,7 +368,7 @@ class AdminApp:
         action = request.match_info["action"]
         if action not in ("replay", "discard"):
             raise BadRequest(404, f"no action {action!r} (replay or discard)")
-        ids = request["form"].get("id", [])
+        ids = request[FORM].get("id", [])
         if not ids:
             raise BadRequest(400, "id: choose at least one dead letter")
         if len(ids) > MAX_IDS:
@@ -370,7 +376,7 @@ class AdminApp:
         bad = next((one for one in ids if not fleet.valid_entry_id(one)), None)
         if bad is not None:
             raise BadRequest(400, f"id: {bad[:50]!r} is not a dead letter id")
-        user = request["session"].user
+        user = request[SESSION].user
         if action == "replay":
             letters = [letter for one in ids if (letter := await fleet.dead_letter(self.bus, one)) is not None]
             count = await fleet.replay(self.bus, [letter.id for letter in letters])
