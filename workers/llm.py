@@ -484,7 +484,7 @@ def reply_for_error(persona: Persona, error: LLMError, seconds: float) -> str:
     """The room's short message for a failed call: no detail, no stack trace."""
     name = persona.name
     if error.kind == "timeout":
-        return f"Sorry, {name} took too long to answer (more than {seconds:.0f} s). Please try again."
+        return f"Sorry, {name} took too long to answer (more than {seconds:g} s). Please try again."
     if error.kind == "empty":
         return f"Sorry, {name} had no answer to that."
     if not error.alerts:
@@ -502,13 +502,20 @@ def _clean_answer(text: str, persona: Persona) -> str:
 def build_messages(
     persona: Persona, history: Sequence[bytes], request_id: str, sender: str, question: str
 ) -> list[dict[str, str]]:
-    """The system prompt, up to ``History`` messages said in the room before
-    the question (the persona's own replies as the assistant's), the question."""
-    before: list[dict[str, str]] = []
+    """The system prompt, the last ``History`` messages of the room as the
+    question found it, the question.
+
+    "As it found it": what was said before the question, and the persona's
+    own replies posted since (to questions asked before this one: it answers
+    in order), so it knows what it already said; not what others said after
+    the question."""
     prefix = request_id.encode() + b"\n"
     index = next((i for i, item in enumerate(history) if item.startswith(prefix)), None)
+    context: list[dict[str, str]] = []
     if index is not None and persona.history > 0:
-        for raw in history[max(0, index - persona.history) : index]:
+        for position, raw in enumerate(history):
+            if position == index:
+                continue
             _, _, body = raw.partition(b"\n")
             try:
                 item = orjson.loads(body)
@@ -516,12 +523,13 @@ def build_messages(
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 continue  # a damaged entry is only context
             if role == "assistant":
-                before.append({"role": "assistant", "content": str(text)})
-            else:
-                before.append({"role": "user", "content": f"{name}: {text}"})
+                context.append({"role": "assistant", "content": str(text)})
+            elif position < index:
+                context.append({"role": "user", "content": f"{name}: {text}"})
+        context = context[-persona.history :]
     return [
         {"role": "system", "content": persona.system()},
-        *before,
+        *context,
         {"role": "user", "content": f"{sender}: {question}"},
     ]
 
