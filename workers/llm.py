@@ -676,13 +676,10 @@ class RoomJob:
         """(the reply, whether it is the model's answer)."""
         deps = self.deps
         if persona is None:
-            await deps.alert(
-                f"{FEATURE}:{request.persona_key}",
-                f"persona {request.persona_key}: a question waits for it, but this worker's config has no "
-                f"[persona.{request.persona_key}]",
-                "error",
-            )
-            return f"Sorry, the persona {request.persona_key} is not configured on the workers.", False
+            key = request.persona_key
+            problem = f"persona {key}: a question waits for it, but this worker's config has no [persona.{key}]"
+            await self._alert(key, problem)
+            return f"Sorry, the persona {key} is not configured on the workers.", False
         history = await self.redis.lrange(self.keys.history, 0, -1)
         sender = request.event.sender_name or request.event.sender_id
         try:
@@ -692,23 +689,28 @@ class RoomJob:
             where = f"persona {persona.key} ({persona.shown_endpoint}, model {persona.model})"
             if exc.alerts:
                 deps.log.error("%s: %s", where, exc.detail)
-                await deps.alert(f"{FEATURE}:{persona.key}", f"{where}: {exc.detail}", "error")
-                await self.redis.set(alerted_key(deps.prefix, persona.key), b"1")
+                await self._alert(persona.key, f"{where}: {exc.detail}")
             else:
                 deps.log.warning("%s: %s (room %s)", where, exc.detail, request.event.channel)
+                if exc.kind != "timeout":  # it answered (an empty text, a refused question): the service is up
+                    await self._service_answers(persona)
             return reply_for_error(persona, exc, seconds), False
         except Exception as exc:  # a bug here must not strand the room's queue behind this question
             deps.log.exception("persona %s: failed on request %s", persona.key, request.id)
-            await deps.alert(
-                f"{FEATURE}:{persona.key}",
-                f"persona {persona.key}: internal error {type(exc).__name__}: {exc}",
-                "error",
-            )
-            await self.redis.set(alerted_key(deps.prefix, persona.key), b"1")
+            await self._alert(persona.key, f"persona {persona.key}: internal error {type(exc).__name__}: {exc}")
             return f"Sorry, {persona.name} cannot answer right now (an internal error). The admin has been told.", False
-        if await self.redis.delete(alerted_key(deps.prefix, persona.key)):
-            await deps.clear_alert(f"{FEATURE}:{persona.key}", f"persona {persona.key} answers again")
+        await self._service_answers(persona)
         return _clean_answer(text, persona), True
+
+    async def _alert(self, persona_key: str, text: str) -> None:
+        """The admin's alert (deduplicated by its key where it is shown), and a
+        note that it is up, so the first good answer clears it."""
+        await self.deps.alert(f"{FEATURE}:{persona_key}", text, "error")
+        await self.redis.set(alerted_key(self.deps.prefix, persona_key), b"1")
+
+    async def _service_answers(self, persona: Persona) -> None:
+        if await self.redis.delete(alerted_key(self.deps.prefix, persona.key)):
+            await self.deps.clear_alert(f"{FEATURE}:{persona.key}", f"persona {persona.key} answers again")
 
 
 async def persona_reply(ctx: dict[str, Any], room: str) -> str:
