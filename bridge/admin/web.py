@@ -64,7 +64,6 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 LEVEL_CHOICES = ("WARNING", "ERROR", "CRITICAL")
-PUBLIC_PATHS = ("/login", "/static/")
 
 if hasattr(web, "RequestKey"):  # aiohttp >= 3.12: typed keys
     SESSION = web.RequestKey("session", Session)
@@ -167,6 +166,7 @@ class AdminApp:
                 web.get("/dead-letters/{id}", self.dead_letter),
                 web.post("/dead-letters/{action}", self.dead_letter_action),
                 web.get("/logs", self.logs),
+                web.get("/favicon.ico", self.favicon),
                 web.static("/static", HERE / "static", append_version=False),
             ]
         )
@@ -212,7 +212,7 @@ class AdminApp:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """No page without a session; no POST without its CSRF token."""
         path = request.path
-        if path == "/login" or path.startswith("/static/"):
+        if path in ("/login", "/favicon.ico") or path.startswith("/static/"):
             return await handler(request)
         session = await self.auth.session(request.cookies.get(SESSION_COOKIE))
         if session is None:
@@ -231,7 +231,11 @@ class AdminApp:
 
     # login ------------------------------------------------------------------------------------
     async def login_form(self, request: web.Request, error: str = "", status: int = 200) -> web.Response:
-        token = secrets.token_urlsafe(24)
+        # Reused while the cookie lives: a second form (another tab, a
+        # favicon's redirect here) must not invalidate the first one.
+        token = request.cookies.get(LOGIN_COOKIE, "")
+        if not (20 <= len(token) <= 64 and token.replace("-", "").replace("_", "").isalnum()):
+            token = secrets.token_urlsafe(24)
         response = self.render(
             "login.html", status=status, error=error, login_token=token, next=_local(request.query.get("next", "/"))
         )
@@ -272,6 +276,9 @@ class AdminApp:
         response = _see_other("/login")
         response.del_cookie(SESSION_COOKIE, path="/")
         return response
+
+    async def favicon(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)  # none: browsers ask anyway
 
     # the dashboard ------------------------------------------------------------------------------
     async def dashboard(self, request: web.Request) -> web.Response:
