@@ -30,7 +30,7 @@ from aiohttp import web
 from tests.helpers import free_port, wait_for
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-N_CTX = 2048  # the system prompt, a few history messages and the answer
+N_CTX = 1024  # the system prompt, a few history messages and the answer
 N_THREADS = 2
 
 
