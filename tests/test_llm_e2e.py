@@ -9,16 +9,13 @@ job runs again on a new worker and the room gets exactly one reply."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis as sync_redis
 
-from tests.helpers import ROOT, Daemon, RedisServer, free_port, wait_for, wait_quiet
+from tests.helpers import Daemon, RedisServer, WorkerProcess, free_port, wait_for, wait_quiet
 from tests.llama_rig import FakeLLM, LlamaServer, fake_llm_fixture, llama_server_fixture  # noqa: F401
 from tests.talkbot_rig import SECRET
 from tests.talkserver import ThreadedTalkServer
@@ -26,52 +23,6 @@ from tests.talkserver.state import Actor, Bot, Message
 
 TOKEN = "persona1"
 ACCOUNT = "nctalkbot.inara"
-
-
-class Worker:
-    """``talkbridge worker`` as a real child process."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log_path = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Worker:
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge.cli", "worker", "--config", str(self.config)],
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            return "job functions on queue" in self.log()[offset:]
-
-        wait_for(ready, timeout=30, what="the worker taking jobs")
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def config(tmp_path: Path, redis_url: str, talk_url: str, http: int, endpoint: str, persona: str) -> Path:
@@ -128,8 +79,8 @@ class Bridge:
     def bot_messages(self) -> list[Message]:
         return self.talk.call("bot_messages", TOKEN, self.bot)
 
-    def worker(self) -> Worker:
-        return Worker(self.config, self.tmp / "worker.log")
+    def worker(self, name: str = "worker") -> WorkerProcess:
+        return WorkerProcess(self.config, self.tmp / f"{name}.log")
 
 
 def make_bridge(tmp_path: Path, redis_server: RedisServer, endpoint: str, persona: str) -> Iterator[Bridge]:
@@ -182,15 +133,15 @@ def test_a_worker_killed_mid_call_the_job_runs_again_and_the_room_gets_one_reply
     gen = make_bridge(tmp_path, redis_server, fake_llm.endpoint, persona)
     b = next(gen)
     fake_llm.hold = True
-    first = b.worker().start()
-    second: Worker | None = None
+    first = b.worker("first").start()
+    second: WorkerProcess | None = None
     try:
         question = b.talk.call("post", TOKEN, b.alice, "are you there?")
         wait_for(lambda: fake_llm.held() == 1, timeout=30, what="the question at the model")
         first.kill()  # mid-call: the model is still thinking
         fake_llm.hold = False
         fake_llm.release()  # the dead worker's request: answered to nobody
-        second = b.worker().start()
+        second = b.worker("second").start()
         [reply] = wait_for(b.bot_messages, timeout=60, what="the reply after the re-run")
         assert reply.message == "answer 2: Alice: are you there?"  # the second call: the re-run's
         assert reply.parent_id == question.id
