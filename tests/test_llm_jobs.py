@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config
-from bridge.events import Delivery, Event, EventKind
+from bridge.events import Attachment, Delivery, Event, EventKind, event_from_wire
 from tests.helpers import free_port
 from tests.llama_rig import FakeLLM, fake_llm_fixture  # noqa: F401
 from tests.talkbot_rig import SECRET, until, until_quiet, write_config
@@ -431,3 +431,13 @@ async def test_an_unreadable_request_is_dropped_and_the_queue_goes_on(rig: Rig) 
     assert await rig.job() == "answered 1"
     assert [r.text for r in await rig.replies()] == ["answer 1: Alice: fine"]
     assert await rig.redis.llen(keys.queue) == 0 and await rig.redis.hlen(keys.requests) == 0
+
+
+async def test_a_questions_inline_files_are_not_kept(rig: Rig) -> None:
+    photo = Attachment("photo.jpg", "image/jpeg", 3_000_000, data_b64="A" * 4_000_000)
+    asked = await rig.say("what is in this photo?", attachments=[photo])
+    keys = llm.RoomKeys(PREFIX, llm.room_id(BOT, ROOM))
+    raw = await rig.redis.hget(keys.requests, asked.id)
+    assert len(raw) < 2000
+    stored = event_from_wire(orjson.loads(raw)["event"])
+    assert stored.attachments == [] and stored.native_id == asked.native_id and stored.id == asked.id

@@ -45,6 +45,7 @@ docs/persona.md.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import re
@@ -451,13 +452,15 @@ class PersonaTrigger:
         if persona.history > 0:
             item = history_item(event.id, "user", event.sender_name or event.sender_id, question or text.strip())
         request = b""
+        # what a reply needs of the question (its room, ids, sender): not its files, which may be inline
+        source = event_to_wire(dataclasses.replace(event, attachments=[])).decode()
         if question is not None:
             request = orjson.dumps(
                 {
                     "persona": persona.key,
                     "every": every_message,
                     "question": question[:MAX_PROMPT_CHARS],
-                    "event": event_to_wire(event).decode(),
+                    "event": source,
                 }
             )
         outcome = await self._record(
@@ -467,7 +470,7 @@ class PersonaTrigger:
         if outcome in (1, 2):
             await enqueue(JOB, keys.room, _job_id=f"llm:{event.id}")
         elif outcome == -1:
-            await enqueue(BUSY_JOB, event_to_wire(event).decode(), persona.key, _job_id=f"llm:{event.id}")
+            await enqueue(BUSY_JOB, source, persona.key, _job_id=f"llm:{event.id}")
 
 
 def trigger(config: Config, redis: Redis, prefix: str) -> PersonaTrigger | None:
