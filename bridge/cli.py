@@ -61,6 +61,9 @@ def setup_logging(config: Config, stream: TextIO = sys.stderr) -> None:
     root.handlers[:] = [handler]
     root.setLevel(section["Level"].upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # httpx logs every request's URL at INFO: a URL may carry a credential (an
+    # endpoint's key in its query), and the workers make a request per job
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def embedded_for(config: Config) -> EmbeddedRedis:

@@ -816,6 +816,13 @@ def load_config(
     gateways = loader.gateways(raw.get(lower.get("gateway", "gateway")), accounts)
     personas = loader.personas(raw.get(lower.get("persona", "persona")))
     loader.check_persona_names(personas, accounts, gateways)
+    job_timeout = sections["workers"]["JobTimeout"]
+    for name, persona in personas.items():
+        if persona["Timeout"] > job_timeout - 3:  # workers/llm.py keeps 3 s to post the timeout message
+            loader.warnings.append(
+                f"persona.{name}.Timeout: {persona['Timeout']} s does not fit in [workers] JobTimeout = "
+                f"{job_timeout} s less 3 s; the worker waits {max(job_timeout - 3, 0)} s for an answer"
+            )
     _check_sections(loader, sections)
     if loader.problems:
         raise ConfigError(loader.problems)
