@@ -28,6 +28,8 @@ from bridge.bus import Bus, BusSettings
 from bridge.config import Config, ConfigError, load_config
 from bridge.connections import RedisURLError, connect
 from bridge.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from bridge.logstream import LogStream
+from bridge.logstream import install as install_log_stream
 from bridge.options import protocol_specs
 
 GC_GEN0_THRESHOLD = 20_000  # CPython's default, 700, collects every few requests
@@ -146,7 +148,7 @@ def cmd_check_config(args: argparse.Namespace, adapters: Mapping[str, type[Adapt
     return 0
 
 
-async def _run(config: Config, adapters: Mapping[str, type[Adapter]]) -> int:
+async def _run(config: Config, adapters: Mapping[str, type[Adapter]], logstream: LogStream | None = None) -> int:
     from bridge.daemon import Daemon  # imports aiohttp & co only for the daemon
 
     stop = asyncio.Event()
@@ -165,10 +167,14 @@ async def _run(config: Config, adapters: Mapping[str, type[Adapter]]) -> int:
         gc.freeze()
         gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
         sweeper = asyncio.create_task(collect_cycles(GC_FULL_EVERY), name="gc")
+        if logstream is not None:  # WARN+ records to the fleet's log stream (the admin page's log view)
+            logstream.start(redis, daemon.instance_id, daemon.metrics.registry)
         try:
             await daemon.run(stop)
         finally:
             sweeper.cancel()
+            if logstream is not None:
+                await logstream.aclose()  # before the embedded Redis stops
     return 0
 
 
@@ -248,12 +254,14 @@ def check_file_budget(config: Config, limit: int | None, log: logging.Logger) ->
 def cmd_run(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
     config = load(args.config, adapters)
     setup_logging(config)
+    # queues from now on: the config's warnings below reach the stream too
+    logstream = install_log_stream(config.section("redis")["KeyPrefix"], config.accounts)
     log = logging.getLogger("talkbridge")
     for warning in config.warnings:
         log.warning("config: %s", warning)
     check_file_budget(config, raise_file_limit(log), log)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(_run(config, adapters))
+        return runner.run(_run(config, adapters, logstream))
 
 
 async def _worker(config: Config) -> int:
