@@ -7,8 +7,10 @@ viper config does), case-insensitively. Gateways are ``[[gateway]]`` with
 Our own sections — ``[redis]``, ``[http]``, ``[bus]`` — sit beside them.
 
 Any string value may be ``env:NAME`` or ``file:PATH`` so secrets stay out of
-the file. Every problem is reported as ``key.path: what is wrong``; the
-loader collects them all instead of stopping at the first.
+the file (``${NAME}`` in a ``file:`` path is the environment variable NAME:
+systemd's ``file:${CREDENTIALS_DIRECTORY}/secret``). Every problem is
+reported as ``key.path: what is wrong``; the loader collects them all
+instead of stopping at the first.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from bridge.goregex import GoRegexError, GoRegexp, Template, go_fields, unknown_
 from bridge.options import Option, ProtocolSpec, go_weak
 
 MAX_CONFIG_BYTES = 1 << 20  # a config larger than 1 MiB is a mistake, not a config
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in a file: path
 
 # The URL forms bridge/connections.py connects to; here so that checking a
 # config needs no Redis client.
@@ -174,6 +177,17 @@ OWN_SECTIONS: dict[str, OwnSection] = {
             "Format": Option(str, default="text", choices=("text", "json")),
         }
     ),
+    # admin-room alerts (bridge/alerts.py, docs/operations-alerts.md); the room is [general] AdminRoom
+    "alerts": OwnSection(
+        {
+            "FailedMinutes": Option((int, float), default=5, above=0, help="a room or account failing this long"),
+            "DeadLetterThreshold": Option(int, default=1, min=1, help="dead letters within the window"),
+            "DeadLetterWindowMinutes": Option((int, float), default=10, above=0),
+            "MaxPerMinute": Option(int, default=10, min=1, help="messages to the admin room, whole fleet"),
+            "RepeatMinutes": Option((int, float), default=10, min=0, help="a condition back this soon waits"),
+            "CheckSeconds": Option((int, float), default=10, above=0, max=3600),
+        }
+    ),
 }
 
 # ``[persona.NAME]``: an LLM persona (workers/llm.py, docs/persona.md)
@@ -300,6 +314,8 @@ class Config:
     warnings: list[str] = field(default_factory=list)
     # [persona.NAME] -> its options, secrets resolved, SystemPromptFile read
     personas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # [general] AdminRoom: (account, channel) where alerts go (bridge/alerts.py)
+    admin_room: tuple[str, str] | None = None
 
     def section(self, name: str) -> dict[str, Any]:
         return self.sections[name]
@@ -350,6 +366,8 @@ class Config:
             for entry in gw.entries:
                 if entry.account == account and entry.channel != "*":
                     seen[entry.channel] = None
+        if self.admin_room is not None and self.admin_room[0] == account:
+            seen[self.admin_room[1]] = None  # joined like a gateway's room, so alerts can be posted there
         return list(seen)
 
 
@@ -399,7 +417,10 @@ class _Loader:
                     return ""
                 return self.environ[name]
             if value.startswith("file:"):
-                target = Path(value[5:]).expanduser()
+                expanded = self.expand(key, value[5:])
+                if expanded is None:
+                    return ""
+                target = Path(expanded).expanduser()
                 if not target.is_absolute():
                     target = self.base / target
                 try:
@@ -419,6 +440,50 @@ class _Loader:
         if isinstance(value, list):
             return [self.resolve(f"{key}[{i}]", v) for i, v in enumerate(value)]
         return value
+
+    def expand(self, key: str, path: str) -> str | None:
+        """``${NAME}`` in a ``file:`` path is the environment variable NAME
+        (``file:${CREDENTIALS_DIRECTORY}/bot-secret`` under systemd); None
+        when one is not set (a problem is recorded)."""
+        missing: list[str] = []
+
+        def value_of(m: re.Match[str]) -> str:
+            if m.group(1) not in self.environ:
+                missing.append(m.group(1))
+                return ""
+            return self.environ[m.group(1)]
+
+        expanded = _ENV_REFERENCE.sub(value_of, path)
+        if missing:
+            self.problem(key, f"environment variable {missing[0]} is not set (named in {path})")
+            return None
+        return expanded
+
+    def admin_room(self, general: Mapping[str, Any], accounts: Mapping[str, AccountConfig]) -> tuple[str, str] | None:
+        """``[general] AdminRoom = "ACCOUNT:CHANNEL"``: the room alerts go to."""
+        if "adminroom" not in general:
+            return None
+        value = general["adminroom"]
+        if not isinstance(value, str) or not value.strip():
+            self.problem("general.AdminRoom", f'must be a string "ACCOUNT:CHANNEL", not {_describe(value)}')
+            return None
+        try:
+            account, channel = parse_admin_room(value)
+        except ValueError as exc:
+            self.problem("general.AdminRoom", str(exc))
+            return None
+        acct = accounts.get(account)
+        if acct is None:
+            known = ", ".join(sorted(accounts)) or "none"
+            self.problem("general.AdminRoom", f'no account "{account}" (accounts: {known})')
+            return None
+        fixed = self.protocols[acct.protocol].fixed_channel
+        if fixed is not None:
+            return account, fixed  # an api account's one channel, whatever was written (as in gateways)
+        if not channel or channel == "*":
+            self.problem("general.AdminRoom", f'must name one room of {account}: "{account}:CHANNEL"')
+            return None
+        return account, channel
 
     def checked(self, key: str, value: Any, spec: Option, weak: bool = False) -> tuple[bool, Any]:
         """Is the value what ``spec`` declares (type, then range or choice)?
@@ -823,10 +888,11 @@ def load_config(
                 f"persona.{name}.Timeout: {persona['Timeout']} s does not fit in [workers] JobTimeout = "
                 f"{job_timeout} s less 3 s; the worker waits {max(job_timeout - 3, 0)} s for an answer"
             )
+    admin_room = loader.admin_room(general, accounts)
     _check_sections(loader, sections)
     if loader.problems:
         raise ConfigError(loader.problems)
-    return Config(path, accounts, gateways, sections, loader.warnings, personas)
+    return Config(path, accounts, gateways, sections, loader.warnings, personas, admin_room)
 
 
 def _check_sections(loader: _Loader, sections: dict[str, dict[str, Any]]) -> None:
@@ -853,6 +919,16 @@ def _check_admin(loader: _Loader, admin: dict[str, Any]) -> None:
         parse_password(admin["Password"])
     except PasswordFormatError as exc:
         loader.problem("admin.Password", str(exc))
+
+
+def parse_admin_room(value: str) -> tuple[str, str]:
+    """``"ACCOUNT:CHANNEL"`` split at the first colon (a Matrix room id has
+    colons, an account name never does); the channel may be empty here (an
+    ``api`` account's is fixed). ValueError when the account part is empty."""
+    account, _, channel = value.partition(":")
+    if not account.strip():
+        raise ValueError('must be "ACCOUNT:CHANNEL", e.g. "matrix.ops:!room:example.org" or "api.admin:api"')
+    return account.strip(), channel.strip()
 
 
 def parse_hostport(value: str) -> tuple[str, int] | None:

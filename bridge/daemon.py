@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from adapters.base import AccountFailed, Adapter, AdapterContext
+from bridge.alerts import Alerts, DaemonWatch, outbound_publisher, progress, watch_interval
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
 from bridge.config import Config, parse_hostport
 from bridge.control import (
@@ -102,6 +103,12 @@ class AccountRunner:
         self.restart_pause: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._rng = random.Random()  # the restart jitter; per runner, not the module's shared one
         self._free_since: float | None = None
+        # what the admin-room alerts look at (bridge/alerts.py, DaemonWatch)
+        self.refused: str | None = None  # why the credentials were refused, until the account works again
+        self.refused_at: float | None = None
+        self.receive_since: float | None = None  # the receive loop's last start while owned
+        self.tenure: tuple[float, float] = (0.0, 0.0)  # (start, events in+out then) of this ownership
+        self.delivery: DeliveryLoop | None = None
         # operators' requests (pause, restart) and the state the admin page shows: bridge/control.py
         self.control = AccountControl(daemon.redis, daemon.bus.prefix, name, daemon.instance_id, daemon.lease_seconds)
 
@@ -142,6 +149,7 @@ class AccountRunner:
                 continue
             self._free_since = None
             self.owned = True
+            self.tenure = (time.monotonic(), progress(self.d.metrics, self.name))
             self.log.info("%s: this instance owns the account", self.name)
             cooldown = 0.0
             started = time.monotonic()
@@ -267,6 +275,7 @@ class AccountRunner:
                     self.d.metrics.account_failed.labels(self.name).set(1)
                     self.control.set_state("failed", why)
                     pause = ACCOUNT_FAILED_PAUSE
+                    await self._refused(str(exc))
                 except Exception as exc:
                     why = f"raised {type(exc).__name__}: {exc}"
                     self.log.error("%s: the receive loop raised", self.name, exc_info=exc)
@@ -282,6 +291,7 @@ class AccountRunner:
                 self.d.metrics.receive_restarts.labels(self.name).inc()
         finally:
             self.receive_down = None  # not owned any more: nothing to be degraded
+            self.receive_since = None
 
     async def _receive_stopped(self, reason: str, pause: float) -> None:
         self.receive_down = reason
@@ -293,6 +303,7 @@ class AccountRunner:
 
     async def _receive_up(self) -> None:
         self.receive_down = None
+        self.receive_since = time.monotonic()
         try:
             # also clears a mark a previous owner of the account left behind
             await clear_degraded(self.d.redis, self.d.bus.prefix, self.name)
@@ -335,6 +346,7 @@ class AccountRunner:
             fence=self.adapter.ctx.fence,  # the same token the adapter's own scripts carry
             hold=self.control.hold.wait,  # paused from the admin page: sends wait
         )
+        self.delivery = loop
         while True:
             try:
                 await self._survive_redis(loop.run)
@@ -346,9 +358,27 @@ class AccountRunner:
                     self.name, exc, ACCOUNT_FAILED_PAUSE,
                 )  # fmt: skip
                 self.control.set_state("failed", f"credentials refused: {exc}")
+                await self._refused(str(exc))
                 await asyncio.sleep(ACCOUNT_FAILED_PAUSE)
                 self.d.metrics.account_failed.labels(self.name).set(0)
                 self.control.set_state("connected")
+
+    # for the admin-room alerts (bridge/alerts.py) ----------------------------------------
+    async def _refused(self, why: str) -> None:
+        """The account's credentials were refused: alert at once (the watch
+        clears it once the account has worked again)."""
+        self.refused, self.refused_at = why, time.monotonic()
+        await self.d.watch.account_refused(self.name, why)
+
+    def has_receive_loop(self) -> bool:
+        return self.adapter.has_receive_loop()
+
+    def failing_rooms(self) -> dict[str, str]:
+        """Rooms whose deliveries are waiting to be retried right now."""
+        loop = self.delivery
+        if loop is None or not self.owned:
+            return {}
+        return dict.fromkeys(loop.parked_rooms(), "delivering to it keeps failing (retried, then dead-lettered)")
 
 
 def adapter_context(
@@ -421,6 +451,12 @@ class Daemon:
                 fence=functools.partial(self._fence, name),
             )  # fmt: skip
             self.runners[name] = AccountRunner(self, adapters[acct.protocol](ctx), name)
+        # admin-room alerts (bridge/alerts.py): what this instance sees, fired and cleared fleet-wide
+        self.alerts = Alerts(redis, self.bus.prefix, config, self.instance_id, outbound_publisher(self.bus))
+        self.watch = DaemonWatch(
+            self.alerts, self.runners, self.metrics, self.instances_key, self.bus.dlq, self.bus.entries_after,
+            interval=watch_interval(self.alerts.settings, self.lease_seconds),
+        )  # fmt: skip
         self._site: web.TCPSite | None = None
 
     # balancing accounts over instances --------------------------------------------
@@ -584,6 +620,7 @@ class Daemon:
         admin = await self.start_admin()
         log = logging.getLogger("talkbridge")
         starts: dict[str, Callable[[], Awaitable[None]]] = {"heartbeat": self._heartbeat, "control": self._control}
+        starts["alerts"] = self.watch.run
         with contextlib.suppress(RedisError, OSError):
             await self._heartbeat_once()
         starts.update({f"account:{n}": r.run for n, r in self.runners.items()})

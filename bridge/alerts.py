@@ -1,0 +1,737 @@
+"""Admin-room alerts: one message when a condition starts, one when it clears,
+fleet-wide (issue 12; docs/operations-alerts.md).
+
+``[general] AdminRoom = "ACCOUNT:CHANNEL"`` names the room: any account's
+channel (a Matrix room, a Talk room through a bot or a user account, an
+``api`` account). ``Alerts.fire(key, text, severity)`` and
+``Alerts.clear(key, text)`` are what daemons (``DaemonWatch`` below) and
+workers call; ``key`` names the condition (``account:NAME:credentials``,
+``room:ACCOUNT:ROOM``, ``dead-letters``, ``instance:ID``, ``redis``, a
+worker's own).
+
+Where an alert goes, by severity: ``warning`` to the log and the dashboard;
+``error`` and ``critical`` to the log, the dashboard and the admin room —
+except an alert about the admin room's own account (its key names it, or
+``account=`` does), which the room could not carry: log and dashboard only.
+
+**Once across the fleet.** Current alerts live in the hash
+``{prefix}:alerts`` (field: the key; value: a JSON record, the dashboard's
+source). A condition *starts* when its field is created and *clears* when it
+is deleted, each atomically in a Lua script, so however many instances see
+the same condition at once exactly one of them posts about it; the others'
+calls change nothing. Records outlive restarts: an instance started after
+the fix clears what an instance before it fired.
+
+**Never a storm.** A message goes to the room only within a fleet-wide
+budget (``[alerts] MaxPerMinute``), and a condition that starts again within
+``RepeatMinutes`` of the last message about it is *held*: posted only if it
+lasts that long, dropped silently if it clears first (a flapping condition
+costs two messages per RepeatMinutes at most). Over the budget, a start is
+held and a "resolved" waits in ``{prefix:alerts}:held``; ``flush`` (every
+instance's watch calls it) posts what is due, oldest first. A start that was
+never posted is never resolved in the room either.
+
+**The normal delivery path.** A message is a ``Delivery`` appended to the
+admin account's outbound stream, exactly like a relayed message: its owner
+delivers it with the core's ordering, retries and dead letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bridge.bus import Bus
+from bridge.config import Config
+from bridge.events import Delivery, Event, EventKind
+
+SEVERITIES = ("warning", "error", "critical")
+POSTED, HELD, SILENT = "posted", "held", "silent"  # a record's "notified"
+ALERT_SOURCE = "talkbridge.alerts"  # the source account an alert's Delivery names (never a configured one)
+ALERT_GATEWAY = "alerts"
+TEXT_MAX = 1_000  # characters of an alert's text kept (a traceback belongs in the log)
+BUDGET_WINDOW_MS = 60_000
+
+# KEYS: alerts hash, posted-times hash, held-resolved hash, budget counter.
+# ARGV: key, record (JSON), now ms, repeat ms, max per window, budget ttl ms, postable (1/0).
+# Returns the record's "notified" when this call started the condition, else
+# "active" (it was already) or "resumed" (a resolved message was still held:
+# the room never heard it ended, so nothing is posted and it counts as posted).
+_FIRE = r"""
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 'active' end
+local record = cjson.decode(ARGV[2])
+local state = 'silent'
+if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 then
+  state = 'resumed'
+  record['notified'] = 'posted'
+elseif ARGV[7] == '1' then
+  state = 'held'
+  local last = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '-1e18')
+  local now = tonumber(ARGV[3])
+  if now - last >= tonumber(ARGV[4]) and tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[5]) then
+    redis.call('INCR', KEYS[4])
+    redis.call('PEXPIRE', KEYS[4], ARGV[6])
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+    state = 'posted'
+  end
+  record['notified'] = state
+else
+  record['notified'] = 'silent'
+end
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(record))
+return state
+"""
+
+# KEYS: as _FIRE. ARGV: key, now ms, max per window, budget ttl ms, resolved text.
+# Returns {what, the record}: "none" (not active), "quiet" (the room never
+# heard of it), "post" (post the resolved message now), "held" (later: kept
+# in the held hash as {text, since, cleared} for flush to post).
+_CLEAR = r"""
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return {'none', ''} end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if cjson.decode(raw)['notified'] ~= 'posted' then return {'quiet', raw} end
+if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[3]) then
+  redis.call('INCR', KEYS[4])
+  redis.call('PEXPIRE', KEYS[4], ARGV[4])
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  return {'post', raw}
+end
+local since = cjson.decode(raw)['since']
+redis.call('HSET', KEYS[3], ARGV[1], cjson.encode({text = ARGV[5], since = since, cleared = tonumber(ARGV[2]) / 1000}))
+return {'held', raw}
+"""
+
+# KEYS: as _FIRE. ARGV: now ms, repeat ms, max per window, budget ttl ms.
+# Takes what is due within the budget: held resolved messages first, then held
+# starts whose repeat window has passed (the oldest first). Forgets posted
+# times older than the repeat window. Returns {kind, key, payload, ...}.
+_FLUSH = r"""
+local now, repeat_ms, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+local out = {}
+local function spend(key)
+  used = used + 1
+  redis.call('HSET', KEYS[2], key, ARGV[1])
+end
+local held = redis.call('HGETALL', KEYS[3])
+for i = 1, #held, 2 do
+  if used >= max then break end
+  redis.call('HDEL', KEYS[3], held[i])
+  spend(held[i])
+  out[#out + 1] = 'resolved'; out[#out + 1] = held[i]; out[#out + 1] = held[i + 1]
+end
+local due = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local record = cjson.decode(all[i + 1])
+  if record['notified'] == 'held' then
+    local last = tonumber(redis.call('HGET', KEYS[2], all[i]) or '-1e18')
+    if now - last >= repeat_ms then due[#due + 1] = {all[i], record} end
+  end
+end
+table.sort(due, function(a, b) return (tonumber(a[2]['since']) or 0) < (tonumber(b[2]['since']) or 0) end)
+for _, item in ipairs(due) do
+  if used >= max then break end
+  item[2]['notified'] = 'posted'
+  local raw = cjson.encode(item[2])
+  redis.call('HSET', KEYS[1], item[1], raw)
+  spend(item[1])
+  out[#out + 1] = 'started'; out[#out + 1] = item[1]; out[#out + 1] = raw
+end
+if #out > 0 then
+  redis.call('SET', KEYS[4], used, 'PX', ARGV[4])
+end
+local posted = redis.call('HGETALL', KEYS[2])
+for i = 1, #posted, 2 do
+  if now - tonumber(posted[i + 1]) > repeat_ms and redis.call('HEXISTS', KEYS[1], posted[i]) == 0 then
+    redis.call('HDEL', KEYS[2], posted[i])
+  end
+end
+return out
+"""
+
+# A post that could not be appended goes back to being held (flush retries it).
+# KEYS: alerts hash, posted-times hash, held-resolved hash. ARGV: key, kind,
+# the held resolved message's JSON ({text, since, cleared}).
+_UNPOST = r"""
+redis.call('HDEL', KEYS[2], ARGV[1])
+if ARGV[2] == 'resolved' then
+  if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) end
+  return 1
+end
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local record = cjson.decode(raw)
+if record['notified'] ~= 'posted' then return 0 end
+record['notified'] = 'held'
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(record))
+return 1
+"""
+
+
+def alerts_key(prefix: str) -> str:
+    """The hash of current alerts (the dashboard's source)."""
+    return f"{prefix}:alerts"
+
+
+def _aux_key(prefix: str, name: str) -> str:
+    # tagged with the alerts hash's own name: the same Redis Cluster slot
+    return f"{{{alerts_key(prefix)}}}:{name}"
+
+
+def subject_of(key: str) -> str | None:
+    """The account an alert key names: ``account:NAME:…`` and ``room:NAME:…``."""
+    kind, _, rest = key.partition(":")
+    if kind in ("account", "room") and rest:
+        return rest.split(":", 1)[0] or None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """``[alerts]`` and ``[general] AdminRoom``."""
+
+    admin_room: tuple[str, str] | None = None
+    failed_seconds: float = 300.0
+    dead_letter_threshold: int = 1
+    dead_letter_window: float = 600.0
+    max_per_minute: int = 10
+    repeat_seconds: float = 600.0
+    check_seconds: float = 10.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> AlertSettings:
+        section = config.section("alerts")
+        return cls(
+            admin_room=config.admin_room,
+            failed_seconds=float(section["FailedMinutes"]) * 60,
+            dead_letter_threshold=int(section["DeadLetterThreshold"]),
+            dead_letter_window=float(section["DeadLetterWindowMinutes"]) * 60,
+            max_per_minute=int(section["MaxPerMinute"]),
+            repeat_seconds=float(section["RepeatMinutes"]) * 60,
+            check_seconds=float(section["CheckSeconds"]),
+        )
+
+
+def outbound_publisher(bus: Bus) -> Callable[[Delivery], Awaitable[object]]:
+    """The ``publish`` an ``Alerts`` needs: append a Delivery to its account's
+    outbound stream, as the router does with every relayed message."""
+
+    async def publish(delivery: Delivery) -> object:
+        pipe = bus.redis.pipeline(transaction=False)
+        bus.add_to(pipe, bus.outbound(delivery.account), delivery.to_wire())
+        return (await pipe.execute())[0]
+
+    return publish
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+class Alerts:
+    """Fire and clear fleet-wide conditions (see the module's docstring).
+
+    Neither ``fire`` nor ``clear`` raises for Redis trouble: an alert that
+    could not be recorded is logged, and a condition that still holds is
+    fired again by the next check. Both return True when this call changed
+    the condition's state."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        prefix: str,
+        config: Config,
+        instance_id: str,
+        publish: Callable[[Delivery], Awaitable[object]],
+        *,
+        clock: Callable[[], float] = time.time,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.settings = AlertSettings.from_config(config)
+        self.instance_id = instance_id
+        self.publish = publish
+        self.clock = clock
+        self.log = log or logging.getLogger("talkbridge.alerts")
+        self.key = alerts_key(prefix)
+        self.held_key = _aux_key(prefix, "held")
+        self._keys = [self.key, _aux_key(prefix, "posted"), self.held_key]
+        self._fire = redis.register_script(_FIRE)
+        self._clear = redis.register_script(_CLEAR)
+        self._flush = redis.register_script(_FLUSH)
+        self._unpost = redis.register_script(_UNPOST)
+
+    @property
+    def admin_account(self) -> str | None:
+        return self.settings.admin_room[0] if self.settings.admin_room else None
+
+    def _script_keys(self, now_ms: int) -> list[str]:
+        return [*self._keys, _aux_key(self.prefix, f"budget:{now_ms // BUDGET_WINDOW_MS}")]
+
+    def postable(self, severity: str, account: str | None) -> bool:
+        """Would this alert go to the admin room (the budget aside)?"""
+        return (
+            self.settings.admin_room is not None
+            and severity in ("error", "critical")
+            and (account is None or account != self.admin_account)
+        )
+
+    async def fire(
+        self,
+        key: str,
+        text: str,
+        severity: str = "error",
+        *,
+        account: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """The condition ``key`` holds. The fleet's first call records it (and
+        posts, the budget allowing); calls while it is active change nothing.
+        ``account``: the account it is about, when the key does not say
+        (``account:NAME:…`` and ``room:NAME:…`` do)."""
+        if severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
+        if not key:
+            raise ValueError("an alert needs a key")
+        account = account or subject_of(key)
+        now = self.clock()
+        now_ms = int(now * 1000)
+        record = {
+            "key": key,
+            "severity": severity,
+            "text": text[:TEXT_MAX],
+            "since": round(now, 3),
+            "instance": self.instance_id,
+            "account": account,
+            "details": dict(details or {}),
+        }
+        args = [key, orjson.dumps(record), now_ms, int(self.settings.repeat_seconds * 1000)]
+        args += [self.settings.max_per_minute, 2 * BUDGET_WINDOW_MS, 1 if self.postable(severity, account) else 0]
+        try:
+            state = _text(await self._fire(keys=self._script_keys(now_ms), args=args))
+        except (RedisError, OSError) as exc:
+            self.log.warning("alert %s not recorded (Redis: %s): %s", key, exc, text, extra={"account": account or ""})
+            return False
+        if state == "active":
+            return False
+        level = {"warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}[severity]
+        where = {POSTED: "to the admin room", HELD: "to the admin room later (rate limit)", SILENT: "not posted"}
+        self.log.log(
+            level, "ALERT %s: %s (%s)", key, text, where.get(state, "still open in the room"),
+            extra={"account": account or ""},
+        )  # fmt: skip
+        if state == POSTED:
+            await self._post("started", key, self._started_text(record))
+        return True
+
+    async def clear(self, key: str, text: str, *, account: str | None = None) -> bool:
+        """The condition ``key`` no longer holds: the fleet's first call
+        removes it (and posts "resolved" if its start was posted)."""
+        now = self.clock()
+        now_ms = int(now * 1000)
+        args = [key, now_ms, self.settings.max_per_minute, 2 * BUDGET_WINDOW_MS, text[:TEXT_MAX]]
+        try:
+            what, raw = await self._clear(keys=self._script_keys(now_ms), args=args)
+        except (RedisError, OSError) as exc:
+            self.log.warning("alert %s not cleared (Redis: %s)", key, exc)
+            return False
+        what = _text(what)
+        if what == "none":
+            return False
+        record = orjson.loads(raw)
+        self.log.warning("RESOLVED %s: %s", key, text, extra={"account": account or record.get("account") or ""})
+        if what == "post":
+            await self._post("resolved", key, self._resolved_text(key, text, record.get("since"), now))
+        return True
+
+    async def flush(self) -> int:
+        """Post what the budget held back and is due now; returns how many."""
+        now_ms = int(self.clock() * 1000)
+        args = [now_ms, int(self.settings.repeat_seconds * 1000), self.settings.max_per_minute, 2 * BUDGET_WINDOW_MS]
+        try:
+            out = await self._flush(keys=self._script_keys(now_ms), args=args)
+        except (RedisError, OSError) as exc:
+            self.log.warning("alerts: held messages not flushed (Redis: %s)", exc)
+            return 0
+        for i in range(0, len(out), 3):
+            kind, key, payload = _text(out[i]), _text(out[i + 1]), orjson.loads(out[i + 2])
+            if kind == "resolved":
+                text = self._resolved_text(key, payload.get("text", ""), payload.get("since"), payload.get("cleared"))
+            else:
+                text = self._started_text(payload)
+            await self._post(kind, key, text, payload)
+        return len(out) // 3
+
+    async def active(self) -> dict[str, dict[str, Any]]:
+        """Current alerts by key (raises RedisError: the caller decides)."""
+        out = {}
+        for key, value in (await self.redis.hgetall(self.key)).items():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                out[_text(key)] = orjson.loads(value)
+        return out
+
+    # the room ------------------------------------------------------------------------
+    @staticmethod
+    def _started_text(record: Mapping[str, Any]) -> str:
+        severity = str(record.get("severity", "error")).upper()
+        since = _when(float(record.get("since") or 0))
+        where = f"since {since}, {record.get('instance', '?')}; {record.get('key')}"
+        return f"[talkbridge {severity}] {record.get('text', '')} ({where})"
+
+    @staticmethod
+    def _resolved_text(key: str, text: str, since: Any, cleared: Any) -> str:
+        lasted = ""
+        if isinstance(since, int | float) and isinstance(cleared, int | float):
+            lasted = f"after {_duration(cleared - since)}; "
+        return f"[talkbridge RESOLVED] {text} ({lasted}{key})"
+
+    def delivery(self, key: str, text: str) -> Delivery:
+        """An alert message as a Delivery into the admin room."""
+        assert self.settings.admin_room is not None
+        account, channel = self.settings.admin_room
+        event = Event(
+            kind=EventKind.MESSAGE,
+            account=ALERT_SOURCE,
+            channel=ALERT_GATEWAY,
+            sender_id="talkbridge",
+            sender_name="talkbridge",
+            text=text,
+            origin=[f"{ALERT_SOURCE}/{ALERT_GATEWAY}"],
+            extra={"alert": key},
+        )
+        # no nick: the text says who speaks (a Talk bot or Matrix puts the username before the text)
+        return Delivery(event=event, account=account, channel=channel, gateway=ALERT_GATEWAY, username="", text=text)
+
+    async def _post(self, kind: str, key: str, text: str, held: Mapping[str, Any] | None = None) -> None:
+        try:
+            await self.publish(self.delivery(key, text))
+        except (RedisError, OSError) as exc:
+            self.log.warning("alert %s: message not queued for the admin room (Redis: %s); retried later", key, exc)
+            again = orjson.dumps(held or {"text": text})
+            with contextlib.suppress(RedisError, OSError):
+                await self._unpost(keys=self._keys, args=[key, kind, again])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --------------------------------------------------------------------------------------
+# What a daemon watches (bridge/daemon.py runs DaemonWatch.run).
+
+
+class WatchedRunner(Protocol):
+    """An AccountRunner, as far as the watch looks at it."""
+
+    owned: bool
+    connected: bool
+    receive_down: str | None
+    refused: str | None  # why the credentials were refused (AccountFailed / AccountStopped), until proven again
+    refused_at: float | None  # monotonic
+    receive_since: float | None  # monotonic: the receive loop's last (re)start while owned
+    tenure: tuple[float, float]  # (monotonic start, events in+out then) of the current ownership
+
+    def has_receive_loop(self) -> bool: ...
+
+    def failing_rooms(self) -> Mapping[str, str]: ...
+
+
+class WatchedMetrics(Protocol):
+    events_in: Any
+    events_out: Any
+    account_failed: Any
+    room_failed: Any
+
+
+def samples(metric: Any) -> dict[tuple[str, ...], float]:
+    """A labelled Prometheus metric's current values by label values (the
+    ``_total``/``_created`` samples of counters aside)."""
+    out: dict[tuple[str, ...], float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            out[tuple(sample.labels.values())] = sample.value
+    return out
+
+
+def progress(metrics: WatchedMetrics, account: str) -> float:
+    """Events the account received and delivered in this process."""
+    return samples(metrics.events_in).get((account,), 0.0) + samples(metrics.events_out).get((account,), 0.0)
+
+
+@dataclass(slots=True)
+class _Sustained:
+    """When a condition was first seen, and last seen, failing."""
+
+    first: float
+    last: float
+    why: str
+    fired: bool = False
+
+
+@dataclass(slots=True)
+class _Proof:
+    """What an owned account must exceed to count as working again."""
+
+    tenure: tuple[float, float]
+    since: float
+    progress: float
+    refused_at: float | None = None
+
+
+class DaemonWatch:
+    """Turns a daemon's state into ``fire``/``clear`` calls, every
+    ``interval`` seconds (docs/operations-alerts.md describes each condition).
+
+    Per-account conditions are judged only by the account's owner;
+    fleet-wide ones (dead letters, instances) by every instance, the alerts'
+    deduplication making them one message."""
+
+    def __init__(
+        self,
+        alerts: Alerts,
+        runners: Mapping[str, WatchedRunner],
+        metrics: WatchedMetrics,
+        instances_key: str,
+        dlq_key: str,
+        count_after: Callable[[str, str, int], Awaitable[int]],
+        *,
+        interval: float = 10.0,
+        proof_seconds: float = 60.0,
+        room_grace: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.alerts = alerts
+        self.redis = alerts.redis
+        self.instance_id = alerts.instance_id
+        self.runners = runners
+        self.metrics = metrics
+        self.instances_key = instances_key
+        self.dlq_key = dlq_key
+        self.count_after = count_after  # Bus.entries_after: counted inside Redis
+        self.interval = interval
+        self.proof_seconds = proof_seconds  # a receive loop up this long, unrefused, proves the credentials
+        self.room_grace = room_grace  # a failing room must look healthy this long to count as recovered
+        self.clock = clock
+        self.wall = wall
+        self._proofs: dict[str, _Proof] = {}
+        self._sustained: dict[str, _Sustained] = {}
+        self._instances: dict[str, float] = {}  # instance id -> its heartbeat's expiry (ms), as last seen
+        self._redis_lost: float | None = None  # wall time of the first check Redis did not answer
+
+    @property
+    def settings(self) -> AlertSettings:
+        return self.alerts.settings
+
+    async def run(self) -> None:
+        log = self.alerts.log
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except (RedisError, OSError) as exc:
+                if self._redis_lost is None:
+                    self._redis_lost = self.wall()
+                    log.warning("alerts: Redis unreachable (%s); the checks wait for it", exc)
+            except Exception:  # a bug here must not stop the daemon's other work
+                log.exception("alerts: check failed")
+
+    async def tick(self) -> None:
+        active = await self.alerts.active()  # raises while Redis is away
+        if self._redis_lost is not None:
+            lost, self._redis_lost = self._redis_lost, None
+            await self._redis_regained(lost)
+        now = self.clock()
+        failed = samples(self.metrics.account_failed)
+        for name, runner in self.runners.items():
+            if not runner.owned:
+                self._proofs.pop(name, None)
+                continue
+            await self._credentials(name, runner, active, failed.get((name,), 0.0) >= 1, now)
+            await self._down(name, runner, active, now)
+        await self._rooms(samples(self.metrics.room_failed), active, now)
+        await self._dead_letters(active)
+        await self._fleet(active)
+        await self.alerts.flush()
+
+    # accounts ---------------------------------------------------------------------------
+    async def account_refused(self, name: str, why: str) -> None:
+        """The runner's AccountFailed / AccountStopped paths: at once, not at the next check."""
+        await self.alerts.fire(f"account:{name}:credentials", f"{name}: credentials refused: {why}", "critical")
+
+    async def _credentials(
+        self, name: str, runner: WatchedRunner, active: Mapping[str, Any], gauge: bool, now: float
+    ) -> None:
+        key = f"account:{name}:credentials"
+        proof = self._proofs.get(name)
+        if proof is None or proof.tenure != runner.tenure:
+            proof = self._proofs[name] = _Proof(runner.tenure, runner.tenure[0], runner.tenure[1])
+        if runner.refused_at is not None and runner.refused_at != proof.refused_at:
+            proof.refused_at = runner.refused_at
+            proof.since, proof.progress = now, progress(self.metrics, name)
+        if gauge:  # refused right now (an adapter probing by itself keeps the gauge up meanwhile)
+            proof.since, proof.progress = now, progress(self.metrics, name)
+        if runner.refused is not None and not gauge and self._proven(name, runner, proof, now):
+            runner.refused = None
+        if gauge or runner.refused is not None:
+            if key not in active:
+                why = runner.refused or "the server refuses the account's credentials"
+                await self.alerts.fire(key, f"{name}: credentials refused: {why}", "critical")
+        elif key in active and self._proven(name, runner, proof, now):
+            await self.alerts.clear(key, f"{name}: credentials accepted again")
+
+    def _proven(self, name: str, runner: WatchedRunner, proof: _Proof, now: float) -> bool:
+        """The account worked since its last refusal here (or since this
+        instance took it): traffic went through, or its receive loop ran
+        ``proof_seconds`` without being refused."""
+        if progress(self.metrics, name) > proof.progress:
+            return True
+        since = runner.receive_since
+        return (
+            runner.has_receive_loop()
+            and runner.receive_down is None
+            and since is not None
+            and now - max(since, proof.since) >= self.proof_seconds
+        )
+
+    async def _down(self, name: str, runner: WatchedRunner, active: Mapping[str, Any], now: float) -> None:
+        why = None
+        if not runner.connected:
+            why = "not connected (its connect keeps failing)"
+        elif runner.receive_down is not None and runner.refused is None:
+            why = runner.receive_down
+        await self._observe(f"account:{name}:down", f"{name}: down", why, active, now, grace=0.0)
+
+    async def _rooms(
+        self, rooms_failed: Mapping[tuple[str, ...], float], active: Mapping[str, Any], now: float
+    ) -> None:
+        failing: dict[str, str] = {}
+        for labels, value in rooms_failed.items():
+            if value >= 1 and len(labels) == 2 and self._owned(labels[0]):
+                failing[f"room:{labels[0]}:{labels[1]}"] = "receiving from it fails (see the log)"
+        for name, runner in self.runners.items():
+            if runner.owned:
+                for room, why in runner.failing_rooms().items():
+                    failing.setdefault(f"room:{name}:{room}", why)
+        keys = set(failing) | {k for k in self._sustained if k.startswith("room:")}
+        keys |= {k for k in active if k.startswith("room:")}
+        grace = min(self.room_grace, self.settings.failed_seconds)
+        for key in sorted(keys):
+            _, account, room = key.split(":", 2)
+            if not self._owned(account):  # its owner judges it
+                self._sustained.pop(key, None)
+                continue
+            await self._observe(key, f"{account}: room {room} failing", failing.get(key), active, now, grace)
+
+    def _owned(self, account: str | None) -> bool:
+        runner = self.runners.get(account or "")
+        return runner is not None and runner.owned
+
+    async def _observe(
+        self, key: str, what: str, why: str | None, active: Mapping[str, Any], now: float, grace: float
+    ) -> None:
+        """Fire once ``why`` (failing) has held for FailedMinutes; clear once
+        it has not held for ``grace`` (at once for an alert an earlier owner
+        fired)."""
+        state = self._sustained.get(key)
+        if why is not None:
+            if state is None:
+                state = self._sustained[key] = _Sustained(now, now, why)
+            state.last, state.why = now, why
+            if now - state.first >= self.settings.failed_seconds and key not in active:
+                await self.alerts.fire(key, f"{what} for {_duration(now - state.first)}: {why}", "error")
+            return
+        if state is not None and now - state.last < grace:
+            return  # between two failures (a parked room's retry in flight)
+        self._sustained.pop(key, None)
+        if key in active:
+            await self.alerts.clear(key, f"{what}: recovered")
+
+    # fleet-wide -------------------------------------------------------------------------------
+    async def _dead_letters(self, active: Mapping[str, Any]) -> None:
+        key = "dead-letters"
+        threshold = self.settings.dead_letter_threshold
+        window = self.settings.dead_letter_window
+        cap = max(threshold, 1000)
+        start_ms = int((self.wall() - window) * 1000)
+        recent = await self.count_after(self.dlq_key, f"{start_ms}-0", cap)
+        if recent >= threshold and key not in active:
+            total = await self.redis.xlen(self.dlq_key)
+            shown = f"{recent}+" if recent >= cap else str(recent)
+            await self.alerts.fire(
+                key,
+                f"dead letters growing: {shown} in the last {_duration(window)} ({total} in all); "
+                "see them with talkbridge dlq list, replay with talkbridge dlq replay",
+                "error",
+            )
+        elif recent == 0 and key in active:
+            total = await self.redis.xlen(self.dlq_key)
+            await self.alerts.clear(key, f"no new dead letters for {_duration(window)} ({total} in all)")
+
+    async def _fleet(self, active: Mapping[str, Any]) -> None:
+        """Instances gone: one whose heartbeat lapsed (a clean stop removes
+        itself from the set before it lapses: no alert). Cleared once as many
+        instances are alive as there were before it went."""
+        now_ms = self.wall() * 1000
+        rows = await self.redis.zrange(self.instances_key, 0, -1, withscores=True)
+        live = {_text(member): score for member, score in rows if score > now_ms}
+        lapsed = {_text(member): score for member, score in rows if score <= now_ms}
+        # seen before and now lapsed, or removed (by a heartbeat's sweep) after it lapsed
+        gone = {i: e for i, e in self._instances.items() if i not in live and (i in lapsed or e <= now_ms)}
+        gone.update({i: e for i, e in lapsed.items() if i not in self._instances})  # lapsed before we looked
+        gone.pop(self.instance_id, None)
+        fleet = len(live) + len(gone)
+        for instance, expiry in sorted(gone.items()):
+            await self.alerts.fire(
+                f"instance:{instance}",
+                f"instance {instance} stopped without leaving: its heartbeat lapsed at {_when(expiry / 1000)}; "
+                f"{len(live)} instance(s) alive",
+                "error",
+                details={"fleet": fleet},
+            )
+        self._instances = live
+        for key, record in active.items():
+            if not key.startswith("instance:"):
+                continue
+            wanted = (record.get("details") or {}).get("fleet")
+            if isinstance(wanted, int) and len(live) >= wanted:
+                await self.alerts.clear(key, f"{key.removeprefix('instance:')} replaced: {len(live)} instances alive")
+
+    async def _redis_regained(self, lost_at: float) -> None:
+        """Redis answers again: both messages at once (while it was away,
+        nothing could be recorded or posted)."""
+        lasted = _duration(self.wall() - lost_at)
+        await self.alerts.fire("redis", f"Redis unreachable from {self.instance_id} since {_when(lost_at)}", "error")
+        await self.alerts.clear("redis", f"Redis reachable again from {self.instance_id} after {lasted}")
+
+
+def watch_interval(settings: AlertSettings, lease_seconds: float) -> float:
+    """Often enough to tell an instance that died (its heartbeat lapsed) from
+    one that left (it removed itself before lapsing)."""
+    return max(0.05, min(settings.check_seconds, lease_seconds / 3))
