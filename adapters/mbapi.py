@@ -5,6 +5,7 @@
 - ``GET /api/messages`` -> JSON array of buffered messages; drains the buffer
 - ``GET /api/stream``   -> one JSON object per line, first ``{"event":"api_connected"}``
 - ``POST /api/message`` -> publish a message into its gateway
+- ``GET /api/websocket`` -> both ways over a WebSocket (``websocket`` below)
 
 Where Matterbridge fails its users we do better: the buffer is a Redis stream
 (it survives restarts); a POST naming an unknown gateway gets 400 with the
@@ -27,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import codecs
+import contextlib
 import functools
 import hmac
 import os
@@ -37,7 +39,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
 import orjson
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import RedisError, ResponseError
 
 from adapters.base import Adapter, AdapterContext, Option
@@ -55,6 +57,9 @@ EVENT_JOIN_LEAVE = "join_leave"
 EVENT_REACTION_ADD = "reaction_add"
 EVENT_REACTION_REMOVE = "reaction_remove"
 STREAM_PAGE = 100
+API_ERROR = "api_error"  # a WebSocket frame we refused: {"event": "api_error", "status": 400, "text": reason}
+WS_PING_SECONDS = 54.0  # api.go pingPeriod (pongWait 60 s * 9 / 10)
+WS_CLOSE_SECONDS = 5.0  # a client's close handshake, at shutdown
 
 # Deliver into the buffer exactly once, under the lease's fence: each
 # delivery's map fields (which are also its delivered-marker, bridge.idmap)
@@ -187,6 +192,7 @@ class MatterbridgeAPI(Adapter):
         self._arrived = asyncio.Condition()
         self._seq = 0  # bumped on every delivery; stream readers wait for a change
         self._read_lock = asyncio.Lock()  # one reader drains at a time
+        self._sockets: set[web.WebSocketResponse] = set()  # open /api/websocket connections
 
     @classmethod
     def check_account(cls, account: AccountConfig) -> list[str]:
@@ -205,6 +211,7 @@ class MatterbridgeAPI(Adapter):
                 web.get("/api/messages", self._authorized(self.messages)),
                 web.get("/api/stream", self._authorized(self.stream)),
                 web.post("/api/message", self._authorized(self.post_message)),
+                web.get("/api/websocket", self._authorized(self.websocket)),
             ]
         )
         return app
@@ -217,6 +224,11 @@ class MatterbridgeAPI(Adapter):
         self.ctx.log.info("%s: listening on %s:%d", self.name, host, port)
 
     async def disconnect(self) -> None:
+        sockets, self._sockets = list(self._sockets), set()
+        for ws in sockets:  # 1001: the server is going away; a client reconnects (to the next owner)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(WS_CLOSE_SECONDS):
+                    await ws.close(code=WSCloseCode.GOING_AWAY, message=b"talkbridge is stopping this account here")
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -565,6 +577,114 @@ class MatterbridgeAPI(Adapter):
                     await self._arrived.wait_for(lambda seen=seen: self._seq != seen)
             except TimeoutError:
                 pass
+
+    # WebSocket ---------------------------------------------------------------------
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        """``GET /api/websocket``, as Matterbridge serves it (bridge/api/api.go
+        ``handleWebsocket``, ``readPump``, ``writePump``): after the upgrade,
+        a greeting (``{"event":"api_connected"}``), then every buffered and
+        every new message as one JSON text frame each; every frame the client
+        sends is a message into the gateway, read as ``POST /api/message``
+        reads its body (text or binary frames, JSON). Pings every 54 s.
+
+        Where Matterbridge closes the connection on a frame it cannot read,
+        a frame refused here (not JSON, not an object, an unknown gateway…)
+        is answered with ``{"event": "api_error", "status": 400, "text":
+        reason}`` and nothing is published; the connection stays open. A
+        frame over ``[http] MaxBodyBytes`` closes it with 1009 (message too
+        big): its rest is never read. Like ``/api/stream``, a message is
+        taken from the buffer once written to this connection (several
+        readers share the buffer; Matterbridge copies each message to all)."""
+        ws = web.WebSocketResponse(heartbeat=WS_PING_SECONDS, max_msg_size=self.ctx.max_body)
+        if not ws.can_prepare(request).ok:
+            self.ctx.metrics.rejected.labels(self.name, "400").inc()
+            reason = "/api/websocket needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)"
+            return web.json_response({"message": reason}, status=400)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        sending = asyncio.Lock()  # frames from the reader (errors) and the writer, one at a time
+        greet = {"event": API_CONNECTED, "timestamp": _go_time(datetime.now(UTC).timestamp())}
+        writer: asyncio.Task[None] | None = None
+        try:
+            await ws.send_str(orjson.dumps(greet).decode())
+            writer = asyncio.create_task(self._ws_writer(ws, sending), name=f"websocket:{self.name}")
+            async for msg in ws:
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    await self._ws_frame(ws, sending, msg.data)
+        except ConnectionResetError:  # the client went away: nothing was taken that it did not get
+            pass
+        finally:
+            if writer is not None:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            self._sockets.discard(ws)
+        return ws
+
+    async def _ws_frame(self, ws: web.WebSocketResponse, sending: asyncio.Lock, data: str | bytes) -> None:
+        """One frame from the client: publish it, or answer why not."""
+        try:
+            event, _reply = self.event_from_post(ws_message(data))
+        except BadRequest as exc:
+            self.ctx.metrics.rejected.labels(self.name, str(exc.status)).inc()
+            await self._ws_send(ws, sending, {"event": API_ERROR, "status": exc.status, "text": exc.reason})
+            return
+        if event is None:  # accepted, and it reaches nobody (a deletion of no message)
+            return
+        try:
+            await self.ctx.publish(event)
+        except (RedisError, OSError) as exc:
+            self.ctx.log.error("%s: cannot queue a message: %s", self.name, exc)
+            refusal = {"event": API_ERROR, "status": 503, "text": "message queue unavailable, retry later"}
+            await self._ws_send(ws, sending, refusal)
+            return
+        self._events_in.inc()
+
+    @staticmethod
+    async def _ws_send(ws: web.WebSocketResponse, sending: asyncio.Lock, message: dict[str, Any]) -> None:
+        async with sending:
+            await ws.send_str(orjson.dumps(message).decode())
+
+    async def _ws_writer(self, ws: web.WebSocketResponse, sending: asyncio.Lock) -> None:
+        """The buffer to the client, as ``/api/stream`` writes it."""
+        redis = self.ctx.redis
+        try:
+            while not ws.closed:
+                seen = self._seq
+                async with self._read_lock:
+                    rows = await redis.xrange(self.buffer_key, min="-", max="+", count=STREAM_PAGE)
+                    if rows:
+                        async with sending:
+                            for row in rows:
+                                await ws.send_str(_payload(row).decode())
+                        # removed once written (a dropped connection loses nothing it was not
+                        # sent), even if the connection closes meanwhile: not sent twice
+                        await asyncio.shield(redis.xdel(self.buffer_key, *[row[0] for row in rows]))
+                if len(rows) == STREAM_PAGE:
+                    continue
+                try:
+                    async with asyncio.timeout(5.0), self._arrived:
+                        await self._arrived.wait_for(lambda seen=seen: self._seq != seen)
+                except TimeoutError:
+                    pass
+        except ConnectionResetError:  # the client went away
+            pass
+        except (RedisError, OSError) as exc:
+            # Redis away (an outage, the daemon stopping): close; the client reconnects
+            self.ctx.log.warning("%s: /api/websocket ended: %s", self.name, exc)
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"message queue unavailable, reconnect later")
+
+
+def ws_message(data: str | bytes) -> dict[str, Any]:
+    """A WebSocket frame as the message it carries (its keys as ``go_fields``
+    gives them); raise BadRequest. A binary frame is read as JSON too (Go's
+    ``ReadJSON`` reads either kind)."""
+    try:
+        body = orjson.loads(data)  # refuses text that is not UTF-8, lone surrogates, NaN, nesting past 1,024
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(400, f"frame is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(400, "a frame must be a JSON object (one message)")
+    return go_fields(body, MESSAGE_FIELDS)
 
 
 FORM_CHARSETS = ("utf-8", "ascii", "iso8859-1", "cp1252")  # codecs' names for them
