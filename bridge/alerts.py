@@ -49,7 +49,9 @@ from typing import Any, Protocol
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.bus import Bus
 from bridge.config import Config
@@ -555,7 +557,7 @@ class DaemonWatch:
             await asyncio.sleep(self.interval)
             try:
                 await self.tick()
-            except (RedisError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if self._redis_lost is None:
                     self._redis_lost = self.wall()
                     log.warning("alerts: Redis unreachable (%s); the checks wait for it", exc)
@@ -643,7 +645,10 @@ class DaemonWatch:
         keys |= {k for k in active if k.startswith("room:")}
         grace = min(self.room_grace, self.settings.failed_seconds)
         for key in sorted(keys):
-            _, account, room = key.split(":", 2)
+            parts = key.split(":", 2)
+            if len(parts) != 3:
+                continue  # not one of ours (a worker's key shaped otherwise)
+            _, account, room = parts
             if not self._owned(account):  # its owner judges it
                 self._sustained.pop(key, None)
                 continue
