@@ -248,6 +248,8 @@ def test_an_instance_that_dies_is_alerted_once_and_resolved_when_replaced(fleet:
     fleet.start_all()
     victim, survivor = fleet.daemons
     victim_id = instance_id(victim)
+    # a member of the fleet for a while (the accounts are shared out between the two)
+    wait_for(lambda: "connected" in states(victim.http_port).values(), timeout=30, what="the victim's share")
     victim.kill()  # SIGKILL: it never leaves the heartbeat set; its entry lapses
     room.wait(f"instance {victim_id} stopped without leaving")
     # a newcomer brings the fleet back to two
