@@ -212,9 +212,10 @@ class FakeInstagram:
         self.requests: list[Seen] = []
         self.refused: list[str] = []  # proxy requests refused: "CONNECT host:port" or "GET http://..."
         # "ok"; "rate_limited": every www answer is 429; "login_wall": post pages
-        # redirect to the login page (Instagram's anonymous rate limit)
+        # redirect to the login page (Instagram's anonymous rate limit); "broken": 500s
         self.mode = "ok"
         self._holds: dict[str, asyncio.Event] = {}
+        self._tunnels: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
@@ -317,9 +318,17 @@ class FakeInstagram:
             for event in self._holds.values():
                 event.set()
             proxy.close()
+            # open tunnels (clients keep connections alive) end with the rig
+            tunnels = list(self._tunnels)
+            for task in tunnels:
+                task.cancel()
+            await asyncio.gather(*tunnels, return_exceptions=True)
             await runner.cleanup()
 
     async def _proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tunnels.add(task)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
@@ -336,7 +345,10 @@ class FakeInstagram:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
             pass
+        except asyncio.CancelledError:
+            pass  # the rig stops
         finally:
+            self._tunnels.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -359,6 +371,8 @@ class FakeInstagram:
                 {"message": "Please wait a few minutes before you try again.", "require_login": True, "status": "fail"},
                 status=429,
             )
+        if self.mode == "broken":
+            return web.Response(status=500, text="<html>Something went wrong</html>", content_type="text/html")
         path = request.path
         if path == "/":
             cookie = "csrftoken=fakecsrf; Path=/; Domain=.instagram.com"
@@ -434,7 +448,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
-    except (ConnectionError, asyncio.CancelledError):
+    except ConnectionError:
         pass
     finally:
         with contextlib.suppress(Exception):

@@ -43,7 +43,8 @@ if (not probe) or probe == ARGV[1] or now >= probe_until then
   redis.call('HSET', KEYS[1], 'probe', ARGV[1], 'probe_until', now + tonumber(ARGV[2]))
   return {2, 0, now}
 end
-return {1, math.max(probe_until - now, 1000), now}
+-- the probe is out: ask again in a while (half the base backoff), not after its whole allowance
+return {1, math.max(math.min(probe_until - now, tonumber(ARGV[3]) / 2), 250), now}
 """
 )
 
@@ -111,7 +112,7 @@ class Breaker:
         self._success = redis.register_script(_SUCCESS)
 
     async def check(self, job: str) -> Gate:
-        state, wait_ms, now_ms = await self._check(keys=[self.key], args=[job, self.probe_ms])
+        state, wait_ms, now_ms = await self._check(keys=[self.key], args=[job, self.probe_ms, self.base_ms])
         return Gate(fetch=int(state) != 1, wait=int(wait_ms) / 1000, probe=int(state) == 2, now=int(now_ms) / 1000)
 
     async def trip(self, job: str, started: float) -> Trip:

@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from workers import llm
+from workers import instagram, llm
 
-FEATURES: list[ModuleType] = [llm]
+FEATURES: list[ModuleType] = [instagram, llm]
