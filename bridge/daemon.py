@@ -182,12 +182,12 @@ class AccountRunner:
                 self.connected = False
                 self.d.metrics.account_connected.labels(self.name).set(0)
                 await self._disconnect()
-                with contextlib.suppress(RedisError, OSError):  # it expires by itself
-                    await asyncio.shield(self.control.clear_state())
                 try:
                     await asyncio.shield(self.lease.release())
                 except (RedisError, OSError) as exc:  # it expires by itself
                     self.log.warning("%s: could not hand the lease back: %s", self.name, exc)
+                with contextlib.suppress(RedisError, OSError):  # it expires by itself
+                    await asyncio.shield(self.control.clear_state())
             await asyncio.sleep(cooldown)
 
     async def _owned(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import re
 import subprocess
@@ -23,6 +24,7 @@ from redis.asyncio import Redis
 
 from bridge.admin.passwords import PasswordFormatError, hash_password, parse_password
 from bridge.bus import Bus, BusSettings
+from bridge.cli import main as cli_main
 from bridge.config import ConfigError
 from bridge.control import instance_key, rate_bucket, rate_key, state_key
 from bridge.events import Delivery, Event, EventKind
@@ -391,3 +393,28 @@ def test_a_page_answers_503_while_redis_is_away(tmp_path: Path, redis_server: Re
         assert resp.status_code == 503 and "Redis is unavailable" in resp.text
     finally:
         server.stop()
+
+
+# the CLI reads and acts through the same functions --------------------------------------------------
+def test_cli_status_and_dlq_discard_agree_with_the_page(
+    admin: AdminClient, store: sync_redis.Redis, server: AdminServer, tmp_path: Path
+) -> None:
+    letters = [("tb:out:{api.a}", delivery_payload(f"a{i}", to="api.a"), "boom") for i in range(4)]
+    asyncio.run(add_dead_letters(server.redis_url, letters))
+    ids = [entry_id.decode() for entry_id, _ in store.xrange("tb:dlq")]
+    assert 'href="/dead-letters?account=api.a">4</a>' in admin.http.get("/").text
+    assert admin.post("/accounts/api.b/pause", csrf=admin.csrf()).status_code == 303
+    config_path = server.config.path
+
+    out = io.StringIO()
+    assert cli_main(["dlq", "discard", ids[0], ids[2], "--config", str(config_path)], out=out) == 0
+    assert out.getvalue().strip() == "discarded 2 dead letter(s)"
+    assert cli_main(["dlq", "discard", "not-an-id", "--config", str(config_path)], out=io.StringIO()) == 2
+    # deleted behind the page's back: its tally notices and counts again
+    wait_for(lambda: 'href="/dead-letters?account=api.a">2</a>' in admin.http.get("/").text,
+             what="the page counting 2 dead letters")  # fmt: skip
+    out = io.StringIO()
+    assert cli_main(["status", "--config", str(config_path)], out=out) == 0
+    lines = out.getvalue().splitlines()
+    assert any(line.split()[:1] == ["api.b"] and f"paused by {USER}" in line for line in lines)
+    assert lines[-1] == "dead letters: 2"

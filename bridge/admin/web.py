@@ -127,6 +127,7 @@ class AdminApp:
             undefined=jinja2.StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
+            auto_reload=False,  # templates ship with the package: no stat per render
         )
         self.templates.filters.update(ago=_ago, duration=_duration, utc=_utc, short=_short)
         self.templates.globals.update(levels=LEVEL_CHOICES)
@@ -290,6 +291,8 @@ class AdminApp:
         fragments) whenever they change, a comment line now and then, and
         ``logout`` when the session ends."""
         session: Session = request[SESSION]
+        if request.method == "HEAD":  # nothing would ever be written: answer the head only
+            return web.Response(headers={"Content-Type": "text/event-stream", **SECURITY_HEADERS})
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no", **SECURITY_HEADERS}
         )
