@@ -337,6 +337,14 @@ def test_dashboard_shows_owners_states_instances_rates_and_the_worker_queue(
     store.hset(rate_key("tb", bucket - 3), mapping={"in:api.a": 3})
     store.hset(rate_key("tb", bucket), mapping={"in:api.a": 1000})  # the bucket still filling: not counted
     store.zadd("tb:arq:queue", {"job-1": 1, "job-2": 2})
+    # the alert conditions in force (bridge/alerts.py keeps one JSON record per condition)
+    store.hset("tb:alerts", mapping={
+        "dead-letters": json.dumps({"key": "dead-letters", "severity": "warning", "text": "dead letters growing",
+                                    "since": now - 60, "account": ""}),
+        "account:api.a:credentials": json.dumps({"key": "account:api.a:credentials", "severity": "critical",
+                                                 "text": "api.a: <b>credentials</b> refused", "since": now - 30,
+                                                 "account": "api.a"}),
+    })  # fmt: skip
     page = admin.http.get("/").text
     row = re.search(r'<tr data-account="api.a".*?</tr>', page, re.S).group(0)
     assert 'data-state="failed"' in row and "credentials refused (401)" in row and "host-1-abc" in row
@@ -344,6 +352,8 @@ def test_dashboard_shows_owners_states_instances_rates_and_the_worker_queue(
     assert 'data-account="api.b" data-state="stopped"' in page
     assert "9.9.9" in page and "box" in page and "2 h 00 min" in page and "gone-1" not in page
     assert re.search(r"<dt>Worker queue</dt><dd>2</dd>", page)
+    assert re.findall(r'data-alert="([^"]+)"', page) == ["account:api.a:credentials", "dead-letters"]  # worst first
+    assert "api.a: &lt;b&gt;credentials&lt;/b&gt; refused" in page
 
 
 # config and passwords ------------------------------------------------------------------------------------

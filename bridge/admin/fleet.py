@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from bridge.alerts import alerts_key
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, DeadLetter
 from bridge.config import Config
 from bridge.control import (
@@ -469,6 +470,7 @@ class Snapshot:
     dead_letters: int
     queue: int
     warnings: list[LogRecord]
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # the conditions in force (bridge/alerts.py)
 
 
 async def snapshot(redis: Redis, bus: Bus, config: Config, tally: DeadLetterTally, warnings: int = 8) -> Snapshot:
@@ -483,6 +485,7 @@ async def snapshot(redis: Redis, bus: Bus, config: Config, tally: DeadLetterTall
         row.dead_letters = counts.get(row.name, 0)
     instances = await instance_status(redis, bus.prefix, {row.name: row.owner for row in accounts})
     recent = await log_page(redis, bus.prefix, limit=warnings, scan_limit=max(warnings * 50, 200))
+    alerts = await active_alerts(redis, bus.prefix)
     return Snapshot(
         at=time.time(),
         accounts=accounts,
@@ -490,4 +493,23 @@ async def snapshot(redis: Redis, bus: Bus, config: Config, tally: DeadLetterTall
         dead_letters=tally.length,
         queue=int(await redis.zcard(queue_name(bus.prefix))),  # arq's queue: a sorted set
         warnings=recent.items,
+        alerts=alerts,
     )
+
+
+SEVERITY_ORDER = {"critical": 0, "error": 1, "warning": 2}
+
+
+async def active_alerts(redis: Redis, prefix: str) -> list[dict[str, Any]]:
+    """The alert conditions in force, fleet-wide (one record per condition,
+    bridge/alerts.py), most severe first, then oldest first."""
+    out = []
+    for key, raw in (await redis.hgetall(alerts_key(prefix))).items():
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            record.setdefault("key", _s(key))
+            out.append(record)
+    return sorted(out, key=lambda r: (SEVERITY_ORDER.get(str(r.get("severity")), 3), float(r.get("since") or 0)))
