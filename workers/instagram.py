@@ -58,6 +58,7 @@ FEATURE = "instagram"
 JOB = "instagram_preview"
 ALERT_KEY = "instagram:blocked"
 SETTINGS = "instagram_settings"  # an arq ctx key: a Settings that replaces the config's (tests, the benchmark)
+FETCHER = "instagram_fetcher"  # an arq ctx key: a Fetcher stand-in (bench/jobs.py's no-op one)
 # arq counts each Retry as a try. Waits are computed, so a job needs a few;
 # this bound only stops a job that would otherwise never end.
 MAX_TRIES = 200
@@ -161,7 +162,8 @@ return 0
 class Previewer:
     """One run of one job: everything it uses, built from the worker's deps."""
 
-    def __init__(self, deps: WorkerDeps, settings: Settings, job: str, job_try: int, enqueued_at: float) -> None:
+    def __init__(self, deps: WorkerDeps, settings: Settings, job: str, job_try: int, enqueued_at: float,
+                 fetcher: Fetcher | None = None) -> None:  # fmt: skip
         self.deps = deps
         self.s = settings
         self.job = job
@@ -173,8 +175,8 @@ class Previewer:
                                probe_seconds=max(2 * settings.fetch_timeout, 10.0))  # fmt: skip
         self.limiter = RateLimiter(deps.redis, prefix, FEATURE, limit=settings.requests_per_minute,
                                    room_limit=settings.room_requests_per_minute, period=settings.period)  # fmt: skip
-        self.fetcher = Fetcher(deps.http, timeout=settings.fetch_timeout, cookies_file=settings.cookies_file,
-                               max_media=settings.max_images, log=deps.log)  # fmt: skip
+        self.fetcher = fetcher or Fetcher(deps.http, timeout=settings.fetch_timeout, cookies_file=settings.cookies_file,
+                                          max_media=settings.max_images, log=deps.log)  # fmt: skip
         self._notice = deps.redis.register_script(_NOTICE)
         self.prefix = prefix
 
@@ -358,7 +360,7 @@ async def instagram_preview(ctx: dict[str, Any], source: dict[str, Any], kind: s
     target = Target(kind, ident)  # type: ignore[arg-type]
     enqueued = ctx.get("enqueue_time")
     previewer = Previewer(deps, settings, ctx.get("job_id") or job_id(event, target), int(ctx.get("job_try") or 1),
-                          enqueued.timestamp() if enqueued is not None else time.time())  # fmt: skip
+                          enqueued.timestamp() if enqueued is not None else time.time(), ctx.get(FETCHER))  # fmt: skip
     try:
         await previewer.run(event, target)
     except _GiveUp as exc:
