@@ -52,7 +52,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 RATE_BUCKET_SECONDS = 10  # the width of one rate bucket
-RATE_WINDOW_BUCKETS = 6  # the page's "per minute": the last six complete buckets
+RATE_WINDOW_BUCKETS = 6  # the page's "per minute": the current bucket and the five before it
 RATE_KEEP_SECONDS = 180  # a bucket's lifetime in Redis
 STATE_TTL_LEASES = 3  # an owner's state report outlives its last refresh by this many lease periods
 LISTEN_BACKOFF_MAX = 10.0  # seconds between attempts to subscribe again

@@ -335,7 +335,7 @@ def test_dashboard_shows_owners_states_instances_rates_and_the_worker_queue(
     bucket = rate_bucket(now)
     store.hset(rate_key("tb", bucket - 1), mapping={"in:api.a": 7, "out:api.a": 5})
     store.hset(rate_key("tb", bucket - 3), mapping={"in:api.a": 3})
-    store.hset(rate_key("tb", bucket), mapping={"in:api.a": 1000})  # the bucket still filling: not counted
+    store.hset(rate_key("tb", bucket - 6), mapping={"in:api.a": 1000})  # over a minute ago: not counted
     store.zadd("tb:arq:queue", {"job-1": 1, "job-2": 2})
     # the alert conditions in force (bridge/alerts.py keeps one JSON record per condition)
     store.hset("tb:alerts", mapping={

@@ -170,11 +170,12 @@ async def account_rooms(redis: Redis, prefix: str, config: Config) -> dict[str, 
 
 
 async def rates(redis: Redis, prefix: str, now: float | None = None) -> dict[str, tuple[int, int]]:
-    """Account -> (events in, events out) over the last minute, fleet-wide
-    (the last complete buckets of bridge/control.py's RateRecorder)."""
+    """Account -> (events in, events out) over the last minute, fleet-wide:
+    the current bucket of bridge/control.py's RateRecorder (still filling)
+    and the five before it, so a burst shows at the next flush."""
     current = rate_bucket(time.time() if now is None else now)
     pipe = redis.pipeline(transaction=False)
-    for bucket in range(current - RATE_WINDOW_BUCKETS, current):
+    for bucket in range(current - RATE_WINDOW_BUCKETS + 1, current + 1):
         pipe.hgetall(rate_key(prefix, bucket))
     totals: dict[str, list[int]] = {}
     for bucket in await pipe.execute():
