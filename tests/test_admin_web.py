@@ -22,6 +22,7 @@ import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 
+from bridge.admin import fleet
 from bridge.admin.passwords import PasswordFormatError, hash_password, parse_password
 from bridge.bus import Bus, BusSettings
 from bridge.cli import main as cli_main
@@ -428,3 +429,23 @@ def test_cli_status_and_dlq_discard_agree_with_the_page(
     lines = out.getvalue().splitlines()
     assert any(line.split()[:1] == ["api.b"] and f"paused by {USER}" in line for line in lines)
     assert lines[-1] == "dead letters: 2"
+
+
+async def test_the_dead_letter_tally_counts_everything_once_then_only_what_is_new(redis: Redis) -> None:
+    bus = Bus(redis, BusSettings())
+    tally = fleet.DeadLetterTally(redis, bus.dlq, chunk=7)  # small chunks: the script's paging runs too
+    for i in range(30):
+        await bus.dead_letter(bus.outbound("api.a" if i % 3 else "api.b"), f"{i + 1}-0", b"x", "e", 1)
+    assert await tally.refresh() == {"tb:out:{api.a}": 20, "tb:out:{api.b}": 10}
+    assert tally.recounts == 1
+    for i in range(5):
+        await bus.dead_letter(bus.inbound("api.b"), f"{i + 100}-0", b"x", "e", 1)
+    assert await tally.refresh() == {"tb:out:{api.a}": 20, "tb:out:{api.b}": 10, "tb:in:api.b": 5}
+    assert await tally.refresh() == {"tb:out:{api.a}": 20, "tb:out:{api.b}": 10, "tb:in:api.b": 5}
+    assert tally.recounts == 1  # appends and quiet refreshes never read the old letters again
+    gone = await fleet.discard(bus, [(await bus.dead_letters(1))[0].id])  # the oldest: an api.b one
+    tally.forget(gone)
+    assert (await tally.refresh())["tb:out:{api.b}"] == 9 and tally.recounts == 1
+    await fleet.replay(bus, [(await bus.dead_letters(1))[0].id])  # behind the tally's back (the CLI)
+    assert await tally.refresh() == {"tb:out:{api.a}": 19, "tb:out:{api.b}": 9, "tb:in:api.b": 5}
+    assert tally.recounts == 2
