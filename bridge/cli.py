@@ -264,8 +264,8 @@ def cmd_run(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out
         return runner.run(_run(config, adapters, logstream))
 
 
-async def _worker(config: Config) -> int:
-    from workers.settings import run_worker  # arq and the features only for the worker
+async def _worker(config: Config, logstream: LogStream | None = None) -> int:
+    from workers.settings import run_worker, worker_id  # arq and the features only for the worker
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -285,9 +285,14 @@ async def _worker(config: Config) -> int:
             return EXIT_RUNTIME
         url = embedded.url
     redis = connect(url)
+    instance = worker_id()
+    if logstream is not None:  # a job's WARN+ records on the management page's log view, as a daemon's
+        logstream.start(redis, instance)
     try:
-        await run_worker(config, redis, stop)
+        await run_worker(config, redis, stop, instance_id=instance)
     finally:
+        if logstream is not None:
+            await logstream.aclose()
         await redis.aclose()
     return 0
 
@@ -295,11 +300,12 @@ async def _worker(config: Config) -> int:
 def cmd_worker(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
     config = load(args.config, adapters)
     setup_logging(config)
+    logstream = install_log_stream(config.section("redis")["KeyPrefix"], config.accounts)
     log = logging.getLogger("talkbridge")
     for warning in config.warnings:
         log.warning("config: %s", warning)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(_worker(config))
+        return runner.run(_worker(config, logstream))
 
 
 async def _status(config: Config, out: TextIO) -> int:

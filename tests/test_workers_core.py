@@ -26,6 +26,7 @@ from adapters import AdapterRegistry
 from bridge.bus import ROUTER_GROUP, Bus, BusSettings
 from bridge.config import ConfigError, load_config
 from bridge.events import Event, EventKind
+from bridge.logstream import install as install_log_stream
 from bridge.metrics import Metrics
 from bridge.options import protocol_specs
 from bridge.relay import RouteLoop
@@ -267,3 +268,77 @@ def test_check_config_lists_personas_without_their_keys(tmp_path: Path, monkeypa
     assert main(["check-config", str(path)], out=out) == 0
     assert "ada  (@ada, smollm2 at http://127.0.0.1:8080/v1)" in out.getvalue()
     assert "sk-very-secret" not in out.getvalue()
+
+
+def test_a_jobs_alert_reaches_the_admin_room_and_its_warnings_the_log_stream(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A job's alert is the fleet's (bridge/alerts.py), not a line in the
+    worker's own log: recorded once however many jobs raise it, posted to
+    ``[general] AdminRoom`` through a real daemon, and "resolved" when a job
+    clears it; the worker's WARN+ records land in the fleet's log stream,
+    where the management page reads them."""
+    client = sync_redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    path, (_, port_b, http) = pair_config(tmp_path, redis_server.url)
+    path.write_text(path.read_text().replace("[general]\n", '[general]\nAdminRoom = "api.b:api"\n', 1))
+    daemon = Daemon(path, http, tmp_path / "daemon.log").start()
+    config = load_config(path, SPECS)
+
+    async def alarm(ctx: dict[str, Any], source: dict[str, Any]) -> None:
+        deps = ctx[DEPS]
+        text = Event.from_dict(source).text
+        if text == "!echo down":
+            deps.log.warning("the test service refused us")
+            await deps.alert("test:service", "the test service refuses requests", "error")
+        else:
+            await deps.clear_alert("test:service", "the test service answers again")
+
+    feature = SimpleNamespace(trigger=ECHO.trigger, FUNCTIONS=[func(alarm, name="echo")])
+    logstream = install_log_stream("tb", config.accounts, logging.getLogger("talkbridge.worker"))
+
+    def admin_room() -> list[str]:
+        resp = httpx.get(f"http://127.0.0.1:{port_b}/api/messages", headers={"Authorization": "Bearer token-b"})
+        seen.extend(m["text"] for m in resp.json())
+        return seen
+
+    seen: list[str] = []
+
+    async def scenario() -> None:
+        redis = Redis.from_url(redis_server.url)
+        logstream.start(redis, "worker-test")
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(config, redis, stop, features=[feature], instance_id="worker-test"))
+        try:
+            triggers = build_triggers(config, redis, "tb", logging.getLogger("test"), features=[feature])
+            assert triggers is not None
+            for n in range(3):  # three jobs meet the same condition: one alert
+                await triggers.consider(Event(EventKind.MESSAGE, "api.a", "api", text="!echo down", native_id=f"d{n}"))
+            await asyncio.to_thread(wait_for, admin_room, 30, 0.05, "the alert in the admin room")
+            active = await redis.hgetall("tb:alerts")
+            assert list(active) == [b"test:service"]
+            assert b'"instance":"worker-test"' in active[b"test:service"]
+            await triggers.consider(Event(EventKind.MESSAGE, "api.a", "api", text="!echo up", native_id="u1"))
+            await asyncio.to_thread(wait_for, lambda: len(admin_room()) >= 2, 30, 0.05, "the resolution")
+            await asyncio.to_thread(wait_quiet, lambda: len(admin_room()))
+            assert await redis.hlen("tb:alerts") == 0
+            records = await redis.xrange("tb:log")
+            messages = [fields[b"message"].decode() for _, fields in records]
+            assert "the test service refused us" in messages
+            assert any("ALERT test:service" in m for m in messages)
+            assert all(fields[b"instance"] == b"worker-test" for _, fields in records)
+        finally:
+            stop.set()
+            await worker
+            await logstream.aclose()
+            await redis.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        logging.getLogger("talkbridge.worker").removeHandler(logstream)
+        daemon.stop()
+        client.close()
+    assert len(seen) == 2, seen
+    assert seen[0].startswith("[talkbridge ERROR] the test service refuses requests")
+    assert seen[1].startswith("[talkbridge RESOLVED] the test service answers again")

@@ -15,10 +15,6 @@ from bridge.config import Config
 DEPS = "deps"  # the key of the WorkerDeps in arq's job context
 
 
-async def _log_alert(log: logging.Logger, key: str, text: str, severity: str = "error") -> None:
-    log.log(logging.CRITICAL if severity == "critical" else logging.ERROR, "alert %s: %s", key, text)
-
-
 @dataclass(slots=True)
 class WorkerDeps:
     config: Config

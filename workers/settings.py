@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import uuid
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -26,9 +28,10 @@ from arq.connections import ArqRedis
 from arq.worker import Worker
 from redis.asyncio import Redis
 
+from bridge.alerts import Alerts, outbound_publisher
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config
-from workers.deps import DEPS, WorkerDeps, _log_alert
+from workers.deps import DEPS, WorkerDeps
 from workers.registry import FEATURES
 from workers.triggers import queue_name
 
@@ -66,20 +69,35 @@ def worker_options(config: Config) -> dict[str, Any]:
     }
 
 
-def build_deps(config: Config, redis: Redis, http: httpx.AsyncClient, log: logging.Logger) -> WorkerDeps:
+def worker_id() -> str:
+    """This worker process's name in alerts and the fleet's log stream."""
+    return f"worker-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def build_deps(
+    config: Config, redis: Redis, http: httpx.AsyncClient, log: logging.Logger, instance_id: str | None = None
+) -> WorkerDeps:
+    """A job's alerts are the fleet's (bridge/alerts.py): recorded in Redis,
+    deduplicated across workers and daemons, posted to ``[general] AdminRoom``
+    through the admin account's outbound stream, shown on the management page."""
     bus = Bus(redis, BusSettings.from_section(config.section("redis")["KeyPrefix"], config.section("bus")))
+    alerts = Alerts(redis, bus.prefix, config, instance_id or worker_id(), outbound_publisher(bus), log=log)
 
     async def alert(key: str, text: str, severity: str = "error") -> None:
-        await _log_alert(log, key, text, severity)
+        await alerts.fire(key, text, severity)
 
     async def clear_alert(key: str, text: str) -> None:
-        log.warning("alert %s cleared: %s", key, text)
+        await alerts.clear(key, text)
 
     return WorkerDeps(config, redis, bus, http, log, alert, clear_alert)
 
 
 async def run_worker(
-    config: Config, redis: Redis, stop: asyncio.Event, features: Sequence[ModuleType] = FEATURES
+    config: Config,
+    redis: Redis,
+    stop: asyncio.Event,
+    features: Sequence[ModuleType] = FEATURES,
+    instance_id: str | None = None,
 ) -> None:
     """Run jobs until ``stop`` is set; jobs in progress then finish or are
     given back to the queue (arq: run again by another worker)."""
@@ -88,7 +106,7 @@ async def run_worker(
     if pool is None:
         raise RuntimeError("workers need a standalone or Sentinel Redis (arq does not run on Redis Cluster)")
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False) as http:
-        deps = build_deps(config, redis, http, log)
+        deps = build_deps(config, redis, http, log, instance_id)
         worker = Worker(
             functions(features),
             redis_pool=ArqRedis(connection_pool=pool),
