@@ -146,6 +146,9 @@ OWN_SECTIONS: dict[str, OwnSection] = {
         {
             "RequestsPerMinute": Option(int, default=30, min=1, help="fetches per minute, all workers together"),
             "RoomRequestsPerMinute": Option(int, default=6, min=1, help="fetches per minute for one room"),
+            "RateWindowSeconds": Option(
+                (int, float), default=60, min=1, help="the window the two limits count in (60: per minute)"
+            ),
             "CacheSeconds": Option((int, float), default=86400, min=0),
             "DedupeSeconds": Option((int, float), default=60, min=0),
             "CookiesFile": Option(str, default="", help="Netscape cookies file for logged-in fetching"),

@@ -32,6 +32,7 @@ from bridge.options import protocol_specs
 from bridge.relay import RouteLoop
 from bridge.router import Router
 from tests.helpers import Daemon, RedisServer, api_pair_config, wait_for, wait_quiet
+from workers import instagram
 from workers.deps import DEPS
 from workers.results import answer, is_worker_result, post_reply, result_id
 from workers.settings import run_worker
@@ -76,6 +77,7 @@ Endpoint = "https://llm.example/v1"
 Model = "m"
 [instagram]
 RequestsPerMinute = 10
+RateWindowSeconds = 30
 [[gateway]]
 name = "g"
 enable = true
@@ -111,6 +113,8 @@ channel = "room2"
     assert config.personas["bob"]["Name"] == "Bobby"
     assert config.section("instagram")["RequestsPerMinute"] == 10
     assert config.section("instagram")["RoomRequestsPerMinute"] == 6  # the default
+    limits = instagram.Settings.from_config(config)
+    assert (limits.requests_per_minute, limits.room_requests_per_minute, limits.period) == (10, 6, 30.0)
     assert config.section("workers")["PollDelay"] == 0.05
     # the gateway enables Instagram; the api channel's own option turns it off there
     assert config.instagram_enabled("nctalkbot.bot", "anyroom")
@@ -140,6 +144,10 @@ channel = "room2"
         (
             '[persona.ada]\nEndpoint = "http://x"\nModel = "m"\n[instagram]\nMaxMediaBytes = 0\n',
             "instagram.MaxMediaBytes",
+        ),
+        (
+            '[persona.ada]\nEndpoint = "http://x"\nModel = "m"\n[instagram]\nRateWindowSeconds = 0\n',
+            "instagram.RateWindowSeconds",
         ),
         (
             '[persona.ada]\nEndpoint = "http://x"\nModel = "m"\n'

@@ -94,6 +94,7 @@ class Settings:
         return cls(
             requests_per_minute=s["RequestsPerMinute"],
             room_requests_per_minute=s["RoomRequestsPerMinute"],
+            period=float(s["RateWindowSeconds"]),
             cache_seconds=float(s["CacheSeconds"]),
             dedupe_seconds=float(s["DedupeSeconds"]),
             cookies_file=s["CookiesFile"],
