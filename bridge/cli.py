@@ -251,14 +251,22 @@ def check_file_budget(config: Config, limit: int | None, log: logging.Logger) ->
         )  # fmt: skip
 
 
-def cmd_run(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
-    config = load(args.config, adapters)
+def start_logging(config: Config) -> LogStream:
+    """The console as configured, and WARN+ records queued for the fleet's log
+    stream from now on (written once the process has its Redis), the config's
+    warnings first."""
     setup_logging(config)
-    # queues from now on: the config's warnings below reach the stream too
     logstream = install_log_stream(config.section("redis")["KeyPrefix"], config.accounts)
     log = logging.getLogger("talkbridge")
     for warning in config.warnings:
         log.warning("config: %s", warning)
+    return logstream
+
+
+def cmd_run(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
+    config = load(args.config, adapters)
+    logstream = start_logging(config)
+    log = logging.getLogger("talkbridge")
     check_file_budget(config, raise_file_limit(log), log)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         return runner.run(_run(config, adapters, logstream))
@@ -299,11 +307,7 @@ async def _worker(config: Config, logstream: LogStream | None = None) -> int:
 
 def cmd_worker(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out: TextIO) -> int:
     config = load(args.config, adapters)
-    setup_logging(config)
-    logstream = install_log_stream(config.section("redis")["KeyPrefix"], config.accounts)
-    log = logging.getLogger("talkbridge")
-    for warning in config.warnings:
-        log.warning("config: %s", warning)
+    logstream = start_logging(config)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         return runner.run(_worker(config, logstream))
 
