@@ -243,7 +243,7 @@ def _when(ts: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
+    seconds = max(0, round(seconds))  # to the nearest second: "since" is kept to the millisecond
     if seconds < 60:
         return f"{seconds}s"
     minutes, seconds = divmod(seconds, 60)

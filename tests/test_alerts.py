@@ -137,6 +137,18 @@ async def test_many_instances_firing_at_once_post_one_message_and_one_resolved(
     assert len(await room(redis)) == 3
 
 
+async def test_how_long_it_lasted_is_to_the_nearest_second_from_any_start(redis: Redis, config: Config) -> None:
+    """The start ("since") is kept to the millisecond: one at x.0006 s is recorded as
+    x.001, and a clear 301 s later is 300.9996 s after that: "5m 01s", not
+    "5m 00s" (seen in CI: truncating made the test of the watch flaky)."""
+    clock = Clock(1_750_000_000.0006)
+    alerts = alerts_for(redis, config, "one", clock)
+    await alerts.fire("worker:x", "x broke")
+    clock.now += 301
+    await alerts.clear("worker:x", "x fixed")
+    assert (await room(redis))[1] == "[talkbridge RESOLVED] x fixed (after 5m 01s; worker:x)"
+
+
 async def test_an_alert_about_the_admin_rooms_own_account_goes_to_log_and_dashboard_only(
     redis: Redis, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
