@@ -567,9 +567,11 @@ class MatterbridgeAPI(Adapter):
                 rows = await redis.xrange(self.buffer_key, min="-", max="+", count=STREAM_PAGE)
                 if rows:
                     # Written to the client before removal: a dropped connection
-                    # loses nothing that was not handed to the transport.
+                    # loses nothing that was not handed to the transport; and
+                    # removed even if this handler is cancelled meanwhile (the
+                    # daemon stopping): what was written is not written twice.
                     await resp.write(b"".join(_payload(row) + b"\n" for row in rows))
-                    await redis.xdel(self.buffer_key, *[row[0] for row in rows])
+                    await asyncio.shield(redis.xdel(self.buffer_key, *[row[0] for row in rows]))
             if len(rows) == STREAM_PAGE:
                 continue
             try:
