@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import time
@@ -287,6 +288,13 @@ async def listen(redis: Redis, prefix: str, poke: Callable[[str], None], log: lo
 
 
 # announcements -------------------------------------------------------------------------
+def talkbridge_version() -> str:
+    try:
+        return importlib.metadata.version("talkbridge")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
+
+
 def announce_instance(pipe: Any, prefix: str, instance: str, info: dict[str, str], ttl_ms: int) -> None:
     """Add this instance's info hash to the heartbeat's pipeline."""
     key = instance_key(prefix, instance)

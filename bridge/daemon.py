@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib.metadata
 import logging
 import math
 import os
@@ -37,6 +36,7 @@ from bridge.control import (
     instance_key,
     instances_key,
     listen,
+    talkbridge_version,
 )
 from bridge.events import Event
 from bridge.health import clear_degraded, mark_degraded
@@ -60,13 +60,6 @@ GAUGES_MAX_AGE = 1.0  # seconds: /metrics scrapes within this share one read of 
 RECEIVE_BACKOFF_MIN = 1.0  # seconds before a receive loop that died runs again…
 RECEIVE_BACKOFF_MAX = 60.0  # …doubling while it keeps dying, up to this (then jittered)
 RECEIVE_STEADY = 60.0  # a receive loop that ran this long before dying starts the backoff over
-
-
-def talkbridge_version() -> str:
-    try:
-        return importlib.metadata.version("talkbridge")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree
-        return "unknown"
 
 
 def receive_restart_delay(failures: int, rng: random.Random) -> float:

@@ -32,6 +32,7 @@ from bridge.events import Delivery, Event, EventKind
 from bridge.lease import lease_key
 from tests.admin_rig import PASSWORD, USER, AdminClient, AdminServer, admin_config
 from tests.helpers import ROOT, RedisServer, free_port, wait_for
+from workers import heartbeat
 
 
 @pytest.fixture(scope="module")
@@ -324,9 +325,19 @@ def sse(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
 
 # the dashboard's sources ------------------------------------------------------------------------------
 def test_dashboard_shows_owners_states_instances_rates_and_the_worker_queue(
-    admin: AdminClient, store: sync_redis.Redis
+    admin: AdminClient, store: sync_redis.Redis, redis_server: RedisServer
 ) -> None:
     now = time.time()
+
+    async def a_worker_beats() -> None:  # as run_worker's heartbeat writes it
+        client = Redis.from_url(redis_server.url)
+        info = heartbeat.announcement(now - 7200) | {"done": "12", "failed": "1", "retried": "2", "running": "3",
+                                                    "max_jobs": "10"}  # fmt: skip
+        await heartbeat.beat(client, "tb", "worker-box-7-f00", info)
+        await client.aclose()
+
+    asyncio.run(a_worker_beats())
+    store.zadd("tb:workers", {"worker-dead-1": int((now - 1) * 1000)})  # its heartbeat expired
     store.zadd("tb:instances", {"host-1-abc": int((now + 30) * 1000), "gone-1": int((now - 5) * 1000)})
     store.hset(instance_key("tb", "host-1-abc"), mapping={"version": "9.9.9", "host": "box", "pid": "42",
                                                           "started": f"{now - 7200:.3f}"})  # fmt: skip
@@ -353,6 +364,15 @@ def test_dashboard_shows_owners_states_instances_rates_and_the_worker_queue(
     assert 'data-account="api.b" data-state="stopped"' in page
     assert "9.9.9" in page and "box" in page and "2 h 00 min" in page and "gone-1" not in page
     assert re.search(r"<dt>Worker queue</dt><dd>2</dd>", page)
+    assert re.search(r"<dt>Workers alive</dt><dd>1</dd>", page) and "worker-dead-1" not in page
+    worker = re.search(r'<tbody id="workers">.*?</tbody>', page, re.S).group(0)
+    assert "worker-box-7-f00" in worker and "2 h 00 min" in worker
+    assert re.findall(r'<td class="num">(\d+)(?: <small>/ (\d+)</small>)?</td>', worker)[:4] == [
+        ("3", "10"),
+        ("12", ""),
+        ("1", ""),
+        ("2", ""),
+    ]
     assert re.findall(r'data-alert="([^"]+)"', page) == ["account:api.a:credentials", "dead-letters"]  # worst first
     assert "api.a: &lt;b&gt;credentials&lt;/b&gt; refused" in page
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,7 +33,7 @@ from bridge.options import protocol_specs
 from bridge.relay import RouteLoop
 from bridge.router import Router
 from tests.helpers import Daemon, RedisServer, api_pair_config, wait_for, wait_quiet
-from workers import instagram
+from workers import heartbeat, instagram
 from workers.deps import DEPS
 from workers.results import answer, is_worker_result, post_reply, result_id
 from workers.settings import run_worker
@@ -323,6 +324,10 @@ def test_a_jobs_alert_reaches_the_admin_room_and_its_warnings_the_log_stream(
             for n in range(3):  # three jobs meet the same condition: one alert
                 await triggers.consider(Event(EventKind.MESSAGE, "api.a", "api", text="!echo down", native_id=f"d{n}"))
             await asyncio.to_thread(wait_for, admin_room, 30, 0.05, "the alert in the admin room")
+            # the worker is on the management page's Workers table while it runs (its
+            # first beat is written as it starts, before it takes a job)
+            [(ident, _, info)] = await heartbeat.live_workers(redis, "tb")
+            assert ident == "worker-test" and info["pid"] == str(os.getpid()) and info["max_jobs"] == "10"
             active = await redis.hgetall("tb:alerts")
             assert list(active) == [b"test:service"]
             assert b'"instance":"worker-test"' in active[b"test:service"]
@@ -339,6 +344,9 @@ def test_a_jobs_alert_reaches_the_admin_room_and_its_warnings_the_log_stream(
             stop.set()
             await worker
             await logstream.aclose()
+        try:
+            assert await heartbeat.live_workers(redis, "tb") == []  # a clean stop leaves at once
+        finally:
             await redis.aclose()
 
     try:

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Sequence
 from types import ModuleType
@@ -31,6 +32,7 @@ from redis.asyncio import Redis
 from bridge.alerts import Alerts, outbound_publisher
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config
+from workers import heartbeat
 from workers.deps import DEPS, WorkerDeps
 from workers.registry import FEATURES
 from workers.triggers import queue_name
@@ -105,8 +107,9 @@ async def run_worker(
     pool = getattr(redis, "connection_pool", None)
     if pool is None:
         raise RuntimeError("workers need a standalone or Sentinel Redis (arq does not run on Redis Cluster)")
+    ident = instance_id or worker_id()
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False) as http:
-        deps = build_deps(config, redis, http, log, instance_id)
+        deps = build_deps(config, redis, http, log, ident)
         worker = Worker(
             functions(features),
             redis_pool=ArqRedis(connection_pool=pool),
@@ -114,7 +117,21 @@ async def run_worker(
             ctx={DEPS: deps},
             **worker_options(config),
         )
-        log.info("worker: %d job functions on queue %s", len(worker.functions), worker.queue_name)
+        log.info("worker %s: %d job functions on queue %s", ident, len(worker.functions), worker.queue_name)
+        started = time.time()
+
+        def announce() -> dict[str, str]:
+            running = sum(not task.done() for task in worker.tasks.values())
+            return heartbeat.announcement(started) | {
+                "done": str(worker.jobs_complete),
+                "failed": str(worker.jobs_failed),
+                "retried": str(worker.jobs_retried),
+                "running": str(running),
+                "max_jobs": str(worker.max_jobs),
+            }
+
+        # on the management page from the start (workers/heartbeat.py), then taking jobs
+        beats = asyncio.create_task(heartbeat.heartbeat(redis, deps.prefix, ident, announce, log), name="heartbeat")
         main = asyncio.create_task(worker.async_run())
         waiter = asyncio.create_task(stop.wait())
         try:
@@ -135,3 +152,6 @@ async def run_worker(
                     task.cancel()
                 await asyncio.gather(*late, return_exceptions=True)
             await asyncio.gather(main, waiter, return_exceptions=True)
+            beats.cancel()
+            await asyncio.gather(beats, return_exceptions=True)
+            await heartbeat.leave(redis, deps.prefix, ident)

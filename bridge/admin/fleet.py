@@ -47,6 +47,7 @@ from bridge.control import (
 from bridge.health import degraded_accounts
 from bridge.lease import lease_key
 from bridge.rooms import Rooms
+from workers.heartbeat import live_workers
 from workers.triggers import queue_name
 
 SCAN_LIMIT = 5000  # entries one filtered page looks at, at most
@@ -217,6 +218,32 @@ async def instance_status(redis: Redis, prefix: str, owners: Mapping[str, str | 
         held = [name for name, owner in owners.items() if owner == ident]
         out.append(InstanceStatus(ident, score / 1000, {_s(k): _s(v) for k, v in (info or {}).items()}, held))
     return out
+
+
+@dataclass(slots=True)
+class WorkerStatus:
+    """A ``talkbridge worker`` whose heartbeat has not expired (workers/heartbeat.py)."""
+
+    id: str
+    expires: float  # seconds since the epoch
+    info: dict[str, str]
+
+    @property
+    def uptime(self) -> float | None:
+        try:
+            return max(0.0, time.time() - float(self.info["started"]))
+        except (KeyError, ValueError):
+            return None
+
+    def count(self, name: str) -> int | None:
+        try:
+            return int(self.info[name])
+        except (KeyError, ValueError):
+            return None
+
+
+async def worker_status(redis: Redis, prefix: str) -> list[WorkerStatus]:
+    return [WorkerStatus(ident, expires, info) for ident, expires, info in await live_workers(redis, prefix)]
 
 
 # dead letters ---------------------------------------------------------------------------
@@ -471,6 +498,7 @@ class Snapshot:
     dead_letters: int
     queue: int
     warnings: list[LogRecord]
+    workers: list[WorkerStatus] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)  # the conditions in force (bridge/alerts.py)
 
 
@@ -495,6 +523,7 @@ async def snapshot(redis: Redis, bus: Bus, config: Config, tally: DeadLetterTall
         queue=int(await redis.zcard(queue_name(bus.prefix))),  # arq's queue: a sorted set
         warnings=recent.items,
         alerts=alerts,
+        workers=await worker_status(redis, bus.prefix),
     )
 
 

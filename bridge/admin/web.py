@@ -150,7 +150,7 @@ class AdminApp:
         """The dashboard's live parts, rendered as on the page."""
         return {
             part: self.templates.get_template(f"_{part}.html").render(snap=snap, session=session)
-            for part in ("summary", "alerts", "accounts", "instances", "warnings")
+            for part in ("summary", "alerts", "accounts", "instances", "workers", "warnings")
         }
 
     def build(self) -> web.Application:
