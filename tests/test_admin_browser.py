@@ -22,7 +22,7 @@ from playwright.sync_api import Browser, Page, expect
 
 from tests.admin_rig import PASSWORD, PASSWORD_HASH, USER
 from tests.browser_rig import chromium, screenshot
-from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
+from tests.helpers import Daemon, RedisServer, WorkerProcess, free_port, wait_for, wait_quiet
 from tests.talkbot_rig import SECRET
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Bot
@@ -54,6 +54,7 @@ class Api:
 class Fleet:
     talk: ThreadedTalkServer
     daemon: Daemon
+    worker: WorkerProcess
     a: Api
     b: Api
     bot: Bot
@@ -123,15 +124,18 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -
     store.flushall()
     talk = ThreadedTalkServer().start()
     http, a, b, admin = free_port(), free_port(), free_port(), free_port()
-    daemon = Daemon(fleet_config(tmp, redis_server.url, talk.url, http, a, b, admin), http, tmp / "daemon.log")
+    config = fleet_config(tmp, redis_server.url, talk.url, http, a, b, admin)
+    daemon = Daemon(config, http, tmp / "daemon.log")
     daemon.start()
+    worker = WorkerProcess(config, tmp / "worker.log").start()  # the fleet's workers are on the page too
     try:
         alice = talk.call("add_user", "alice", "Alice")
         talk.call("create_room", "Bridged", TOKEN, (alice,))
         bot = talk.call("install_bot", "Bridge", SECRET, f"http://127.0.0.1:{http}/webhook/nextcloud/talk")
         talk.call("enable_bot", bot, TOKEN)
-        yield Fleet(talk, daemon, Api(a, "token-a"), Api(b, "token-b"), bot, store, f"http://127.0.0.1:{admin}")
+        yield Fleet(talk, daemon, worker, Api(a, "token-a"), Api(b, "token-b"), bot, store, f"http://127.0.0.1:{admin}")
     finally:
+        worker.stop()
         daemon.stop()
         talk.stop()
         store.close()
@@ -178,6 +182,8 @@ def test_operator_pauses_resumes_and_replays_through_the_page(fleet: Fleet, page
         expect(row(page, account)).to_have_attribute("data-state", "connected")
     expect(page.locator("#live-state")).to_have_text("live")  # the SSE stream is up
     expect(page.locator("#instances tr")).to_have_count(1)
+    assert fleet.worker.proc is not None
+    expect(page.locator("#workers tr")).to_contain_text(f"pid {fleet.worker.proc.pid}")
     expect(row(page, "nctalkbot.talk")).to_contain_text(TOKEN)  # its room
 
     # pause api.b; the owner applies it (the row says "held")
