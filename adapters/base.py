@@ -44,6 +44,15 @@ class TransientError(DeliveryError):
     """Network trouble or a 5xx: retry with backoff, then dead-letter."""
 
 
+class ServerUnavailable(TransientError):
+    """The server takes no request now: down, restarting or in maintenance
+    (connection refused, DNS, 502/503/504). Nothing is wrong with the
+    delivery, so it does not spend its attempts: the core retries it with
+    capped backoff for as long as the server is away (the room shows as
+    failing, and is alerted after ``[alerts] FailedMinutes``), and an outage
+    delays messages instead of dead-lettering them."""
+
+
 class RateLimited(TransientError):
     """The server asked us to slow down (429)."""
 
@@ -76,18 +85,24 @@ def url_problems(account: AccountConfig, *keys: str) -> list[str]:
     return problems
 
 
+UNAVAILABLE_STATUSES = frozenset({502, 503, 504})  # the server, or the one behind a proxy, is away
+
+
 def error_for_status(status: int, what: str, retry_after: float | None = None) -> DeliveryError:
     """What an HTTP answer that is not a success means for the delivery, for
     any adapter over HTTP: 401 stops the account (retrying a refused credential
     only feeds the server's lockout), 429 waits ``retry_after`` (the server's
-    ``Retry-After``, when it gave one), 5xx is retried, anything else cannot
-    succeed. ``what`` names the request and the answer for the logs and the
+    ``Retry-After``, when it gave one), 502/503/504 wait for the server (a
+    proxy before a server that is down, Nextcloud's maintenance mode), other
+    5xx are retried, anything else cannot succeed. ``what`` names the request and the answer for the logs and the
     dead letter. An adapter that knows better for some status (Talk's 401 for
     a room the bot is not in) decides that one before calling this."""
     if status == 401:
         return AccountFailed(what)
     if status == 429:
         return RateLimited(what, retry_after)
+    if status in UNAVAILABLE_STATUSES:
+        return ServerUnavailable(what)
     if status >= 500:
         return TransientError(what)
     return PermanentError(what)

@@ -59,11 +59,13 @@ import orjson
 from redis.exceptions import RedisError
 
 from adapters.base import (
+    UNAVAILABLE_STATUSES,
     Adapter,
     AdapterContext,
     Option,
     PermanentError,
     RateLimited,
+    ServerUnavailable,
     TransientError,
     url_problems,
 )
@@ -126,9 +128,10 @@ JOIN_PART = {"user_added": EventKind.JOIN, "user_removed": EventKind.LEAVE,
 class RoomFailure(Exception):
     """One room cannot be polled or posted to now: retried, never given up."""
 
-    def __init__(self, what: str, retry_after: float | None = None) -> None:
+    def __init__(self, what: str, retry_after: float | None = None, status: int | None = None) -> None:
         super().__init__(what)
         self.retry_after = retry_after
+        self.status = status
 
 
 class Refused(Exception):
@@ -517,7 +520,7 @@ class TalkUser(Adapter):
             412: "the room's lobby keeps the account out",
             429: "Talk asks to slow down",
         }.get(status, "server error" if status >= 500 else "unexpected answer")
-        return RoomFailure(f"{what} room {token}: Talk answered {status} ({meaning})", wait)
+        return RoomFailure(f"{what} room {token}: Talk answered {status} ({meaning})", wait, status)
 
     async def _cursor(self, token: str) -> int:
         raw = await self.ctx.redis.hget(self.cursor_key, token)
@@ -792,8 +795,12 @@ class TalkUser(Adapter):
         except RoomFailure as exc:
             if exc.retry_after is not None:
                 raise RateLimited(str(exc), exc.retry_after) from None
+            if exc.status in UNAVAILABLE_STATUSES:  # a proxy before a Talk that is down, maintenance mode
+                raise ServerUnavailable(str(exc)) from None
             raise TransientError(str(exc)) from None
         except Unreachable as exc:
+            if exc.connecting:  # no connection: Talk never saw the request
+                raise ServerUnavailable(str(exc)) from None
             raise TransientError(str(exc)) from None
         except BadAnswer as exc:
             raise TransientError(f"Talk's answer was not understood: {exc}") from None

@@ -45,6 +45,7 @@ from adapters.base import (
     CliCommand,
     Option,
     PermanentError,
+    ServerUnavailable,
     TransientError,
     error_for_status,
     url_problems,
@@ -487,6 +488,8 @@ class TalkBot(Adapter):
         try:
             started = time.monotonic()
             resp = await self._client.request(method, url, content=content, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # no connection: Talk never saw the request
+            raise ServerUnavailable(f"{method} {path}: Talk unreachable: {exc.__class__.__name__}: {exc}") from exc
         except httpx.TimeoutException as exc:
             raise TransientError(f"{method} {path}: timed out ({exc.__class__.__name__})") from exc
         except httpx.HTTPError as exc:

@@ -371,7 +371,10 @@ class AccountRunner:
         loop = self.delivery
         if loop is None or not self.owned:
             return {}
-        return dict.fromkeys(loop.parked_rooms(), "delivering to it keeps failing (retried, then dead-lettered)")
+        return dict.fromkeys(
+            loop.parked_rooms(),
+            "delivering to it keeps failing (retried; dead-lettered after MaxDeliveries unless its server is away)",
+        )
 
 
 def adapter_context(

@@ -82,7 +82,7 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from adapters.base import AccountFailed, Adapter, PermanentError, RateLimited, TransientError
+from adapters.base import AccountFailed, Adapter, PermanentError, RateLimited, ServerUnavailable, TransientError
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, Entry
 from bridge.control import not_held
 from bridge.events import Delivery, EventKind, WireError, event_from_wire
@@ -240,13 +240,14 @@ def _sid(entry_id: bytes) -> tuple[int, int]:
 class _Item:
     """One delivery held in memory by its lane."""
 
-    __slots__ = ("attempts", "checked", "delivery", "entry_id", "payload")
+    __slots__ = ("attempts", "checked", "delivery", "entry_id", "payload", "waits")
 
     def __init__(self, entry_id: bytes, delivery: Delivery, payload: bytes) -> None:
         self.entry_id = entry_id
         self.delivery = delivery
         self.payload = payload
         self.attempts = 0  # failed sends so far (in this process: a crash starts again)
+        self.waits = 0  # sends that found the server away (ServerUnavailable): not attempts
         self.checked = False  # looked up in the delivered-markers already
 
     @property
@@ -627,6 +628,8 @@ class DeliveryLoop(_StreamLoop):
             return None
         except STOPS_DELIVERY:
             raise
+        except ServerUnavailable as exc:
+            return self._server_away(item, f"{type(exc).__name__}: {exc}")
         except (TimeoutError, TransientError, OSError) as exc:
             kind = "rate_limited" if isinstance(exc, RateLimited) else "transient"
             hint = exc.retry_after if isinstance(exc, RateLimited) else None
@@ -653,6 +656,20 @@ class DeliveryLoop(_StreamLoop):
             "%s: delivery to %s failed (%s), retry %d in %.1fs; the room waits, the others go on",
             self.account, item.delivery.channel, error.partition("\n")[0], item.attempts, delay,
         )  # fmt: skip
+        return delay
+
+    def _server_away(self, item: _Item, error: str) -> float:
+        """The server takes no request now: the delivery waits for it, retried
+        with capped backoff and never dead-lettered for it (a restart or a
+        maintenance window delays messages; the room shows as failing)."""
+        self.metrics.delivery_errors.labels(self.account, "unavailable").inc()
+        item.waits += 1
+        delay = self.retry.delay(min(item.waits, 32))
+        if item.waits == 1 or item.waits % 20 == 0:  # a long outage logs now and then, not at every retry
+            self.log.warning(
+                "%s: the server is away for %s (%s); the room waits for it, retry %d in %.1fs",
+                self.account, item.delivery.channel, error.partition("\n")[0], item.waits, delay,
+            )  # fmt: skip
         return delay
 
     async def _resolve(self, delivery: Delivery) -> bool:

@@ -16,7 +16,7 @@ import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 
-from adapters.base import AccountFailed, Adapter, TransientError
+from adapters.base import AccountFailed, Adapter, ServerUnavailable, TransientError
 from bridge.bus import DELIVER_GROUP, Bus, BusSettings
 from bridge.events import Delivery, Event, EventKind
 from bridge.idmap import IdMap
@@ -144,6 +144,7 @@ class Rooms(Adapter):
         self.cancelled: list[str] = []
         self.in_flight: list[str] = []
         self.fatal: set[str] = set()
+        self.away: set[str] = set()  # rooms whose server takes no request (ServerUnavailable)
         self.calls = 0
 
     async def connect(self) -> None:
@@ -165,8 +166,10 @@ class Rooms(Adapter):
             except asyncio.CancelledError:
                 self.cancelled.append(d.text)
                 raise
+        if d.channel in self.away:
+            raise ServerUnavailable("connection refused")
         if d.channel in self.failing:
-            raise TransientError("503 for this room")
+            raise TransientError("500 for this room")
         self.sent.setdefault(d.channel, []).append(d.text)
         return f"{d.channel}:{d.text}"
 
@@ -204,6 +207,33 @@ async def test_a_parked_room_spills_to_redis_and_memory_stays_bounded(redis: Red
         for r in good:
             assert net.sent[r] == [f"{r}-{i:03d}" for i in range(40)]
         assert loop.held == 0
+    finally:
+        await stop(task)
+
+
+async def test_a_server_away_far_longer_than_the_retry_budget_loses_and_dead_letters_nothing(redis: Redis) -> None:
+    """ServerUnavailable spends no attempts: a room whose server is down (a
+    restart, Nextcloud's maintenance mode) waits for it however many retries
+    that takes, then gets everything in order; an ordinary failure in the
+    same loop still ends in the dead letters after the budget."""
+    bus = Bus(redis, BusSettings(batch_size=5))
+    net = Rooms()
+    net.away.add("down")
+    net.failing.add("broken")
+    loop = make_loop(bus, net, "rooms.x", attempts=3)
+    await enqueue(bus, *[delivery("rooms.x", "down", f"down-{i}") for i in range(5)])
+    await enqueue(bus, delivery("rooms.x", "broken", "never"), delivery("rooms.x", "up", "fine"))
+    task = asyncio.create_task(loop.run())
+    try:
+        await until(lambda: net.calls >= 20, what="many more retries than the budget of 3")
+        assert net.sent.get("down") is None and net.sent["up"] == ["fine"]
+        assert loop.parked_rooms() == ["down"]  # shown as failing (alerted after FailedMinutes)
+        [letter] = await bus.dead_letters()  # only the ordinary failure
+        assert letter.error.startswith("TransientError: 500") and letter.attempts == 3
+        net.away.clear()  # the server is back
+        await until(lambda: settled(loop), what="the room's backlog delivered")
+        assert net.sent["down"] == [f"down-{i}" for i in range(5)]
+        assert len(await bus.dead_letters()) == 1
     finally:
         await stop(task)
 

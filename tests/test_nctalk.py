@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from adapters.base import PermanentError, RateLimited, TransientError
+from adapters.base import PermanentError, RateLimited, ServerUnavailable, TransientError
 from bridge.events import Attachment, Event, EventKind
 from tests.nctalk_rig import PASSWORD, UserRig, delivery, gateway, load, start_user_rig, user_section
 from tests.talkbot_rig import until, until_quiet
@@ -357,6 +357,37 @@ async def test_a_send_to_a_room_that_answers_404_is_retried_not_dropped(rig, tal
     with pytest.raises(RateLimited) as caught:
         await rig.adapter.send(delivery(api_event(), ACCOUNT, ROOM))
     assert caught.value.retry_after == 7
+
+
+async def test_talk_away_is_server_unavailable_and_a_room_refusing_is_not(rig, talk, people) -> None:
+    """The core waits for a server that takes no request (adapters.base.
+    ServerUnavailable: no attempts spent, never dead-lettered for it); a room
+    that answers is this room's trouble and keeps its retry budget."""
+    talk.set_maintenance(True)  # occ maintenance:mode --on: 503 + X-Nextcloud-Maintenance-Mode
+    with pytest.raises(ServerUnavailable, match="503"):
+        await rig.adapter.send(delivery(api_event(), ACCOUNT, ROOM))
+    talk.set_maintenance(False)
+    for status in (502, 504):  # a proxy before a Talk that is down, or slow to start
+        talk.fail_room(ROOM, status)
+        with pytest.raises(ServerUnavailable):
+            await rig.adapter.send(delivery(api_event(), ACCOUNT, ROOM))
+    talk.fail_room(ROOM, 500)  # Talk failed on this request: the budget applies
+    with pytest.raises(TransientError) as caught:
+        await rig.adapter.send(delivery(api_event(), ACCOUNT, ROOM))
+    assert not isinstance(caught.value, ServerUnavailable)
+    talk.heal_room(ROOM)
+    assert await rig.adapter.send(delivery(api_event(), ACCOUNT, ROOM))  # and then it is sent
+    # Talk's server gone (stopped, restarting): connection refused
+    await talk.stop()
+    failures = []
+    for _ in range(2):  # the first may meet a kept-alive connection the server closed: an attempt spent
+        try:
+            await rig.adapter.send(delivery(api_event(), ACCOUNT, ROOM))
+        except TransientError as exc:
+            failures.append(exc)
+            if isinstance(exc, ServerUnavailable):
+                break
+    assert isinstance(failures[-1], ServerUnavailable) and "ClientConnectorError" in str(failures[-1]), failures
 
 
 async def test_a_reaction_talk_refuses_is_permanent(rig, talk, people) -> None:

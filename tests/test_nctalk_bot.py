@@ -11,7 +11,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from adapters.base import AccountFailed, PermanentError, RateLimited, TransientError
+from adapters.base import AccountFailed, PermanentError, RateLimited, ServerUnavailable, TransientError
 from adapters.nctalk_bot import TalkBot, install_command
 from adapters.talk.common import reference_id, render, split_message
 from bridge.events import Delivery, Event, EventKind
@@ -399,9 +399,17 @@ async def test_a_401_in_one_room_after_the_secret_worked_fails_only_that_room(ta
 
 async def test_error_statuses_map_to_delivery_errors(talk: TalkServer, rig: Rig, room) -> None:
     r, _bot, _alice = room
-    talk.fail_next(502)
-    with pytest.raises(TransientError):
+    talk.fail_next(502)  # a proxy before a Talk that is down: the core waits for it, spending no attempt
+    with pytest.raises(ServerUnavailable):
         await rig.adapter.send(delivery())
+    talk.set_maintenance(True)  # occ maintenance:mode --on answers every OCS call 503
+    with pytest.raises(ServerUnavailable, match="503"):
+        await rig.adapter.send(delivery())
+    talk.set_maintenance(False)
+    talk.fail_next(500)  # Talk failed on this request: retried within the delivery's budget
+    with pytest.raises(TransientError) as failed:
+        await rig.adapter.send(delivery())
+    assert not isinstance(failed.value, ServerUnavailable)
     talk.fail_next(429, headers={"Retry-After": "7"})  # a proxy's rate limit, saying when
     with pytest.raises(RateLimited) as limited:
         await rig.adapter.send(delivery())
@@ -426,13 +434,13 @@ async def test_too_long_for_talk_is_permanent(tmp_path: Path, redis: Redis, talk
         await rig.close()
 
 
-async def test_network_failure_is_transient(tmp_path: Path, redis: Redis, talk: TalkServer) -> None:
+async def test_connection_refused_is_server_unavailable(tmp_path: Path, redis: Redis, talk: TalkServer) -> None:
     from tests.helpers import free_port
 
     config = write_config(tmp_path / "c.toml", bot_section("talk", f"http://127.0.0.1:{free_port()}"))
     rig = await start_rig(config, ACCOUNT, redis)
     try:
-        with pytest.raises(TransientError):
+        with pytest.raises(ServerUnavailable, match="unreachable"):  # refused: Talk never saw it
             await rig.adapter.send(delivery())
     finally:
         await rig.close()

@@ -13,6 +13,7 @@ one by one; these look at what a running daemon does with them.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,6 +178,35 @@ def test_a_room_answering_404_is_picked_up_again_while_the_other_flows(setup: Se
     log = s.daemon.log()
     assert f"ALERT: room {ROOM} failing" in log and f"room {ROOM} recovered" in log
     assert s.redis.get("tb:degraded:{" + ACCOUNT + "}") is None
+
+
+def test_talk_in_maintenance_longer_than_the_retry_budget_delays_messages_and_loses_none(setup: Setup) -> None:
+    """``occ maintenance:mode --on`` (an upgrade) answers every request 503
+    with X-Nextcloud-Maintenance-Mode. Deliveries wait for Talk without
+    spending their attempts (adapters.base.ServerUnavailable): far more
+    tries than MaxDeliveries (5) later nothing is dead-lettered, and once
+    maintenance ends everything arrives in order, once; the polls resume."""
+    s = setup
+    s.talk.call("set_maintenance", True)
+    sent = [f"during the upgrade {i}" for i in range(3)]
+    for text in sent:
+        s.api.post("one", text=text, username="bob")
+    tries = re.compile(rf'talkbridge_delivery_errors_total{{account="{ACCOUNT}",kind="unavailable"}} (\d+)')
+
+    def tried() -> int:
+        found = tries.search(s.metrics())
+        return int(found.group(1)) if found else 0
+
+    wait_for(lambda: tried() >= 7, timeout=60, what="more tries than MaxDeliveries")
+    assert s.redis.xlen("tb:dlq") == 0 and s.by_bridge(ROOM) == []
+    s.talk.call("set_maintenance", False)
+    expected = [f"[api] <bob> {text}" for text in sent]
+    wait_for(lambda: s.by_bridge(ROOM) == expected, timeout=60, what="the held messages in Talk")
+    assert wait_quiet(lambda: s.by_bridge(ROOM), what="Talk's room") == expected
+    assert s.redis.xlen("tb:dlq") == 0
+    s.post(ROOM, "after the upgrade")
+    wait_for(lambda: "after the upgrade" in s.api.texts(), timeout=30, what="the poll resumed")
+    assert "the server is away for room1234" in s.daemon.log()
 
 
 def test_a_429_retry_after_is_honoured_by_the_poll_and_by_a_send(setup: Setup) -> None:

@@ -42,7 +42,13 @@ SEND_CONNECTIONS = 32  # the account's requests other than long polls, at once
 
 
 class Unreachable(Exception):
-    """The request did not get an answer (network, TLS, timeout)."""
+    """The request did not get an answer (network, TLS, timeout).
+    ``connecting``: no connection was made (refused, DNS, connect timeout),
+    so the server never saw the request."""
+
+    def __init__(self, what: str, connecting: bool = False) -> None:
+        super().__init__(what)
+        self.connecting = connecting
 
 
 class TooLarge(BadAnswer):
@@ -151,8 +157,12 @@ class TalkClient:
                         raise TooLarge(f"{method} {path}: answer longer than {cap} bytes")
                     chunks.append(chunk)
                 return Answer(resp.status, resp.headers, b"".join(chunks))
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise Unreachable(f"{method} {path}: connect timed out", connecting=True) from exc
         except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
             raise Unreachable(f"{method} {path}: timed out ({type(exc).__name__})") from exc
+        except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake
+            raise Unreachable(f"{method} {path}: {type(exc).__name__}: {exc}", connecting=True) from exc
         except aiohttp.ClientError as exc:
             raise Unreachable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
 

@@ -71,6 +71,7 @@ class TalkServer:
         self._faults: list[tuple[int, dict[str, str]]] = []
         self._chat_faults: list[tuple[int, dict[str, str], str | None, bytes | None, str]] = []
         self._failing_rooms: dict[str, tuple[int, dict[str, str]]] = {}  # token -> what every request there gets
+        self.maintenance = False  # occ maintenance:mode --on (set_maintenance)
         self.sessions: dict[str, Session] = {}
         self.login_bruteforce = BruteForce(self.state, "login", bruteforce_delay_scale)
         self.files = files.Files(self)
@@ -84,7 +85,13 @@ class TalkServer:
 
     # lifecycle -------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=16 << 20)
+        @web.middleware
+        async def maintenance_mode(request: web.Request, handler: Any) -> web.StreamResponse:
+            if not self.maintenance:
+                return await handler(request)
+            return self._maintenance_answer(request)
+
+        app = web.Application(client_max_size=16 << 20, middlewares=[maintenance_mode])
         app.add_routes(bot_api.routes(self))
         app.add_routes(chat_api.routes(self.chat_api))
         app.add_routes(files.routes(self.files))
@@ -110,6 +117,29 @@ class TalkServer:
             self._runner = None
 
     # faults ------------------------------------------------------------------------
+    def set_maintenance(self, on: bool) -> None:
+        """Nextcloud's maintenance mode (``occ maintenance:mode --on``, and
+        during an upgrade): every request is answered 503 before routing,
+        CSRF checks or authentication, and nothing else happens."""
+        self.maintenance = on
+
+    def _maintenance_answer(self, request: web.Request) -> web.Response:
+        if request.path.startswith("/ocs/"):
+            # ocs/v1.php (v2.php includes it): http_response_code(503), the
+            # header, and an OCS Result(null, 503, 'Service unavailable') in
+            # the format asked for; no Retry-After
+            resp = ocs_response(request, 503, [], "Service unavailable")
+            resp.headers["X-Nextcloud-Maintenance-Mode"] = "1"
+            return resp
+        # lib/base.php checkMaintenanceMode(): the maintenance page, with Retry-After
+        return web.Response(
+            status=503,
+            text="<!DOCTYPE html><html><body><h2>Maintenance mode</h2>"
+            "<p>This Nextcloud instance is currently in maintenance mode.</p></body></html>",
+            content_type="text/html",
+            headers={"X-Nextcloud-Maintenance-Mode": "1", "Retry-After": "120"},
+        )
+
     def fail_next(self, status: int, count: int = 1, headers: dict[str, str] | None = None) -> None:
         self._faults.extend([(status, headers or {})] * count)
 
