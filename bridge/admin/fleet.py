@@ -189,6 +189,14 @@ async def rates(redis: Redis, prefix: str, now: float | None = None) -> dict[str
 
 
 # instances ------------------------------------------------------------------------------
+def uptime_of(info: Mapping[str, str]) -> float | None:
+    """Seconds since an announcement's ``started`` (None: not announced)."""
+    try:
+        return max(0.0, time.time() - float(info["started"]))
+    except (KeyError, ValueError):
+        return None
+
+
 @dataclass(slots=True)
 class InstanceStatus:
     id: str
@@ -198,10 +206,7 @@ class InstanceStatus:
 
     @property
     def uptime(self) -> float | None:
-        try:
-            return max(0.0, time.time() - float(self.info["started"]))
-        except (KeyError, ValueError):
-            return None
+        return uptime_of(self.info)
 
 
 async def instance_status(redis: Redis, prefix: str, owners: Mapping[str, str | None]) -> list[InstanceStatus]:
@@ -230,10 +235,7 @@ class WorkerStatus:
 
     @property
     def uptime(self) -> float | None:
-        try:
-            return max(0.0, time.time() - float(self.info["started"]))
-        except (KeyError, ValueError):
-            return None
+        return uptime_of(self.info)
 
     def count(self, name: str) -> int | None:
         try:
