@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import redis as sync_redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.admin_rig import AdminClient, AdminServer, admin_config
@@ -173,6 +173,9 @@ def test_without_the_csrf_token_nothing_changes_and_nothing_fails(
     ids=st.lists(st.one_of(text, st.from_regex(r"\A[0-9]{1,20}-[0-9]{1,5}\Z")), max_size=5),
     extra=forms,
 )
+# found by CI: a well-formed id past 64 bits made Redis answer an error, and the page a 503
+@example(path="/dead-letters/replay", ids=["20000000000000000000-0"], extra={})
+@example(path="/dead-letters/discard", ids=["1-18446744073709551616"], extra={})
 def test_with_the_csrf_token_hostile_targets_get_a_4xx_and_change_nothing(
     rig: tuple[AdminServer, AdminClient, sync_redis.Redis], path: str, ids: list[str], extra: dict[str, object]
 ) -> None:

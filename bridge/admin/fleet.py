@@ -54,6 +54,7 @@ SCAN_LIMIT = 5000  # entries one filtered page looks at, at most
 TALLY_CHUNK = 2000  # dead letters one run of the tally script reads
 LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARN": 30, "WARNING": 30, "ERROR": 40, "CRITICAL": 50, "FATAL": 50}
 ENTRY_ID_CHARS = frozenset("0123456789-")
+ENTRY_ID_PART_MAX = 2**64 - 1
 
 
 def log_key(prefix: str) -> str:
@@ -62,9 +63,13 @@ def log_key(prefix: str) -> str:
 
 
 def valid_entry_id(value: str) -> bool:
-    """A stream entry id as Redis writes them: MS-SEQ."""
+    """A stream entry id as Redis writes them: MS-SEQ, each part an unsigned
+    64-bit number (Redis refuses a larger one with an error: a hostile id
+    must be a 400 here, not a 503)."""
     ms, sep, seq = value.partition("-")
-    return bool(sep) and ms.isdigit() and seq.isdigit() and len(value) <= 41 and set(value) <= ENTRY_ID_CHARS
+    if not (sep and ms.isdigit() and seq.isdigit() and len(value) <= 41 and set(value) <= ENTRY_ID_CHARS):
+        return False
+    return int(ms) <= ENTRY_ID_PART_MAX and int(seq) <= ENTRY_ID_PART_MAX
 
 
 def _s(value: bytes | str | None) -> str:
