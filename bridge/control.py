@@ -44,8 +44,10 @@ import contextlib
 import importlib.metadata
 import json
 import logging
+import os
+import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import Counter
@@ -295,11 +297,44 @@ def talkbridge_version() -> str:
         return "unknown"
 
 
-def announce_instance(pipe: Any, prefix: str, instance: str, info: dict[str, str], ttl_ms: int) -> None:
-    """Add this instance's info hash to the heartbeat's pipeline."""
-    key = instance_key(prefix, instance)
-    pipe.hset(key, mapping=info)
+def announcement(started: float) -> dict[str, str]:
+    """What a daemon or a worker says of itself at each heartbeat (the admin
+    page's Instances and Workers tables)."""
+    return {
+        "version": talkbridge_version(),
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "started": f"{started:.3f}",
+    }
+
+
+def announce(pipe: Any, key: str, info: Mapping[str, str], ttl_ms: int) -> None:
+    """Add an announcement hash to a heartbeat's pipeline, expiring with it."""
+    pipe.hset(key, mapping=dict(info))
     pipe.pexpire(key, ttl_ms)
+
+
+async def live_announced(
+    redis: Redis, members_key: str, info_key: Callable[[str], str]
+) -> list[tuple[str, float, dict[str, str]]]:
+    """(id, expiry in seconds since the epoch, announcement) of every member
+    of a heartbeat set (id -> expiry in ms) whose expiry has not passed."""
+    now_ms = int(time.time() * 1000)
+    live = await redis.zrangebyscore(members_key, now_ms, "+inf", withscores=True)
+    if not live:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for member, _ in live:
+        pipe.hgetall(info_key(_text(member)))
+    infos = await pipe.execute()
+    return [
+        (_text(member), score / 1000, {_text(k): _text(v) for k, v in (info or {}).items()})
+        for (member, score), info in zip(live, infos, strict=True)
+    ]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def counter_totals(counter: Counter) -> dict[str, float]:

@@ -32,11 +32,11 @@ from bridge.control import (
     AccountControl,
     RateRecorder,
     RestartRequested,
-    announce_instance,
+    announce,
+    announcement,
     instance_key,
     instances_key,
     listen,
-    talkbridge_version,
 )
 from bridge.events import Event
 from bridge.health import clear_degraded, mark_degraded
@@ -478,16 +478,9 @@ class Daemon:
         pipe.zremrangebyscore(self.instances_key, "-inf", now_ms)
         pipe.zcard(self.instances_key)
         # what the admin page shows of this instance (bridge/control.py), expiring with the heartbeat
-        announce_instance(pipe, self.bus.prefix, self.instance_id, self.info(), int(self.lease_seconds * 2000))
+        announce(pipe, instance_key(self.bus.prefix, self.instance_id), announcement(self.started),
+                 int(self.lease_seconds * 2000))  # fmt: skip
         self.live_instances = max(1, (await pipe.execute())[2])
-
-    def info(self) -> dict[str, str]:
-        return {
-            "version": talkbridge_version(),
-            "host": socket.gethostname(),
-            "pid": str(os.getpid()),
-            "started": f"{self.started:.3f}",
-        }
 
     async def _heartbeat(self) -> None:
         while True:

@@ -27,7 +27,7 @@ from bridge.admin.passwords import PasswordFormatError, hash_password, parse_pas
 from bridge.bus import Bus, BusSettings
 from bridge.cli import main as cli_main
 from bridge.config import ConfigError
-from bridge.control import instance_key, rate_bucket, rate_key, state_key
+from bridge.control import announcement, instance_key, rate_bucket, rate_key, state_key
 from bridge.events import Delivery, Event, EventKind
 from bridge.lease import lease_key
 from tests.admin_rig import PASSWORD, USER, AdminClient, AdminServer, admin_config
@@ -331,7 +331,7 @@ def test_dashboard_shows_owners_states_instances_rates_and_the_worker_queue(
 
     async def a_worker_beats() -> None:  # as run_worker's heartbeat writes it
         client = Redis.from_url(redis_server.url)
-        info = heartbeat.announcement(now - 7200) | {"done": "12", "failed": "1", "retried": "2", "running": "3",
+        info = announcement(now - 7200) | {"done": "12", "failed": "1", "retried": "2", "running": "3",
                                                     "max_jobs": "10"}  # fmt: skip
         await heartbeat.beat(client, "tb", "worker-box-7-f00", info)
         await client.aclose()

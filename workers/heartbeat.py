@@ -16,15 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bridge.control import talkbridge_version
+from bridge.control import announce, live_announced
 
 EVERY = 10.0  # seconds between beats
 LIFETIMES = 3  # a worker is shown alive this many beats after its last
@@ -38,16 +37,6 @@ def worker_key(prefix: str, ident: str) -> str:
     return f"{prefix}:worker:{ident}"
 
 
-def announcement(started: float) -> dict[str, str]:
-    """What every beat says besides the job counts."""
-    return {
-        "host": socket.gethostname(),
-        "pid": str(os.getpid()),
-        "version": talkbridge_version(),
-        "started": f"{started:.3f}",
-    }
-
-
 async def beat(redis: Redis, prefix: str, ident: str, info: Mapping[str, str], every: float = EVERY) -> None:
     """One beat: the worker alive until ``LIFETIMES`` beats from now; the
     expired ones removed."""
@@ -56,8 +45,7 @@ async def beat(redis: Redis, prefix: str, ident: str, info: Mapping[str, str], e
     pipe = redis.pipeline(transaction=False)
     pipe.zadd(workers_key(prefix), {ident: now_ms + ttl_ms})
     pipe.zremrangebyscore(workers_key(prefix), "-inf", now_ms)
-    pipe.hset(worker_key(prefix, ident), mapping=dict(info))
-    pipe.pexpire(worker_key(prefix, ident), ttl_ms)
+    announce(pipe, worker_key(prefix, ident), info, ttl_ms)
     await pipe.execute()
 
 
@@ -91,19 +79,5 @@ async def leave(redis: Redis, prefix: str, ident: str) -> None:
 async def live_workers(redis: Redis, prefix: str) -> list[tuple[str, float, dict[str, str]]]:
     """(id, expiry in seconds since the epoch, announcement) of every worker
     whose heartbeat has not expired, oldest first."""
-    now_ms = int(time.time() * 1000)
-    live = await redis.zrangebyscore(workers_key(prefix), now_ms, "+inf", withscores=True)
-    if not live:
-        return []
-    pipe = redis.pipeline(transaction=False)
-    for member, _ in live:
-        pipe.hgetall(worker_key(prefix, _text(member)))
-    infos = await pipe.execute()
-    out = []
-    for (member, score), info in zip(live, infos, strict=True):
-        out.append((_text(member), score / 1000, {_text(k): _text(v) for k, v in (info or {}).items()}))
-    return sorted(out, key=lambda row: row[2].get("started", ""))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    live = await live_announced(redis, workers_key(prefix), partial(worker_key, prefix))
+    return sorted(live, key=lambda row: row[2].get("started", ""))

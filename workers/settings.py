@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 from bridge.alerts import Alerts, outbound_publisher
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config
+from bridge.control import announcement
 from workers import heartbeat
 from workers.deps import DEPS, WorkerDeps
 from workers.registry import FEATURES
@@ -122,7 +123,7 @@ async def run_worker(
 
         def announce() -> dict[str, str]:
             running = sum(not task.done() for task in worker.tasks.values())
-            return heartbeat.announcement(started) | {
+            return announcement(started) | {
                 "done": str(worker.jobs_complete),
                 "failed": str(worker.jobs_failed),
                 "retried": str(worker.jobs_retried),

@@ -27,6 +27,7 @@ import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -39,6 +40,7 @@ from bridge.control import (
     RATE_WINDOW_BUCKETS,
     instance_key,
     instances_key,
+    live_announced,
     paused_accounts,
     rate_bucket,
     rate_key,
@@ -216,17 +218,10 @@ class InstanceStatus:
 
 async def instance_status(redis: Redis, prefix: str, owners: Mapping[str, str | None]) -> list[InstanceStatus]:
     """The instances whose heartbeat has not expired, with what they announced."""
-    now_ms = int(time.time() * 1000)
-    live = await redis.zrangebyscore(instances_key(prefix), now_ms, "+inf", withscores=True)
-    pipe = redis.pipeline(transaction=False)
-    for member, _ in live:
-        pipe.hgetall(instance_key(prefix, _s(member)))
-    infos = await pipe.execute() if live else []
     out = []
-    for (member, score), info in zip(live, infos, strict=True):
-        ident = _s(member)
+    for ident, expires, info in await live_announced(redis, instances_key(prefix), partial(instance_key, prefix)):
         held = [name for name, owner in owners.items() if owner == ident]
-        out.append(InstanceStatus(ident, score / 1000, {_s(k): _s(v) for k, v in (info or {}).items()}, held))
+        out.append(InstanceStatus(ident, expires, info, held))
     return out
 
 
