@@ -94,9 +94,10 @@ def error_for_status(status: int, what: str, retry_after: float | None = None) -
     only feeds the server's lockout), 429 waits ``retry_after`` (the server's
     ``Retry-After``, when it gave one), 502/503/504 wait for the server (a
     proxy before a server that is down, Nextcloud's maintenance mode), other
-    5xx are retried, anything else cannot succeed. ``what`` names the request and the answer for the logs and the
-    dead letter. An adapter that knows better for some status (Talk's 401 for
-    a room the bot is not in) decides that one before calling this."""
+    5xx are retried, anything else cannot succeed. ``what`` names the request
+    and the answer for the logs and the dead letter. An adapter that knows
+    better for some status (Talk's 401 for a room the bot is not in) decides
+    that one before calling this."""
     if status == 401:
         return AccountFailed(what)
     if status == 429:
