@@ -66,12 +66,14 @@ def log_key(prefix: str) -> str:
 
 def valid_entry_id(value: str) -> bool:
     """A stream entry id as Redis writes them: MS-SEQ, each part an unsigned
-    64-bit number (Redis refuses a larger one with an error: a hostile id
-    must be a 400 here, not a 503)."""
+    64-bit number, and above 0-0 (XADD never writes 0-0). Redis refuses a
+    larger part with an error, and ``(0-0`` as an exclusive end (``before``:
+    nothing is below it); a hostile id must be a 400 here, not a 503."""
     ms, sep, seq = value.partition("-")
     if not (sep and ms.isdigit() and seq.isdigit() and len(value) <= 41 and set(value) <= ENTRY_ID_CHARS):
         return False
-    return int(ms) <= ENTRY_ID_PART_MAX and int(seq) <= ENTRY_ID_PART_MAX
+    parts = int(ms), int(seq)
+    return parts != (0, 0) and all(part <= ENTRY_ID_PART_MAX for part in parts)
 
 
 def _s(value: bytes | str | None) -> str:
