@@ -16,6 +16,7 @@ instead of stopping at the first.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -30,6 +31,8 @@ from bridge.options import Option, ProtocolSpec, go_weak
 
 MAX_CONFIG_BYTES = 1 << 20  # a config larger than 1 MiB is a mistake, not a config
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in a file: path
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")  # also an IPv4 address
+MIN_PLAIN_PASSWORD = 12  # [admin] Password: a shorter plain one is warned about
 
 # The URL forms bridge/connections.py connects to; here so that checking a
 # config needs no Redis client.
@@ -170,7 +173,11 @@ OWN_SECTIONS: dict[str, OwnSection] = {
             "MaxFailedLogins": Option(int, default=5, min=1, help="per client, within LockoutMinutes"),
             "MaxFailedLoginsAll": Option(int, default=50, min=1, help="from all clients, within LockoutMinutes"),
             "LockoutMinutes": Option((int, float), default=15, above=0, max=24 * 60),
+            # a client that logged in may still try at the MaxFailedLoginsAll limit this long (0: nobody may)
+            "KnownAddressDays": Option((int, float), default=30, min=0, max=3650, help="see MaxFailedLoginsAll"),
             "SecureCookie": Option(bool, default=False, help="true behind an HTTPS proxy"),
+            # the names the page answers to, on any port (bridge/admin/web.py: DNS rebinding)
+            "Hosts": Option(list, default=(), help="default: BindAddress's host, localhost, 127.0.0.1, ::1"),
             "RefreshSeconds": Option((int, float), default=2, min=0.5, max=60, help="live updates' interval"),
         }
     ),
@@ -919,9 +926,58 @@ def _check_admin(loader: _Loader, admin: dict[str, Any]) -> None:
         missing = "Password" if admin["User"] else "User"
         loader.problem(f"admin.{missing}", "is required with the other (the page is served when both are set)")
     try:
-        parse_password(admin["Password"])
+        check = parse_password(admin["Password"])
     except PasswordFormatError as exc:
         loader.problem("admin.Password", str(exc))
+        check = None
+    for i, name in enumerate(admin["Hosts"]):
+        if not (isinstance(name, str) and parse_host_name(name) is not None):
+            shown = f'"{name}"' if isinstance(name, str) else _describe(name)
+            loader.problem(f"admin.Hosts[{i}]", f"{shown} is not a host name or IP address (no port, no scheme)")
+    if not (admin["User"] and admin["Password"]):
+        return  # not served: nothing to warn about
+    # dangerous settings that still work: warned about, named by key
+    host = parse_hostport(bind)[0] if bind and parse_hostport(bind) else ""
+    if host and not _loopback(host) and not admin["SecureCookie"]:
+        loader.warnings.append(
+            f'admin.BindAddress: "{bind}" can be reached from other hosts over plain HTTP (SecureCookie = false): '
+            "the password and the session cookie cross the network readable; keep it on 127.0.0.1 behind an SSH "
+            "tunnel, or serve it through an HTTPS proxy and set SecureCookie = true"
+        )
+    if host in ("0.0.0.0", "::") and not admin["Hosts"]:
+        loader.warnings.append(
+            f'admin.Hosts: BindAddress "{bind}" listens on every address, but the page answers only to localhost, '
+            "127.0.0.1 and ::1 until Hosts lists the names browsers use for it"
+        )
+    if check is not None and check.method == "plain" and len(admin["Password"]) < MIN_PLAIN_PASSWORD:
+        loader.warnings.append(
+            f"admin.Password: a password shorter than {MIN_PLAIN_PASSWORD} characters is quick to guess; use a "
+            "longer one, best as its scrypt hash (python -m bridge.admin.passwords)"
+        )
+
+
+def parse_host_name(value: str) -> str | None:
+    """A host name or IP address as ``[admin] Hosts`` lists it, normalized
+    (lower case, no trailing dot, an IPv6 address without brackets); None
+    when it is not one."""
+    name = value.strip().lower().rstrip(".")
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if ":" in name:
+        try:
+            return str(ipaddress.IPv6Address(name))
+        except ValueError:
+            return None
+    return name if len(name) <= 253 and _HOST_NAME.fullmatch(name) else None
+
+
+def _loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_admin_room(value: str) -> tuple[str, str]:

@@ -1,7 +1,7 @@
 """Every route and form of the management page against generated hostile
-requests: any method, path, query, form (or raw bytes), Origin and token,
-with and without a session. The answer is never a 5xx, and nothing an
-operator could change (pauses, restarts, dead letters, streams) changes
+requests: any method, path, query, form (or raw bytes), Origin, Host and
+token, with and without a session. The answer is never a 5xx, and nothing
+an operator could change (pauses, restarts, dead letters, streams) changes
 unless the request was a valid action. Run deeper with
 TALKBRIDGE_PROPS_EXAMPLES=2000."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import urllib.parse
 from collections.abc import Iterator
 
@@ -192,3 +193,78 @@ def test_with_the_csrf_token_hostile_targets_get_a_4xx_and_change_nothing(
         resp.status_code,
     )
     assert state(store) == before
+
+
+# the pages' query parameters, with ids near and past what Redis takes
+entry_ids = st.one_of(
+    st.from_regex(r"\A[0-9]{1,22}-[0-9]{1,22}\Z"),
+    st.sampled_from(["0-0", "00-000", "0-1", "1-0", "18446744073709551615-18446744073709551615",
+                     "18446744073709551616-0", "1-18446744073709551616", "-", "1", "+", "-1-1", "(1-0", "1-0-0"]),
+    text,
+)  # fmt: skip
+page_queries = st.fixed_dictionaries(
+    {},
+    optional={
+        "account": st.one_of(st.sampled_from(ACCOUNTS), text),
+        "before": entry_ids,
+        "level": st.one_of(st.sampled_from(["warning", "ERROR", "CRITICAL", "DEBUG", "INFO"]), text),
+        "instance": st.one_of(text, st.text(min_size=195, max_size=205)),
+        "next": text,
+    },
+)
+
+
+@PROPS
+@given(
+    path=st.one_of(
+        st.sampled_from(["/dead-letters", "/logs"]),
+        st.builds(lambda s: "/dead-letters/" + urllib.parse.quote(s, safe=""), entry_ids),
+    ),
+    query=page_queries,
+)
+# found on main: Redis refuses "(0-0" as an exclusive end, and the page answered 503
+@example(path="/dead-letters", query={"before": "0-0"})
+@example(path="/logs", query={"before": "00-000"})
+@example(path="/dead-letters/0-0", query={})
+def test_the_pages_queries_never_fail(
+    rig: tuple[AdminServer, AdminClient, sync_redis.Redis], path: str, query: dict[str, str]
+) -> None:
+    _, client, store = rig
+    before = state(store)
+    resp = client.http.get(path, params=query)
+    assert resp.status_code in (200, 400, 404), (path, query, resp.status_code, resp.text[:300])
+    if resp.status_code == 400:
+        assert resp.text.strip(), "a 400 says why"
+    assert state(store) == before
+
+
+HOST_NAMES = ["localhost", "LocalHost.", "127.0.0.1", "[::1]", "evil.example", "127.0.0.1.nip.io",
+              "localhost.evil.example", "[::2]", "::1", "0.0.0.0", "127.1", ""]  # fmt: skip
+LOCAL_NAME = re.compile(r"(localhost\.?|127\.0\.0\.1|\[::1\])(:[0-9]*)?", re.IGNORECASE)
+
+
+@PROPS
+@given(
+    host=st.one_of(
+        header_text,
+        st.builds(
+            lambda name, port: name + port,
+            st.sampled_from(HOST_NAMES),
+            st.one_of(st.just(""), st.integers(0, 99999).map(lambda p: f":{p}"), header_text.map(":".__add__)),
+        ),
+    ),
+    path=st.sampled_from(["/login", "/", "/static/admin.css", "/logs", "/nothing"]),
+)
+@example(host="evil.example:4281", path="/login")
+def test_only_the_pages_own_names_get_an_answer(
+    rig: tuple[AdminServer, AdminClient, sync_redis.Redis], host: str, path: str
+) -> None:
+    """A name the page was not configured with (DNS rebinding) gets a 421,
+    whatever the path; the page's own names (the rig's default: localhost,
+    127.0.0.1, ::1) on any port get the page."""
+    _, client, _ = rig
+    resp = client.http.get(path, headers={"Host": host})
+    if LOCAL_NAME.fullmatch(host):
+        assert resp.status_code in (200, 404), (host, resp.status_code)
+    else:
+        assert resp.status_code == 421, (host, resp.status_code)

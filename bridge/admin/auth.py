@@ -12,15 +12,25 @@ lockout holds across them.
   form field (``csrf``) or the ``X-CSRF-Token`` header, compared in
   constant time. The login form, which has no session yet, carries a
   one-time token that must match a cookie set with the form.
-- **Lockout**: failed logins are counted per client address and for all
-  clients together, in windows of ``LockoutMinutes`` from the first
-  failure. At ``MaxFailedLogins`` (one client) or ``MaxFailedLoginsAll``
-  (everyone) logins are refused without checking the password until the
-  window ends. The overall limit bounds a distributed guess at the price
-  of locking the real administrator out too for a while: the page listens
-  on localhost unless configured otherwise, so reaching it at all takes a
-  shell on the host first. Behind a proxy every client has the proxy's
-  address, so the per-client limit becomes a second overall one.
+- **Lockout**: login attempts are counted per client (an IPv4 address, an
+  IPv6 /64) and for all clients together, in windows of ``LockoutMinutes``
+  from the first attempt. An attempt is counted *before* its password is
+  checked, atomically in Redis (a Lua script per counter: the two keys are
+  in different Cluster slots), so a burst sent at once is cut off at the
+  limit; a correct login takes its attempt back. At ``MaxFailedLogins``
+  (one client) further attempts are refused without checking the password
+  until the window ends. At ``MaxFailedLoginsAll`` (everyone) only *known*
+  clients may still try — a client that logged in within
+  ``KnownAddressDays`` — each within its own limit: an attacker's failures,
+  from however many addresses, cannot lock the administrator out of an
+  address that logged in before, and a guess spread over many new addresses
+  stops at the overall limit. What is left: a new address is refused while
+  the overall limit holds (an attacker can renew it every window); an
+  attacker sharing the administrator's address (a local user behind the
+  same 127.0.0.1, everyone behind one proxy) can keep that address locked.
+- **Cost**: at most ``PASSWORD_CHECKS_AT_ONCE`` hashes are computed at a
+  time per process (scrypt: 32 MiB and ~0.1 s each, in threads); the
+  others wait, and only attempts that were counted get that far.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 from dataclasses import dataclass
@@ -42,13 +53,45 @@ LOGIN_COOKIE = "tb_login"
 CLIENT_KEY_MAX = 64  # characters of a client address kept in a key name
 
 
-# KEYS: a failure counter. ARGV: the window in ms. The window starts at the
-# first failure (EXPIRE's NX option would do it, but Redis 6.2 lacks it).
-_COUNT_FAILURE = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return n
+PASSWORD_CHECKS_AT_ONCE = 2  # per process: scrypt's memory and CPU, whatever a burst sends
+
+# Reserve one attempt. KEYS: an attempt counter. ARGV: the window in ms, the
+# limit, "1" to count without refusing (a known client against the overall
+# limit). Returns {count, or -1 when refused; the window's ms left}. The
+# window starts at the first attempt (EXPIRE's NX option would do it, but
+# Redis 6.2 lacks it).
+_RESERVE = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[2]) and ARGV[3] ~= '1' then
+  return {-1, redis.call('PTTL', KEYS[1])}
+end
+n = redis.call('INCR', KEYS[1])
+if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return {n, redis.call('PTTL', KEYS[1])}
 """
+
+# Take one attempt back (never below zero, never creating the key).
+_RELEASE = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n > 0 then return redis.call('DECR', KEYS[1]) end
+return 0
+"""
+
+
+def client_of(address: str) -> str:
+    """Whom the lockout counts: an IPv4 address, or an IPv6 address's /64
+    (one host commonly holds a whole /64: counting each address would give
+    it 2**64 tries)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped  # type: ignore[union-attr]
+        if mapped is not None:
+            return str(mapped)
+        return str(ipaddress.IPv6Network((int(ip), 64), strict=False))
+    return str(ip)
 
 
 class LoginRefused(Exception):
@@ -80,6 +123,7 @@ class AuthSettings:
     max_failures: int
     max_failures_all: int
     lockout_seconds: float
+    known_seconds: float  # how long a client that logged in stays "known" (0: never)
     secure_cookie: bool
 
     @classmethod
@@ -91,6 +135,7 @@ class AuthSettings:
             max_failures=int(admin["MaxFailedLogins"]),
             max_failures_all=int(admin["MaxFailedLoginsAll"]),
             lockout_seconds=float(admin["LockoutMinutes"]) * 60,
+            known_seconds=float(admin["KnownAddressDays"]) * 86400,
             secure_cookie=bool(admin["SecureCookie"]),
         )
 
@@ -100,15 +145,23 @@ class Auth:
         self.redis = redis
         self.prefix = prefix
         self.settings = settings
-        self._count_failure = redis.register_script(_COUNT_FAILURE)
+        self._reserve = redis.register_script(_RESERVE)
+        self._release = redis.register_script(_RELEASE)
+        self._checking = asyncio.Semaphore(PASSWORD_CHECKS_AT_ONCE)
 
     # keys ---------------------------------------------------------------------------
     def _session_key(self, token: str) -> str:
         return f"{self.prefix}:admin:session:{hashlib.sha256(token.encode(errors='replace')).hexdigest()}"
 
+    @staticmethod
+    def _safe(client: str) -> str:
+        return "".join(c if c.isalnum() or c in ".:-" else "_" for c in client_of(client)[:CLIENT_KEY_MAX])
+
     def _fail_key(self, client: str) -> str:
-        safe = "".join(c if c.isalnum() or c in ".:-" else "_" for c in client[:CLIENT_KEY_MAX])
-        return f"{self.prefix}:admin:failed:{safe}"
+        return f"{self.prefix}:admin:failed:{self._safe(client)}"
+
+    def _known_key(self, client: str) -> str:
+        return f"{self.prefix}:admin:known:{self._safe(client)}"
 
     @property
     def _fail_all_key(self) -> str:
@@ -118,33 +171,32 @@ class Auth:
     async def login(self, client: str, user: str, password: str) -> str:
         """A new session's token, or ``LoginRefused``."""
         s = self.settings
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.get(self._fail_key(client))
-        pipe.pttl(self._fail_key(client))
-        pipe.get(self._fail_all_key)
-        pipe.pttl(self._fail_all_key)
-        mine, mine_ttl, everyone, everyone_ttl = await pipe.execute()
-        for count, ttl, limit in ((mine, mine_ttl, s.max_failures), (everyone, everyone_ttl, s.max_failures_all)):
-            if count is not None and int(count) >= limit:
-                minutes = max(1, -(-int(ttl) // 60000)) if ttl and ttl > 0 else 1
-                raise LoginRefused(
-                    429, f"too many failed logins: try again in {minutes} minute(s)", retry_after=minutes * 60
-                )
+        window_ms = int(s.lockout_seconds * 1000)
+        known = s.known_seconds > 0 and bool(await self.redis.exists(self._known_key(client)))
+        mine, mine_ms = await self._reserve(keys=[self._fail_key(client)], args=[window_ms, s.max_failures, 0])
+        if mine < 0:
+            raise _locked_out(mine_ms, "")
+        everyone, everyone_ms = await self._reserve(
+            keys=[self._fail_all_key], args=[window_ms, s.max_failures_all, 1 if known else 0]
+        )
+        if everyone < 0:
+            await self._release(keys=[self._fail_key(client)])  # not this client's doing: not its attempt
+            raise _locked_out(everyone_ms, " from everywhere (addresses that logged in before may still try)")
         # Both checked whatever the first says: the time taken tells nothing about which was wrong.
         user_ok = hmac.compare_digest(
             hashlib.sha256(user.encode(errors="replace")).digest(), hashlib.sha256(s.user.encode()).digest()
         )
-        password_ok = await asyncio.to_thread(s.password.verify, password)  # scrypt: ~0.1 s, off the loop
+        async with self._checking:  # scrypt: ~0.1 s and 32 MiB each, off the loop, a few at a time
+            password_ok = await asyncio.to_thread(s.password.verify, password)
         if not (user_ok and password_ok):
-            await self._failed(client)
-            raise LoginRefused(401, "wrong user name or password")
-        await self.redis.delete(self._fail_key(client))
+            raise LoginRefused(401, "wrong user name or password")  # the reserved attempts stay counted
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(self._fail_key(client))  # a correct login forgives the client's failures
+        if s.known_seconds > 0:
+            pipe.set(self._known_key(client), "1", px=int(s.known_seconds * 1000))
+        await pipe.execute()
+        await self._release(keys=[self._fail_all_key])
         return await self._new_session(user)
-
-    async def _failed(self, client: str) -> None:
-        window_ms = int(self.settings.lockout_seconds * 1000)
-        for key in (self._fail_key(client), self._fail_all_key):  # two Cluster slots: one script each
-            await self._count_failure(keys=[key], args=[window_ms])
 
     async def _new_session(self, user: str) -> str:
         token = secrets.token_urlsafe(32)
@@ -182,3 +234,10 @@ class Auth:
         pipe.hdel(session.key, "flash")
         message, _ = await pipe.execute()
         return message.decode(errors="replace") if message else ""
+
+
+def _locked_out(ms_left: int, where: str) -> LoginRefused:
+    minutes = max(1, -(-int(ms_left) // 60000)) if ms_left and ms_left > 0 else 1
+    return LoginRefused(
+        429, f"too many failed logins{where}: try again in {minutes} minute(s)", retry_after=minutes * 60
+    )

@@ -5,9 +5,13 @@ events (``GET /events``: the dashboard's tables as HTML fragments, sent when
 they change), with its CSS and JavaScript served from ``static/`` — no
 build step, no CDN: it works offline.
 
-Pages and actions (every one behind a session but the login form and the
-static files; every POST checks the session's CSRF token and, when the
-browser sends one, the ``Origin``):
+Every request must name one of the page's host names (``[admin] Hosts``,
+any port) in ``Host``, or gets a 421 before anything else: a page of
+another site whose name was made to resolve to this address (DNS
+rebinding) reaches the listener but not the page. Pages and actions (every
+one behind a session but the login form and the static files; every POST
+checks the session's CSRF token and, when the browser sends one, that the
+``Origin`` is the ``Host``):
 
 - ``GET /`` the dashboard; ``GET /events`` its live updates;
 - ``POST /accounts/NAME/pause|resume|restart`` (bridge/control.py);
@@ -42,7 +46,7 @@ from bridge import control
 from bridge.admin import fleet
 from bridge.admin.auth import LOGIN_COOKIE, SESSION_COOKIE, Auth, AuthSettings, LoginRefused, Session
 from bridge.bus import Bus, BusSettings
-from bridge.config import Config
+from bridge.config import Config, parse_host_name, parse_hostport
 
 HERE = Path(__file__).resolve().parent
 MAX_BODY = 64 * 1024  # forms here are small: a page of dead-letter ids at most
@@ -64,6 +68,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 LEVEL_CHOICES = ("WARNING", "ERROR", "CRITICAL")
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 if hasattr(web, "RequestKey"):  # aiohttp >= 3.12: typed keys
     SESSION = web.RequestKey("session", Session)
@@ -117,6 +122,7 @@ class AdminApp:
         prefix = config.section("redis")["KeyPrefix"]
         self.bus = Bus(redis, BusSettings.from_section(prefix, config.section("bus")))
         self.auth = Auth(redis, prefix, AuthSettings.from_section(section))
+        self.hosts = allowed_hosts(section)
         self.refresh = float(section["RefreshSeconds"])
         self.tally = fleet.DeadLetterTally(redis, self.bus.dlq)
         self.snapshots = SnapshotCache(self._snapshot, max_age=self.refresh / 2)
@@ -154,7 +160,7 @@ class AdminApp:
         }
 
     def build(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._headers, self._guard])
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._headers, self._host, self._guard])
         app.add_routes(
             [
                 web.get("/", self.dashboard),
@@ -208,6 +214,13 @@ class AdminApp:
         for name, value in SECURITY_HEADERS.items():
             response.headers[name] = value
         return response
+
+    @web.middleware
+    async def _host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Only this page's names, before anything else (static files too)."""
+        if host_name(request.headers.get("Host", "")) not in self.hosts:
+            raise BadRequest(421, "this page does not answer to that host name: list it in [admin] Hosts")
+        return await handler(request)
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -464,6 +477,30 @@ def _check_origin(request: web.Request) -> None:
         netloc = None
     if netloc != request.host:
         raise BadRequest(403, "the request came from another site: nothing was changed")
+
+
+def allowed_hosts(admin: dict[str, Any]) -> frozenset[str]:
+    """``[admin] Hosts``, normalized; by default the BindAddress's host (not
+    a wildcard one) and the local names."""
+    if admin["Hosts"]:
+        return frozenset(name for one in admin["Hosts"] if (name := parse_host_name(one)) is not None)
+    bound = parse_hostport(admin["BindAddress"] or "")
+    names = {parse_host_name(bound[0])} if bound and bound[0] not in ("0.0.0.0", "::", "") else set()
+    return frozenset(name for name in names | set(LOCAL_HOSTS) if name is not None)
+
+
+def host_name(header: str) -> str | None:
+    """The name in a ``Host`` header (``name``, ``name:port``, ``[v6]:port``),
+    normalized as ``parse_host_name`` does; None when it is not one."""
+    if header.startswith("["):
+        name, bracket, port = header[1:].partition("]")
+        if not bracket or (port and not (port[0] == ":" and port[1:].isdigit() and port[1:].isascii())):
+            return None
+        return parse_host_name(name) if ":" in name else None
+    name, colon, port = header.partition(":")
+    if colon and port and not (port.isdigit() and port.isascii()):
+        return None
+    return parse_host_name(name)
 
 
 def _see_other(location: str) -> web.Response:
