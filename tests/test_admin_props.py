@@ -256,6 +256,7 @@ LOCAL_NAME = re.compile(r"(localhost\.?|127\.0\.0\.1|\[::1\])(:[0-9]*)?", re.IGN
     path=st.sampled_from(["/login", "/", "/static/admin.css", "/logs", "/nothing"]),
 )
 @example(host="evil.example:4281", path="/login")
+@example(host="[::1]:", path="/login")  # an empty port is allowed (RFC 3986); found by this test
 def test_only_the_pages_own_names_get_an_answer(
     rig: tuple[AdminServer, AdminClient, sync_redis.Redis], host: str, path: str
 ) -> None:

@@ -493,12 +493,13 @@ def host_name(header: str) -> str | None:
     """The name in a ``Host`` header (``name``, ``name:port``, ``[v6]:port``),
     normalized as ``parse_host_name`` does; None when it is not one."""
     if header.startswith("["):
-        name, bracket, port = header[1:].partition("]")
-        if not bracket or (port and not (port[0] == ":" and port[1:].isdigit() and port[1:].isascii())):
+        name, bracket, rest = header[1:].partition("]")
+        colon, port = rest[:1], rest[1:]
+        if not bracket or (rest and colon != ":") or ":" not in name:
             return None
-        return parse_host_name(name) if ":" in name else None
-    name, colon, port = header.partition(":")
-    if colon and port and not (port.isdigit() and port.isascii()):
+    else:
+        name, colon, port = header.partition(":")
+    if port and not (port.isdigit() and port.isascii()):  # the port may be empty (RFC 3986), never another thing
         return None
     return parse_host_name(name)
 
