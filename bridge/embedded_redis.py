@@ -10,6 +10,16 @@ decides what a power cut may cost.
 The server is started with PR_SET_PDEATHSIG: if the daemon is SIGKILLed, the
 kernel sends the server SIGTERM and it shuts down cleanly instead of lingering
 as an orphan that holds the data directory.
+
+The data is every bridged message, dead letter and session record, so it is
+the daemon user's alone: the data directory is 0700 and every file in it
+0600. The server runs under umask 077, which covers what it writes later too
+(an AOF rewrite's or a BGSAVE's files, made by its forked child, which
+inherits the umask; Redis 7's ``appendonlydir``); its socket is 0600
+(``unixsocketperm``: connecting needs write permission only). A data
+directory left more open by an older version is tightened at start, and the
+log says so once, naming what changed. The long-path socket under /tmp is
+0600 like the other.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -29,6 +40,9 @@ from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 MAX_UNIX_PATH = 100  # sun_path is 108 bytes; leave room
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+PRIVATE_UMASK = 0o077  # the server's, so files it creates later are private too
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -88,11 +102,53 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def make_private(data_dir: Path) -> list[str]:
+    """Create ``data_dir`` 0700, or tighten it and everything in it (dirs
+    0700, files 0600); returns what was changed, as "path: 0755 -> 0700".
+
+    Only permission bits are taken away, never added: a file an operator
+    made 0400 stays 0400. Symlinks are left alone (chmod would follow them
+    out of the directory).
+    """
+    data_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    changed: list[str] = []
+
+    def tighten(path: Path, allowed: int) -> None:
+        try:
+            mode = stat.S_IMODE(path.lstat().st_mode)
+        except FileNotFoundError:  # a temporary file of a server still shutting down
+            return
+        if mode & ~allowed:
+            os.chmod(path, mode & allowed)
+            changed.append(f"{path}: {mode:04o} -> {mode & allowed:04o}")
+
+    tighten(data_dir, PRIVATE_DIR)
+    for root, dirs, files in os.walk(data_dir):
+        for name in dirs + files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                tighten(path, PRIVATE_DIR if name in dirs else PRIVATE_FILE)
+    return changed
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a small file 0600 whatever the process's umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE)  # an existing file keeps its mode through O_CREAT
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, binary: str = "", appendfsync: str = "everysec") -> None:
+    def __init__(
+        self, data_dir: Path, binary: str = "", appendfsync: str = "everysec", log: logging.Logger | None = None
+    ) -> None:
         self.data_dir = data_dir.resolve()
         self.binary = binary
         self.appendfsync = appendfsync
+        self.log = log or logging.getLogger("talkbridge.redis")
         self.proc: subprocess.Popen[bytes] | None = None
         self.socket_path = self._socket_path()
         self.pidfile = self.data_dir / "redis.pid"
@@ -131,7 +187,12 @@ class EmbeddedRedis:
         return _ping(self.socket_path)
 
     def start(self, timeout: float = 15.0) -> str:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        changed = make_private(self.data_dir)
+        if changed:  # a directory from an older version, or someone's chmod
+            self.log.warning(
+                "embedded redis: made the data directory private to this user (0700, files 0600): %s",
+                "; ".join(changed),
+            )
         # A server from a killed daemon gets SIGTERM from the kernel and may
         # still be writing its AOF: wait for it, never run two on one dir.
         old = self.running_pid()
@@ -160,7 +221,7 @@ class EmbeddedRedis:
             binary,
             "--port", "0",
             "--unixsocket", self.socket_path,
-            "--unixsocketperm", "700",
+            "--unixsocketperm", "600",
             "--dir", str(self.data_dir),
             "--pidfile", str(self.pidfile),
             "--logfile", str(self.data_dir / "redis.log"),
@@ -176,6 +237,7 @@ class EmbeddedRedis:
             stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
             start_new_session=True,  # a terminal's Ctrl-C goes to us; we stop Redis cleanly
+            umask=PRIVATE_UMASK,  # its AOF, RDB, log and pidfile, now and after every rewrite
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -184,7 +246,7 @@ class EmbeddedRedis:
                     f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}"
                 )
             if _ping(self.socket_path, 0.2):
-                self.ownerfile.write_text(str(os.getpid()))
+                write_private(self.ownerfile, str(os.getpid()))
                 return self.url
             time.sleep(0.02)
         self.stop()
