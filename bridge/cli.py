@@ -37,6 +37,8 @@ GC_FULL_EVERY = 10.0  # seconds between full collections (cycles left by httpx: 
 EXIT_RUNTIME = 1
 FILES_RESERVED = 256  # open files besides client connections: Redis, logs, the embedded server's pipes
 EXIT_CONFIG = 2
+WAIT_FOR_REDIS = 60.0  # seconds a worker waits for the daemon's embedded Redis (talkbridge worker --wait-for-redis)
+REDIS_POLL = 0.25  # seconds between its looks
 
 
 class JsonFormatter(logging.Formatter):
@@ -272,7 +274,36 @@ def cmd_run(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], out
         return runner.run(_run(config, adapters, logstream))
 
 
-async def _worker(config: Config, logstream: LogStream | None = None) -> int:
+async def wait_for_daemon_redis(
+    embedded: EmbeddedRedis, within: float, stop: asyncio.Event, log: logging.Logger
+) -> bool | None:
+    """Wait up to ``within`` seconds for the daemon's embedded server to answer.
+
+    A script or a service manager starts the daemon and its workers together:
+    a worker that wins the race waits for the daemon's Redis, as arq waits
+    for a networked one, instead of dying. True: it answers; False: not
+    within the bound; None: ``stop`` was set meanwhile.
+    """
+    if await asyncio.to_thread(embedded.attach):
+        return True
+    log.info(
+        "waiting for the daemon's embedded Redis (%s): start `talkbridge run` with this config; "
+        "giving up after %g s (--wait-for-redis)",
+        embedded.socket_path, within,
+    )  # fmt: skip
+    started = time.monotonic()
+    while (waited := time.monotonic() - started) < within:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), min(REDIS_POLL, within - waited))
+        if stop.is_set():
+            return None
+        if await asyncio.to_thread(embedded.attach):
+            log.info("the daemon's embedded Redis answers after %.1f s", time.monotonic() - started)
+            return True
+    return False
+
+
+async def _worker(config: Config, logstream: LogStream | None = None, wait_for_redis: float = WAIT_FOR_REDIS) -> int:
     from workers.settings import run_worker, worker_id  # arq and the features only for the worker
 
     stop = asyncio.Event()
@@ -284,9 +315,12 @@ async def _worker(config: Config, logstream: LogStream | None = None) -> int:
         # Workers share the daemon's embedded server; they never start one of
         # their own (a second server on the data directory would be a second bus).
         embedded = embedded_for(config)
-        if not embedded.attach():
+        found = await wait_for_daemon_redis(embedded, wait_for_redis, stop, logging.getLogger("talkbridge.worker"))
+        if found is None:  # stopped while waiting
+            return 0
+        if not found:
             print(
-                f"talkbridge worker: no Redis: start `talkbridge run` with this config first "
+                f"talkbridge worker: no Redis after {wait_for_redis:g} s: start `talkbridge run` with this config "
                 f"(embedded Redis in {embedded.data_dir}), or set [redis] URL",
                 file=sys.stderr,
             )
@@ -309,7 +343,7 @@ def cmd_worker(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], 
     config = load(args.config, adapters)
     logstream = start_logging(config)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(_worker(config, logstream))
+        return runner.run(_worker(config, logstream, args.wait_for_redis))
 
 
 async def _status(config: Config, out: TextIO) -> int:
@@ -379,6 +413,16 @@ def cmd_adapter(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]],
     return command.run(args, load(args.config, adapters), out)
 
 
+def non_negative_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 <= seconds < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {value!r}")
+    return seconds
+
+
 def parser(adapters: Mapping[str, type[Adapter]]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="talkbridge", description="Bridge Nextcloud Talk, Matrix and Matterbridge rooms.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -386,6 +430,13 @@ def parser(adapters: Mapping[str, type[Adapter]]) -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", required=True)
     worker = sub.add_parser("worker", help="run jobs (Instagram previews, persona replies) for the daemons")
     worker.add_argument("--config", "-c", required=True)
+    worker.add_argument(
+        "--wait-for-redis",
+        type=non_negative_seconds,
+        default=WAIT_FOR_REDIS,
+        metavar="SECONDS",
+        help=f"with the embedded Redis: how long to wait for the daemon's (default {WAIT_FOR_REDIS:g})",
+    )
     check = sub.add_parser("check-config", help="validate a config and show what it sets up")
     check.add_argument("config")
     status = sub.add_parser("status", help="stream lengths, lag, pending and dead letters")

@@ -121,3 +121,65 @@ def test_a_second_daemon_on_the_same_embedded_data_dir_is_refused_at_once(tmp_pa
         first.wait_ready()
     finally:
         first.stop()
+
+
+# talkbridge worker beside talkbridge run on the embedded Redis --------------------------------
+def test_a_worker_started_before_the_daemon_waits_for_its_redis_and_runs(tmp_path: Path) -> None:
+    import redis as sync_redis
+
+    from bridge.embedded_redis import EmbeddedRedis
+    from tests.helpers import Daemon, WorkerProcess, wait_for
+
+    path, (_a, _b, http) = api_pair_config(tmp_path, None)
+    worker = WorkerProcess(path, tmp_path / "worker.log").start(ready=False)  # wins the race
+    daemon = Daemon(path, http, tmp_path / "daemon.log")
+    try:
+        wait_for(lambda: "waiting for the daemon's embedded Redis" in worker.log(), what="the worker waits")
+        assert worker.proc is not None and worker.proc.poll() is None
+        assert not (tmp_path / "data").exists()  # it started no server of its own
+        daemon.start()
+        wait_for(lambda: WorkerProcess.READY in worker.log(), timeout=30, what="the worker runs")
+        client = sync_redis.Redis(unix_socket_path=EmbeddedRedis(tmp_path / "data").socket_path)
+        try:  # on the management page's Workers table: its heartbeat is in the daemon's Redis
+            wait_for(lambda: client.zcard("tb:workers") == 1, what="the worker's heartbeat")
+        finally:
+            client.close()
+        assert "the daemon's embedded Redis answers after" in worker.log()
+        assert worker.stop() == 0
+    finally:
+        worker.stop()
+        daemon.stop()
+
+
+def test_a_worker_without_a_daemon_gives_up_after_its_bound(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    path, _ = api_pair_config(tmp_path, None)
+    worker = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "worker", "--config", str(path), "--wait-for-redis", "0.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert worker.returncode == 1, worker.stderr
+    assert "waiting for the daemon's embedded Redis" in worker.stderr and "giving up after 0.5 s" in worker.stderr
+    assert "no Redis after 0.5 s: start `talkbridge run` with this config" in worker.stderr
+    assert not (tmp_path / "data").exists()  # it never started a server of its own
+    for bad in ("-1", "nan", "soon"):
+        refused = subprocess.run(
+            [sys.executable, "-m", "bridge.cli", "worker", "--config", str(path), "--wait-for-redis", bad],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode == 2 and "--wait-for-redis" in refused.stderr
+
+
+def test_a_waiting_worker_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    from tests.helpers import WorkerProcess, wait_for
+
+    path, _ = api_pair_config(tmp_path, None)
+    worker = WorkerProcess(path, tmp_path / "worker.log").start(ready=False)
+    try:
+        wait_for(lambda: "waiting for the daemon's embedded Redis" in worker.log(), what="the worker waits")
+    finally:
+        assert worker.stop() == 0  # a service manager stopping it meanwhile: a clean exit, not a failure
