@@ -15,6 +15,19 @@ own messages* are mapped only once Talk shows their id in a later webhook
 (a reply's ``inReplyTo``, a reaction's object; see ``_learn_own``). It cannot
 edit or delete either; those deliveries are skipped. See docs/talk-bot.md.
 
+Replays: Talk's webhook carries no timestamp; its random is the only nonce,
+and Talk sends each webhook once, while the message is posted, never late.
+A verified webhook is admitted by one script (``ADMIT``) that refuses a
+random seen within ``ReplayWindow``; a ``Create`` or ``Activity`` whose
+message id is at or below the highest id first seen at least
+``ReplayWindow`` ago (Talk's message ids are one server-wide increasing
+sequence, so that message is older than the window: Talk sent its webhook
+long ago); and a ``Join``, ``Leave``, ``Like`` or ``Undo`` whose random is
+among the account's last ``REPLAY_KEPT`` such randoms of the last
+``REPLAY_KEPT_DAYS`` (they bring no new id). Only an admitted webhook moves
+the room between the rooms and refused-rooms sets, in the same script: a
+refused one changes nothing.
+
 Modelled on Talk 19 (Nextcloud 29) with the Talk 21+ additions
 (``object.inReplyTo``, ``Like`` / ``Undo`` reaction hooks).
 """
@@ -36,7 +49,7 @@ from urllib.parse import quote
 import httpx
 import orjson
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from adapters.base import (
     AccountFailed,
@@ -84,7 +97,60 @@ ROOM_CONFIRM = 60.0  # seconds a room, once written to the rooms set, is not rew
 SECRET_PROVEN_FOR = 3600  # seconds a verified exchange vouches for the secret (fleet-wide, in Redis)
 SECRET_PROOF_REFRESH = 60.0  # seconds between one process's rewrites of that proof (the webhook path is hot)
 ECHO_TTL = 600  # seconds a "we reacted" marker waits for Talk's echo
+REPLAY_KEPT = 100_000  # Join/Leave/Like/Undo randoms remembered per account (about 15 MB of Redis when full)
+REPLAY_KEPT_DAYS = 400  # and for at most this long; also how long the id floor outlives a quiet account
+ID_DIGITS = 20  # message ids compared as zero-padded strings: numeric order without Lua's floats
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+# Admit a verified webhook once, atomically; see the module docstring. Times
+# are Redis's clock (TIME), one clock for the fleet. Returns 1 admitted, 0 a
+# random seen before, -1 a message id older than the window.
+# KEYS: 1 seen:RANDOM, 2 ids (zset: padded message id -> first seen, ms),
+#       3 floor (the highest id first seen a window ago or more), 4 randoms
+#       (zset: random -> seen, ms), 5 rooms, 6 refused rooms.
+# ARGV: 1 window ms, 2 padded message id or "", 3 random, 4 randoms kept,
+#       5 ms kept, 6 room op ("confirm" | "lift" | "leave"), 7 room token.
+ADMIT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local kept_ms = tonumber(ARGV[5])
+if ARGV[2] ~= '' then
+  local cutoff = now - tonumber(ARGV[1])
+  local floor = redis.call('GET', KEYS[3]) or ''
+  local aged = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+  if #aged > 0 then
+    for _, id in ipairs(aged) do
+      if id > floor then floor = id end
+    end
+    redis.call('SET', KEYS[3], floor, 'PX', kept_ms)
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+  end
+  if ARGV[2] <= floor then return -1 end
+  redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], kept_ms)
+else
+  if redis.call('ZSCORE', KEYS[4], ARGV[3]) then return 0 end
+  redis.call('ZADD', KEYS[4], now, ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - kept_ms)
+  local over = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[4])
+  if over > 0 then redis.call('ZREMRANGEBYRANK', KEYS[4], 0, over - 1) end
+  redis.call('PEXPIRE', KEYS[4], kept_ms)
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+if ARGV[6] == 'leave' then
+  redis.call('SREM', KEYS[5], ARGV[7])
+  redis.call('SADD', KEYS[6], ARGV[7])
+elseif ARGV[6] == 'confirm' then
+  redis.call('SADD', KEYS[5], ARGV[7])
+  redis.call('SREM', KEYS[6], ARGV[7])
+else
+  redis.call('SMOVE', KEYS[6], KEYS[5], ARGV[7])
+end
+return 1
+"""
+ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()
+ADMITTED, SEEN_RANDOM, OLDER_THAN_WINDOW = 1, 0, -1
 
 
 class WebhookRejected(Exception):
@@ -158,7 +224,12 @@ class TalkBot(Adapter):
             int, default=MAX_CHAT_LENGTH, min=1, help="Talk's chat max-length; longer messages are split"
         ),
         "Silent": Option(bool, default=False, help="post without notifications"),
-        "ReplayWindow": Option(int, default=3600, min=1, help="seconds a webhook random is remembered"),
+        "ReplayWindow": Option(
+            int,
+            default=3600,
+            min=1,
+            help="seconds a webhook random is remembered; messages older than this are refused by their id",
+        ),
     }
 
     def __init__(self, ctx: AdapterContext) -> None:
@@ -176,6 +247,10 @@ class TalkBot(Adapter):
         self.self_actor = f"bots/bot-{hashlib.sha1(url.encode()).hexdigest()}" if url else None
         self.rooms_key = ctx.rooms.key  # in the room batches below; the router reads the set through ctx.rooms too
         self.left_key = ctx.key("left")  # rooms refused: Talk said Leave, or a 401 once the secret was proven
+        self.replay_ids_key = ctx.key("replay", "ids")
+        self.replay_floor_key = ctx.key("replay", "floor")
+        self.replay_randoms_key = ctx.key("replay", "randoms")
+        self.replay_kept = REPLAY_KEPT
         # token -> when this process last wrote it to the rooms set in full.
         # Only a cache that saves commands on the hot webhook path: the room
         # state itself is the fleet's, in Redis. While it is fresh, a verified
@@ -286,30 +361,42 @@ class TalkBot(Adapter):
         kind = payload["type"]
         token = _room_of(payload)
         seen_key = self.ctx.key("seen", random)
+        message_id = _new_message_id(payload)
         redis = self.ctx.redis
-        ops: list[Op] = [("set", (seen_key, b"1"), {"nx": True, "ex": self.replay_window})]
+        confirm = False  # a verified hook proves the bot is in the room
+        if kind == "Leave":
+            room_op = "leave"
+            self._rooms_confirmed.pop(token, None)
+        elif kind == "Join" or now - self._rooms_confirmed.get(token, -ROOM_CONFIRM) >= ROOM_CONFIRM:
+            room_op, confirm = "confirm", True
+        else:  # written here lately: only lift a refusal made since, anywhere (see __init__)
+            room_op = "lift"
+        keys = (seen_key, self.replay_ids_key, self.replay_floor_key, self.replay_randoms_key,
+                self.rooms_key, self.left_key)  # fmt: skip
+        args = (self.replay_window * 1000, message_id, random, self.replay_kept, REPLAY_KEPT_DAYS * 86_400_000,
+                room_op, token)  # fmt: skip
+        ops: list[Op] = [("evalsha", (ADMIT_SHA, len(keys), *keys, *args), {})]
         prove = now - self._proof_written_at >= SECRET_PROOF_REFRESH
         if prove:  # tell the fleet, in the same pipeline: no round trip of its own
             ops.append(self._proof_op())
-        confirm = False  # a verified hook proves the bot is in the room
-        if kind == "Leave":
-            self._rooms_confirmed.pop(token, None)
-        elif kind == "Join" or now - self._rooms_confirmed.get(token, -ROOM_CONFIRM) >= ROOM_CONFIRM:
-            ops += [("sadd", (self.rooms_key, token), {}), ("srem", (self.left_key, token), {})]
-            confirm = True
-        else:  # written here lately: only lift a refusal made since, anywhere (see __init__)
-            ops.append(("smove", (self.left_key, self.rooms_key, token), {}))
         try:
-            fresh = (await self._commands.run(ops))[0]
+            try:
+                verdict = (await self._commands.run(ops))[0]
+            except NoScriptError:  # a new or restarted Redis: every op here is safe to run again
+                await redis.script_load(ADMIT)
+                verdict = (await self._commands.run(ops))[0]
             if prove:
                 self._proof_written_at = now
-            if fresh and kind == "Leave":
-                await self._commands.run([("srem", (self.rooms_key, token), {}), ("sadd", (self.left_key, token), {})])
-            elif fresh and confirm:
+            if verdict == ADMITTED and confirm:
                 self._rooms_confirmed[token] = now
         except (RedisError, OSError) as exc:
             raise WebhookRejected(503, "redis", f"message queue unavailable, retry later ({exc})") from None
-        if not fresh:
+        if verdict == OLDER_THAN_WINDOW:
+            raise WebhookRejected(
+                409, "replay", f"message {message_id.lstrip('0') or '0'} is older than the replay window "
+                f"({self.replay_window} s): Talk sends no webhook that late (a replay)",
+            )  # fmt: skip
+        if verdict != ADMITTED:
             raise WebhookRejected(409, "replay", "this request was already received (replayed random)")
         try:
             event = await self._event(payload, token)
@@ -319,6 +406,8 @@ class TalkBot(Adapter):
         except (RedisError, OSError) as exc:
             try:  # let a genuine retry through: it was not accepted
                 await redis.delete(seen_key)
+                if not message_id:
+                    await redis.zrem(self.replay_randoms_key, random)
             except (RedisError, OSError) as cleanup:
                 self.ctx.log.warning(
                     "%s: could not clear the replay marker of a webhook answered 503 "
@@ -628,6 +717,20 @@ def _content(obj: dict[str, Any]) -> tuple[str, Any]:
         return parse_content(obj.get("content"))
     except BadContent as exc:
         raise WebhookRejected(400, "bad_shape", str(exc)) from None
+
+
+def _new_message_id(payload: dict[str, Any]) -> str:
+    """The id of the message a ``Create`` or ``Activity`` announces, zero-padded
+    to ID_DIGITS so that string order is numeric order; "" for the other
+    types (their ids name older messages or rooms) and for an id that is not
+    a message id of at most ID_DIGITS digits (then its random is kept long)."""
+    if payload["type"] not in ("Create", "Activity"):
+        return ""
+    value = payload["object"].get("id")
+    if not is_message_id(value):
+        return ""
+    digits = str(value)
+    return digits.zfill(ID_DIGITS) if len(digits) <= ID_DIGITS else ""
 
 
 def _room_of(payload: dict[str, Any]) -> str:
