@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from bridge.bus import account_key
 from bridge.events import Delivery, Event
 from bridge.options import Option  # declared in the config layer; adapters use it from here
+from bridge.rejections import RejectionLog
 from bridge.rooms import Rooms
 
 if TYPE_CHECKING:
@@ -130,6 +131,10 @@ class AdapterContext:
     # tenure): exactly once, and never alongside a successor.
     idmap: IdMap | None = None
     fence: Callable[[], Fence | None] = lambda: None
+    # Refused requests (a forged webhook, a wrong token) are logged in summary
+    # here, never one WARNING each: bridge/rejections.py. The daemon passes
+    # its own, whose summaries it writes out as they fall due.
+    rejections: RejectionLog = field(default_factory=lambda: RejectionLog(logging.getLogger("talkbridge.rejections")))
 
     def key(self, *parts: str) -> str:
         """A Redis key private to this account."""

@@ -247,15 +247,25 @@ class MatterbridgeAPI(Adapter):
         return checked
 
     def _refusal(self, request: web.Request) -> web.Response | None:
+        """The answer to a request without the account's Token (None: let it
+        through). Refusals are counted, and logged in summary — the first at
+        once, then one line a minute (bridge/rejections.py): a client with a
+        stale token shows up in the log, a flood does not fill it."""
         if self.token:
             header = request.headers.get("Authorization", "")
             if not header.startswith("Bearer ") or not header[7:]:
                 # Matterbridge (echo KeyAuth) answers 400 for a missing key
                 self.ctx.metrics.rejected.labels(self.name, "missing_token").inc()
+                self.ctx.rejections.note(
+                    self.name, "api request", "missing_token", "no Authorization: Bearer", request.remote
+                )
                 return web.json_response({"message": "missing key in request header"}, status=400)
             # a header's bytes that are not UTF-8 arrive as surrogates: compare bytes as sent
             if not hmac.compare_digest(header[7:].encode("utf-8", "surrogateescape"), self.token.encode()):
                 self.ctx.metrics.rejected.labels(self.name, "bad_token").inc()
+                self.ctx.rejections.note(
+                    self.name, "api request", "bad_token", "the bearer token is not the account's Token", request.remote
+                )
                 return web.json_response({"message": "Unauthorized"}, status=401)
         return None
 

@@ -323,10 +323,11 @@ class TalkBot(Adapter):
             await self._accept(payload, random)
         except WebhookRejected as exc:
             self.ctx.metrics.rejected.labels(self.name, exc.reason).inc()
-            if exc.status >= 500:
+            if exc.status >= 500:  # a verified webhook we could not take: ours to fix, each one
                 self.ctx.log.error("%s: webhook not accepted: %s", self.name, exc.detail)
-            else:
-                self.ctx.log.warning("%s: webhook refused (%d): %s", self.name, exc.status, exc.detail)
+            else:  # anyone can send these: the first at once, then one line a minute (bridge/rejections.py)
+                detail = f"{exc.status}: {exc.detail}"
+                self.ctx.rejections.note(self.name, "webhook", exc.reason, detail, request.remote)
             return web.json_response({"error": exc.detail}, status=exc.status)
         return web.Response(status=200)
 
