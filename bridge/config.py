@@ -19,7 +19,7 @@ import dataclasses
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,13 @@ OWN_SECTIONS: dict[str, OwnSection] = {
                 (int, float), default=75, above=0, max=86400, help="a kept-alive connection between requests"
             ),
             "MaxConnections": Option(int, default=1000, min=1, help="open connections per listener"),
+            # who may read /metrics and /readyz's detail on this listener: bridge/http.py
+            "MetricsFrom": Option(
+                list, default=("127.0.0.0/8", "::1"), help="client addresses/networks trusted without the token"
+            ),
+            "MetricsToken": Option(
+                str, default="", secret=True, help="a bearer token for /metrics and /readyz's detail (env:/file:)"
+            ),
         }
     ),
     "bus": OwnSection(
@@ -913,7 +920,23 @@ def _check_sections(loader: _Loader, sections: dict[str, dict[str, Any]]) -> Non
     bind = sections["http"]["BindAddress"]
     if bind and parse_hostport(bind) is None:
         loader.problem("http.BindAddress", f'"{bind}" is not HOST:PORT')
+    _check_status_access(loader, sections["http"])
     _check_admin(loader, sections["admin"])
+
+
+def _check_status_access(loader: _Loader, http: dict[str, Any]) -> None:
+    networks = http["MetricsFrom"]
+    if not all(isinstance(n, str) for n in networks):
+        loader.problem("http.MetricsFrom", 'must be a list of strings, e.g. ["127.0.0.0/8", "::1"]')
+    else:
+        try:
+            parse_networks(networks)
+        except ValueError as exc:
+            loader.problem("http.MetricsFrom", str(exc))
+    token = http["MetricsToken"]
+    if token and (len(token) < 16 or not token.isascii() or not token.isprintable() or " " in token):
+        # never echo the value: it is a secret
+        loader.problem("http.MetricsToken", "must be 16 or more printable ASCII characters without spaces")
 
 
 def _check_admin(loader: _Loader, admin: dict[str, Any]) -> None:
@@ -996,3 +1019,15 @@ def parse_hostport(value: str) -> tuple[str, int] | None:
     if not m or not 0 <= int(m.group(2)) <= 65535:
         return None
     return (m.group(1) or "0.0.0.0", int(m.group(2)))
+
+
+def parse_networks(values: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``[http] MetricsFrom``: addresses and networks ("10.0.0.5", "10.0.0.0/8",
+    "::1"); ``ValueError`` names the first that is neither."""
+    out = []
+    for value in values:
+        try:
+            out.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f'"{value}" is not an IP address or network (e.g. "10.0.0.0/8", "::1")') from None
+    return tuple(out)

@@ -40,11 +40,12 @@ from bridge.control import (
 )
 from bridge.events import Event
 from bridge.health import clear_degraded, mark_degraded
-from bridge.http import build_app
+from bridge.http import StatusAccess, build_app
 from bridge.idmap import Fence, Fenced, IdMap
 from bridge.lease import Lease
 from bridge.listener import Listener, ListenerLimits
 from bridge.metrics import Metrics
+from bridge.rejections import RejectionLog
 from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy, RouteLoop
 from bridge.router import Router
 from workers.triggers import build_triggers
@@ -386,16 +387,19 @@ def adapter_context(
     key_prefix: str,
     idmap: IdMap,
     fence: Callable[[], Fence | None] = lambda: None,
+    rejections: RejectionLog | None = None,
 ) -> AdapterContext:
     """The ``AdapterContext`` of account ``name``: what the daemon hands each
-    adapter (the tests' in-process rigs build theirs here too)."""
+    adapter (the tests' in-process rigs build theirs here too). ``rejections``:
+    where refused requests are summed up (one of its own when None)."""
     http = config.section("http")
+    log = logging.getLogger(f"talkbridge.{name}")
     return AdapterContext(
         account=config.accounts[name],
         publish=publish,
         redis=redis,
         metrics=metrics,
-        log=logging.getLogger(f"talkbridge.{name}"),
+        log=log,
         channels=config.channels_of(name),
         sends_into={
             gw.name: e.channel for gw in config.gateways for e in gw.entries if e.account == name and e.can_send
@@ -405,6 +409,7 @@ def adapter_context(
         http_limits=ListenerLimits.from_section(http),
         idmap=idmap,
         fence=fence,
+        rejections=rejections or RejectionLog(logging.getLogger("talkbridge.rejections")),
     )
 
 
@@ -432,6 +437,9 @@ class Daemon:
         self.retry = RetryPolicy(bus_cfg["MaxDeliveries"], bus_cfg["RetryBaseSeconds"], bus_cfg["RetryMaxSeconds"])
         self.max_body = config.section("http")["MaxBodyBytes"]
         self.http_limits = ListenerLimits.from_section(config.section("http"))
+        self.status_access = StatusAccess.from_section(config.section("http"))
+        # refused requests of every listener and account here, summed up (bridge/rejections.py)
+        self.rejections = RejectionLog(logging.getLogger("talkbridge.rejections"))
         self.runners: dict[str, AccountRunner] = {}
         self.instances_key = instances_key(self.bus.prefix)
         self.started = time.time()
@@ -444,7 +452,7 @@ class Daemon:
         for name, acct in config.accounts.items():
             ctx = adapter_context(
                 config, name, redis, self.publish, self.metrics, self.bus.prefix, self.idmap,
-                fence=functools.partial(self._fence, name),
+                fence=functools.partial(self._fence, name), rejections=self.rejections,
             )  # fmt: skip
             self.runners[name] = AccountRunner(self, adapters[acct.protocol](ctx), name)
         # admin-room alerts (bridge/alerts.py): what this instance sees, fired and cleared fleet-wide
@@ -563,14 +571,21 @@ class Daemon:
         if not bind:
             return None
         ingress = [route for runner in self.runners.values() for route in runner.adapter.ingress_routes()]
-        app = build_app(self.metrics, self.readiness, self.refresh_metrics, ingress, self.max_body)
+        log = logging.getLogger("talkbridge.http")
+        app = build_app(
+            self.metrics, self.readiness, self.refresh_metrics, ingress, self.max_body, log,
+            access=self.status_access, rejections=self.rejections,
+        )  # fmt: skip
         host, port = parse_hostport(bind)  # type: ignore[misc]
-        listener = Listener(app, bind, self.http_limits, logging.getLogger("talkbridge.http"))
+        listener = Listener(app, bind, self.http_limits, log)
         await listener.start(host, port)
         limits = self.http_limits
+        access = self.status_access
         logging.getLogger("talkbridge").info(
-            "http: listening on %s (request timeout %gs, idle timeout %gs, at most %d connections)",
+            "http: listening on %s (request timeout %gs, idle timeout %gs, at most %d connections); "
+            "/metrics and /readyz's detail to %s%s",
             bind, limits.request_timeout, limits.idle_timeout, limits.max_connections,
+            ", ".join(map(str, access.networks)) or "no address", " and MetricsToken's bearer" if access.token else "",
         )  # fmt: skip
         return listener
 
@@ -610,6 +625,7 @@ class Daemon:
         log = logging.getLogger("talkbridge")
         starts: dict[str, Callable[[], Awaitable[None]]] = {"heartbeat": self._heartbeat, "control": self._control}
         starts["alerts"] = self.watch.run
+        starts["rejections"] = self.rejections.run  # the summaries of refused requests, as they fall due
         with contextlib.suppress(RedisError, OSError):
             await self._heartbeat_once()
         starts.update({f"account:{n}": r.run for n, r in self.runners.items()})
@@ -634,6 +650,7 @@ class Daemon:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(waiter, *tasks, return_exceptions=True)
+            self.rejections.flush(force=True)  # what was counted and not yet said
             if http is not None:
                 await http.cleanup()
             if admin is not None:
