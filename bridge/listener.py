@@ -44,6 +44,11 @@ traceback. A handler that lets through a malformed body
 ``400``, a ``BodyTimeout`` ``408``, a client gone mid-request a DEBUG line,
 Redis unreachable ``503``. Anything else is a bug and stays aiohttp's ``500``
 with its traceback.
+
+**Server header.** Every answer of every listener says ``Server:
+talkbridge`` — never aiohttp's default, which names the Python and aiohttp
+versions to whoever asks: the handlers' answers (streams and WebSockets
+too, set as they are prepared) and the listener's own refusals alike.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ LINGER_MAX = 5.0  # seconds aiohttp drains an unread body after answering, befor
 SUMMARY_EVERY = 60.0  # seconds between a listener's INFO lines about closed connections
 BODY_GRACE = 1.0  # seconds a handler told of a body timeout has to answer before the close
 REASON_MAX = 200  # characters of a parser's reason kept in the log line and the answer
+SERVER_NAME = "talkbridge"  # every answer's Server header: no version for a stranger to look up
 
 _STATUS_PREFIX = re.compile(r"^\d{3}, message: ")
 _HEAD, _BODY, _GRACE, _HANDLING, _IDLE = "head", "body", "grace", "handling", "idle"
@@ -140,6 +146,11 @@ def _json_refusal(status: int, reason: str) -> web.Response:
     resp = web.Response(status=status, body=orjson.dumps({"error": reason}), content_type="application/json")
     resp.force_close()
     return resp
+
+
+async def _name_server(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: what a handler prepares itself (a stream, a WebSocket) too."""
+    response.headers[hdrs.SERVER] = SERVER_NAME
 
 
 def _timeout_answer(reason: str) -> bytes:
@@ -324,6 +335,14 @@ class _Connection(web.RequestHandler):
                 self.tb_spoke = True
         super().data_received(data)
 
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # every answer not prepared yet, the parser's and handle_error's too (no app signal runs for those)
+        if isinstance(resp, web.StreamResponse) and not resp.prepared:
+            resp.headers[hdrs.SERVER] = SERVER_NAME
+        return await super().finish_response(request, resp, start_time)
+
     def log_access(self, request: web.BaseRequest, response: web.StreamResponse, time: float | None) -> None:
         # aiohttp calls this once each response is written (access log or not)
         super().log_access(request, response, time)
@@ -416,6 +435,8 @@ class Listener:
         self, app: web.Application, name: str, limits: ListenerLimits, log: logging.Logger | None = None
     ) -> None:
         self.app = app
+        if _name_server not in app.on_response_prepare:
+            app.on_response_prepare.append(_name_server)
         self.name = name
         self.limits = limits
         self.log = log or logging.getLogger("talkbridge.http")
