@@ -29,8 +29,9 @@ from redis.asyncio import Redis
 
 from adapters.nctalk_bot import TalkBot
 from bridge.bus import Bus, BusSettings
+from bridge.config import ConfigError
 from bridge.daemon import adapter_context
-from bridge.http import StatusAccess, build_app
+from bridge.http import Refusal, StatusAccess, build_app
 from bridge.idmap import IdMap
 from bridge.listener import Listener, ListenerLimits
 from bridge.logstream import log_stream_key
@@ -519,3 +520,35 @@ def test_status_routes_serve_their_detail_to_trusted_clients_only(
         assert resp.status in (401, 403) and json.loads(resp.body)["error"].startswith("/metrics: ")
     if not ok:
         assert not any(secret.encode() in resp.body for secret in ACCOUNT_SECRETS)
+
+
+# configuration ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "http, problem",
+    [
+        ('MetricsFrom = ["10.0.0.0/8", "localhost"]', 'http.MetricsFrom: "localhost" is not an IP address or network'),
+        ("MetricsFrom = [10]", "http.MetricsFrom: must be a list of strings"),
+        ('MetricsFrom = "127.0.0.1"', "http.MetricsFrom: must be a list"),
+        ('MetricsToken = "short-secret"', "http.MetricsToken: must be 16 or more printable ASCII characters"),
+        ('MetricsToken = "sixteen chars and spaces"', "http.MetricsToken: must be 16 or more printable ASCII"),
+    ],
+)
+def test_bad_status_access_settings_name_the_key_and_never_the_token(tmp_path: Path, http: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        write_config(tmp_path / "talkbridge.toml", bot_section("cloud", "http://127.0.0.1:9") + f"[http]\n{http}\n")
+    [line] = refused.value.problems
+    assert line.startswith(problem), line
+    assert "short-secret" not in line and "sixteen chars" not in line
+
+
+def test_status_access_is_read_from_the_config(tmp_path: Path) -> None:
+    http = f'MetricsFrom = ["10.1.2.3", "fd00::/8"]\nMetricsToken = "{METRICS_TOKEN}"\n'
+    config = write_config(tmp_path / "talkbridge.toml", bot_section("cloud", "http://127.0.0.1:9") + f"[http]\n{http}")
+    access = StatusAccess.from_section(config.section("http"))
+    assert [str(n) for n in access.networks] == ["10.1.2.3/32", "fd00::/8"] and access.token == METRICS_TOKEN
+    default = write_config(tmp_path / "default.toml", bot_section("cloud", "http://127.0.0.1:9"))
+    assert StatusAccess.from_section(default.section("http")) == StatusAccess()  # loopback, no token
+    assert StatusAccess().refusal("::ffff:127.0.0.1", {}) is None  # a dual-stack listener's IPv4 loopback client
+    assert StatusAccess().refusal("192.0.2.7", {}) == Refusal(
+        403, "not_allowed", "served to clients in [http] MetricsFrom"
+    )
