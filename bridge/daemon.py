@@ -602,7 +602,8 @@ class Daemon:
         log = logging.getLogger("talkbridge.admin")
         bind = section["BindAddress"]
         host, port = parse_hostport(bind)  # type: ignore[misc]
-        listener = Listener(build_admin_app(self.config, self.redis, log), bind, self.http_limits, log)
+        app = build_admin_app(self.config, self.redis, log, self.rejections, self.metrics)
+        listener = Listener(app, bind, self.http_limits, log)
         try:
             await listener.start(host, port)
         except OSError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import logging
 import re
 import threading
 import time
@@ -21,6 +22,8 @@ import redis as sync_redis
 from bridge.admin.passwords import PasswordCheck
 from bridge.cli import main as cli_main
 from bridge.config import ConfigError
+from bridge.metrics import Metrics
+from bridge.rejections import RejectionLog
 from tests.admin_rig import PASSWORD, USER, AdminClient, AdminServer, admin_config
 from tests.helpers import RedisServer, free_port
 from tests.test_admin_web import add_dead_letters, delivery_payload
@@ -303,3 +306,57 @@ def test_check_config_warns_about_dangerous_admin_settings(tmp_path: Path, redis
         admin_config(tmp_path, redis_server.url, 4281, extra='Hosts = ["https://admin.example.org", "a:80", 7, ""]')
     problems = [p for p in caught.value.problems if p.startswith("admin.Hosts")]
     assert [p.split(":")[0] for p in problems] == [f"admin.Hosts[{i}]" for i in range(4)], problems
+
+
+# the log under a burst ----------------------------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_refused_logins_are_counted_and_logged_in_summary(server: AdminServer, checks: CountingCheck) -> None:
+    """Whoever reaches the form can send thousands of wrong passwords: every
+    one is counted in the metric, the log gets the first of each cause at
+    once and then one line a minute with the count (bridge/rejections.py)."""
+    assert server.app is not None
+    log = logging.getLogger("tests.admin.rejections")
+    log.propagate = False
+    lines = Lines()
+    log.addHandler(lines)
+    clock = Clock()
+    app = server.app
+    saved = app.rejections, app.metrics
+    app.rejections, app.metrics = RejectionLog(log, clock=clock), Metrics()
+    try:
+        statuses = asyncio.run(burst(server.base, "127.0.0.2", [f"guess {i}" for i in range(200)]))
+        assert statuses.count(401) == LIMIT and statuses.count(429) == 200 - LIMIT
+        assert len(lines.lines) == 2, lines.lines  # the first wrong password, the first locked out
+        firsts = sorted(line.split(": ", 2)[1] for line in lines.lines)  # in either order: a 429 needs no hash
+        assert firsts == ["login refused (bad_password) from 127.0.0.2", "login refused (locked_out) from 127.0.0.2"]
+
+        def rejected(reason: str) -> float | None:
+            return app.metrics.registry.get_sample_value(
+                "talkbridge_ingress_rejected_total", {"account": "admin", "reason": reason}
+            )
+
+        assert rejected("bad_password") == LIMIT and rejected("locked_out") == 200 - LIMIT
+        clock.now += 60
+        app.rejections.flush()
+        assert len(lines.lines) == 4, lines.lines
+        assert f"admin: {LIMIT - 1:,} logins refused (bad_password)" in lines.lines[2] + lines.lines[3]
+        assert f"admin: {200 - LIMIT - 1:,} logins refused (locked_out)" in lines.lines[2] + lines.lines[3]
+    finally:
+        app.rejections, app.metrics = saved
+        log.removeHandler(lines)

@@ -47,6 +47,8 @@ from bridge.admin import fleet
 from bridge.admin.auth import LOGIN_COOKIE, SESSION_COOKIE, Auth, AuthSettings, LoginRefused, Session
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config, parse_host_name, parse_hostport
+from bridge.metrics import Metrics
+from bridge.rejections import RejectionLog
 
 HERE = Path(__file__).resolve().parent
 MAX_BODY = 64 * 1024  # forms here are small: a page of dead-letter ids at most
@@ -114,11 +116,21 @@ class SnapshotCache:
 class AdminApp:
     """The page's state: passed in, never global."""
 
-    def __init__(self, config: Config, redis: Redis, log: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        redis: Redis,
+        log: logging.Logger | None = None,
+        rejections: RejectionLog | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         section = config.section("admin")
         self.config = config
         self.redis = redis
         self.log = log or logging.getLogger("talkbridge.admin")
+        # refused logins: summed up in the log (whoever reaches the form can send thousands), counted in metrics
+        self.rejections = rejections or RejectionLog(self.log)
+        self.metrics = metrics
         prefix = config.section("redis")["KeyPrefix"]
         self.bus = Bus(redis, BusSettings.from_section(prefix, config.section("bus")))
         self.auth = Auth(redis, prefix, AuthSettings.from_section(section))
@@ -268,7 +280,10 @@ class AdminApp:
         try:
             token = await self.auth.login(client, user, password)
         except LoginRefused as exc:
-            self.log.warning("admin: login refused for %s: %s", client, exc.reason)
+            cause = "locked_out" if exc.status == 429 else "bad_password"
+            self.rejections.note("admin", "login", cause, exc.reason, client)
+            if self.metrics is not None:
+                self.metrics.rejected.labels("admin", cause).inc()
             response = await self.login_form(request, exc.reason, status=exc.status)
             if exc.retry_after:
                 response.headers["Retry-After"] = str(exc.retry_after)
@@ -547,5 +562,11 @@ def _short(text: str, length: int = 120) -> str:
     return text if len(text) <= length else text[: length - 1] + "…"
 
 
-def build_admin_app(config: Config, redis: Redis, log: logging.Logger | None = None) -> web.Application:
-    return AdminApp(config, redis, log).build()
+def build_admin_app(
+    config: Config,
+    redis: Redis,
+    log: logging.Logger | None = None,
+    rejections: RejectionLog | None = None,
+    metrics: Metrics | None = None,
+) -> web.Application:
+    return AdminApp(config, redis, log, rejections, metrics).build()
