@@ -253,6 +253,11 @@ class Adapter(ABC):
         return []
 
     @classmethod
+    def warn_account(cls, account: AccountConfig) -> list[str]:
+        """Settings that load but deserve a warning (an open door, say); return them."""
+        return []
+
+    @classmethod
     def cli_commands(cls) -> Sequence[CliCommand]:
         """Subcommands of ``talkbridge`` this protocol adds (bridge/cli.py builds them)."""
         return ()

@@ -604,6 +604,9 @@ class _Loader:
         if proto.check is not None:
             for text in proto.check(acct):
                 self.problems.append(text if text.startswith(name) else f"{name}.{text}")
+        if proto.warn is not None:
+            for text in proto.warn(acct):
+                self.warnings.append(text if text.startswith(name) else f"{name}.{text}")
         return acct
 
     def rules(self, acct: AccountConfig) -> AccountRules:

@@ -161,6 +161,7 @@ class ProtocolSpec:
     name: str
     options: Mapping[str, Option]
     check: AccountCheck | None = None  # problems beyond what the declarations say
+    warn: AccountCheck | None = None  # warnings: settings that load but are risky
     # The adapter's class flags of the same names (adapters/base.py).
     fixed_channel: str | None = None
     relays_other_events: bool = False
@@ -173,6 +174,8 @@ class DeclaresOptions(Protocol):
 
     def check_account(self, account: AccountConfig) -> list[str]: ...
 
+    # optional: ``warn_account(account) -> list[str]``, warnings (see ProtocolSpec.warn)
+
 
 def protocol_specs(adapters: Mapping[str, DeclaresOptions]) -> dict[str, ProtocolSpec]:
     """The loader's view of the adapter classes, by protocol name."""
@@ -181,6 +184,7 @@ def protocol_specs(adapters: Mapping[str, DeclaresOptions]) -> dict[str, Protoco
             name,
             cls.options,
             cls.check_account,
+            warn=getattr(cls, "warn_account", None),
             fixed_channel=getattr(cls, "fixed_channel", None),
             relays_other_events=getattr(cls, "relays_other_events", False),
         )
