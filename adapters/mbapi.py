@@ -20,6 +20,31 @@ Otherwise a POST is read as Matterbridge's (bridge/api/api.go
 without regard to case, the channel is always ``api``, and an event we have
 no kind for (``topic_change``, ``user_typing``, a client's own) is accepted
 and routed as Matterbridge routes it (bridge/router.py).
+
+**Readers share the buffer; none can hold it.** Every reader
+(``/api/messages``, ``/api/stream``, ``/api/websocket``) takes the oldest
+rows no other reader holds: it *claims* a page (a Redis read and a note in
+this process, under a lock held for that read only), writes it to its client
+outside any lock, and only then deletes it from Redis. A page counts as
+written once the connection's socket has taken all of it (the transport's
+buffer is empty). A client that takes nothing of it for
+``WriteTimeoutSeconds`` is disconnected (within twice that time; a slow one
+that keeps taking keeps its connection), and its page, like that of a
+client gone meanwhile, goes back to the buffer, where it never left:
+released, the rows are again the oldest unclaimed ones, and the next reader
+takes them. So nothing
+is lost and nothing is taken by two readers; each reader gets the rows in
+the buffer's order, except that rows let go by a reader that stalled reach
+the next reader after what it took meanwhile (a live reader does not wait
+for a stalled one). What a connection's socket has taken counts as
+delivered: bytes a client never read from its kernel's buffers are lost
+with it, as with any TCP server. ``/api/messages`` answers with a
+``Content-Length``: a cut-off answer is an incomplete one, and its rows stay.
+
+**Per-client limits.** One client address (an IPv6 one by its /64) keeps
+at most ``MaxStreamsPerClient`` ``/api/stream`` and ``/api/websocket``
+connections open; more are answered ``429``. Behind a reverse proxy every
+client has the proxy's address: raise the limit (0: none) there.
 """
 
 from __future__ import annotations
@@ -31,6 +56,7 @@ import codecs
 import contextlib
 import functools
 import hmac
+import ipaddress
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -60,6 +86,10 @@ STREAM_PAGE = 100
 API_ERROR = "api_error"  # a WebSocket frame we refused: {"event": "api_error", "status": 400, "text": reason}
 WS_PING_SECONDS = 54.0  # api.go pingPeriod (pongWait 60 s * 9 / 10)
 WS_CLOSE_SECONDS = 5.0  # a client's close handshake, at shutdown
+WRITE_TIMEOUT = 5.0  # seconds a client may take nothing written to it (WriteTimeoutSeconds)
+MAX_STREAMS_PER_CLIENT = 16  # open /api/stream + /api/websocket per client address (MaxStreamsPerClient)
+WAKE_SECONDS = 5.0  # a waiting reader looks at the buffer at least this often
+GONE_CHECK_SECONDS = 1.0  # ...and whether its client is still there this often
 
 # Deliver into the buffer exactly once, under the lease's fence: each
 # delivery's map fields (which are also its delivered-marker, bridge.idmap)
@@ -104,12 +134,9 @@ return out
 """
 )
 
-# Take the whole buffer (GET /api/messages drains it).
-_DRAIN = """
-local rows = redis.call('XRANGE', KEYS[1], '-', '+')
-redis.call('DEL', KEYS[1])
-return rows
-"""
+
+class ClientStalled(Exception):
+    """A client took nothing written to it for WriteTimeoutSeconds."""
 
 
 class BadRequest(Exception):
@@ -173,6 +200,12 @@ class MatterbridgeAPI(Adapter):
         "BindAddress": Option(str, required=True, help="HOST:PORT to listen on"),
         "Token": Option(str, secret=True, default=""),
         "Buffer": Option(int, default=DEFAULT_BUFFER, min=0, help="0: the default"),
+        "MaxStreamsPerClient": Option(
+            int, default=MAX_STREAMS_PER_CLIENT, min=0, help="open /api/stream and /api/websocket per address; 0: any"
+        ),
+        "WriteTimeoutSeconds": Option(
+            (int, float), default=WRITE_TIMEOUT, above=0, help="a client that takes nothing for this long is cut off"
+        ),
     }
     fixed_channel = API_CHANNEL
     relays_other_events = True
@@ -185,13 +218,15 @@ class MatterbridgeAPI(Adapter):
         self.buffer_size: int = acct.get("Buffer", DEFAULT_BUFFER) or DEFAULT_BUFFER
         self.max_file = int(acct.get("MediaDownloadSize", 1_000_000))
         self.buffer_key = f"{ctx.key_prefix}:apibuf:{{{acct.name}}}"  # tagged like delivered keys
+        self.max_streams: int = acct.get("MaxStreamsPerClient", MAX_STREAMS_PER_CLIENT)
+        self.write_timeout = float(acct.get("WriteTimeoutSeconds", WRITE_TIMEOUT))
         self._deliver_many = ctx.redis.register_script(_DELIVER_MANY)
-        self._drain = ctx.redis.register_script(_DRAIN)
         self._runner: Listener | None = None
         self._events_in = ctx.metrics.events_in.labels(acct.name)
-        self._arrived = asyncio.Condition()
-        self._seq = 0  # bumped on every delivery; stream readers wait for a change
-        self._read_lock = asyncio.Lock()  # one reader drains at a time
+        self._changed = asyncio.Event()  # set (and replaced) when rows arrive or are let go
+        self._claim_lock = asyncio.Lock()  # one claim at a time: a Redis read, never a client's write
+        self._claimed: set[bytes] = set()  # entry ids a reader is writing to its client
+        self._streams: dict[str, int] = {}  # open streams and sockets by client address
         self._sockets: set[web.WebSocketResponse] = set()  # open /api/websocket connections
 
     @classmethod
@@ -201,6 +236,16 @@ class MatterbridgeAPI(Adapter):
         if bind and parse_hostport(bind) is None:
             problems.append(f'{account.name}.BindAddress: "{bind}" is not HOST:PORT')
         return problems
+
+    @classmethod
+    def warn_account(cls, account: AccountConfig) -> list[str]:
+        hostport = parse_hostport(account.get("BindAddress") or "")
+        if hostport is None or account.get("Token", "") or is_loopback(hostport[0]):
+            return []
+        return [
+            f'{account.name}.Token: empty, and BindAddress "{account.get("BindAddress")}" is reachable from other '
+            "hosts: anyone who reaches it can read the buffer and post into the gateways; set a Token"
+        ]
 
     # lifecycle -----------------------------------------------------------------
     def app(self) -> web.Application:
@@ -539,56 +584,188 @@ class MatterbridgeAPI(Adapter):
             raise
         if int(dropped):
             self.ctx.metrics.api_buffer_dropped.labels(self.name).inc(int(dropped))
-        async with self._arrived:
-            self._seq += 1
-            self._arrived.notify_all()
+        self._wake_readers()
         return [(s.decode() if isinstance(s, bytes) else s) or None for s in stored]
 
-    async def messages(self, request: web.Request) -> web.Response:
+    # reading the buffer --------------------------------------------------------------
+    def _wake_readers(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _next_change(self, request: web.Request, changed: asyncio.Event) -> None:
+        """Until rows arrive or are let go after ``changed`` was current, or a
+        while (a safety net for a change this process did not see). Raises
+        ConnectionResetError once the client has gone: its slot is freed
+        within a second, not at the next message."""
+        for _ in range(round(WAKE_SECONDS / GONE_CHECK_SECONDS)):
+            if _gone(request):
+                raise ConnectionResetError("the client went away")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GONE_CHECK_SECONDS):
+                    await changed.wait()
+                    return
+
+    async def _claim(self, count: int | None) -> list[Any]:
+        """The oldest rows no other reader holds, at most ``count`` (None: all
+        of them), now held by the caller until ``_taken`` or ``_let_go``."""
+        async with self._claim_lock:  # held for this read only, never across a client's write
+            held = self._claimed
+            if count is None:
+                rows = await self.ctx.redis.xrange(self.buffer_key, min="-", max="+")
+            else:  # held rows are the oldest, mostly: skip past them
+                rows = await self.ctx.redis.xrange(self.buffer_key, min="-", max="+", count=count + len(held))
+            page = [row for row in rows if row[0] not in held][:count]
+            held.update(row[0] for row in page)
+        return page
+
+    def _let_go(self, ids: Sequence[bytes]) -> None:
+        """Claimed rows not written: the next reader takes them (they never left the buffer)."""
+        self._claimed.difference_update(ids)
+        self._wake_readers()
+
+    async def _taken(self, ids: Sequence[bytes]) -> None:
+        """Written rows: deleted, and only then released (released at once, a
+        reader could take them again before the delete). The delete runs to its
+        end even if this handler is cancelled (the daemon stopping)."""
+        deletion = asyncio.ensure_future(self.ctx.redis.xdel(self.buffer_key, *ids))
+        deletion.add_done_callback(lambda _done: self._claimed.difference_update(ids))
+        await asyncio.shield(deletion)
+
+    async def _write_rows(self, request: web.Request, rows: list[Any], write: Callable[[], Awaitable[Any]]) -> bool:
+        """Claimed ``rows`` to the client by ``write``: True once its socket
+        took every byte, and the rows are deleted; False when the client went
+        away or stalled (then disconnected), the rows let go for another
+        reader. Cancelled (the daemon stopping), the rows are let go too."""
+        ids = [row[0] for row in rows]
+
+        async def write_all() -> None:
+            await write()
+            await _flushed(request)
+
         try:
-            async with self._read_lock:
-                rows = await self._drain(keys=[self.buffer_key])
+            await self._unless_stalled(request, write_all())
+        except ClientStalled:
+            self._let_go(ids)
+            self.ctx.log.info(
+                "%s: a client at %s took nothing for %g s: disconnected; its %d messages stay in the buffer",
+                self.name, request.remote, self.write_timeout, len(rows),
+            )  # fmt: skip
+            self.ctx.metrics.rejected.labels(self.name, "stalled").inc()
+            _hang_up(request)
+            return False
+        except ConnectionError:  # the client went away (aiohttp raises ConnectionResetError subclasses)
+            self._let_go(ids)
+            return False
+        except BaseException:
+            self._let_go(ids)
+            raise
+        await self._taken(ids)
+        return True
+
+    async def _unless_stalled(self, request: web.Request, writing: Awaitable[None]) -> None:
+        """Await ``writing`` (writes to the client) while the client takes what
+        is written: raise ClientStalled (``writing`` cancelled) when the
+        connection's buffer has not changed over ``WriteTimeoutSeconds``. A
+        slow client that keeps taking something keeps its connection; one that
+        takes nothing is cut off within twice that time."""
+        task = asyncio.ensure_future(writing)
+        try:
+            before = _buffered(request)
+            while True:
+                done, _pending = await asyncio.wait({task}, timeout=self.write_timeout)
+                if done:
+                    return task.result()
+                now = _buffered(request)
+                if now == before:
+                    raise ClientStalled
+                before = now
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            elif not task.cancelled():
+                task.exception()  # retrieved: raised above, or this caller was cancelled meanwhile
+
+    def _stream_slot(self, request: web.Request) -> str | web.Response:
+        """A slot for one more open stream from this client, or the 429 refusing it."""
+        client = client_key(request.remote)
+        open_now = self._streams.get(client, 0)
+        if self.max_streams and open_now >= self.max_streams:
+            self.ctx.metrics.rejected.labels(self.name, "429").inc()
+            reason = (
+                f"{open_now} streams are open from this address, the most MaxStreamsPerClient allows; "
+                "close one or retry later"
+            )
+            return web.json_response({"message": reason}, status=429, headers={"Retry-After": "5"})
+        self._streams[client] = open_now + 1
+        return client
+
+    def _stream_closed(self, client: str) -> None:
+        left = self._streams.get(client, 1) - 1
+        if left > 0:
+            self._streams[client] = left
+        else:
+            self._streams.pop(client, None)
+
+    # routes that read ------------------------------------------------------------------
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """``GET /api/messages``: every buffered row no stream holds, deleted
+        only once the answer was written to a connected client."""
+        if _gone(request):  # waited for Redis or the loop past its client's patience: take nothing
+            return web.Response(status=400, text="connection lost")
+        try:
+            rows = await self._claim(None)
         except (RedisError, OSError) as exc:
             self.ctx.log.warning("%s: cannot read the buffer: %s", self.name, exc)
             return web.json_response({"message": "message queue unavailable, retry later"}, status=503)
         body = b"[" + b",".join(_payload(row) for row in rows) + b"]"
-        return web.Response(body=body, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)  # a cut-off answer is visibly incomplete: its rows stay
+
+        async def answer() -> None:
+            _flush_each_write(request)
+            await resp.prepare(request)
+            await resp.write(body)
+            await resp.write_eof()
+
+        try:
+            await self._write_rows(request, rows, answer)  # not written: the rows stay, the connection closed
+        except (RedisError, OSError) as exc:  # the delete after writing failed: the rows stay, sent again
+            self.ctx.log.warning("%s: cannot delete what /api/messages answered: %s", self.name, exc)
+        return resp
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
+        slot = self._stream_slot(request)
+        if isinstance(slot, web.Response):
+            return slot
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
-        greet = {"event": API_CONNECTED, "timestamp": _go_time(datetime.now(UTC).timestamp())}
-        await resp.write(orjson.dumps(greet) + b"\n")
         try:
-            await self._stream_buffer(resp)
-        except ConnectionResetError:  # the client went away: nothing was removed that it did not get
-            pass
+            _flush_each_write(request)
+            greet = {"event": API_CONNECTED, "timestamp": _go_time(datetime.now(UTC).timestamp())}
+            async with asyncio.timeout(self.write_timeout):
+                await resp.prepare(request)
+                await resp.write(orjson.dumps(greet) + b"\n")
+            await self._stream_buffer(request, resp)
+        except (ConnectionError, TimeoutError):  # the client went away, or never took its greeting
+            _hang_up(request)
         except (RedisError, OSError) as exc:
             # Redis went away (an outage, or the daemon stopping under a
             # connected reader): end this response; the client reconnects.
             self.ctx.log.warning("%s: /api/stream ended: %s", self.name, exc)
+        finally:
+            self._stream_closed(slot)
         return resp
 
-    async def _stream_buffer(self, resp: web.StreamResponse) -> None:
-        redis = self.ctx.redis
+    async def _stream_buffer(self, request: web.Request, resp: web.StreamResponse) -> None:
         while True:
-            seen = self._seq
-            async with self._read_lock:
-                rows = await redis.xrange(self.buffer_key, min="-", max="+", count=STREAM_PAGE)
-                if rows:
-                    # Written to the client before removal: a dropped connection
-                    # loses nothing that was not handed to the transport; and
-                    # removed even if this handler is cancelled meanwhile (the
-                    # daemon stopping): what was written is not written twice.
-                    await resp.write(b"".join(_payload(row) + b"\n" for row in rows))
-                    await asyncio.shield(redis.xdel(self.buffer_key, *[row[0] for row in rows]))
-            if len(rows) == STREAM_PAGE:
-                continue
-            try:
-                async with asyncio.timeout(5.0), self._arrived:  # cheaper than wait_for: no extra task
-                    await self._arrived.wait_for(lambda seen=seen: self._seq != seen)
-            except TimeoutError:
-                pass
+            changed = self._changed
+            rows = await self._claim(STREAM_PAGE)
+            if rows:
+                data = b"".join(_payload(row) + b"\n" for row in rows)
+                if not await self._write_rows(request, rows, functools.partial(resp.write, data)):
+                    return  # gone, or cut off: what it did not take stays in the buffer
+            if len(rows) < STREAM_PAGE:
+                await self._next_change(request, changed)
 
     # WebSocket ---------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.StreamResponse:
@@ -612,24 +789,30 @@ class MatterbridgeAPI(Adapter):
             self.ctx.metrics.rejected.labels(self.name, "400").inc()
             reason = "/api/websocket needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)"
             return web.json_response({"message": reason}, status=400)
-        await ws.prepare(request)
-        self._sockets.add(ws)
+        slot = self._stream_slot(request)
+        if isinstance(slot, web.Response):
+            return slot
         sending = asyncio.Lock()  # frames from the reader (errors) and the writer, one at a time
         greet = {"event": API_CONNECTED, "timestamp": _go_time(datetime.now(UTC).timestamp())}
         writer: asyncio.Task[None] | None = None
         try:
-            await ws.send_str(orjson.dumps(greet).decode())
-            writer = asyncio.create_task(self._ws_writer(ws, sending), name=f"websocket:{self.name}")
+            _flush_each_write(request)
+            async with asyncio.timeout(self.write_timeout):
+                await ws.prepare(request)
+                self._sockets.add(ws)
+                await ws.send_str(orjson.dumps(greet).decode())
+            writer = asyncio.create_task(self._ws_writer(request, ws, sending), name=f"websocket:{self.name}")
             async for msg in ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     await self._ws_frame(ws, sending, msg.data)
-        except ConnectionResetError:  # the client went away: nothing was taken that it did not get
-            pass
+        except (ConnectionError, TimeoutError):  # the client went away, or never took its greeting
+            _hang_up(request)
         finally:
             if writer is not None:
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
             self._sockets.discard(ws)
+            self._stream_closed(slot)
         return ws
 
     async def _ws_frame(self, ws: web.WebSocketResponse, sending: asyncio.Lock, data: str | bytes) -> None:
@@ -656,34 +839,33 @@ class MatterbridgeAPI(Adapter):
         async with sending:
             await ws.send_str(orjson.dumps(message).decode())
 
-    async def _ws_writer(self, ws: web.WebSocketResponse, sending: asyncio.Lock) -> None:
-        """The buffer to the client, as ``/api/stream`` writes it."""
-        redis = self.ctx.redis
+    async def _ws_writer(self, request: web.Request, ws: web.WebSocketResponse, sending: asyncio.Lock) -> None:
+        """The buffer to the client, as ``/api/stream`` writes it; a client too
+        slow to take a page is disconnected (``_write_rows``)."""
+
+        async def send(rows: list[Any]) -> None:
+            async with sending:
+                for row in rows:
+                    await ws.send_str(_payload(row).decode())
+
         try:
             while not ws.closed:
-                seen = self._seq
-                async with self._read_lock:
-                    rows = await redis.xrange(self.buffer_key, min="-", max="+", count=STREAM_PAGE)
-                    if rows:
-                        async with sending:
-                            for row in rows:
-                                await ws.send_str(_payload(row).decode())
-                        # removed once written (a dropped connection loses nothing it was not
-                        # sent), even if the connection closes meanwhile: not sent twice
-                        await asyncio.shield(redis.xdel(self.buffer_key, *[row[0] for row in rows]))
-                if len(rows) == STREAM_PAGE:
-                    continue
-                try:
-                    async with asyncio.timeout(5.0), self._arrived:
-                        await self._arrived.wait_for(lambda seen=seen: self._seq != seen)
-                except TimeoutError:
-                    pass
-        except ConnectionResetError:  # the client went away
+                changed = self._changed
+                rows = await self._claim(STREAM_PAGE)
+                if rows and not await self._write_rows(request, rows, functools.partial(send, rows)):
+                    return  # disconnected: the handler's read of the socket ends
+                if len(rows) < STREAM_PAGE:
+                    await self._next_change(request, changed)
+        except ConnectionError:  # the client went away
             pass
         except (RedisError, OSError) as exc:
             # Redis away (an outage, the daemon stopping): close; the client reconnects
             self.ctx.log.warning("%s: /api/websocket ended: %s", self.name, exc)
-            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"message queue unavailable, reconnect later")
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(WS_CLOSE_SECONDS):
+                    await ws.close(
+                        code=WSCloseCode.TRY_AGAIN_LATER, message=b"message queue unavailable, reconnect later"
+                    )
 
 
 def ws_message(data: str | bytes) -> dict[str, Any]:
@@ -733,6 +915,75 @@ def _form_fields(raw: bytes, encoding: str) -> dict[str, str]:
     except ValueError:  # more fields than any message has
         raise BadRequest(400, f"form body has more than {FORM_MAX_FIELDS} fields") from None
     return dict(pairs)
+
+
+def client_key(remote: str | None) -> str:
+    """The address a per-client limit counts by: an IPv4 address, or an IPv6
+    one's /64 (one host commonly holds a whole /64); an IPv4-mapped IPv6
+    address is its IPv4 one."""
+    try:
+        address = ipaddress.ip_address((remote or "").split("%", 1)[0])  # a zone id names no other host
+    except ValueError:
+        return remote or "unknown"  # a Unix socket, say: one client
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a BindAddress host is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve to anything
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def _gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _flush_each_write(request: web.BaseRequest) -> None:
+    """Have the connection report paused writing while anything written is
+    still in its buffer (not just past 64 KiB), so ``_flushed`` waits until
+    the kernel has taken every byte."""
+    transport = request.transport
+    if transport is not None:
+        transport.set_write_buffer_limits(high=0, low=0)
+
+
+async def _flushed(request: web.BaseRequest) -> None:
+    """Until the connection's socket has taken everything written to it
+    (``_flush_each_write`` first); unbounded here (``_unless_stalled`` bounds
+    it). Raises ConnectionResetError when the connection closed first: what
+    it held was not written."""
+    if _gone(request):
+        raise ConnectionResetError("the client went away")
+    if _buffered(request) == 0:
+        return
+    protocol = request.protocol
+    await protocol._drain_helper()  # aiohttp's wait for resume_writing, as its own writers use it
+    if protocol.writing_paused:  # woken by the connection closing, not by an empty buffer
+        raise ConnectionResetError("the client went away")
+
+
+def _buffered(request: web.BaseRequest) -> int:
+    """Bytes written to a connection that its socket has not taken yet."""
+    transport = request.transport
+    return transport.get_write_buffer_size() if transport is not None else 0
+
+
+def _hang_up(request: web.BaseRequest) -> None:
+    """Close a client's connection at once, what it did not take discarded."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 def _payload(row: Any) -> bytes:
