@@ -667,24 +667,31 @@ class MatterbridgeAPI(Adapter):
         is written: raise ClientStalled (``writing`` cancelled) when the
         connection's buffer has not changed over ``WriteTimeoutSeconds``. A
         slow client that keeps taking something keeps its connection; one that
-        takes nothing is cut off within twice that time."""
-        task = asyncio.ensure_future(writing)
-        try:
-            before = _buffered(request)
-            while True:
-                done, _pending = await asyncio.wait({task}, timeout=self.write_timeout)
-                if done:
-                    return task.result()
-                now = _buffered(request)
-                if now == before:
-                    raise ClientStalled
+        takes nothing is cut off within twice that time. One timer per write,
+        no task: this is every page's path."""
+        loop = asyncio.get_running_loop()
+        before = _buffered(request)
+
+        def look() -> None:
+            nonlocal before, timer
+            now = _buffered(request)
+            if now == before:
+                deadline.reschedule(loop.time())  # expire now: ``writing`` is cancelled
+            else:
                 before = now
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            elif not task.cancelled():
-                task.exception()  # retrieved: raised above, or this caller was cancelled meanwhile
+                timer = loop.call_later(self.write_timeout, look)
+
+        try:
+            async with asyncio.timeout(None) as deadline:
+                timer = loop.call_later(self.write_timeout, look)
+                try:
+                    await writing
+                finally:
+                    timer.cancel()
+        except TimeoutError:
+            if deadline.expired():
+                raise ClientStalled from None
+            raise
 
     def _stream_slot(self, request: web.Request) -> str | web.Response:
         """A slot for one more open stream from this client, or the 429 refusing it."""
