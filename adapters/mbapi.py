@@ -811,7 +811,7 @@ class MatterbridgeAPI(Adapter):
             writer = asyncio.create_task(self._ws_writer(request, ws, sending), name=f"websocket:{self.name}")
             async for msg in ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    await self._ws_frame(ws, sending, msg.data)
+                    await self._ws_frame(request, ws, sending, msg.data)
         except (ConnectionError, TimeoutError):  # the client went away, or never took its greeting
             _hang_up(request)
         finally:
@@ -822,13 +822,15 @@ class MatterbridgeAPI(Adapter):
             self._stream_closed(slot)
         return ws
 
-    async def _ws_frame(self, ws: web.WebSocketResponse, sending: asyncio.Lock, data: str | bytes) -> None:
+    async def _ws_frame(
+        self, request: web.Request, ws: web.WebSocketResponse, sending: asyncio.Lock, data: str | bytes
+    ) -> None:
         """One frame from the client: publish it, or answer why not."""
         try:
             event, _reply = self.event_from_post(ws_message(data))
         except BadRequest as exc:
             self.ctx.metrics.rejected.labels(self.name, str(exc.status)).inc()
-            await self._ws_send(ws, sending, {"event": API_ERROR, "status": exc.status, "text": exc.reason})
+            await self._ws_send(request, ws, sending, {"event": API_ERROR, "status": exc.status, "text": exc.reason})
             return
         if event is None:  # accepted, and it reaches nobody (a deletion of no message)
             return
@@ -837,14 +839,25 @@ class MatterbridgeAPI(Adapter):
         except (RedisError, OSError) as exc:
             self.ctx.log.error("%s: cannot queue a message: %s", self.name, exc)
             refusal = {"event": API_ERROR, "status": 503, "text": "message queue unavailable, retry later"}
-            await self._ws_send(ws, sending, refusal)
+            await self._ws_send(request, ws, sending, refusal)
             return
         self._events_in.inc()
 
-    @staticmethod
-    async def _ws_send(ws: web.WebSocketResponse, sending: asyncio.Lock, message: dict[str, Any]) -> None:
-        async with sending:
-            await ws.send_str(orjson.dumps(message).decode())
+    async def _ws_send(
+        self, request: web.Request, ws: web.WebSocketResponse, sending: asyncio.Lock, message: dict[str, Any]
+    ) -> None:
+        """An answer to a client's frame. A client that sends and never reads
+        takes nothing for ``WriteTimeoutSeconds``: cut off."""
+
+        async def send() -> None:
+            async with sending:
+                await ws.send_str(orjson.dumps(message).decode())
+
+        try:
+            await self._unless_stalled(request, send())
+        except ClientStalled:
+            _hang_up(request)
+            raise ConnectionResetError("the client took nothing written to it") from None
 
     async def _ws_writer(self, request: web.Request, ws: web.WebSocketResponse, sending: asyncio.Lock) -> None:
         """The buffer to the client, as ``/api/stream`` writes it; a client too
