@@ -2,8 +2,10 @@
 
 In the spirit of Matterbridge's four-method ``Bridger``: ``connect``,
 ``join``, ``send``, ``disconnect``. Inbound traffic is published through
-``AdapterContext.publish``; the core does everything else (routing, id
-mapping, retries, dead letters, ordering).
+``AdapterContext.publish``, or, by an adapter that keeps a receive cursor,
+committed with that cursor through ``AdapterContext.commit_inbound``; the
+core does everything else (routing, id mapping, retries, dead letters,
+ordering).
 
 An adapter may also offer stateless HTTP ingress (``ingress_routes``), served
 by every daemon instance — a Talk webhook can land on any of them. Everything
@@ -19,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, TextIO
 from urllib.parse import urlsplit
 
-from bridge.bus import account_key
+from bridge.bus import Write, account_key
 from bridge.events import Delivery, Event
+from bridge.idmap import Fenced
 from bridge.options import Option  # declared in the config layer; adapters use it from here
 from bridge.rejections import RejectionLog
 from bridge.rooms import Rooms
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     from aiohttp import web
     from redis.asyncio import Redis
 
+    from bridge.bus import Bus
     from bridge.config import AccountConfig, Config
     from bridge.idmap import Fence, IdMap
     from bridge.listener import ListenerLimits
@@ -135,10 +139,32 @@ class AdapterContext:
     # here, never one WARNING each: bridge/rejections.py. The daemon passes
     # its own, whose summaries it writes out as they fall due.
     rejections: RejectionLog = field(default_factory=lambda: RejectionLog(logging.getLogger("talkbridge.rejections")))
+    bus: Bus | None = None  # for commit_inbound; None: a context that only publishes
 
     def key(self, *parts: str) -> str:
         """A Redis key private to this account."""
         return account_key(self.key_prefix, self.account.name, *parts)
+
+    async def commit_inbound(self, events: Sequence[Event], writes: Sequence[Write] = ()) -> list[str]:
+        """Publish ``events`` together with the adapter's cursor ``writes``
+        (keys named ``"{" + inbound_key + "}:…"``), all or nothing, fenced by
+        the lease token in the same script (``Bus.commit_inbound``): a stale
+        owner gets ``Fenced`` and writes nothing. ``[bus] StreamMaxLen``
+        applies and concurrent commits share round trips."""
+        if self.bus is None:
+            raise RuntimeError(f"{self.account.name}: this adapter context has no bus to commit to")
+        return await self.bus.commit_inbound(self.account.name, events, writes, self.fence())
+
+    async def check_fence(self) -> None:
+        """Raise ``Fenced`` if another instance holds the account's lease now:
+        for an adapter about to do something Redis cannot fence (an HTTP send
+        after a long wait). A check, not a guarantee: the lease may change
+        hands right after it."""
+        fence = self.fence()
+        if fence is not None:
+            current = await self.redis.get(fence.key)
+            if current is None or current.decode() != fence.token:
+                raise Fenced(f"{self.account.name}: lease token {fence.token} is stale")
 
     @property
     def rooms(self) -> Rooms:

@@ -8,9 +8,10 @@ are polled and delivered to, rooms left dropped). See docs/talk-user.md.
 
 Receiving: one long poll per room (``GET chat/{token}?lookIntoFuture=1``).
 The room's cursor (``X-Chat-Last-Given``) lives in Redis beside the account's
-inbound stream and is written *in the same MULTI/EXEC* as the events of the
-page: a page is published and passed together or not at all, so a restart
-resumes exactly where the last page ended. A room seen for the first time
+inbound stream and is written *in the same script* as the events of the page
+(``AdapterContext.commit_inbound``, fenced by the lease token): a page is
+published and passed together or not at all, so a restart resumes exactly
+where the last page ended. A room seen for the first time
 starts at its newest message (or ``Backfill`` messages before it). A room
 that fails (401 aside: 403, 404, 429, 5xx, the network, an answer that is
 not Talk's) is retried with capped, jittered exponential backoff — a 429's
@@ -104,11 +105,10 @@ from adapters.talk.common import (
     retry_after,
     split_message,
 )
-from bridge.bus import FIELD, inbound_key
+from bridge.bus import Write, inbound_key
 from bridge.config import AccountConfig
-from bridge.events import Attachment, Delivery, Event, EventKind, event_to_wire
+from bridge.events import Attachment, Delivery, Event, EventKind
 from bridge.health import clear_degraded, mark_degraded
-from bridge.idmap import Fenced
 
 PROTOCOL = "nctalk"
 CHAT_API = OCS_API + "/chat"
@@ -212,7 +212,7 @@ class TalkUser(Adapter):
         self._followed: set[str] = set()  # the rooms "*" added (beside the configured ones)
         self.caps = Capabilities(max_length=MAX_CHAT_LENGTH)
         self.client: TalkClient | None = None
-        # Redis: the cursors sit in the inbound stream's cluster slot (one MULTI with the events)
+        # Redis: the cursors sit in the inbound stream's cluster slot (one script with the events)
         self.stream = inbound_key(ctx.key_prefix, self.name)
         self.cursor_key = "{" + self.stream + "}:talk-cursors"
         self.guests_key = ctx.key("own-guests")  # every guest actor this account has been (never relayed)
@@ -548,13 +548,9 @@ class TalkUser(Adapter):
         return int(await self.ctx.redis.hget(self.cursor_key, token) or start)
 
     async def _commit(self, token: str, events: list[Event], cursor: int) -> None:
-        """The page's events and the room's new cursor, in one transaction."""
-        await self._check_fence()  # a stale owner stops before publishing beside its successor
-        pipe = self.ctx.redis.pipeline(transaction=True)
-        for event in events:
-            pipe.xadd(self.stream, {FIELD: event_to_wire(event)})
-        pipe.hset(self.cursor_key, token, cursor)
-        await pipe.execute()
+        """The page's events and the room's new cursor, together, fenced: a
+        stale owner gets ``Fenced`` and publishes nothing beside its successor."""
+        await self.ctx.commit_inbound(events, [Write.hset(self.cursor_key, token, cursor)])
         if events:
             self._events_in.inc(len(events))
 
@@ -769,18 +765,11 @@ class TalkUser(Adapter):
         while True:
             if self._refused is not None:
                 await self._await_accepted()
-                await self._check_fence()  # waited long: still the account's owner?
+                await self.ctx.check_fence()  # waited long: still the account's owner?
             try:
                 return await self._send(delivery)
             except Refused as exc:
                 self._refuse(str(exc))
-
-    async def _check_fence(self) -> None:
-        fence = self.ctx.fence()
-        if fence is not None:
-            current = await self.ctx.redis.get(fence.key)
-            if current is None or current.decode() != fence.token:
-                raise Fenced(f"{self.name}: lease token {fence.token} is stale")
 
     async def _send(self, delivery: Delivery) -> str | None:
         kind = delivery.event.kind

@@ -16,6 +16,19 @@ is gone) and processes it before anything new.
 Retention: entries are trimmed once consumed (XTRIM MINID up to the group's
 oldest unacknowledged entry); ``StreamMaxLen`` optionally caps a stream even
 if that drops unconsumed entries, which is counted.
+
+An adapter that keeps a receive cursor (Talk's per-room last message, a
+Matrix sync token) commits a batch of events and its cursor together
+(``Bus.commit_inbound``): one script that appends the events (capped by
+``StreamMaxLen``) and writes the cursor, all or nothing, and only while the
+writer holds the account's current lease token, checked in the same script.
+The inbound stream is not tagged by account as the fence key is
+(``bridge.lease``), so on Redis Cluster it sits in another slot; the lease
+keeps a copy of the token in the stream's slot (``inbound_fence_key``),
+raised at every acquisition before the new owner does anything, and the
+script checks that copy. The cursor keys share the stream's slot too
+(``"{" + inbound_key + "}:…"``). Commits are group-committed like
+``publish``: a hundred rooms polled at once share round trips.
 """
 
 from __future__ import annotations
@@ -26,10 +39,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from bridge.events import Event, event_to_wire
 from bridge.groupcommit import GroupCommit
+from bridge.idmap import FENCED, LUA_LIB, Fence, Fenced
 
 ROUTER_GROUP = "router"
 DELIVER_GROUP = "deliver"
@@ -41,9 +55,15 @@ Entry = tuple[bytes, bytes | None]  # (stream id, payload or None if deleted)
 def inbound_key(prefix: str, account: str) -> str:
     """The stream of events an account received (``Bus.inbound``). A key
     ``"{" + inbound_key(...) + "}:…"`` hashes to the same Redis Cluster slot,
-    so an adapter can append events and its own receive cursor in one
-    MULTI/EXEC (adapters/nctalk.py)."""
+    so an adapter's receive cursor can be committed in one script with its
+    events (``Bus.commit_inbound``)."""
     return f"{prefix}:in:{account}"
+
+
+def inbound_fence_key(prefix: str, account: str) -> str:
+    """The copy of the account's lease token in its inbound stream's slot
+    (written by ``bridge.lease.Lease``, checked by ``Bus.commit_inbound``)."""
+    return "{" + inbound_key(prefix, account) + "}:fence"
 
 
 def account_key(prefix: str, account: str, *parts: str) -> str:
@@ -66,6 +86,69 @@ class BusSettings:
             dead_letter_max_len=bus["DeadLetterMaxLen"],
             batch_size=bus["BatchSize"],
         )
+
+
+WRITE_OPS = frozenset({"SET", "SETNX", "HSET", "HSETNX", "SADD"})
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One write to an adapter's own receive state (its cursor), committed
+    with its events by ``Bus.commit_inbound``: the Redis command ``op`` on
+    ``key`` with ``args``. The key must be in the inbound stream's slot
+    (``"{" + inbound_key + "}:…"``)."""
+
+    op: str
+    key: str
+    args: tuple[str | bytes | int, ...]
+
+    def __post_init__(self) -> None:
+        if self.op not in WRITE_OPS or not self.args:
+            raise ValueError(f"not a cursor write: {self.op} {self.key} with {len(self.args)} arguments")
+
+    @classmethod
+    def set(cls, key: str, value: str | bytes | int) -> Write:
+        return cls("SET", key, (value,))
+
+    @classmethod
+    def setnx(cls, key: str, value: str | bytes | int) -> Write:
+        return cls("SETNX", key, (value,))
+
+    @classmethod
+    def hset(cls, key: str, field: str | bytes, value: str | bytes | int) -> Write:
+        return cls("HSET", key, (field, value))
+
+    @classmethod
+    def sadd(cls, key: str, *members: str | bytes) -> Write:
+        return cls("SADD", key, members)
+
+
+# Append inbound events and write the adapter's cursor, fenced (module docstring).
+# KEYS: the stream's copy of the fence, the stream, then one key per write.
+# ARGV: token ("" unfenced), maxlen (0: none), n events, their payloads, then
+# per write: op, n args, args.
+_COMMIT_INBOUND = (
+    LUA_LIB
+    + r"""
+if tb_fenced(KEYS[1], ARGV[1]) then return redis.error_reply('FENCED lease token is stale') end
+local maxlen, n = tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = {}
+for i = 4, 3 + n do
+  if maxlen > 0 then
+    ids[#ids + 1] = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i])  -- 'd': FIELD
+  else
+    ids[#ids + 1] = redis.call('XADD', KEYS[2], '*', 'd', ARGV[i])
+  end
+end
+local at = 4 + n
+for k = 3, #KEYS do
+  local count = tonumber(ARGV[at + 1])
+  redis.call(ARGV[at], KEYS[k], unpack(ARGV, at + 2, at + 1 + count))
+  at = at + 2 + count
+end
+return ids
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +188,7 @@ class Bus:
         self.prefix = settings.prefix
         self._commits = GroupCommit(redis)
         self._count_after = redis.register_script(_COUNT_AFTER)
+        self._commit_inbound = redis.register_script(_COMMIT_INBOUND)
 
     # key names -----------------------------------------------------------------
     def inbound(self, account: str) -> str:
@@ -133,6 +217,41 @@ class Bus:
             [("xadd", (self.inbound(event.account), {FIELD: event_to_wire(event)}), self._xadd_args())]
         )
         return entry_id.decode()
+
+    async def commit_inbound(
+        self, account: str, events: Sequence[Event], writes: Sequence[Write] = (), fence: Fence | None = None
+    ) -> list[str]:
+        """Append ``events`` to the account's inbound stream and apply
+        ``writes`` (its cursor), all or nothing; returns the stream ids.
+
+        Fenced: raises ``Fenced`` (and writes nothing) unless ``fence`` is
+        still the account's lease token, checked in the same script as the
+        writes, so no stale owner slips in between a check and its write.
+        ``None``: unfenced (no lease, as in the tests' rigs). Group-committed
+        like ``publish``."""
+        stream = self.inbound(account)
+        tag = "{" + stream + "}"
+        keys = [inbound_fence_key(self.prefix, account), stream]
+        args: list[Any] = [fence.token if fence else "", max(0, self.settings.stream_max_len), len(events)]
+        args.extend(event_to_wire(event) for event in events)
+        for write in writes:
+            if not write.key.startswith(tag):  # another slot: Cluster would refuse the script
+                raise ValueError(f"{write.key} is not in the slot of {stream} (name it {tag}:…)")
+            keys.append(write.key)
+            args += [write.op, len(write.args), *write.args]
+        if not events and not writes:
+            return []
+        op = ("evalsha", (self._commit_inbound.sha, len(keys), *keys, *args), {})
+        try:
+            try:
+                [ids] = await self._commits.run([op])
+            except NoScriptError:  # not loaded yet (a new or restarted server): the script object loads it
+                ids = await self._commit_inbound(keys=keys, args=args)
+        except ResponseError as exc:
+            if str(exc).startswith(FENCED):
+                raise Fenced(f"{account}: lease token {fence.token if fence else ''} is stale") from None
+            raise
+        return [entry_id.decode() for entry_id in ids]
 
     def add_to(self, pipe: Any, stream: str, payload: bytes) -> None:
         pipe.xadd(stream, {FIELD: payload}, **self._xadd_args())

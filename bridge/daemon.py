@@ -388,6 +388,7 @@ def adapter_context(
     idmap: IdMap,
     fence: Callable[[], Fence | None] = lambda: None,
     rejections: RejectionLog | None = None,
+    bus: Bus | None = None,
 ) -> AdapterContext:
     """The ``AdapterContext`` of account ``name``: what the daemon hands each
     adapter (the tests' in-process rigs build theirs here too). ``rejections``:
@@ -410,6 +411,7 @@ def adapter_context(
         idmap=idmap,
         fence=fence,
         rejections=rejections or RejectionLog(logging.getLogger("talkbridge.rejections")),
+        bus=bus,
     )
 
 
@@ -452,7 +454,7 @@ class Daemon:
         for name, acct in config.accounts.items():
             ctx = adapter_context(
                 config, name, redis, self.publish, self.metrics, self.bus.prefix, self.idmap,
-                fence=functools.partial(self._fence, name), rejections=self.rejections,
+                fence=functools.partial(self._fence, name), rejections=self.rejections, bus=self.bus,
             )  # fmt: skip
             self.runners[name] = AccountRunner(self, adapters[acct.protocol](ctx), name)
         # admin-room alerts (bridge/alerts.py): what this instance sees, fired and cleared fleet-wide

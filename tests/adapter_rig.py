@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -17,7 +18,7 @@ from bridge.bus import Bus, BusSettings
 from bridge.config import Config
 from bridge.daemon import adapter_context
 from bridge.events import Delivery, Event, EventKind, event_from_wire
-from bridge.idmap import IdMap
+from bridge.idmap import Fence, IdMap
 from bridge.metrics import Metrics
 
 A = TypeVar("A", bound=Adapter)
@@ -72,14 +73,15 @@ class AdapterRig(Generic[A]):
 
 
 async def connected_parts(
-    adapter_class: type[A], config: Config, account: str, redis: Redis
+    adapter_class: type[A], config: Config, account: str, redis: Redis, fence: Callable[[], Fence | None] = lambda: None
 ) -> tuple[A, Redis, Bus, Metrics, IdMap]:
     """An ``AdapterRig``'s fields: the adapter connected and joined to its channels,
-    with its Redis, bus, metrics and id map."""
-    bus = Bus(redis, BusSettings())
+    with its Redis, bus (the config's ``[bus]``), metrics and id map; ``fence``
+    the lease token its writes carry (None: unfenced, as without a lease)."""
+    bus = Bus(redis, BusSettings.from_section(config.section("redis")["KeyPrefix"], config.section("bus")))
     metrics = Metrics()
     idmap = IdMap(redis, bus.prefix, 3600)
-    ctx = adapter_context(config, account, redis, bus.publish, metrics, bus.prefix, idmap)
+    ctx = adapter_context(config, account, redis, bus.publish, metrics, bus.prefix, idmap, fence=fence, bus=bus)
     adapter = adapter_class(ctx)
     await adapter.connect()
     for channel in ctx.channels:

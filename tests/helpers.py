@@ -92,12 +92,14 @@ def _ping(port: int) -> bool:
         return False
 
 
-def start_redis_server(data_dir: Path, port: int | None = None) -> RedisServer:
+def start_redis_server(data_dir: Path, port: int | None = None, *options: str) -> RedisServer:
+    """A redis-server on loopback, without persistence; ``options`` are more
+    of its command-line options (``--cluster-enabled yes``)."""
     binary = os.environ.get("TALKBRIDGE_TEST_REDIS_SERVER") or find_redis_server()
     port = port or free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
-         "--appendonly", "no", "--daemonize", "no"],
+         "--appendonly", "no", "--daemonize", "no", *options],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip

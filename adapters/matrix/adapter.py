@@ -15,16 +15,17 @@ runner pauses it (``AccountFailed``), ``status`` says why, and the account
 makes no request meanwhile.
 
 Receiving: one ``/sync`` long poll. Its ``next_batch`` is written to Redis
-*in the same MULTI/EXEC* as the events of that sync (beside the inbound
-stream, in its Cluster slot), so a restart resumes exactly after the last
-published sync. Where a room's timeline is ``limited`` (more happened than a
-sync carries: the bridge was down), the rest is paged back with
-``/messages`` down to the previous sync position, so everything arrives in
-order and once. The first start skips history; a room joined later starts
-at the bridge's own join. Invites are accepted for configured rooms only.
-The homeserver away (network, 5xx, 429) is retried with capped, jittered
-backoff and shown as degraded; nothing is lost because the token only moves
-with published events.
+*in the same script* as the events of that sync (beside the inbound stream,
+in its Cluster slot; ``AdapterContext.commit_inbound``, fenced by the lease
+token), so a restart resumes exactly after the last published sync. Where
+a room's timeline is ``limited`` (more happened than a sync carries: the
+bridge was down), the rest is paged back with ``/messages`` down to the
+previous sync position, so everything arrives in order and once. The first
+start skips history; a room joined later starts at the bridge's own join.
+Invites are accepted for configured rooms only. The homeserver away
+(network, 5xx, 429) is retried with capped, jittered backoff and shown as
+degraded; nothing is lost because the token only moves with published
+events.
 
 Sending: ``m.room.message`` with Markdown as ``org.matrix.custom.html``
 (unless ``HTMLDisable``), replies (``m.in_reply_to``), edits (``m.replace``
@@ -90,11 +91,10 @@ from adapters.base import (
 from adapters.matrix.convert import markdown_to_html
 from adapters.matrix.media import image_size, msgtype_for
 from adapters.matrix.parse import HTML, Incoming, Media, Skip, parse_event
-from bridge.bus import FIELD, inbound_key
+from bridge.bus import Write, inbound_key
 from bridge.config import AccountConfig
-from bridge.events import Attachment, Delivery, Event, EventKind, event_to_wire
+from bridge.events import Attachment, Delivery, Event, EventKind
 from bridge.health import clear_degraded, mark_degraded
-from bridge.idmap import Fenced
 
 PROTOCOL = "matrix"
 MEDIA_API = "/_matrix/client/v1/media"
@@ -204,7 +204,7 @@ class Matrix(Adapter):
         self.client: AsyncClient | None = None
         self.media: aiohttp.ClientSession | None = None
         self.user_id = self.mxid
-        # Redis: the sync token and the joined rooms sit in the inbound stream's slot (one MULTI with the events)
+        # Redis: the sync token and the joined rooms sit in the inbound stream's slot (one script with the events)
         self.stream = inbound_key(ctx.key_prefix, self.name)
         self.sync_key = "{" + self.stream + "}:matrix-sync"
         self.joined_key = "{" + self.stream + "}:matrix-joined"
@@ -521,12 +521,10 @@ class Matrix(Adapter):
         """First start: where the rooms are now, without their history."""
         resp = await self._sync(None, 0)
         joined = set(resp.rooms.join)
-        pipe = self.ctx.redis.pipeline(transaction=True)
-        pipe.setnx(self.sync_key, resp.next_batch)
+        writes = [Write.setnx(self.sync_key, resp.next_batch)]
         if joined:
-            pipe.sadd(self.joined_key, *joined)
-        await self._check_fence()
-        await pipe.execute()
+            writes.append(Write.sadd(self.joined_key, *joined))
+        await self.ctx.commit_inbound([], writes)
         self.ctx.log.info("%s: first start: relaying from now on (history skipped)", self.name)
         await self._join_configured(joined)
         await self._invites(resp)
@@ -696,24 +694,13 @@ class Matrix(Adapter):
         return att
 
     async def _commit(self, events: list[Event], next_batch: str, new_rooms: set[str]) -> None:
-        """The sync's events and its next_batch (and newly joined rooms), in one transaction."""
-        await self._check_fence()
-        pipe = self.ctx.redis.pipeline(transaction=True)
-        for event in events:
-            pipe.xadd(self.stream, {FIELD: event_to_wire(event)})
-        pipe.set(self.sync_key, next_batch)
+        """The sync's events and its next_batch (and newly joined rooms), together, fenced."""
+        writes = [Write.set(self.sync_key, next_batch)]
         if new_rooms:
-            pipe.sadd(self.joined_key, *new_rooms)
-        await pipe.execute()
+            writes.append(Write.sadd(self.joined_key, *new_rooms))
+        await self.ctx.commit_inbound(events, writes)
         if events:
             self._events_in.inc(len(events))
-
-    async def _check_fence(self) -> None:
-        fence = self.ctx.fence()
-        if fence is not None:
-            current = await self.ctx.redis.get(fence.key)
-            if current is None or current.decode() != fence.token:
-                raise Fenced(f"{self.name}: lease token {fence.token} is stale")
 
     async def _mark_health(self, delay: float) -> None:
         try:
@@ -744,7 +731,7 @@ class Matrix(Adapter):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.retry_max):
                         await self._reachable.wait()
-                await self._check_fence()  # waited: still the account's owner?
+                await self.ctx.check_fence()  # waited: still the account's owner?
 
     async def _send(self, delivery: Delivery) -> str | None:
         room = await self._room_id(delivery.channel)
