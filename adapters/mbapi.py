@@ -627,6 +627,8 @@ class MatterbridgeAPI(Adapter):
         """Written rows: deleted, and only then released (released at once, a
         reader could take them again before the delete). The delete runs to its
         end even if this handler is cancelled (the daemon stopping)."""
+        if not ids:  # an empty answer (a poll of an empty buffer): nothing to delete, and XDEL needs an id
+            return
         deletion = asyncio.ensure_future(self.ctx.redis.xdel(self.buffer_key, *ids))
         deletion.add_done_callback(lambda _done: self._claimed.difference_update(ids))
         await asyncio.shield(deletion)

@@ -243,6 +243,17 @@ def test_an_abandoned_messages_request_loses_nothing(accounts) -> None:
     assert client.xlen(b.buffer) == 0  # written this time: taken
 
 
+def test_polling_an_empty_buffer_answers_an_empty_list_and_nothing_else(accounts) -> None:
+    """Many clients poll /api/messages every second (Matterbridge issue #1983):
+    an empty answer deletes nothing, and so cannot fail and log doing it."""
+    _a, b, _c, daemon, client = accounts
+    assert client.xlen(b.buffer) == 0
+    for _ in range(3):
+        resp = httpx.get(f"{b.base}/api/messages", headers=b.headers, timeout=10)
+        assert resp.status_code == 200 and resp.json() == []
+    assert "cannot delete" not in daemon.log()
+
+
 def test_an_unauthorized_client_holds_no_stream_slot(accounts) -> None:
     _a, b, _c, _daemon, _client = accounts
     for _ in range(5):  # more than b's 3: refused before a slot is counted

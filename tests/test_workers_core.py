@@ -339,7 +339,8 @@ def test_a_jobs_alert_reaches_the_admin_room_and_its_warnings_the_log_stream(
             messages = [fields[b"message"].decode() for _, fields in records]
             assert "the test service refused us" in messages
             assert any("ALERT test:service" in m for m in messages)
-            assert all(fields[b"instance"] == b"worker-test" for _, fields in records)
+            sources = [(fields[b"instance"], fields[b"message"]) for _, fields in records]
+            assert all(instance == b"worker-test" for instance, _ in sources), sources
         finally:
             stop.set()
             await worker
