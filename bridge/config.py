@@ -903,7 +903,7 @@ def load_config(
     loader.check_persona_names(personas, accounts, gateways)
     job_timeout = sections["workers"]["JobTimeout"]
     for name, persona in personas.items():
-        if persona["Timeout"] > job_timeout - 3:  # workers/llm.py keeps 3 s to post the timeout message
+        if persona["Timeout"] > job_timeout - 3:  # workers/llm_job.py keeps 3 s to post the timeout message
             loader.warnings.append(
                 f"persona.{name}.Timeout: {persona['Timeout']} s does not fit in [workers] JobTimeout = "
                 f"{job_timeout} s less 3 s; the worker waits {max(job_timeout - 3, 0)} s for an answer"

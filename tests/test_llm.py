@@ -20,17 +20,10 @@ from hypothesis import strategies as st
 from tests.helpers import free_port
 from tests.llama_rig import FakeLLM, LlamaServer, fake_llm_fixture, llama_server_fixture  # noqa: F401
 from tests.talkbot_rig import until
-from workers.llm import (
-    MAX_RESPONSE_BYTES,
-    LLMError,
-    Persona,
-    build_messages,
-    complete,
-    history_item,
-    parse_completion,
-    question_of,
-    strip_mention,
-)
+from workers.llm_client import MAX_RESPONSE_BYTES, LLMError, Persona, complete, parse_completion
+from workers.llm_job import build_messages
+from workers.llm_queue import history_item
+from workers.llm_trigger import question_of, strip_mention
 
 ASCII_NAMES = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True).filter(lambda n: not n.endswith("."))
 NAMES = st.from_regex(r"[\w.-]{1,64}", fullmatch=True)  # what the config accepts as Name

@@ -27,7 +27,7 @@ from bridge.events import Attachment, Delivery, Event, EventKind, event_from_wir
 from tests.helpers import free_port
 from tests.llama_rig import FakeLLM, fake_llm_fixture  # noqa: F401
 from tests.talkbot_rig import SECRET, until, until_quiet, write_config
-from workers import llm
+from workers import llm, llm_job, llm_queue
 from workers.deps import DEPS, WorkerDeps
 from workers.results import WORKER_MARK, result_id
 from workers.triggers import queue_name
@@ -129,7 +129,7 @@ class Rig:
         return event
 
     async def job(self, room: str | None = None, deps: WorkerDeps | None = None) -> str:
-        room = room or llm.room_id(BOT, ROOM)
+        room = room or llm_queue.room_id(BOT, ROOM)
         return await llm.persona_reply({DEPS: deps or self.deps, "job_id": "test"}, room)
 
     async def replies(self, account: str = BOT) -> list[Delivery]:
@@ -172,13 +172,13 @@ async def test_no_persona_no_trigger(redis: Redis, fake_llm: FakeLLM, tmp_path: 
 
 async def test_every_message_in_the_bots_room_is_a_question_queued_once(rig: Rig) -> None:
     event = await rig.say("what is the time?")
-    room = llm.room_id(BOT, ROOM)
+    room = llm_queue.room_id(BOT, ROOM)
     assert rig.enqueued == [("persona_reply", (room,), {"_job_id": f"llm:{event.id}"})]
     # the route loop handles the same event again (a crash before its XACK): the job is
     # enqueued again under the same id (arq refuses it if the first is known), nothing else
     await rig.trigger.consider(event, rig.enqueue)
     assert rig.enqueued[1] == rig.enqueued[0]
-    keys = llm.RoomKeys(PREFIX, room)
+    keys = llm_queue.RoomKeys(PREFIX, room)
     assert await rig.redis.lrange(keys.queue, 0, -1) == [event.id.encode()]
     assert len(await rig.redis.lrange(keys.history, 0, -1)) == 1
     request = orjson.loads(await rig.redis.hget(keys.requests, event.id))
@@ -191,7 +191,7 @@ async def test_in_a_gateways_rooms_only_a_mention_is_a_question(rig: Rig) -> Non
     assert rig.enqueued == []
     asked = await rig.say("@inara: what is 2+2?", account=API, channel="api")
     assert [e[2]["_job_id"] for e in rig.enqueued] == [f"llm:{asked.id}"]
-    keys = llm.RoomKeys(PREFIX, llm.room_id(API, "api"))
+    keys = llm_queue.RoomKeys(PREFIX, llm_queue.room_id(API, "api"))
     request = orjson.loads(await rig.redis.hget(keys.requests, asked.id))
     assert request["question"] == "what is 2+2?" and not request["every"]
     # every message of the room is kept as context, the mention stripped from questions
@@ -207,22 +207,22 @@ async def test_bots_and_worker_results_are_never_asked(rig: Rig) -> None:
     edit.kind = EventKind.EDIT
     await rig.trigger.consider(edit, rig.enqueue)
     assert rig.enqueued == []
-    keys = llm.RoomKeys(PREFIX, llm.room_id(BOT, ROOM))
+    keys = llm_queue.RoomKeys(PREFIX, llm_queue.room_id(BOT, ROOM))
     assert await rig.redis.llen(keys.queue) == 0
     # the other bot's message is context all the same; the job's own answer is recorded by the job
     assert len(await rig.redis.lrange(keys.history, 0, -1)) == 1
 
 
 async def test_the_history_is_capped(rig: Rig) -> None:
-    for i in range(llm.HISTORY_SLACK + 10):
+    for i in range(llm_queue.HISTORY_SLACK + 10):
         await rig.say(f"@Inara2 message {i}")
-    keys = llm.RoomKeys(PREFIX, llm.room_id(BOT, ROOM))
-    assert await rig.redis.llen(keys.history) == 4 + llm.HISTORY_SLACK
-    assert 0 < await rig.redis.ttl(keys.history) <= llm.HISTORY_TTL
+    keys = llm_queue.RoomKeys(PREFIX, llm_queue.room_id(BOT, ROOM))
+    assert await rig.redis.llen(keys.history) == 4 + llm_queue.HISTORY_SLACK
+    assert 0 < await rig.redis.ttl(keys.history) <= llm_queue.HISTORY_TTL
 
 
 async def test_a_full_queue_answers_busy_at_once(rig: Rig) -> None:
-    for i in range(llm.MAX_PENDING):
+    for i in range(llm_queue.MAX_PENDING):
         await rig.say(f"question {i}")
     over = await rig.say("one question too many")
     function, args, kwargs = rig.enqueued[-1]
@@ -260,7 +260,7 @@ async def test_a_question_gets_the_models_answer_threaded(rig: Rig) -> None:
         {"role": "assistant", "content": "answer 1: Bob: the sky is green today"},
         {"role": "user", "content": "Alice: what colour is the sky?"},
     ]
-    keys = llm.RoomKeys(PREFIX, llm.room_id(BOT, ROOM))
+    keys = llm_queue.RoomKeys(PREFIX, llm_queue.room_id(BOT, ROOM))
     assert await rig.redis.llen(keys.queue) == 0 and await rig.redis.hlen(keys.requests) == 0
     assert not await rig.redis.exists(keys.lock)
     # answered: the same event routed again queues nothing
@@ -271,7 +271,7 @@ async def test_a_question_gets_the_models_answer_threaded(rig: Rig) -> None:
 
 async def test_a_mention_is_answered_under_the_personas_name(rig: Rig) -> None:
     asked = await rig.say("@Inara hi", account=API, channel="api")
-    assert await rig.job(llm.room_id(API, "api")) == "answered 1"
+    assert await rig.job(llm_queue.room_id(API, "api")) == "answered 1"
     [reply] = await rig.replies(API)
     assert reply.text == "Inara: answer 1: Alice: hi" and reply.event.reply_to == asked.native_id
 
@@ -279,7 +279,7 @@ async def test_a_mention_is_answered_under_the_personas_name(rig: Rig) -> None:
 async def test_many_jobs_answer_a_room_in_order_one_at_a_time(rig: Rig) -> None:
     rig.fake.hold = True
     asked = [await rig.say(f"question {i}") for i in range(4)]
-    room = llm.room_id(BOT, ROOM)
+    room = llm_queue.room_id(BOT, ROOM)
     # one job per question, all at once: four workers taking the room's jobs
     jobs = [asyncio.create_task(rig.job(room)) for _ in asked]
     for n in range(1, len(asked) + 1):
@@ -297,7 +297,7 @@ async def test_many_jobs_answer_a_room_in_order_one_at_a_time(rig: Rig) -> None:
 
 async def test_a_question_asked_while_the_holder_works_is_answered_by_it(rig: Rig) -> None:
     rig.fake.hold = True
-    room = llm.room_id(BOT, ROOM)
+    room = llm_queue.room_id(BOT, ROOM)
     await rig.say("first")
     holder = asyncio.create_task(rig.job(room))
     await until(lambda: rig.fake.held() == 1, what="the first request at the model")
@@ -315,8 +315,8 @@ async def test_a_question_asked_while_the_holder_works_is_answered_by_it(rig: Ri
 async def test_the_lock_is_let_go_only_with_an_empty_queue(rig: Rig) -> None:
     """The holder's last step: a question queued after its last look at the
     queue keeps the lock held (the holder goes on), so it is never stranded."""
-    keys = llm.RoomKeys(PREFIX, llm.room_id(BOT, ROOM))
-    release = rig.redis.register_script(llm._RELEASE_IF_EMPTY)
+    keys = llm_queue.RoomKeys(PREFIX, llm_queue.room_id(BOT, ROOM))
+    release = rig.redis.register_script(llm_job._RELEASE_IF_EMPTY)
     await rig.redis.set(keys.lock, "mine")
     await rig.say("arrived late")
     assert await release(keys=[keys.lock, keys.queue], args=["mine"]) == 0
@@ -332,7 +332,7 @@ async def test_a_rerun_after_a_crash_posts_the_same_answer_once(rig: Rig) -> Non
     posts the stored answer under the same key (the delivery loop drops the
     copy) and does not ask the model twice."""
     asked = await rig.say("question")
-    keys = llm.RoomKeys(PREFIX, llm.room_id(BOT, ROOM))
+    keys = llm_queue.RoomKeys(PREFIX, llm_queue.room_id(BOT, ROOM))
     stored = orjson.dumps({"text": "the answer", "ok": True})
     await rig.redis.set(keys.answer(asked.id), stored)  # the state the killed run left behind
     assert await rig.job() == "answered 1"
@@ -364,7 +364,7 @@ async def test_a_failing_model_gives_a_short_message_and_one_alert(rig: Rig) -> 
     assert [k for k, _ in rig.cleared] == ["llm:inara"]
     assert [r.text for r in await rig.replies()][2:] == ["answer 3: Alice: question 3", "answer 4: Alice: question 4"]
     # failed answers are not context: only the two answers are the persona's in the history
-    keys = llm.RoomKeys(PREFIX, llm.room_id(BOT, ROOM))
+    keys = llm_queue.RoomKeys(PREFIX, llm_queue.room_id(BOT, ROOM))
     roles = [orjson.loads(i.partition(b"\n")[2])["r"] for i in await rig.redis.lrange(keys.history, 0, -1)]
     assert roles.count("assistant") == 2
 
@@ -413,9 +413,9 @@ async def test_a_job_near_its_timeout_hands_the_room_on(redis: Redis, fake_llm: 
         rig = await make_rig(redis, fake_llm, tmp_path, http, job_timeout=4)
         await rig.say("one")
         second = await rig.say("two")
-        room = llm.room_id(BOT, ROOM)
+        room = llm_queue.room_id(BOT, ROOM)
         assert await rig.job(room) == "answered 1, handed the rest on"
-        keys = llm.RoomKeys(PREFIX, room)
+        keys = llm_queue.RoomKeys(PREFIX, room)
         assert not await redis.exists(keys.lock)
         next_job = f"llm:{room}:next:{second.id}"
         assert await redis.zscore(queue_name(PREFIX), next_job) is not None  # in arq's queue
@@ -424,7 +424,7 @@ async def test_a_job_near_its_timeout_hands_the_room_on(redis: Redis, fake_llm: 
 
 
 async def test_an_unreadable_request_is_dropped_and_the_queue_goes_on(rig: Rig) -> None:
-    keys = llm.RoomKeys(PREFIX, llm.room_id(BOT, ROOM))
+    keys = llm_queue.RoomKeys(PREFIX, llm_queue.room_id(BOT, ROOM))
     await rig.redis.rpush(keys.queue, "broken")
     await rig.redis.hset(keys.requests, "broken", b"{not json")
     await rig.say("fine")
@@ -436,7 +436,7 @@ async def test_an_unreadable_request_is_dropped_and_the_queue_goes_on(rig: Rig) 
 async def test_a_questions_inline_files_are_not_kept(rig: Rig) -> None:
     photo = Attachment("photo.jpg", "image/jpeg", 3_000_000, data_b64="A" * 4_000_000)
     asked = await rig.say("what is in this photo?", attachments=[photo])
-    keys = llm.RoomKeys(PREFIX, llm.room_id(BOT, ROOM))
+    keys = llm_queue.RoomKeys(PREFIX, llm_queue.room_id(BOT, ROOM))
     raw = await rig.redis.hget(keys.requests, asked.id)
     assert len(raw) < 2000
     stored = event_from_wire(orjson.loads(raw)["event"])
