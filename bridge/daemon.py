@@ -25,7 +25,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from adapters.base import AccountFailed, Adapter, AdapterContext
-from bridge.alerts import Alerts, DaemonWatch, outbound_publisher, progress, watch_interval
+from bridge.alerts import Alerts, outbound_publisher
+from bridge.alerts_watch import DaemonWatch, progress, watch_interval
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
 from bridge.config import Config, parse_hostport
 from bridge.control import (
@@ -97,7 +98,7 @@ class AccountRunner:
         self.restart_pause: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._rng = random.Random()  # the restart jitter; per runner, not the module's shared one
         self._free_since: float | None = None
-        # what the admin-room alerts look at (bridge/alerts.py, DaemonWatch)
+        # what the admin-room alerts look at (bridge/alerts_watch.py, DaemonWatch)
         self.refused: str | None = None  # why the credentials were refused, until the account works again
         self.refused_at: float | None = None
         self.receive_since: float | None = None  # the receive loop's last start while owned

@@ -1,4 +1,4 @@
-"""``bridge.alerts.DaemonWatch``: what a daemon's state turns into, condition
+"""``bridge.alerts_watch.DaemonWatch``: what a daemon's state turns into, condition
 by condition, against a real Redis and the daemon's real metrics. The
 runners are plain objects standing for ``AccountRunner`` (the watch only
 reads their state); the clocks are the test's, so "for FailedMinutes" needs
@@ -14,7 +14,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from bridge.alerts import Alerts, DaemonWatch, outbound_publisher
+from bridge.alerts import Alerts, outbound_publisher
+from bridge.alerts_watch import DaemonWatch
 from bridge.bus import Bus, BusSettings
 from bridge.metrics import Metrics
 from tests.test_alerts import ADMIN, Clock, config_text, load, room
