@@ -69,7 +69,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import RedisError, ResponseError
 
 from adapters.base import Adapter, AdapterContext, Option
-from bridge.config import AccountConfig, parse_hostport
+from bridge.addresses import parse_hostport
+from bridge.config import AccountConfig
 from bridge.events import Attachment, Delivery, Event, EventKind
 from bridge.idmap import FENCED, LUA_LIB, Fenced
 from bridge.listener import Listener, ListenerLimits, Refused, read_body

@@ -16,22 +16,21 @@ instead of stopping at the first.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli
 
+from bridge.addresses import is_loopback, parse_host_name, parse_hostport, parse_networks
 from bridge.goregex import GoRegexError, GoRegexp, Template, go_fields, unknown_references
 from bridge.options import Option, ProtocolSpec, go_weak
 
 MAX_CONFIG_BYTES = 1 << 20  # a config larger than 1 MiB is a mistake, not a config
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in a file: path
-_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")  # also an IPv4 address
 MIN_PLAIN_PASSWORD = 12  # [admin] Password: a shorter plain one is warned about
 
 # The URL forms bridge/connections.py connects to; here so that checking a
@@ -964,7 +963,7 @@ def _check_admin(loader: _Loader, admin: dict[str, Any]) -> None:
         return  # not served: nothing to warn about
     # dangerous settings that still work: warned about, named by key
     host = parse_hostport(bind)[0] if bind and parse_hostport(bind) else ""
-    if host and not _loopback(host) and not admin["SecureCookie"]:
+    if host and not is_loopback(host) and not admin["SecureCookie"]:
         loader.warnings.append(
             f'admin.BindAddress: "{bind}" can be reached from other hosts over plain HTTP (SecureCookie = false): '
             "the password and the session cookie cross the network readable; keep it on 127.0.0.1 behind an SSH "
@@ -982,30 +981,6 @@ def _check_admin(loader: _Loader, admin: dict[str, Any]) -> None:
         )
 
 
-def parse_host_name(value: str) -> str | None:
-    """A host name or IP address as ``[admin] Hosts`` lists it, normalized
-    (lower case, no trailing dot, an IPv6 address without brackets); None
-    when it is not one."""
-    name = value.strip().lower().rstrip(".")
-    if name.startswith("[") and name.endswith("]"):
-        name = name[1:-1]
-    if ":" in name:
-        try:
-            return str(ipaddress.IPv6Address(name))
-        except ValueError:
-            return None
-    return name if len(name) <= 253 and _HOST_NAME.fullmatch(name) else None
-
-
-def _loopback(host: str) -> bool:
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_admin_room(value: str) -> tuple[str, str]:
     """``"ACCOUNT:CHANNEL"`` split at the first colon (a Matrix room id has
     colons, an account name never does); the channel may be empty here (an
@@ -1014,23 +989,3 @@ def parse_admin_room(value: str) -> tuple[str, str]:
     if not account.strip():
         raise ValueError('must be "ACCOUNT:CHANNEL", e.g. "matrix.ops:!room:example.org" or "api.admin:api"')
     return account.strip(), channel.strip()
-
-
-def parse_hostport(value: str) -> tuple[str, int] | None:
-    """'127.0.0.1:4280', '[::1]:80', ':4280' -> (host, port)."""
-    m = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", value.strip())
-    if not m or not 0 <= int(m.group(2)) <= 65535:
-        return None
-    return (m.group(1) or "0.0.0.0", int(m.group(2)))
-
-
-def parse_networks(values: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """``[http] MetricsFrom``: addresses and networks ("10.0.0.5", "10.0.0.0/8",
-    "::1"); ``ValueError`` names the first that is neither."""
-    out = []
-    for value in values:
-        try:
-            out.append(ipaddress.ip_network(value.strip(), strict=False))
-        except ValueError:
-            raise ValueError(f'"{value}" is not an IP address or network (e.g. "10.0.0.0/8", "::1")') from None
-    return tuple(out)

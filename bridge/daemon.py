@@ -25,10 +25,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from adapters.base import AccountFailed, Adapter, AdapterContext
+from bridge.addresses import parse_hostport
 from bridge.alerts import Alerts, outbound_publisher
 from bridge.alerts_watch import DaemonWatch, progress, watch_interval
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
-from bridge.config import Config, parse_hostport
+from bridge.config import Config
 from bridge.control import (
     AccountControl,
     RateRecorder,

@@ -40,7 +40,7 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from bridge.config import parse_networks
+from bridge.addresses import parse_networks
 from bridge.metrics import Metrics
 from bridge.rejections import RejectionLog
 

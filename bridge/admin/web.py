@@ -43,10 +43,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bridge import control
+from bridge.addresses import parse_host_name, parse_hostport
 from bridge.admin import fleet
 from bridge.admin.auth import LOGIN_COOKIE, SESSION_COOKIE, Auth, AuthSettings, LoginRefused, Session
 from bridge.bus import Bus, BusSettings
-from bridge.config import Config, parse_host_name, parse_hostport
+from bridge.config import Config
 from bridge.metrics import Metrics
 from bridge.rejections import RejectionLog
 
