@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
-from bridge.config import REDIS_SCHEMES
+from bridge.config_keys import REDIS_SCHEMES
 
 # Blocking reads (XREADGROUP BLOCK) must not trip a socket timeout. No
 # periodic health checks: every caller already retries on a broken connection,
