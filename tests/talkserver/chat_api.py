@@ -18,6 +18,25 @@ RoomController::joinRoom, Model/Message::toArray (Talk 19 to 22).
   message with the message as ``parent``.
 - ``POST``/``DELETE``/``GET reaction/{token}/{id}``.
 - Not a participant, or no such room: 404 (``RequireParticipant``).
+- Routes as appinfo/routes/routes{Chat,Reaction,Room}Controller.php (and the
+  ``#[ApiRoute]`` attributes that replaced them) serve them: chat and
+  reactions on ``v1`` only, the room list and ``participants/active`` on
+  ``v4`` only; ``token`` must match ``[a-z0-9]{4,30}``. Anything else is the
+  router's 404, before any controller.
+- ``GET chat/{token}`` without ``lookIntoFuture``: ``receiveMessages(int
+  $lookIntoFuture, …)`` has no default, so the Dispatcher
+  (AppFramework/Http/Dispatcher::executeController) passes null and PHP
+  throws a TypeError: a 500, after the middleware's checks.
+- The InjectionMiddleware checks (lib/Middleware/InjectionMiddleware.php,
+  ``afterException``): a banned actor (``BanService::throwIfActorIsBanned``,
+  ForbiddenException) -> 403 on every room route; the lobby on and the
+  participant no moderator (``#[RequireModeratorOrNoLobby]``, LobbyException)
+  -> 412, reading included; and for what writes (``sendMessage``, edits,
+  deletions, reactions): no chat permission (``#[RequirePermission(CHAT)]``,
+  PermissionsException) -> 403, a read-only room
+  (``#[RequireReadWriteConversation]``, ReadOnlyException) -> 403. Reading a
+  read-only room works. The OCS body is empty (``OCSException('')``), so a
+  client cannot tell these 403s apart.
 - Basic auth with a wrong or revoked app password: 401 on every route
   (Nextcloud >= 22) and a brute-force attempt for the IP (``login``).
 - ``GET v4/room`` (RoomController::getRooms): the user's conversations
@@ -31,6 +50,7 @@ RoomController::joinRoom, Model/Message::toArray (Talk 19 to 22).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +58,13 @@ from aiohttp import web
 
 from tests.talkserver.chat import ChatError, php_trim, valid_emoji
 from tests.talkserver.ocs import csrf_ok, ocs_response, params, php_bool, php_int, php_string
-from tests.talkserver.state import GUEST, MODERATOR, OWNER, Actor, Message
+from tests.talkserver.state import GUEST, MODERATOR, OWNER, Actor, Message, Room
 
 if TYPE_CHECKING:
     from tests.talkserver.server import TalkServer, Who
 
 API = "/ocs/v2.php/apps/spreed/api/{apiVersion}"
+TOKEN = re.compile(r"[a-z0-9]{4,30}")  # the routes' requirements
 CHAT = API + "/chat/{token}"
 REACTION = API + "/reaction/{token}/{messageId:[0-9]+}"
 MAX_TIMEOUT = 30  # ChatController: timeout = min(30, timeout)
@@ -98,14 +119,19 @@ class ChatApi:
         return sum(1 for w in self._waiters.values() if w)
 
     # plumbing ------------------------------------------------------------------------
-    def wrap(self, handler: Any, ocs: bool = True) -> Any:
+    def wrap(self, handler: Any, ocs: bool = True, version: str | None = None) -> Any:
+        """``version``: the one API version Talk serves the route on."""
+
         async def run(request: web.Request) -> web.StreamResponse:
             body = await request.read()
             log = self.server.log_request(request, body)
-            if ocs and not csrf_ok(request):
-                resp: web.StreamResponse = ocs_response(request, 412, None, "CSRF check failed")
-            elif request.match_info.get("apiVersion", "v1") not in ("v1", "v4"):
-                resp = web.Response(status=404, text="route not found")
+            token = request.match_info.get("token")
+            if request.match_info.get("apiVersion", version) != version or (
+                ocs and token is not None and not TOKEN.fullmatch(token)
+            ):
+                resp: web.StreamResponse = web.Response(status=404, text="route not found")  # the router
+            elif ocs and not csrf_ok(request):
+                resp = ocs_response(request, 412, None, "CSRF check failed")
             else:
                 fault = self.server.take_fault(request)
                 if fault is not None:
@@ -129,6 +155,18 @@ class ChatApi:
         if who.session is not None:
             ref = who.session.rooms.get(token)
             return room.participants.get(ref) if ref else None
+        return None
+
+    def refused(self, request: web.Request, token: str, me: Actor, write: bool) -> web.Response | None:
+        """What InjectionMiddleware answers before the controller runs (see the
+        module's docstring); None: the participant may go on."""
+        room: Room = self.state.rooms[token]
+        if me.ref in room.banned:
+            return ocs_response(request, 403)
+        if room.lobby and me.participant_type not in (OWNER, MODERATOR):
+            return ocs_response(request, 412)
+        if write and (me.ref in room.chat_denied or room.read_only):
+            return ocs_response(request, 403)
         return None
 
     def message_json(self, msg: Message, viewer: Actor, with_parent: bool = True) -> dict[str, Any]:
@@ -206,8 +244,14 @@ class ChatApi:
         me = self.participant(who, token)
         if me is None:
             return ocs_response(request, 404)
+        if (denied := self.refused(request, token, me, write=False)) is not None:
+            return denied
         p = await params(request)
-        future = php_int(p.get("lookIntoFuture", 0))
+        if "lookIntoFuture" not in p:  # no default in receiveMessages(int $lookIntoFuture, …)
+            return web.Response(
+                status=500, text="TypeError: receiveMessages(): Argument #1 ($lookIntoFuture) must be of type int"
+            )
+        future = php_int(p["lookIntoFuture"])
         limit = min(MAX_LIMIT, php_int(p.get("limit", 100)))
         last = php_int(p.get("lastKnownMessageId", 0))
         timeout = min(MAX_TIMEOUT, php_int(p.get("timeout", 30)))
@@ -255,6 +299,8 @@ class ChatApi:
         me = self.participant(who, token)
         if me is None:
             return ocs_response(request, 404)
+        if (denied := self.refused(request, token, me, write=True)) is not None:
+            return denied
         if php_trim(message) == "":
             return ocs_response(request, 400, {"error": "message"})
         name = php_string(p.get("actorDisplayName", "")) or ""
@@ -285,6 +331,8 @@ class ChatApi:
         me = self.participant(who, token)
         if me is None:
             return ocs_response(request, 404)
+        if (denied := self.refused(request, token, me, write=True)) is not None:
+            return denied
         p = await params(request)
         text = php_string(p.get("message"))
         if text is None:
@@ -311,6 +359,8 @@ class ChatApi:
         me = self.participant(who, token)
         if me is None:
             return ocs_response(request, 404)
+        if (denied := self.refused(request, token, me, write=True)) is not None:
+            return denied
         msg = self.state.messages.get(message_id)
         if msg is None or msg.token != token:
             return ocs_response(request, 404, {"error": "message"})
@@ -347,6 +397,8 @@ class ChatApi:
         me = self.participant(who, token)
         if me is None:
             return ocs_response(request, 404)
+        if (denied := self.refused(request, token, me, write=request.method != "GET")) is not None:
+            return denied
         p = await params(request)
         msg = self.state.messages.get(message_id)
         if request.method == "GET":
@@ -430,7 +482,7 @@ class ChatApi:
             out.append({
                 "id": i, "token": room.token, "type": 3 if room.public else room.type, "name": room.name,
                 "displayName": room.name, "description": "", "participantType": actor.participant_type,
-                "actorType": actor.type, "actorId": actor.id, "readOnly": 0, "hasPassword": False,
+                "actorType": actor.type, "actorId": actor.id, "readOnly": int(room.read_only), "hasPassword": False,
                 "lastActivity": msgs[-1].timestamp if msgs else 0, "unreadMessages": 0,
                 "remoteServer": "" if not room.federated else "https://remote.example",
             })  # fmt: skip
@@ -442,15 +494,15 @@ class ChatApi:
 def routes(api: ChatApi) -> list[web.RouteDef]:
     return [
         web.get("/ocs/v2.php/cloud/capabilities", api.wrap(api.capabilities)),
-        web.get(CHAT, api.wrap(api.receive)),
-        web.post(CHAT, api.wrap(api.send)),
-        web.put(CHAT + "/{messageId:[0-9]+}", api.wrap(api.edit)),
-        web.delete(CHAT + "/{messageId:[0-9]+}", api.wrap(api.delete)),
-        web.get(REACTION, api.wrap(api.reaction)),
-        web.post(REACTION, api.wrap(api.reaction)),
-        web.delete(REACTION, api.wrap(api.reaction)),
-        web.get("/ocs/v2.php/apps/spreed/api/{apiVersion}/room", api.wrap(api.rooms)),
-        web.post("/ocs/v2.php/apps/spreed/api/{apiVersion}/room/{token}/participants/active", api.wrap(api.join)),
+        web.get(CHAT, api.wrap(api.receive, version="v1")),
+        web.post(CHAT, api.wrap(api.send, version="v1")),
+        web.put(CHAT + "/{messageId:[0-9]+}", api.wrap(api.edit, version="v1")),
+        web.delete(CHAT + "/{messageId:[0-9]+}", api.wrap(api.delete, version="v1")),
+        web.get(REACTION, api.wrap(api.reaction, version="v1")),
+        web.post(REACTION, api.wrap(api.reaction, version="v1")),
+        web.delete(REACTION, api.wrap(api.reaction, version="v1")),
+        web.get(API + "/room", api.wrap(api.rooms, version="v4")),
+        web.post(API + "/room/{token}/participants/active", api.wrap(api.join, version="v4")),
         web.get("/call/{token}", api.wrap(api.call_page, ocs=False)),
         web.get("/index.php/call/{token}", api.wrap(api.call_page, ocs=False)),
     ]

@@ -251,6 +251,30 @@ class TalkServer:
     def make_public(self, token: str) -> None:
         self.state.rooms[token].public = True
 
+    def set_read_only(self, token: str, on: bool) -> None:
+        """A moderator locks the conversation (RoomController::setReadOnly): posting answers 403."""
+        self.state.rooms[token].read_only = on
+
+    def set_lobby(self, token: str, on: bool) -> None:
+        """The lobby for non-moderators (RoomController::setLobby): their chat answers 412."""
+        self.state.rooms[token].lobby = on
+
+    def ban(self, token: str, actor: Actor, banned: bool = True) -> None:
+        """BanController::ban (Talk 20, ``ban-v1``): every request of the actor there answers 403."""
+        refs = self.state.rooms[token].banned
+        if banned:
+            refs.add(actor.ref)
+        else:
+            refs.discard(actor.ref)
+
+    def allow_chat(self, token: str, actor: Actor, allowed: bool) -> None:
+        """The attendee's PERMISSIONS_CHAT (RoomController::setAttendeePermissions): without it posting answers 403."""
+        refs = self.state.rooms[token].chat_denied
+        if allowed:
+            refs.discard(actor.ref)
+        else:
+            refs.add(actor.ref)
+
     def expire_guest_sessions(self) -> None:
         """Every PHP session ends, and the guests they held leave their rooms (as Talk's cleanup does)."""
         for session in self.sessions.values():

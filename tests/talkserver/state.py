@@ -111,6 +111,14 @@ class Room:
     public: bool = False  # type 3: guests may join through the room's link
     participants: dict[str, Actor] = field(default_factory=dict)  # actor ref -> actor
     bots: set[int] = field(default_factory=set)  # bot ids enabled here
+    # What Talk's InjectionMiddleware checks before a user's chat route (see
+    # chat_api.ChatApi.refused): readOnly (Room::READ_ONLY), the lobby
+    # (Webinary::LOBBY_NON_MODERATORS), bans (BanService) and the attendee's
+    # chat permission (Attendee::PERMISSIONS_CHAT), kept per room by actor ref.
+    read_only: bool = False
+    lobby: bool = False
+    banned: set[str] = field(default_factory=set)
+    chat_denied: set[str] = field(default_factory=set)
 
 
 @dataclass
