@@ -515,7 +515,8 @@ class TalkUser(Adapter):
         status = answer.status
         wait = retry_after(answer.headers.get("Retry-After")) if status in (429, 503) else None
         meaning = {
-            403: "the account may not read this room",
+            # InjectionMiddleware answers every one of these with an empty 403
+            403: "the account is banned there, or may not post: a read-only room or no chat permission",
             404: "no such room, or the account is not in it",
             412: "the room's lobby keeps the account out",
             429: "Talk asks to slow down",

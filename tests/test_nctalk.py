@@ -397,6 +397,88 @@ async def test_a_reaction_talk_refuses_is_permanent(rig, talk, people) -> None:
         await rig.adapter.send(delivery(bad, ACCOUNT, ROOM, target_id=native))
 
 
+# rooms Talk closes to the account (tests/talkserver/chat_api.py: ChatApi.refused) ---------
+def _bridge_posts(talk: TalkServer, token: str) -> list[str]:
+    return [m.message for m in talk.messages(token) if m.actor.id == "bridge"]
+
+
+async def test_a_send_to_a_read_only_room_fails_with_the_reason_and_posts_once_when_unlocked(rig, talk, people) -> None:
+    """Talk answers 403 (RequireReadWriteConversation): a TransientError that
+    names it, so the core retries within MaxDeliveries and then dead-letters;
+    the room's poll goes on (reading a read-only room is allowed)."""
+    talk.set_read_only(ROOM, True)
+    sent = delivery(api_event("while locked"), ACCOUNT, ROOM)
+    with pytest.raises(TransientError, match=r"answered 403 .*read-only") as caught:
+        await rig.adapter.send(sent)
+    assert not isinstance(caught.value, (RateLimited, ServerUnavailable))  # the delivery's budget applies
+    assert _bridge_posts(talk, ROOM) == []
+    with pytest.raises(TransientError, match="403"):  # a retry while still locked: still refused, nothing posted
+        await rig.adapter.send(sent)
+    assert rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 0  # the poll is not failing
+    talk.set_read_only(ROOM, False)
+    native = await rig.adapter.send(sent)
+    assert _bridge_posts(talk, ROOM) == ["[api/a] <bob> while locked"]
+    assert native == str(talk.messages(ROOM)[-1].id)
+
+
+async def test_a_send_without_the_chat_permission_fails_with_the_reason(rig, talk, people) -> None:
+    bridge, _alice, _bob = people
+    talk.allow_chat(ROOM, bridge, False)
+    sent = delivery(api_event("no permission"), ACCOUNT, ROOM)
+    with pytest.raises(TransientError, match=r"answered 403 .*no chat permission"):
+        await rig.adapter.send(sent)
+    talk.allow_chat(ROOM, bridge, True)
+    await rig.adapter.send(sent)
+    assert _bridge_posts(talk, ROOM) == ["[api/a] <bob> no permission"]
+
+
+async def test_a_room_behind_the_lobby_fails_with_backoff_and_relays_what_was_said_once_lifted(
+    rig, talk, people
+) -> None:
+    """The lobby answers the account (no moderator) 412 on the poll and on a
+    send: the room is shown failing with the reason, polled with backoff (a
+    pause after every refused poll, no busy loop), and what the moderators
+    said meanwhile arrives once when the lobby is lifted."""
+    _bridge, alice, _bob = people
+    pauses = rig.adapter.pause = Pauses()
+    talk.set_lobby(ROOM, True)
+    await talk.post(ROOM, alice, "wakes the held poll")  # the poll in flight answers; the next meets the lobby
+    await until(lambda: rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 1, what="room failed")
+    assert b"lobby" in (await rig.redis.get("tb:degraded:{nctalk.cloud}") or b"")
+    await talk.post(ROOM, alice, "said behind the lobby")  # alice owns the room: a moderator
+    sent = delivery(api_event("to the lobby"), ACCOUNT, ROOM)
+    with pytest.raises(TransientError, match=r"answered 412 .*lobby"):
+        await rig.adapter.send(sent)
+    await until(lambda: len(pauses.delays) >= 3, what="three refused polls")
+    refused = [q for q in talk.user_requests if q.status == 412 and q.method == "GET"]
+    assert len(refused) <= len(pauses.delays) + 1  # each refused poll waited its backoff before the next
+    talk.set_lobby(ROOM, False)
+    await until(lambda: rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 0, what="room recovered")
+    await rig.adapter.send(sent)
+    await until(lambda: _at_least(rig, 2), what="the messages said behind the lobby")
+    assert await until_quiet(rig.texts) == ["wakes the held poll", "said behind the lobby"]
+    assert _bridge_posts(talk, ROOM) == ["[api/a] <bob> to the lobby"]
+    assert await rig.redis.get("tb:degraded:{nctalk.cloud}") is None
+
+
+async def test_a_ban_fails_the_room_while_others_flow_and_it_recovers_when_lifted(rig, talk, people) -> None:
+    bridge, alice, _bob = people
+    talk.ban(ROOM, bridge)
+    await talk.post(ROOM, alice, "wakes the held poll")
+    await until(lambda: rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 1, what="room failed")
+    assert b"banned" in (await rig.redis.get("tb:degraded:{nctalk.cloud}") or b"")
+    await talk.post(OTHER, alice, "the other room flows")
+    await until(lambda: _at_least(rig, 2), what="the other room's message")
+    with pytest.raises(TransientError, match=r"answered 403 .*banned"):
+        await rig.adapter.send(delivery(api_event("while banned"), ACCOUNT, ROOM))
+    talk.ban(ROOM, bridge, banned=False)
+    await talk.post(ROOM, alice, "after the ban")
+    await until(lambda: _at_least(rig, 3), what="the message after the ban")
+    assert await until_quiet(rig.texts) == ["wakes the held poll", "the other room flows", "after the ban"]
+    assert rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 0
+    assert _bridge_posts(talk, ROOM) == []
+
+
 # channel * ---------------------------------------------------------------------------
 async def _members(rig: UserRig) -> set[str]:
     return await rig.adapter.ctx.rooms.members()
