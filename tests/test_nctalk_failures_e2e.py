@@ -269,3 +269,23 @@ def test_a_password_fixed_in_the_config_is_used_after_a_restart(tmp_path: Path, 
         wait_for(lambda: "after the fix" in s.api.texts(), what="the message after the fix")
     finally:
         gen.close()
+
+
+def test_a_post_to_a_read_only_room_is_dead_lettered_with_the_reason_and_the_other_room_flows(setup: Setup) -> None:
+    """Talk answers a post into a read-only room 403 (RequireReadWriteConversation):
+    the room's trouble, not Talk's, so the delivery spends its MaxDeliveries (5)
+    and is dead-lettered naming the reason; nothing is posted there, the other
+    room flows, and once the room is writable again a new message is posted."""
+    s = setup
+    s.talk.call("set_read_only", ROOM, True)
+    s.api.post("one", text="into the locked room", username="bob")
+    wait_for(lambda: s.redis.xlen("tb:dlq") == 1, timeout=60, what="the dead letter")
+    [(_id, letter)] = s.redis.xrange("tb:dlq")
+    assert letter[b"attempts"] == b"5"
+    assert b"answered 403" in letter[b"error"] and b"read-only" in letter[b"error"]
+    s.api.post("two", text="to the other room", username="bob")
+    wait_for(lambda: s.by_bridge(OTHER), what="the other room's message")
+    s.talk.call("set_read_only", ROOM, False)
+    s.api.post("one", text="after the unlock", username="bob")
+    wait_for(lambda: s.by_bridge(ROOM), what="the message after the unlock")
+    assert s.by_bridge(ROOM) == ["[api] <bob> after the unlock"] and s.redis.xlen("tb:dlq") == 1
