@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -62,6 +62,43 @@ def wait_quiet(observe: Callable[[], object], quiet: float = QUIET, timeout: flo
         if new != value:
             value, since = new, time.monotonic()
     return value
+
+
+SENTINEL = "sentinel: whatever was to arrive came before me"
+
+
+def through_sentinel(
+    send: Callable[[], object],
+    observe: Callable[[], Sequence[T]],
+    is_sentinel: Callable[[T], bool],
+    count: int = 1,
+    timeout: float = 30.0,
+    what: str = "the sentinel",
+) -> list[T]:
+    """End a run with one more message and wait for it: ``send()`` posts the
+    sentinel(s) down the path the run's messages took (one per room observed:
+    ``count``), then ``observe()`` is polled until that many items satisfy
+    ``is_sentinel``; what it shows without them is returned.
+
+    Unlike ``wait_quiet``'s window, a duplicate is not missed for arriving
+    late: a room's deliveries go in order and a retry or a replay holds the
+    ones after it, so whatever would be duplicated arrives before the
+    sentinel. A sentinel seen more often than sent is a duplicate too."""
+    send()
+
+    def arrived() -> list[T] | None:
+        items = list(observe())
+        return items if sum(1 for x in items if is_sentinel(x)) >= count else None
+
+    items = wait_for(arrived, timeout=timeout, what=what)
+    marks = sum(1 for x in items if is_sentinel(x))
+    assert marks == count, f"{what}: {marks} sentinel(s) arrived, {count} sent"
+    return [x for x in items if not is_sentinel(x)]
+
+
+def has_sentinel(text: object) -> bool:
+    """A relayed copy of ``SENTINEL`` (the bridge prefixes a nick)."""
+    return isinstance(text, str) and text.endswith(SENTINEL)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
+from tests.helpers import SENTINEL, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Actor, Message
 
@@ -144,10 +144,17 @@ def test_everything_crosses_both_ways(fed: Fed) -> None:
     # the api account saw the Talk side too, nick formatted by its own RemoteNickFormat
     seen = wait_for(lambda: [m for m in f.api_messages() if "informe" in m["text"]], what="api")
     assert seen[0]["account"] == B
-    # nothing echoed: each side has exactly what the other side said
-    wait_quiet(lambda: (len(f.bridged(f.one, TOKEN1)), len(f.bridged(f.two, TOKEN2))), what="both rooms")
-    assert [m.message_type for m in f.bridged(f.two, TOKEN2)] == ["comment_deleted"]
-    assert len(f.bridged(f.one, TOKEN1)) == 2  # the reply and the file
+    # nothing echoed: each side has exactly what the other side said (an echo
+    # would arrive before the sentinel said after it on each side)
+    through_sentinel(
+        lambda: (f.one.call("post", TOKEN1, f.laura, SENTINEL), f.two.call("post", TOKEN2, f.marcos, SENTINEL)),
+        lambda: [m.message for m in f.bridged(f.one, TOKEN1) + f.bridged(f.two, TOKEN2)],
+        has_sentinel,
+        count=2,
+        what="a sentinel from each side",
+    )
+    assert [m.message_type for m in f.bridged(f.two, TOKEN2) if not has_sentinel(m.message)] == ["comment_deleted"]
+    assert len([m for m in f.bridged(f.one, TOKEN1) if not has_sentinel(m.message)]) == 2  # the reply and the file
 
 
 def test_api_to_talk_and_back(fed: Fed) -> None:
@@ -166,6 +173,16 @@ def test_api_to_talk_and_back(fed: Fed) -> None:
     assert f.two.call("file_of", filed[0], "marcos") == b"voice bytes"
 
 
+def on_cloud_two(f: Fed) -> list[str]:
+    """The copies on cloud 2, once a sentinel said on cloud 1 after them has crossed."""
+    return through_sentinel(
+        lambda: f.one.call("post", TOKEN1, f.laura, SENTINEL),
+        lambda: [m.message for m in f.bridged(f.two, TOKEN2)],
+        has_sentinel,
+        what="the sentinel on cloud 2",
+    )
+
+
 def test_messages_posted_while_the_daemon_is_dead_arrive_once_in_order(fed: Fed) -> None:
     f = fed
     f.one.call("post", TOKEN1, f.laura, "before")
@@ -175,7 +192,7 @@ def test_messages_posted_while_the_daemon_is_dead_arrive_once_in_order(fed: Fed)
         f.one.call("post", TOKEN1, f.laura, f"while down {i}")
     f.daemon.start()
     wait_for(lambda: len(f.bridged(f.two, TOKEN2)) >= 6, what="the five while down")
-    got = wait_quiet(lambda: [m.message for m in f.bridged(f.two, TOKEN2)], what="cloud 2")
+    got = on_cloud_two(f)
     assert got == ["[Laura@nube-minube1-com] before"] + [f"[Laura@nube-minube1-com] while down {i}" for i in range(5)]
 
 
@@ -188,7 +205,7 @@ def test_a_kill_between_talks_201_and_the_marker_does_not_post_twice(fed: Fed) -
     f.daemon.start()
     f.one.call("post", TOKEN1, f.laura, "after the restart")
     wait_for(lambda: len(f.bridged(f.two, TOKEN2)) >= 2, what="the next message")
-    got = wait_quiet(lambda: [m.message for m in f.bridged(f.two, TOKEN2)], what="cloud 2")
+    got = on_cloud_two(f)
     assert got == ["[Laura@nube-minube1-com] in the window", "[Laura@nube-minube1-com] after the restart"]
 
 

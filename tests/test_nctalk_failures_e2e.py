@@ -23,7 +23,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
+from tests.helpers import SENTINEL, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
 from tests.nctalk_rig import PASSWORD
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Actor, BotRequest
@@ -78,6 +78,25 @@ class Setup:
 
     def post(self, token: str, text: str) -> None:
         self.talk.call("post", token, self.alice, text)
+
+    def api_settled(self) -> list[str]:
+        """What reached the api from both rooms, once a sentinel said in each has arrived."""
+        return through_sentinel(
+            lambda: (self.post(ROOM, SENTINEL), self.post(OTHER, SENTINEL)),
+            self.api.texts,
+            has_sentinel,
+            count=2,
+            what="the rooms' sentinels at the api",
+        )
+
+    def talk_settled(self, gateway: str, token: str) -> list[str]:
+        """The bridge's posts in a room, once a sentinel sent to it through the api is among them."""
+        return through_sentinel(
+            lambda: self.api.post(gateway, text=SENTINEL, username="zoe"),
+            lambda: self.by_bridge(token),
+            has_sentinel,
+            what=f"the sentinel in {token}",
+        )
 
 
 def write_config(path: Path, redis_url: str, talk_url: str, http: int, api: int, password: str = PASSWORD) -> Path:
@@ -172,8 +191,7 @@ def test_a_room_answering_404_is_picked_up_again_while_the_other_flows(setup: Se
     s.talk.call("heal_room", ROOM)
     s.post(ROOM, "after the recovery")
     wait_for(lambda: "after the recovery" in s.api.texts(), what="the healed room's message")
-    assert wait_quiet(s.api.texts, what="the api") == [
-        "the other room flows", "posted while the room fails", "after the recovery"]  # fmt: skip
+    assert s.api_settled() == ["the other room flows", "posted while the room fails", "after the recovery"]
     assert f'talkbridge_room_failed{{account="{ACCOUNT}",room="{ROOM}"}} 0.0' in s.metrics()
     log = s.daemon.log()
     assert f"ALERT: room {ROOM} failing" in log and f"room {ROOM} recovered" in log
@@ -202,7 +220,7 @@ def test_talk_in_maintenance_longer_than_the_retry_budget_delays_messages_and_lo
     s.talk.call("set_maintenance", False)
     expected = [f"[api] <bob> {text}" for text in sent]
     wait_for(lambda: s.by_bridge(ROOM) == expected, timeout=60, what="the held messages in Talk")
-    assert wait_quiet(lambda: s.by_bridge(ROOM), what="Talk's room") == expected
+    assert s.talk_settled("one", ROOM) == expected
     assert s.redis.xlen("tb:dlq") == 0
     s.post(ROOM, "after the upgrade")
     wait_for(lambda: "after the upgrade" in s.api.texts(), timeout=30, what="the poll resumed")
@@ -225,7 +243,7 @@ def test_a_429_retry_after_is_honoured_by_the_poll_and_by_a_send(setup: Setup) -
     wait_for(lambda: s.by_bridge(OTHER), what="the api's message in Talk")
     posts = s.requests(f"/chat/{OTHER}", "POST")
     assert [r.status for r in posts] == [429, 201] and posts[1].at - posts[0].at >= 2.0 - CLOCKS
-    assert wait_quiet(lambda: s.by_bridge(OTHER), what="Talk's room") == ["[api] <zoe> to the other room"]
+    assert s.talk_settled("two", OTHER) == ["[api] <zoe> to the other room"]
 
 
 def test_a_revoked_password_makes_a_bounded_number_of_requests_and_resumes_when_fixed(setup: Setup) -> None:
@@ -247,8 +265,8 @@ def test_a_revoked_password_makes_a_bounded_number_of_requests_and_resumes_when_
     s.talk.call("grant_password", "bridge", PASSWORD)  # fixed on the server
     wait_for(lambda: s.by_bridge(ROOM), what="the waiting send posted")
     wait_for(lambda: {"wakes one", "wakes two"} <= set(s.api.texts()), what="what was said while refused")
-    assert wait_quiet(lambda: (s.by_bridge(ROOM), sorted(s.api.texts())), what="both sides") == (
-        ["[api] <zoe> sent while refused"], ["wakes one", "wakes two"])  # fmt: skip
+    assert s.talk_settled("one", ROOM) == ["[api] <zoe> sent while refused"]
+    assert sorted(s.api_settled()) == ["wakes one", "wakes two"]
     assert f'talkbridge_account_failed{{account="{ACCOUNT}"}} 0.0' in s.metrics()
     assert "credentials accepted again" in s.daemon.log()
     assert all("/cloud/capabilities" in r.path for r in s.refused()[burst:])  # a probe or two more, no poll, no post
@@ -288,4 +306,4 @@ def test_a_post_to_a_read_only_room_is_dead_lettered_with_the_reason_and_the_oth
     s.talk.call("set_read_only", ROOM, False)
     s.api.post("one", text="after the unlock", username="bob")
     wait_for(lambda: s.by_bridge(ROOM), what="the message after the unlock")
-    assert s.by_bridge(ROOM) == ["[api] <bob> after the unlock"] and s.redis.xlen("tb:dlq") == 1
+    assert s.talk_settled("one", ROOM) == ["[api] <bob> after the unlock"] and s.redis.xlen("tb:dlq") == 1
