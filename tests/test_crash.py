@@ -6,20 +6,37 @@ still in flight then), restarted, and the rest are posted. Every
 acknowledged message must come out of the other side exactly once and in
 order. The one POST that may have been cut off by the kill is ambiguous to
 its client (like any HTTP request): it may appear at most once, in its place.
+Right after the kill the test reads the daemon's streams (the external Redis,
+or a copy of the embedded one's append-only file) and requires work in flight
+there, so a run that killed an idle daemon fails instead of passing; and a
+sentinel posted last, not a quiet window, bounds the wait for a duplicate.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from pathlib import Path
 
 import httpx
 import pytest
+import redis as sync_redis
 
-from tests.helpers import Daemon, RedisServer, api_pair_config, wait_for, wait_quiet
+from tests.helpers import (
+    SENTINEL,
+    Daemon,
+    RedisServer,
+    api_pair_config,
+    has_sentinel,
+    start_redis_server,
+    through_sentinel,
+    wait_for,
+)
 
 TOTAL = 1000
 KILL_AFTER = 500
+MAX_KILLS, KILL_STEP = 8, 15  # kill points tried until one finds work in flight
 
 
 def post_all(base: str, start: int, stop: int, acked: list[int], ambiguous: list[int], halt: threading.Event) -> None:
@@ -37,22 +54,89 @@ def post_all(base: str, start: int, stop: int, acked: list[int], ambiguous: list
             acked.append(i)
 
 
+# The daemon's work queues (bridge/bus.py): api.a's inbound stream, read by the
+# router group, and api.b's outbound stream, read by the deliver group.
+QUEUES = (("tb:in:api.a", "router"), ("tb:out:{api.b}", "deliver"))
+
+
+def in_flight(redis_url: str) -> int:
+    """Entries a consumer group has not finished: read and not acknowledged
+    (pending), or not read yet. Redis 6.2 has no ``lag`` in XINFO GROUPS, so
+    the unread ones are counted after the group's last-delivered-id."""
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        total = 0
+        for stream, group in QUEUES:
+            if not client.exists(stream):
+                continue
+            for info in client.xinfo_groups(stream):
+                if info["name"].decode() == group:
+                    last = info["last-delivered-id"].decode()
+                    total += info["pending"] + len(client.xrange(stream, min="(" + last, max="+"))
+        return total
+    finally:
+        client.close()
+
+
+def in_flight_embedded(data_dir: Path, scratch: Path) -> int:
+    """``in_flight`` of an embedded Redis that died with the daemon: its
+    append-only file, copied, loaded by a redis-server of the test's own."""
+    pid = int((data_dir / "redis.pid").read_text())
+    wait_for(lambda: not _alive(pid), what="the embedded redis-server gone with the daemon")
+    copy = scratch / "data-at-the-kill"  # scratch: a new directory per kill
+    shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns("*.sock", "*.pid", "*.log"))
+    server = start_redis_server(copy, None, "--appendonly", "yes")
+    try:
+        return in_flight(server.url)
+    finally:
+        server.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def post_sentinel(port: int) -> None:
+    resp = httpx.post(f"http://127.0.0.1:{port}/api/message", headers={"Authorization": "Bearer token-a"},
+                      json={"text": SENTINEL, "username": "alice", "gateway": "g"}, timeout=5)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+
+
 def run_crash(tmp_path: Path, redis_url: str | None, kill_after: int = KILL_AFTER) -> None:
     path, (pa, pb, http) = api_pair_config(tmp_path, redis_url, buffer=4000)
     daemon = Daemon(path, http, tmp_path / "daemon.log").start()
     acked: list[int] = []
     ambiguous: list[int] = []
     halt = threading.Event()
-    poster = threading.Thread(target=post_all, args=(f"http://127.0.0.1:{pa}", 0, TOTAL, acked, ambiguous, halt))
-    poster.start()
+    poster = threading.Thread()
+    resume = 0
     try:
-        wait_for(lambda: len(acked) >= kill_after, timeout=60, interval=0.001, what="acknowledged posts")
-        daemon.kill()
-        halt.set()
-        poster.join(10)
-        assert not poster.is_alive()
-        daemon.start()
-        resume = (ambiguous[-1] if ambiguous else acked[-1]) + 1
+        # The daemon is dead after a kill: Redis holds what it was doing then.
+        # Nothing there means an idle daemon was killed (a fast daemon keeps up
+        # with one poster now and then): that kill proved nothing, so the run
+        # goes on to the next kill point, and fails if no kill found work.
+        for kill in range(MAX_KILLS):
+            halt = threading.Event()
+            args = (f"http://127.0.0.1:{pa}", resume, TOTAL, acked, ambiguous, halt)
+            poster = threading.Thread(target=post_all, args=args)
+            poster.start()
+            target = kill_after + kill * KILL_STEP
+            wait_for(lambda: len(acked) >= target, timeout=60, interval=0.001, what="acknowledged posts")  # noqa: B023
+            daemon.kill()
+            busy = in_flight(redis_url) if redis_url else in_flight_embedded(tmp_path / "data", tmp_path / f"k{kill}")
+            halt.set()
+            poster.join(10)
+            assert not poster.is_alive()
+            daemon.start()
+            resume = max(acked + ambiguous) + 1
+            if busy:
+                break
+        else:
+            raise AssertionError(f"nothing was in flight at any of {MAX_KILLS} kills: the crash tested nothing")
         post_all(f"http://127.0.0.1:{pa}", resume, TOTAL, acked, [], threading.Event())
         assert acked[-1] == TOTAL - 1
 
@@ -65,8 +149,8 @@ def run_crash(tmp_path: Path, redis_url: str | None, kill_after: int = KILL_AFTE
             return len(received)
 
         wait_for(lambda: drain() >= len(acked), timeout=120, interval=0.05, what="every acknowledged message")
-        # Let any straggler (a duplicate would be one) arrive before judging.
-        wait_quiet(drain, what="api.b's buffer")
+        # A straggler (a duplicate would be one) arrives before a sentinel posted last.
+        received = through_sentinel(lambda: post_sentinel(pa), lambda: (drain(), received)[1], has_sentinel)
         expected = [f"m{i:04d}" for i in sorted(acked + ambiguous)]
         got_ints = sorted(int(t[1:]) for t in received)
         assert len(received) == len(set(received)), "a message was delivered twice"
@@ -83,8 +167,6 @@ def run_crash(tmp_path: Path, redis_url: str | None, kill_after: int = KILL_AFTE
 def test_sigkill_with_external_redis_loses_and_repeats_nothing(
     tmp_path: Path, redis_server: RedisServer, kill_after: int
 ) -> None:
-    import redis as sync_redis
-
     sync_redis.Redis.from_url(redis_server.url).flushall()
     run_crash(tmp_path, redis_server.url, kill_after)
 
@@ -131,7 +213,8 @@ def test_embedded_redis_killed_is_restarted_and_loses_nothing(tmp_path: Path) ->
             return len(received)
 
         wait_for(lambda: drain() >= total and len(set(received)) >= total, timeout=60, what="every message")
-        wait_quiet(drain, what="api.b's buffer")  # a late duplicate would arrive now
+        # a late duplicate arrives before a sentinel posted last
+        received = through_sentinel(lambda: post_sentinel(pa), lambda: (drain(), received)[1], has_sentinel)
         indices = [int(t[1:]) for t in received]
         assert sorted(set(indices)) == list(range(total))  # nothing lost
         assert indices == sorted(indices)  # in order
