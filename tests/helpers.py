@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+from prometheus_client import CollectorRegistry
 
 from bridge.embedded_redis import find_redis_server
+from bridge.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -99,6 +101,22 @@ def through_sentinel(
 def has_sentinel(text: object) -> bool:
     """A relayed copy of ``SENTINEL`` (the bridge prefixes a nick)."""
     return isinstance(text, str) and text.endswith(SENTINEL)
+
+
+def metric(source: Metrics | CollectorRegistry, name: str, **labels: str) -> float:
+    """One sample as ``/metrics`` shows it (a counter's is ``NAME_total``), read
+    through the registry's public ``get_sample_value``, not prometheus_client's
+    private ``_value``; ``source``: a ``Metrics`` or its registry. A series
+    never set reads 0, as a labelled child that was never touched does; a
+    name the registry does not have is a KeyError (a typo never reads 0)."""
+    registry = source.registry if isinstance(source, Metrics) else source
+    value = registry.get_sample_value(name, labels)
+    if value is not None:
+        return value
+    families = {family.name for family in registry.collect()}
+    if name not in families and name.removesuffix("_total") not in families:
+        raise KeyError(f"no metric {name} in the registry")
+    return 0.0
 
 
 @dataclass

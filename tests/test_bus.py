@@ -15,6 +15,7 @@ from bridge.events import Delivery, Event, EventKind, event_from_wire, event_to_
 from bridge.idmap import IdMap
 from bridge.metrics import Metrics
 from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy
+from tests.helpers import metric
 
 LOG = logging.getLogger("test")
 
@@ -137,7 +138,7 @@ async def test_transient_errors_retry_then_dead_letter(redis: Redis) -> None:
     bus = Bus(redis, BusSettings())
     [letter] = await bus.dead_letters()
     assert letter.stream == "tb:out:{api.b}" and letter.attempts == 3 and "TransientError: 503" in letter.error
-    assert metrics.dead_letters.labels("tb:out:{api.b}")._value.get() == 1
+    assert metric(metrics, "talkbridge_dead_letters_total", stream="tb:out:{api.b}") == 1
     # Replay puts it back; a now-healthy network takes it.
     adapter.fail = lambda n, d: None
     assert await bus.replay([letter.id]) == 1
@@ -177,7 +178,7 @@ async def test_account_failure_stops_without_retrying(redis: Redis) -> None:
     with pytest.raises(AccountStopped):
         await asyncio.wait_for(loop.run(), 10)
     assert adapter.calls == 1  # one request, no loop
-    assert metrics.account_failed.labels("api.b")._value.get() == 1
+    assert metric(metrics, "talkbridge_account_failed", account="api.b") == 1
     status = await loop.bus.stream_status(loop.stream, DELIVER_GROUP)
     assert status["pending"] + status["lag"] == 2  # both still owed: nothing lost
     assert await loop.bus.dead_letters() == []  # and nothing dead-lettered
@@ -215,7 +216,7 @@ async def test_replies_edits_and_reactions_follow_the_id_map(redis: Redis, adapt
     assert sent["first, edited"].target_id == "native-1"
     assert sent["👍"].target_id == "native-1"
     assert len(adapter.sent) == 4  # the delete of an unknown message is skipped
-    assert metrics.skipped.labels("api.b", "unmapped_target")._value.get() == 1
+    assert metric(metrics, "talkbridge_deliveries_skipped_total", account="api.b", reason="unmapped_target") == 1
     # And a reply written in the destination to the copy resolves back to the source.
     idmap = IdMap(redis, "tb", 3600)
     assert await idmap.resolve("api.b", "y", "native-1", "api.a", "x") == "src-1"

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from adapters.base import AccountFailed, PermanentError
 from bridge.events import Attachment, EventKind
+from tests.helpers import metric
 from tests.matrix_rig import ACCOUNT, api_event, delivery, new_room, room_config, start_rig
 from tests.synapse_rig import SynapseServer
 from tests.talkbot_rig import until, until_quiet
@@ -292,6 +293,6 @@ async def test_a_revoked_token_logs_in_again_once_then_fails_the_account(
         with pytest.raises(AccountFailed):
             await rig.adapter.send(delivery(api_event("x", native_id="9"), room.room_id))
         assert calls == 1
-        assert rig.metrics.account_failed.labels(ACCOUNT)._value.get() == 1
+        assert metric(rig.metrics, "talkbridge_account_failed", account=ACCOUNT) == 1
     finally:
         await rig.close()

@@ -11,6 +11,7 @@ from adapters import AdapterRegistry
 from bridge.config import load_config
 from bridge.daemon import GAUGES_MAX_AGE, Daemon
 from bridge.options import protocol_specs
+from tests.helpers import metric
 
 CONFIG = """
 [api.a]
@@ -51,7 +52,7 @@ async def test_concurrent_scrapes_share_one_read_of_the_gauges(redis: Redis, tmp
     await asyncio.gather(*(daemon.refresh_metrics() for _ in range(20)))
     await daemon.refresh_metrics()
     assert await xinfo_calls(redis) - before == len(daemon.streams())  # one XINFO per stream, once
-    lag = daemon.metrics.stream_lag.labels(daemon.bus.outbound("api.b"))._value.get()
+    lag = metric(daemon.metrics, "talkbridge_stream_lag", stream=daemon.bus.outbound("api.b"))
     assert lag == 1
     daemon.gauges_max_age = 0.0  # every refresh is now too old: read again
     await daemon.refresh_metrics()

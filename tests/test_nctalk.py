@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from adapters.base import PermanentError, RateLimited, ServerUnavailable, TransientError
 from bridge.events import Attachment, Event, EventKind
+from tests.helpers import metric
 from tests.nctalk_rig import PASSWORD, UserRig, delivery, gateway, load, start_user_rig, user_section
 from tests.talkbot_rig import until, until_quiet
 from tests.talkserver import TalkServer
@@ -60,6 +61,10 @@ async def rig(tmp_path: Path, talk: TalkServer, people, redis: Redis) -> AsyncIt
         yield r
     finally:
         await r.close()
+
+
+def room_failed(rig: UserRig, token: str = ROOM) -> float:
+    return metric(rig.metrics, "talkbridge_room_failed", account=ACCOUNT, room=token)
 
 
 async def _has_cursor(rig: UserRig, token: str) -> bool:
@@ -259,13 +264,13 @@ async def test_a_file_is_uploaded_and_shared_into_the_room(rig, talk, people) ->
 async def test_a_404_room_fails_with_backoff_and_recovers_while_others_flow(rig, talk, people) -> None:
     _bridge, alice, _bob = people
     talk.fail_room(ROOM, 404)
-    await until(lambda: rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 1, what="room failed")
+    await until(lambda: room_failed(rig) == 1, what="room failed")
     await talk.post(OTHER, alice, "other room still flows")
     await until(rig.events, what="the other room's message")
     talk.heal_room(ROOM)
     await talk.post(ROOM, alice, "back")
     await until(lambda: _at_least(rig, 2), what="the healed room's message")
-    assert rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 0
+    assert room_failed(rig) == 0
     assert (await rig.texts()) == ["other room still flows", "back"]
 
 
@@ -297,7 +302,7 @@ async def test_a_failing_room_backs_off_exponentially_with_jitter_up_to_the_cap(
     for i, delay in enumerate(pauses.delays[:6]):
         step = min(low * 2**i, high)
         assert step / 2 <= delay <= step
-    assert rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 1
+    assert room_failed(rig) == 1
     assert b"room room1234" in (await rig.redis.get("tb:degraded:{nctalk.cloud}") or b"")
 
 
@@ -311,7 +316,7 @@ async def test_a_revoked_password_stops_the_account_after_one_burst_and_resumes_
         talk.revoke_password("bridge", PASSWORD)
         await talk.post(ROOM, alice, "wakes the poll")
         await talk.post(OTHER, alice, "wakes the other")
-        await until(lambda: r.metrics.account_failed.labels(ACCOUNT)._value.get() == 1, what="account failed")
+        await until(lambda: metric(r.metrics, "talkbridge_account_failed", account=ACCOUNT) == 1, what="account failed")
         burst = len([q for q in talk.user_requests if q.status == 401])
         assert 1 <= burst <= 2  # at most one per room's poll in flight
         # a send waits for the account (no request of its own) ...
@@ -330,7 +335,7 @@ async def test_a_revoked_password_stops_the_account_after_one_burst_and_resumes_
         await talk.post(OTHER, alice, "after the fix")
         await until(lambda: _at_least(r, 3), what="the messages posted while refused, and after")
         assert sorted(await until_quiet(r.texts)) == ["after the fix", "wakes the other", "wakes the poll"]
-        assert r.metrics.account_failed.labels(ACCOUNT)._value.get() == 0
+        assert metric(r.metrics, "talkbridge_account_failed", account=ACCOUNT) == 0
         assert await redis.get("tb:degraded:{nctalk.cloud}") is None
         assert r.task is not None and not r.task.done()  # receive never ended: it waited
     finally:
@@ -414,7 +419,7 @@ async def test_a_send_to_a_read_only_room_fails_with_the_reason_and_posts_once_w
     assert _bridge_posts(talk, ROOM) == []
     with pytest.raises(TransientError, match="403"):  # a retry while still locked: still refused, nothing posted
         await rig.adapter.send(sent)
-    assert rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 0  # the poll is not failing
+    assert room_failed(rig) == 0  # the poll is not failing
     talk.set_read_only(ROOM, False)
     native = await rig.adapter.send(sent)
     assert _bridge_posts(talk, ROOM) == ["[api/a] <bob> while locked"]
@@ -443,7 +448,7 @@ async def test_a_room_behind_the_lobby_fails_with_backoff_and_relays_what_was_sa
     pauses = rig.adapter.pause = Pauses()
     talk.set_lobby(ROOM, True)
     await talk.post(ROOM, alice, "wakes the held poll")  # the poll in flight answers; the next meets the lobby
-    await until(lambda: rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 1, what="room failed")
+    await until(lambda: room_failed(rig) == 1, what="room failed")
     assert b"lobby" in (await rig.redis.get("tb:degraded:{nctalk.cloud}") or b"")
     await talk.post(ROOM, alice, "said behind the lobby")  # alice owns the room: a moderator
     sent = delivery(api_event("to the lobby"), ACCOUNT, ROOM)
@@ -453,7 +458,7 @@ async def test_a_room_behind_the_lobby_fails_with_backoff_and_relays_what_was_sa
     refused = [q for q in talk.user_requests if q.status == 412 and q.method == "GET"]
     assert len(refused) <= len(pauses.delays) + 1  # each refused poll waited its backoff before the next
     talk.set_lobby(ROOM, False)
-    await until(lambda: rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 0, what="room recovered")
+    await until(lambda: room_failed(rig) == 0, what="room recovered")
     await rig.adapter.send(sent)
     await until(lambda: _at_least(rig, 2), what="the messages said behind the lobby")
     assert await until_quiet(rig.texts) == ["wakes the held poll", "said behind the lobby"]
@@ -465,7 +470,7 @@ async def test_a_ban_fails_the_room_while_others_flow_and_it_recovers_when_lifte
     bridge, alice, _bob = people
     talk.ban(ROOM, bridge)
     await talk.post(ROOM, alice, "wakes the held poll")
-    await until(lambda: rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 1, what="room failed")
+    await until(lambda: room_failed(rig) == 1, what="room failed")
     assert b"banned" in (await rig.redis.get("tb:degraded:{nctalk.cloud}") or b"")
     await talk.post(OTHER, alice, "the other room flows")
     await until(lambda: _at_least(rig, 2), what="the other room's message")
@@ -475,7 +480,7 @@ async def test_a_ban_fails_the_room_while_others_flow_and_it_recovers_when_lifte
     await talk.post(ROOM, alice, "after the ban")
     await until(lambda: _at_least(rig, 3), what="the message after the ban")
     assert await until_quiet(rig.texts) == ["wakes the held poll", "the other room flows", "after the ban"]
-    assert rig.metrics.room_failed.labels(ACCOUNT, ROOM)._value.get() == 0
+    assert room_failed(rig) == 0
     assert _bridge_posts(talk, ROOM) == []
 
 
@@ -520,7 +525,7 @@ async def test_channel_star_follows_the_group_and_public_rooms_the_user_is_in(tm
         assert await _members(r) == {ROOM, "room9999"} and await r.cursor(OTHER) is None
         await talk.post(ROOM, alice, "still flowing")
         await until(lambda: _at_least(r, 4), what="the other rooms go on")
-        assert r.metrics.room_failed.labels(ACCOUNT, OTHER)._value.get() == 0
+        assert room_failed(r, OTHER) == 0
     finally:
         await r.close()
 

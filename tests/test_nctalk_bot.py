@@ -16,6 +16,7 @@ from adapters.nctalk_bot import TalkBot, install_command
 from adapters.talk.common import reference_id, render, split_message
 from bridge.events import Delivery, Event, EventKind
 from bridge.idmap import IdMap
+from tests.helpers import metric
 from tests.talkbot_rig import SECRET, Rig, bot_section, start_rig, write_config
 from tests.talkserver import TalkServer, php_json_encode
 from tests.talkserver.webhooks import signature, talk_random
@@ -112,7 +113,7 @@ async def test_a_message_from_talk_is_in_redis_before_the_200(talk: TalkServer, 
     assert event["sender_id"] == "users/alice" and event["sender_name"] == "Alice A."
     assert event["origin"] == [f"{ACCOUNT}/{r.token}"]
     assert await rig.redis.smembers(rig.ctx.key("rooms")) == {r.token.encode()}
-    assert rig.metrics.events_in.labels(ACCOUNT)._value.get() == 1
+    assert metric(rig.metrics, "talkbridge_events_in_total", account=ACCOUNT) == 1
 
 
 async def r_events(rig: Rig) -> list[dict]:

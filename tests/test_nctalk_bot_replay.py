@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from adapters.nctalk_bot import REPLAY_KEPT_DAYS
+from tests.helpers import metric
 from tests.talkbot_rig import SECRET, Rig, bot_section, start_rig, until, write_config
 from tests.talkserver import TalkServer, php_json_encode
 from tests.talkserver.webhooks import WebhookCall, signature, talk_random
@@ -152,7 +153,7 @@ async def test_every_captured_webhook_replayed_after_the_window_is_refused_and_c
     # The Leave above would have sent the room's deliveries to the dead letters: nothing changed.
     assert await room_state(rig) == state
     assert await rig.redis.xlen(rig.stream) == events
-    rejected = rig.metrics.rejected.labels(ACCOUNT, "replay")._value.get()
+    rejected = metric(rig.metrics, "talkbridge_ingress_rejected_total", account=ACCOUNT, reason="replay")
     assert rejected == len(captured)
     # Talk's next genuine webhooks still cross.
     await talk.post(room.token, alice, "still here")

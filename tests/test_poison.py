@@ -25,7 +25,7 @@ from bridge.events import Delivery, Event, EventKind, event_to_wire
 from bridge.metrics import Metrics
 from bridge.relay import DeliveryLoop, RouteLoop
 from bridge.router import Router
-from tests.helpers import ROOT, RedisServer, free_port, wait_for
+from tests.helpers import ROOT, RedisServer, free_port, metric, wait_for
 from tests.helpers import Daemon as DaemonProcess
 from tests.poison_daemon import PoisonAdapter
 from tests.talkbot_rig import until
@@ -60,7 +60,7 @@ async def test_an_unforeseen_exception_is_retried_then_dead_lettered(redis: Redi
     first, *frames = letter.error.splitlines()
     assert first == "KeyError: 'user_id'"
     assert any("in send" in line for line in frames)  # where it was raised
-    assert metrics.delivery_errors.labels("api.b", "unexpected")._value.get() == 3
+    assert metric(metrics, "talkbridge_delivery_errors_total", account="api.b", kind="unexpected") == 3
 
 
 async def test_a_poison_message_in_a_batch_costs_only_itself(redis: Redis) -> None:
@@ -231,7 +231,7 @@ async def test_an_account_that_crashes_starts_over_and_the_daemon_goes_on(
         await until(lambda: _eq(sent(redis, "poison.two")(), ["m1", "m2"]), what="delivered after the restart")
         assert crashed == ["poison.src"]
         assert not task.done()
-        assert d.metrics.account_restarts.labels("poison.src")._value.get() == 1
+        assert metric(d.metrics, "talkbridge_account_restarts_total", account="poison.src") == 1
         assert "poison.src: unexpected error, restarting the account" in caplog.text
     finally:
         stop.set()

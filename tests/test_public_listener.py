@@ -37,7 +37,7 @@ from bridge.listener import Listener, ListenerLimits
 from bridge.logstream import log_stream_key
 from bridge.metrics import Metrics
 from bridge.rejections import RejectionLog
-from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
+from tests.helpers import Daemon, RedisServer, free_port, metric, wait_for, wait_quiet
 from tests.ingress_props import PROPS, exchange, header_names, header_values
 from tests.talkbot_rig import SECRET, bot_section, write_config
 
@@ -143,7 +143,7 @@ async def forge(url: str, count: int, start: int = 0, **extra: str) -> list[int]
 
 
 def rejected_in(metrics: Metrics, account: str, reason: str) -> float:
-    return metrics.rejected.labels(account, reason)._value.get()
+    return metric(metrics, "talkbridge_ingress_rejected_total", account=account, reason=reason)
 
 
 async def test_a_burst_of_forged_webhooks_is_counted_each_and_logged_in_two_lines(

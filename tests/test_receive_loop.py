@@ -21,7 +21,7 @@ from bridge.cli import main, protocol_specs
 from bridge.config import load_config
 from bridge.daemon import RECEIVE_BACKOFF_MAX, Daemon, receive_restart_delay
 from bridge.lease import lease_key
-from tests.helpers import RedisServer
+from tests.helpers import RedisServer, metric
 from tests.poison_daemon import PoisonAdapter
 from tests.talkbot_rig import until
 
@@ -137,7 +137,7 @@ class Running:
         return out.getvalue()
 
     def restarts(self) -> float:
-        return self.daemon.metrics.receive_restarts.labels("receiving.a")._value.get()
+        return metric(self.daemon.metrics, "talkbridge_receive_restarts_total", account="receiving.a")
 
 
 @pytest.fixture
