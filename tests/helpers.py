@@ -98,6 +98,13 @@ def through_sentinel(
     return [x for x in items if not is_sentinel(x)]
 
 
+def post_pair_sentinel(port_a: int) -> None:
+    """The sentinel, posted to api.a of ``api_pair_config`` (gateway ``g``)."""
+    resp = httpx.post(f"http://127.0.0.1:{port_a}/api/message", headers={"Authorization": "Bearer token-a"},
+                      json={"text": SENTINEL, "username": "alice", "gateway": "g"}, timeout=5)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+
+
 def has_sentinel(text: object) -> bool:
     """A relayed copy of ``SENTINEL`` (the bridge prefixes a nick)."""
     return isinstance(text, str) and text.endswith(SENTINEL)

@@ -24,11 +24,11 @@ import pytest
 import redis as sync_redis
 
 from tests.helpers import (
-    SENTINEL,
     Daemon,
     RedisServer,
     api_pair_config,
     has_sentinel,
+    post_pair_sentinel,
     start_redis_server,
     through_sentinel,
     wait_for,
@@ -100,12 +100,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def post_sentinel(port: int) -> None:
-    resp = httpx.post(f"http://127.0.0.1:{port}/api/message", headers={"Authorization": "Bearer token-a"},
-                      json={"text": SENTINEL, "username": "alice", "gateway": "g"}, timeout=5)  # fmt: skip
-    assert resp.status_code == 200, resp.text
-
-
 def run_crash(tmp_path: Path, redis_url: str | None, kill_after: int = KILL_AFTER) -> None:
     path, (pa, pb, http) = api_pair_config(tmp_path, redis_url, buffer=4000)
     daemon = Daemon(path, http, tmp_path / "daemon.log").start()
@@ -150,7 +144,7 @@ def run_crash(tmp_path: Path, redis_url: str | None, kill_after: int = KILL_AFTE
 
         wait_for(lambda: drain() >= len(acked), timeout=120, interval=0.05, what="every acknowledged message")
         # A straggler (a duplicate would be one) arrives before a sentinel posted last.
-        received = through_sentinel(lambda: post_sentinel(pa), lambda: (drain(), received)[1], has_sentinel)
+        received = through_sentinel(lambda: post_pair_sentinel(pa), lambda: (drain(), received)[1], has_sentinel)
         expected = [f"m{i:04d}" for i in sorted(acked + ambiguous)]
         got_ints = sorted(int(t[1:]) for t in received)
         assert len(received) == len(set(received)), "a message was delivered twice"
@@ -214,7 +208,7 @@ def test_embedded_redis_killed_is_restarted_and_loses_nothing(tmp_path: Path) ->
 
         wait_for(lambda: drain() >= total and len(set(received)) >= total, timeout=60, what="every message")
         # a late duplicate arrives before a sentinel posted last
-        received = through_sentinel(lambda: post_sentinel(pa), lambda: (drain(), received)[1], has_sentinel)
+        received = through_sentinel(lambda: post_pair_sentinel(pa), lambda: (drain(), received)[1], has_sentinel)
         indices = [int(t[1:]) for t in received]
         assert sorted(set(indices)) == list(range(total))  # nothing lost
         assert indices == sorted(indices)  # in order

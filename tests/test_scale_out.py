@@ -11,7 +11,16 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from tests.helpers import Daemon, RedisServer, api_pair_config, free_port, wait_for, wait_quiet
+from tests.helpers import (
+    Daemon,
+    RedisServer,
+    api_pair_config,
+    free_port,
+    has_sentinel,
+    post_pair_sentinel,
+    through_sentinel,
+    wait_for,
+)
 
 HEADERS_A = {"Authorization": "Bearer token-a"}
 HEADERS_B = {"Authorization": "Bearer token-b"}
@@ -86,7 +95,8 @@ def test_order_and_exactly_once_across_a_killed_delivery_owner(pair) -> None:
         return len(received)
 
     wait_for(lambda: drain() >= TOTAL, timeout=60, interval=0.05, what="every message at api.b")
-    wait_quiet(drain, what="api.b's buffer")  # a late duplicate would arrive now
+    # a late duplicate arrives before a sentinel posted last
+    received = through_sentinel(lambda: post_pair_sentinel(pa), lambda: (drain(), received)[1], has_sentinel)
     assert received == [f"m{i:03d}" for i in range(TOTAL)]  # all, once each, in order
 
 
@@ -109,5 +119,5 @@ def test_survivor_takes_over_the_sending_side_too(pair) -> None:
         return len(got)
 
     wait_for(lambda: drain() >= 2, timeout=30, what="messages through the new owner")
-    wait_quiet(drain, what="api.b's buffer")
+    got = through_sentinel(lambda: post_pair_sentinel(pa), lambda: (drain(), got)[1], has_sentinel)
     assert got == ["before", "after"]
