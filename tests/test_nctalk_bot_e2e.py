@@ -13,7 +13,16 @@ import redis as sync_redis
 
 from adapters.talk.common import reference_id
 from bridge.events import event_from_wire
-from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
+from tests.helpers import (
+    SENTINEL,
+    Daemon,
+    RedisServer,
+    free_port,
+    has_sentinel,
+    through_sentinel,
+    wait_for,
+    wait_quiet,
+)
 from tests.talkbot_rig import SECRET
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Actor, Bot, Message
@@ -185,8 +194,18 @@ def test_a_kill_after_delivery_posts_no_duplicate(bridge: Bridge, tmp_path: Path
     b.daemon.start()
     assert b.api.post(text="second", username="bob").status_code == 200
     wait_for(lambda: len(b.bot_messages()) >= 2, what="second in Talk")
-    wait_quiet(lambda: len(b.bot_messages()), what="Talk's room")  # a late duplicate of "first" shows now
-    assert [m.message for m in b.bot_messages()] == ["[api/a] <bob> first", "[api/a] <bob> second"]
+    # a late duplicate of "first" arrives before a sentinel posted last
+    assert settled(b) == ["[api/a] <bob> first", "[api/a] <bob> second"]
+
+
+def settled(b: Bridge) -> list[str]:
+    """The bot's messages in Talk, once a sentinel posted to the api after them is among them."""
+    return through_sentinel(
+        lambda: b.api.post(text=SENTINEL, username="bob"),
+        lambda: [m.message for m in b.bot_messages()],
+        has_sentinel,
+        what="the sentinel in Talk",
+    )
 
 
 def test_a_kill_between_talks_201_and_the_marker_repeats_the_reference_id(bridge: Bridge) -> None:
@@ -205,11 +224,11 @@ def test_a_kill_between_talks_201_and_the_marker_repeats_the_reference_id(bridge
         return [m for m in b.bot_messages() if m.message == "[api/a] <bob> in the window"]
 
     wait_for(lambda: len(copies()) >= 2, what="the redelivered copy")
-    wait_quiet(lambda: len(copies()), what="Talk's room")  # posted again once, not more
+    settled(b)  # posted again once, not more: a third copy would arrive before the sentinel
     first, second = copies()
     assert first.reference_id == second.reference_id
     # ... the deterministic one of that delivery (event id, account, room)
-    [(_entry, fields)] = b.redis.xrange("tb:in:api.a")
+    [(_entry, fields), _sentinel] = b.redis.xrange("tb:in:api.a")
     source = event_from_wire(fields[b"d"])
     assert first.reference_id == reference_id(f"{source.id}:{ACCOUNT}:{TOKEN}")
 
