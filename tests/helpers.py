@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -279,6 +280,56 @@ class WorkerProcess:
         return code
 
 
+TomlValue = str | int | float | bool
+
+
+def toml_value(value: TomlValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False)  # a TOML basic string: JSON's escapes are TOML's
+
+
+@dataclass
+class ConfigToml:
+    """One builder for the talkbridge.toml the tests write, instead of TOML
+    copied from file to file: sections in the order added, values quoted as
+    TOML wants them. ``daemon`` adds what every started daemon needs."""
+
+    parts: list[str] = field(default_factory=list)
+
+    def section(self, name: str, **keys: TomlValue) -> ConfigToml:
+        body = "".join(f"{key} = {toml_value(value)}\n" for key, value in keys.items())
+        self.parts.append(f"[{name}]\n{body}")
+        return self
+
+    def api(self, name: str, port: int, token: str, **keys: TomlValue) -> ConfigToml:
+        """A Matterbridge api account on loopback."""
+        return self.section(f"api.{name}", BindAddress=f"127.0.0.1:{port}", Token=token, **keys)
+
+    def gateway(self, name: str, *inouts: tuple[str, str]) -> ConfigToml:
+        """``[[gateway]]`` with its ``(account, channel)`` pairs."""
+        out = f"[[gateway]]\nname = {toml_value(name)}\nenable = true\n"
+        for account, channel in inouts:
+            out += f"[[gateway.inout]]\naccount = {toml_value(account)}\nchannel = {toml_value(channel)}\n"
+        self.parts.append(out)
+        return self
+
+    def daemon(self, redis_url: str | None, http_port: int, **bus: TomlValue) -> ConfigToml:
+        """``[redis]`` (an URL, or the embedded one in ``data``), ``[http]`` on loopback, ``[bus]``."""
+        self.section("redis", **({"URL": redis_url} if redis_url else {"DataDir": "data"}))
+        self.section("http", BindAddress=f"127.0.0.1:{http_port}")
+        return self.section("bus", **bus)
+
+    def text(self) -> str:
+        return "\n".join(self.parts)
+
+    def write(self, path: Path) -> Path:
+        path.write_text(self.text())
+        return path
+
+
 def api_pair_config(
     tmp_path: Path,
     redis_url: str | None,
@@ -289,41 +340,10 @@ def api_pair_config(
 ) -> tuple[Path, tuple[int, int, int]]:
     """Two Matterbridge api accounts in one gateway; returns (path, (a, b, http) ports)."""
     a, b, http = ports or (free_port(), free_port(), free_port())
-    redis = f'URL = "{redis_url}"' if redis_url else 'DataDir = "data"'
-    text = f"""
-[general]
-RemoteNickFormat = "[{{PROTOCOL}}/{{BRIDGE}}] <{{NICK}}> "
-
-[api.a]
-BindAddress = "127.0.0.1:{a}"
-Token = "token-a"
-Buffer = {buffer}
-
-[api.b]
-BindAddress = "127.0.0.1:{b}"
-Token = "token-b"
-Buffer = {buffer}
-
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-[[gateway.inout]]
-account = "api.b"
-channel = "api"
-
-[redis]
-{redis}
-
-[http]
-BindAddress = "127.0.0.1:{http}"
-
-[bus]
-LeaseSeconds = 3
-{extra}
-"""
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(text)
+    config = ConfigToml().section("general", RemoteNickFormat="[{PROTOCOL}/{BRIDGE}] <{NICK}> ")
+    config.api("a", a, "token-a", Buffer=buffer).api("b", b, "token-b", Buffer=buffer)
+    config.gateway("g", ("api.a", "api"), ("api.b", "api")).daemon(redis_url, http, LeaseSeconds=3)
+    path = config.write(tmp_path / "talkbridge.toml")
+    if extra:  # more of [bus], or sections after it
+        path.write_text(path.read_text() + extra + "\n")
     return path, (a, b, http)

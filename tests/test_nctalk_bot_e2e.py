@@ -15,6 +15,7 @@ from adapters.talk.common import reference_id
 from bridge.events import event_from_wire
 from tests.helpers import (
     SENTINEL,
+    ConfigToml,
     Daemon,
     RedisServer,
     free_port,
@@ -69,42 +70,13 @@ class Bridge:
 
 
 def config(tmp_path: Path, redis_url: str, talk_url: str, http: int, api: int, secret: str = SECRET) -> Path:
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(f"""
-[general]
-RemoteNickFormat = "[{{PROTOCOL}}/{{BRIDGE}}] <{{NICK}}> "
-
-[api.a]
-BindAddress = "127.0.0.1:{api}"
-Token = "api-token"
-
-[nctalkbot.talk]
-Server = "{talk_url}"
-BotSecret = "{secret}"
-WebhookURL = "http://127.0.0.1:{http}/webhook/nextcloud/talk"
-Timeout = 5
-
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-[[gateway.inout]]
-account = "{ACCOUNT}"
-channel = "{TOKEN}"
-
-[redis]
-URL = "{redis_url}"
-
-[http]
-BindAddress = "127.0.0.1:{http}"
-
-[bus]
-LeaseSeconds = 2
-RetryBaseSeconds = 0.05
-""")
-    return path
+    config = ConfigToml().section("general", RemoteNickFormat="[{PROTOCOL}/{BRIDGE}] <{NICK}> ")
+    config.api("a", api, "api-token")
+    webhook = f"http://127.0.0.1:{http}/webhook/nextcloud/talk"
+    config.section(ACCOUNT, Server=talk_url, BotSecret=secret, WebhookURL=webhook, Timeout=5)
+    config.gateway("g", ("api.a", "api"), (ACCOUNT, TOKEN))
+    config.daemon(redis_url, http, LeaseSeconds=2, RetryBaseSeconds=0.05)
+    return config.write(tmp_path / "talkbridge.toml")
 
 
 def make_bridge(tmp_path: Path, redis_server: RedisServer, daemon_secret: str = SECRET) -> Iterator[Bridge]:

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from tests.helpers import SENTINEL, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
+from tests.helpers import SENTINEL, ConfigToml, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
 from tests.nctalk_rig import PASSWORD
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Actor, BotRequest
@@ -101,54 +101,11 @@ class Setup:
 
 def write_config(path: Path, redis_url: str, talk_url: str, http: int, api: int, password: str = PASSWORD) -> Path:
     # one gateway per room, the api in both: a room's messages reach the api only
-    path.write_text(f"""
-[general]
-RemoteNickFormat = "[{{PROTOCOL}}] <{{NICK}}> "
-
-[api.a]
-BindAddress = "127.0.0.1:{api}"
-Token = "t"
-
-[nctalk.cloud]
-Server = "{talk_url}"
-Login = "bridge"
-Password = "{password}"
-PollTimeout = 5
-RoomRetryMinSeconds = 0.2
-RoomRetryMaxSeconds = 1
-RefusedRetrySeconds = {PROBE}
-
-[[gateway]]
-name = "one"
-enable = true
-[[gateway.inout]]
-account = "{ACCOUNT}"
-channel = "{ROOM}"
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-
-[[gateway]]
-name = "two"
-enable = true
-[[gateway.inout]]
-account = "{ACCOUNT}"
-channel = "{OTHER}"
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-
-[redis]
-URL = "{redis_url}"
-
-[http]
-BindAddress = "127.0.0.1:{http}"
-
-[bus]
-LeaseSeconds = 2
-RetryBaseSeconds = 0.05
-""")
-    return path
+    config = ConfigToml().section("general", RemoteNickFormat="[{PROTOCOL}] <{NICK}> ").api("a", api, "t")
+    config.section(ACCOUNT, Server=talk_url, Login="bridge", Password=password, PollTimeout=5, RoomRetryMinSeconds=0.2,
+                   RoomRetryMaxSeconds=1, RefusedRetrySeconds=PROBE)  # fmt: skip
+    config.gateway("one", (ACCOUNT, ROOM), ("api.a", "api")).gateway("two", (ACCOUNT, OTHER), ("api.a", "api"))
+    return config.daemon(redis_url, http, LeaseSeconds=2, RetryBaseSeconds=0.05).write(path)
 
 
 def make_setup(tmp_path: Path, redis_server: RedisServer, password: str = PASSWORD) -> Iterator[Setup]:
