@@ -78,10 +78,10 @@ def in_flight(redis_url: str) -> int:
         client.close()
 
 
-def in_flight_embedded(data_dir: Path, scratch: Path) -> int:
-    """``in_flight`` of an embedded Redis that died with the daemon: its
+def in_flight_embedded(data_dir: Path, pid: int, scratch: Path) -> int:
+    """``in_flight`` of an embedded Redis (process ``pid``, read before the
+    kill: it removes its pidfile as it goes) that died with the daemon: its
     append-only file, copied, loaded by a redis-server of the test's own."""
-    pid = int((data_dir / "redis.pid").read_text())
     wait_for(lambda: not _alive(pid), what="the embedded redis-server gone with the daemon")
     copy = scratch / "data-at-the-kill"  # scratch: a new directory per kill
     shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns("*.sock", "*.pid", "*.log"))
@@ -120,8 +120,13 @@ def run_crash(tmp_path: Path, redis_url: str | None, kill_after: int = KILL_AFTE
             poster.start()
             target = kill_after + kill * KILL_STEP
             wait_for(lambda: len(acked) >= target, timeout=60, interval=0.001, what="acknowledged posts")  # noqa: B023
-            daemon.kill()
-            busy = in_flight(redis_url) if redis_url else in_flight_embedded(tmp_path / "data", tmp_path / f"k{kill}")
+            if redis_url:
+                daemon.kill()
+                busy = in_flight(redis_url)
+            else:
+                pid = int((tmp_path / "data" / "redis.pid").read_text())
+                daemon.kill()
+                busy = in_flight_embedded(tmp_path / "data", pid, tmp_path / f"k{kill}")
             halt.set()
             poster.join(10)
             assert not poster.is_alive()
