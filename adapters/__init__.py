@@ -1,4 +1,4 @@
-"""Protocol adapters, one module each, all behind ``adapters.base.Adapter``.
+"""Protocol adapters, one module each, all behind ``bridge.adapter.Adapter``.
 
 ``PROTOCOLS`` maps the Matterbridge section name to the adapter class; adding
 a protocol adds one line here and one module, and touches no other adapter.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator, Mapping
 
-from adapters.base import Adapter
+from bridge.adapter import Adapter
 
 PROTOCOLS: dict[str, str] = {
     "api": "adapters.mbapi:MatterbridgeAPI",

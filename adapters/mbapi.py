@@ -68,7 +68,7 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import RedisError, ResponseError
 
-from adapters.base import Adapter, AdapterContext, Option
+from bridge.adapter import Adapter, AdapterContext, AdapterTraits, Option
 from bridge.addresses import parse_hostport
 from bridge.config import AccountConfig
 from bridge.events import Attachment, Delivery, Event, EventKind
@@ -208,8 +208,7 @@ class MatterbridgeAPI(Adapter):
             (int, float), default=WRITE_TIMEOUT, above=0, help="a client that takes nothing for this long is cut off"
         ),
     }
-    fixed_channel = API_CHANNEL
-    relays_other_events = True
+    traits = AdapterTraits(batch_send=True, records_delivery=True, fixed_channel=API_CHANNEL, relays_other_events=True)
 
     def __init__(self, ctx: AdapterContext) -> None:
         super().__init__(ctx)
@@ -555,9 +554,6 @@ class MatterbridgeAPI(Adapter):
     async def send(self, delivery: Delivery) -> str | None:
         [native_id] = await self.send_batch([delivery])
         return native_id
-
-    batch_send = True
-    records_delivery = True
 
     async def send_batch(self, deliveries: Sequence[Delivery]) -> list[str | None]:
         idmap = self.ctx.idmap

@@ -59,17 +59,7 @@ from typing import Any, ClassVar
 import orjson
 from redis.exceptions import RedisError
 
-from adapters.base import (
-    UNAVAILABLE_STATUSES,
-    Adapter,
-    AdapterContext,
-    Option,
-    PermanentError,
-    RateLimited,
-    ServerUnavailable,
-    TransientError,
-    url_problems,
-)
+from adapters.checks import url_problems
 from adapters.talk.chat import (
     GROUP,
     PUBLIC,
@@ -104,6 +94,16 @@ from adapters.talk.common import (
     render,
     retry_after,
     split_message,
+)
+from bridge.adapter import (
+    UNAVAILABLE_STATUSES,
+    Adapter,
+    AdapterContext,
+    Option,
+    PermanentError,
+    RateLimited,
+    ServerUnavailable,
+    TransientError,
 )
 from bridge.bus import Write, inbound_key
 from bridge.config import AccountConfig

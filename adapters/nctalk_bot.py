@@ -51,18 +51,7 @@ import orjson
 from aiohttp import web
 from redis.exceptions import NoScriptError, RedisError
 
-from adapters.base import (
-    AccountFailed,
-    Adapter,
-    AdapterContext,
-    CliCommand,
-    Option,
-    PermanentError,
-    ServerUnavailable,
-    TransientError,
-    error_for_status,
-    url_problems,
-)
+from adapters.checks import url_problems
 from adapters.talk.common import (
     BRUTEFORCE_MAX_DELAY,
     MAX_CHAT_LENGTH,
@@ -76,6 +65,17 @@ from adapters.talk.common import (
     render,
     retry_after,
     split_message,
+)
+from bridge.adapter import (
+    AccountFailed,
+    Adapter,
+    AdapterContext,
+    CliCommand,
+    Option,
+    PermanentError,
+    ServerUnavailable,
+    TransientError,
+    error_for_status,
 )
 from bridge.config import AccountConfig, Config, ConfigError
 from bridge.events import Delivery, Event, EventKind

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from redis.asyncio import Redis
 
 from adapters import AdapterRegistry
-from adapters.base import Adapter, CliCommand
+from bridge.adapter import Adapter, CliCommand
 from bridge.admin import fleet  # what the management page reads too
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config, ConfigError, load_config

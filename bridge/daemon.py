@@ -24,7 +24,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from adapters.base import AccountFailed, Adapter, AdapterContext
+from bridge.adapter import AccountFailed, Adapter, AdapterContext
 from bridge.addresses import parse_hostport
 from bridge.alerts import Alerts, outbound_publisher
 from bridge.alerts_watch import DaemonWatch, progress, watch_interval

@@ -162,7 +162,7 @@ class ProtocolSpec:
     options: Mapping[str, Option]
     check: AccountCheck | None = None  # problems beyond what the declarations say
     warn: AccountCheck | None = None  # warnings: settings that load but are risky
-    # The adapter's class flags of the same names (adapters/base.py).
+    # The adapter's traits of the same names (bridge/adapter.py, AdapterTraits).
     fixed_channel: str | None = None
     relays_other_events: bool = False
 
@@ -174,19 +174,21 @@ class DeclaresOptions(Protocol):
 
     def check_account(self, account: AccountConfig) -> list[str]: ...
 
-    # optional: ``warn_account(account) -> list[str]``, warnings (see ProtocolSpec.warn)
+    # optional: ``warn_account(account) -> list[str]``, warnings (see ProtocolSpec.warn),
+    # and ``traits`` (bridge/adapter.py AdapterTraits: fixed_channel, relays_other_events)
 
 
 def protocol_specs(adapters: Mapping[str, DeclaresOptions]) -> dict[str, ProtocolSpec]:
     """The loader's view of the adapter classes, by protocol name."""
-    return {
-        name: ProtocolSpec(
+    specs = {}
+    for name, cls in adapters.items():
+        traits = getattr(cls, "traits", None)  # an Adapter's AdapterTraits; None: the ordinary adapter's
+        specs[name] = ProtocolSpec(
             name,
             cls.options,
             cls.check_account,
             warn=getattr(cls, "warn_account", None),
-            fixed_channel=getattr(cls, "fixed_channel", None),
-            relays_other_events=getattr(cls, "relays_other_events", False),
+            fixed_channel=traits.fixed_channel if traits is not None else None,
+            relays_other_events=traits.relays_other_events if traits is not None else False,
         )
-        for name, cls in adapters.items()
-    }
+    return specs

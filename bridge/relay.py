@@ -82,7 +82,7 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from adapters.base import AccountFailed, Adapter, PermanentError, RateLimited, ServerUnavailable, TransientError
+from bridge.adapter import AccountFailed, Adapter, PermanentError, RateLimited, ServerUnavailable, TransientError
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, Entry
 from bridge.control import not_held
 from bridge.events import Delivery, EventKind, WireError, event_from_wire
@@ -475,7 +475,7 @@ class DeliveryLoop(_StreamLoop):
         i, batch_from = 0, 0
         while i < len(window):
             item = window[i]
-            if self.adapter.batch_send and i >= batch_from and not item.refers:
+            if self.adapter.traits.batch_send and i >= batch_from and not item.refers:
                 j = i + 1
                 while j < len(window) and not window[j].refers:
                     j += 1
@@ -694,7 +694,7 @@ class DeliveryLoop(_StreamLoop):
     # stalled past its lease cannot record or acknowledge beside its successor.
     async def _already_delivered(self, deliveries: list[Delivery]) -> list[bool]:
         """Which of these copies a previous attempt (a crash, a takeover) sent."""
-        if self.adapter.records_delivery:
+        if self.adapter.traits.records_delivery:
             return [False] * len(deliveries)  # its own script checks the marker, atomically
         return await self.idmap.delivered(deliveries)
 
@@ -702,7 +702,7 @@ class DeliveryLoop(_StreamLoop):
         """Before a send Redis cannot fence (an HTTP post): are we still the
         owner? Narrows a stale owner's window to the send itself (docs/talk-bot.md)."""
         fence = self.fence()
-        if fence is not None and not self.adapter.records_delivery:
+        if fence is not None and not self.adapter.traits.records_delivery:
             current = await self.redis.get(fence.key)
             if current is None or current.decode() != fence.token:
                 raise Fenced(f"{self.account}: lease token {fence.token} is stale")
@@ -710,7 +710,7 @@ class DeliveryLoop(_StreamLoop):
     async def _commit(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
         """Record sent deliveries (id map + marker) and acknowledge their entries."""
         # An adapter that records its own deliveries wrote them with the send.
-        records = [] if self.adapter.records_delivery else [(d, native_id) for _, d, native_id in done]
+        records = [] if self.adapter.traits.records_delivery else [(d, native_id) for _, d, native_id in done]
         await self.idmap.commit(self.fence(), self.stream, self.group, [e for e, _, _ in done], records)
 
     async def _ack(self, entry_ids: list[bytes]) -> None:

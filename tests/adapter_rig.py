@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 from redis.asyncio import Redis
 
-from adapters.base import Adapter
+from bridge.adapter import Adapter
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config
 from bridge.daemon import adapter_context

@@ -13,7 +13,7 @@ import sys
 from typing import ClassVar
 
 from adapters import PROTOCOLS, AdapterRegistry
-from adapters.base import Adapter, Option
+from bridge.adapter import Adapter, Option
 from bridge.events import Delivery
 
 

@@ -14,8 +14,8 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from adapters import AdapterRegistry
-from adapters.base import AdapterContext
 from adapters.nctalk_bot import TalkBot
+from bridge.adapter import AdapterContext
 from bridge.bus import Bus, BusSettings
 from bridge.cli import protocol_specs
 from bridge.config import Config, load_config

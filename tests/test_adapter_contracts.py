@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from adapters import AdapterRegistry
-from adapters.base import AdapterContext, CliCommand
+from bridge.adapter import AdapterContext, CliCommand
 from bridge.bus import Bus, BusSettings
 from bridge.cli import main, parser, protocol_specs
 from bridge.config import Config, ConfigError, load_config

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from redis.asyncio import Redis
 
-from adapters.base import AccountFailed, Adapter, PermanentError, RateLimited, TransientError
+from bridge.adapter import AccountFailed, Adapter, AdapterTraits, PermanentError, RateLimited, TransientError
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
 from bridge.events import Delivery, Event, EventKind, event_from_wire, event_to_wire
 from bridge.idmap import IdMap
@@ -187,7 +187,7 @@ async def test_account_failure_stops_without_retrying(redis: Redis) -> None:
 class BatchingAdapter(RecordingAdapter):
     """Takes whole batches (as the api buffer does): the batch path of the loop."""
 
-    batch_send = True
+    traits = AdapterTraits(batch_send=True)
 
     def __init__(self) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 
-from adapters.base import AccountFailed, Adapter, ServerUnavailable, TransientError
+from bridge.adapter import AccountFailed, Adapter, ServerUnavailable, TransientError
 from bridge.bus import DELIVER_GROUP, Bus, BusSettings
 from bridge.events import Delivery, Event, EventKind
 from bridge.idmap import IdMap

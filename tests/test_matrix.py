@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from adapters.base import AccountFailed, PermanentError
+from bridge.adapter import AccountFailed, PermanentError
 from bridge.events import Attachment, EventKind
 from tests.helpers import metric
 from tests.matrix_rig import ACCOUNT, api_event, delivery, new_room, room_config, start_rig

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from adapters.base import PermanentError, RateLimited, ServerUnavailable, TransientError
+from bridge.adapter import PermanentError, RateLimited, ServerUnavailable, TransientError
 from bridge.events import Attachment, Event, EventKind
 from tests.helpers import metric
 from tests.nctalk_rig import PASSWORD, UserRig, delivery, gateway, load, start_user_rig, user_section
@@ -365,7 +365,7 @@ async def test_a_send_to_a_room_that_answers_404_is_retried_not_dropped(rig, tal
 
 
 async def test_talk_away_is_server_unavailable_and_a_room_refusing_is_not(rig, talk, people) -> None:
-    """The core waits for a server that takes no request (adapters.base.
+    """The core waits for a server that takes no request (bridge.adapter.
     ServerUnavailable: no attempts spent, never dead-lettered for it); a room
     that answers is this room's trouble and keeps its retry budget."""
     talk.set_maintenance(True)  # occ maintenance:mode --on: 503 + X-Nextcloud-Maintenance-Mode

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from adapters.base import AccountFailed, PermanentError, RateLimited, ServerUnavailable, TransientError
 from adapters.nctalk_bot import TalkBot, install_command
 from adapters.talk.common import reference_id, render, split_message
+from bridge.adapter import AccountFailed, PermanentError, RateLimited, ServerUnavailable, TransientError
 from bridge.events import Delivery, Event, EventKind
 from bridge.idmap import IdMap
 from tests.helpers import metric

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from adapters.base import AccountFailed, PermanentError
+from bridge.adapter import AccountFailed, PermanentError
 from bridge.events import Delivery, Event, EventKind
 from tests.talkbot_rig import SECRET, Rig, bot_section, start_rig, write_config
 from tests.talkserver import TalkServer

@@ -158,7 +158,7 @@ def test_a_room_answering_404_is_picked_up_again_while_the_other_flows(setup: Se
 def test_talk_in_maintenance_longer_than_the_retry_budget_delays_messages_and_loses_none(setup: Setup) -> None:
     """``occ maintenance:mode --on`` (an upgrade) answers every request 503
     with X-Nextcloud-Maintenance-Mode. Deliveries wait for Talk without
-    spending their attempts (adapters.base.ServerUnavailable): far more
+    spending their attempts (bridge.adapter.ServerUnavailable): far more
     tries than MaxDeliveries (5) later nothing is dead-lettered, and once
     maintenance ends everything arrives in order, once; the polls resume."""
     s = setup

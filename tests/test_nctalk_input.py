@@ -82,7 +82,7 @@ async def test_a_hostile_poll_answer_changes_nothing_and_is_retried(rig, talk, c
 
 
 async def test_a_hostile_answer_to_a_post_is_a_retry_not_a_crash(rig, talk) -> None:
-    from adapters.base import TransientError
+    from bridge.adapter import TransientError
 
     talk.fail_chat_next(201, method="POST", body=b"{not json", headers={"Content-Type": "application/json"})
     with pytest.raises(TransientError, match="not understood"):

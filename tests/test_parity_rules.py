@@ -242,7 +242,7 @@ def _msg(text: str, nick: str = "alice") -> Event:
 
 def test_the_shipped_adapters_declare_what_the_loader_reads() -> None:
     """The api account's channel is fixed at "api" and it passes on other
-    events; the Talk bot does neither (adapters/base.py flags)."""
+    events; the Talk bot does neither (bridge/adapter.py AdapterTraits)."""
     specs = protocol_specs(AdapterRegistry())
     assert (specs["api"].fixed_channel, specs["api"].relays_other_events) == ("api", True)
     assert (specs["nctalkbot"].fixed_channel, specs["nctalkbot"].relays_other_events) == (None, False)

@@ -16,7 +16,7 @@ from typing import ClassVar
 import pytest
 from redis.asyncio import Redis
 
-from adapters.base import AdapterContext, Option
+from bridge.adapter import AdapterContext, Option
 from bridge.cli import main, protocol_specs
 from bridge.config import load_config
 from bridge.daemon import RECEIVE_BACKOFF_MAX, Daemon, receive_restart_delay

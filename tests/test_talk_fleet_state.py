@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from adapters.base import AccountFailed, PermanentError, TransientError
+from bridge.adapter import AccountFailed, PermanentError, TransientError
 from bridge.events import Event
 from tests.talkbot_rig import SECRET, Rig, bot_section, start_rig, write_config
 from tests.talkserver import TalkServer, php_json_encode

@@ -77,7 +77,11 @@ from nio import (
 from nio.api import MessageDirection
 from redis.exceptions import RedisError
 
-from adapters.base import (
+from adapters.checks import url_problems
+from adapters.matrix.convert import markdown_to_html
+from adapters.matrix.media import image_size, msgtype_for
+from adapters.matrix.parse import HTML, Incoming, Media, Skip, parse_event
+from bridge.adapter import (
     AccountFailed,
     Adapter,
     AdapterContext,
@@ -86,11 +90,7 @@ from adapters.base import (
     PermanentError,
     RateLimited,
     TransientError,
-    url_problems,
 )
-from adapters.matrix.convert import markdown_to_html
-from adapters.matrix.media import image_size, msgtype_for
-from adapters.matrix.parse import HTML, Incoming, Media, Skip, parse_event
 from bridge.bus import Write, inbound_key
 from bridge.config import AccountConfig
 from bridge.events import Attachment, Delivery, Event, EventKind

@@ -19,7 +19,7 @@ from typing import TextIO
 
 from nio import AsyncClient, AsyncClientConfig, RegisterResponse
 
-from adapters.base import CliCommand
+from bridge.adapter import CliCommand
 from bridge.bus import account_key
 from bridge.config import Config, ConfigError
 

@@ -1,15 +1,33 @@
-"""The one interface every protocol adapter implements.
+"""The one interface every protocol adapter implements, owned by the core.
 
-In the spirit of Matterbridge's four-method ``Bridger``: ``connect``,
-``join``, ``send``, ``disconnect``. Inbound traffic is published through
+The core (bridge/daemon.py, bridge/relay.py, the config loader) knows an
+adapter only through this module; adapters import it, and the core imports
+no adapter: the CLI, the composition root, hands the daemon the classes
+(``adapters.AdapterRegistry``). Each account's adapter gets an
+``AdapterContext``: everything it may use, passed in.
+
+``Adapter``'s methods, each documented below:
+
+- required: ``connect``, ``send``, ``disconnect`` (as in Matterbridge's
+  ``Bridger``);
+- optional, with a default that does nothing or the plain thing: ``join``,
+  ``receive`` (a poll or sync loop; none by default), ``send_batch`` (one
+  ``send`` each by default), ``ingress_routes`` (stateless HTTP routes,
+  served by every daemon instance: a Talk webhook can land on any of them),
+  and the class methods ``check_account``, ``warn_account`` (config checks)
+  and ``cli_commands`` (``talkbridge`` subcommands).
+
+Besides, ``protocol`` and ``options`` declare the config section and its
+keys, and ``traits`` (an ``AdapterTraits``) says where an adapter departs
+from the ordinary one. Inbound traffic is published through
 ``AdapterContext.publish``, or, by an adapter that keeps a receive cursor,
 committed with that cursor through ``AdapterContext.commit_inbound``; the
 core does everything else (routing, id mapping, retries, dead letters,
-ordering).
+ordering). Everything but ingress runs only in the instance that holds the
+account's lease.
 
-An adapter may also offer stateless HTTP ingress (``ingress_routes``), served
-by every daemon instance — a Talk webhook can land on any of them. Everything
-else an adapter does runs only in the instance that holds the account's lease.
+The error types tell the core what a failed ``send`` means for the delivery;
+``error_for_status`` maps an HTTP status to one.
 """
 
 from __future__ import annotations
@@ -19,7 +37,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, TextIO
-from urllib.parse import urlsplit
 
 from bridge.bus import Write, account_key
 from bridge.events import Delivery, Event
@@ -76,18 +93,6 @@ class AccountFailed(DeliveryError):
     The core stops delivering for the account and raises an alert instead of
     retrying — a Nextcloud server locks out an IP after repeated 401s.
     """
-
-
-def url_problems(account: AccountConfig, *keys: str) -> list[str]:
-    """check_account's test of URL options: each that is set must be http(s) with a host."""
-    problems = []
-    for key in keys:
-        value = account.get(key, "")
-        if value:
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                problems.append(f'{account.name}.{key}: "{value}" is not an http(s) URL')
-    return problems
 
 
 UNAVAILABLE_STATUSES = frozenset({502, 503, 504})  # the server, or the one behind a proxy, is away
@@ -188,15 +193,48 @@ class CliCommand:
     run: Callable[[argparse.Namespace, Config, TextIO], int]
 
 
+@dataclass(frozen=True, slots=True)
+class AdapterTraits:
+    """Where an adapter departs from the ordinary one, read by the core. The
+    defaults are the ordinary adapter (Talk, Matrix: one ``send`` per
+    delivery, the core records it, each gateway entry names its channel);
+    only the Matterbridge api (adapters/mbapi.py) sets any today."""
+
+    batch_send: bool = False
+    """Delivery loop (bridge/relay.py): ``send_batch`` is all-or-nothing in
+    one round trip, so the loop hands a lane's plain messages over together
+    instead of one ``send`` each."""
+
+    records_delivery: bool = False
+    """Delivery loop: ``send`` itself records the delivery in ``ctx.idmap``
+    atomically with it, checking the delivered-marker and the fence
+    (``ctx.fence()``) in the same script (a Redis-backed network). The loop
+    then neither looks the marker up, checks the fence before sending, nor
+    records the copy: it only acknowledges."""
+
+    fixed_channel: str | None = None
+    """Config loader (bridge/config.py): the channel every gateway entry of
+    this protocol has, whatever the entry says (which may then omit it):
+    "api" for Matterbridge's api accounts (gateway.go mapChannelConfig).
+    None: each entry names its channel."""
+
+    relays_other_events: bool = False
+    """Router (bridge/router.py, through the loader's ``ProtocolSpec``):
+    ``send`` passes on events of ``EventKind.OTHER`` (an api client's
+    topic_change or custom events, named in ``extra["event"]``), as
+    Matterbridge's api bridge does; other adapters never get them."""
+
+
 class Adapter(ABC):
-    """One protocol. The class attributes below the methods are flags the core
-    reads; each says what it changes there. Nothing else about an adapter is
-    known to the core: no key names, no protocol names."""
+    """One protocol. Nothing about an adapter is known to the core but what
+    this class declares: no key names, no protocol names."""
 
     protocol: ClassVar[str]
     # Read by the config loader (bridge/config.py): the account keys accepted,
     # their types and defaults, and which are secrets (never printed).
     options: ClassVar[dict[str, Option]] = {}
+    # Read by the delivery loop, the config loader and the router: see AdapterTraits.
+    traits: ClassVar[AdapterTraits] = AdapterTraits()
 
     def __init__(self, ctx: AdapterContext) -> None:
         self.ctx = ctx
@@ -247,27 +285,6 @@ class Adapter(ABC):
         is one Redis script); the default sends one by one.
         """
         return [await self.send(d) for d in deliveries]
-
-    # Read by the delivery loop (bridge/relay.py): True when ``send_batch`` is
-    # all-or-nothing in one round trip; the loop then hands a lane's plain
-    # messages over together instead of one ``send`` each.
-    batch_send: ClassVar[bool] = False
-    # Read by the delivery loop: True when ``send`` itself records the delivery
-    # in ctx.idmap atomically with it, checking the delivered-marker and the
-    # fence (``ctx.fence()``) in the same script (a Redis-backed network). The
-    # loop then neither looks the marker up, checks the fence before sending,
-    # nor records the copy: it only acknowledges.
-    records_delivery: ClassVar[bool] = False
-    # Read by the config loader: the channel every gateway entry of this
-    # protocol has, whatever the entry says (which may then omit it): "api"
-    # for Matterbridge's api accounts (gateway.go mapChannelConfig). None:
-    # each entry names its channel.
-    fixed_channel: ClassVar[str | None] = None
-    # Read by the router (through the loader's ProtocolSpec): True when
-    # ``send`` passes on events of ``EventKind.OTHER`` (an api client's
-    # topic_change or custom events, named in ``extra["event"]``), as
-    # Matterbridge's api bridge does; other adapters never get them.
-    relays_other_events: ClassVar[bool] = False
 
     def ingress_routes(self) -> list[web.RouteDef]:
         """Stateless HTTP routes for the shared server (webhooks)."""
