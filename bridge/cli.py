@@ -152,13 +152,18 @@ def cmd_check_config(args: argparse.Namespace, adapters: Mapping[str, type[Adapt
 
 async def _run(config: Config, adapters: Mapping[str, type[Adapter]], logstream: LogStream | None = None) -> int:
     from bridge.daemon import Daemon  # imports aiohttp & co only for the daemon
+    from workers.registry import FEATURES  # and the workers' features (arq) only for it and the worker
+    from workers.triggers import build_triggers
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with redis_for(config, start=True) as redis:
-        daemon = Daemon(config, redis, adapters)
+        # which inbound events start the workers' jobs; the daemon routes, the features decide
+        prefix = config.section("redis")["KeyPrefix"]
+        triggers = build_triggers(config, redis, prefix, logging.getLogger("talkbridge.workers"), FEATURES)
+        daemon = Daemon(config, redis, adapters, triggers=triggers)
         logging.getLogger("talkbridge").info(
             "talkbridge %s: %d accounts, %d gateways", daemon.instance_id, len(config.accounts), len(config.gateways)
         )

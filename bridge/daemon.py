@@ -48,9 +48,8 @@ from bridge.lease import Lease
 from bridge.listener import Listener, ListenerLimits
 from bridge.metrics import Metrics
 from bridge.rejections import RejectionLog
-from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy, RouteLoop
+from bridge.relay import AccountStopped, DeliveryLoop, EventTriggers, RetryPolicy, RouteLoop
 from bridge.router import Router
-from workers.triggers import build_triggers
 
 ACCOUNT_FAILED_PAUSE = 900.0  # after a refused credential, try once more only this much later
 CRASH_BACKOFF_MIN = 1.0  # seconds before an account restarts after an unexpected error…
@@ -425,6 +424,7 @@ class Daemon:
         adapters: Mapping[str, type[Adapter]],
         metrics: Metrics | None = None,
         instance_id: str | None = None,
+        triggers: EventTriggers | None = None,
     ) -> None:
         self.config = config
         self.redis = redis
@@ -435,8 +435,9 @@ class Daemon:
         self.map_ttl = int(bus_cfg["MessageMapDays"] * 86400)
         self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl, bus_cfg["MessageMapPerRoom"], bus_cfg["BatchSize"])
         self.router = Router(config)
-        # the workers' features (Instagram previews, personas): which inbound events start jobs
-        self.triggers = build_triggers(config, redis, self.bus.prefix, logging.getLogger("talkbridge.workers"))
+        # the workers' features (Instagram previews, personas): which inbound events start jobs;
+        # built by the CLI (workers/triggers.py), None: no feature configured
+        self.triggers = triggers
         self.lease_seconds = float(bus_cfg["LeaseSeconds"])
         self.retry = RetryPolicy(bus_cfg["MaxDeliveries"], bus_cfg["RetryBaseSeconds"], bus_cfg["RetryMaxSeconds"])
         self.max_body = config.section("http")["MaxBodyBytes"]

@@ -77,7 +77,7 @@ import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -85,14 +85,11 @@ from redis.exceptions import RedisError
 from bridge.adapter import AccountFailed, Adapter, PermanentError, RateLimited, ServerUnavailable, TransientError
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, Entry
 from bridge.control import not_held
-from bridge.events import Delivery, EventKind, WireError, event_from_wire
+from bridge.events import Delivery, Event, EventKind, WireError, event_from_wire
 from bridge.idmap import Fence, Fenced, IdMap
 from bridge.metrics import Metrics
 from bridge.rooms import Rooms
 from bridge.router import Router
-
-if TYPE_CHECKING:
-    from workers.triggers import Triggers
 
 BLOCK_MS = 5_000
 TRIM_EVERY = 1_000  # acknowledged entries between two XTRIMs
@@ -155,6 +152,19 @@ class _StreamLoop:
             await self.bus.trim_consumed(self.stream, self.group)
 
 
+class EventTriggers(Protocol):
+    """Which inbound events start jobs (the workers' features, workers/triggers.py),
+    asked by the route loop about every event it routes. The CLI builds them and
+    hands them to the daemon, as it does the adapters: the core imports no worker.
+
+    ``consider`` must be cheap for an event that does not concern it, and the jobs
+    it starts must have ids deterministic from the event (the loop may handle an
+    event again after a crash). A Redis error propagates (the batch is handled
+    again); anything else is the trigger's to log."""
+
+    async def consider(self, event: Event) -> None: ...
+
+
 class RouteLoop(_StreamLoop):
     group = ROUTER_GROUP
 
@@ -166,7 +176,7 @@ class RouteLoop(_StreamLoop):
         consumer: str,
         metrics: Metrics,
         log: logging.Logger,
-        triggers: Triggers | None = None,
+        triggers: EventTriggers | None = None,
     ):
         super().__init__(bus, bus.inbound(account), consumer, log)
         self.account = account

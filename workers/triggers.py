@@ -61,13 +61,12 @@ class Triggers:
 
 
 def build_triggers(
-    config: Config, redis: Redis, prefix: str, log: logging.Logger, features: Sequence[ModuleType] | None = None
+    config: Config, redis: Redis, prefix: str, log: logging.Logger, features: Sequence[ModuleType]
 ) -> Triggers | None:
-    """The daemon's triggers, or None when no feature is configured."""
+    """The daemon's triggers (bridge/relay.py ``EventTriggers``), or None when
+    no feature is configured. ``features``: the feature modules, the
+    registry's ``FEATURES`` (passed in: the features import this module)."""
     from arq.connections import ArqRedis
-
-    if features is None:
-        from workers.registry import FEATURES as features
 
     found = [t for t in (feature.trigger(config, redis, prefix) for feature in features) if t is not None]
     if not found:
