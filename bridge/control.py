@@ -27,6 +27,9 @@ What instances announce, read by the admin page and ``talkbridge status``:
 - ``P:instance:ID`` — a small hash beside the heartbeat sorted set
   ``P:instances``: version, host, pid, start time; expires with the
   heartbeat.
+- ``P:worker:ID`` beside ``P:workers``: the same for each ``talkbridge
+  worker`` (written by workers/heartbeat.py), with its job counts; the
+  workers' queue is ``P:arq:queue`` (``queue_name``).
 - ``P:state:{ACCOUNT}`` — the owner's view of the account: ``connecting``,
   ``connected`` or ``failed`` with the last error, and since when; expires
   three lease periods after the owner stops refreshing it.
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import json
 import logging
@@ -84,6 +88,20 @@ def instances_key(prefix: str) -> str:
 
 def instance_key(prefix: str, instance: str) -> str:
     return f"{prefix}:instance:{instance}"
+
+
+def workers_key(prefix: str) -> str:
+    """The workers' heartbeat sorted set: worker id -> expiry (ms since the epoch)."""
+    return f"{prefix}:workers"
+
+
+def worker_key(prefix: str, ident: str) -> str:
+    return f"{prefix}:worker:{ident}"
+
+
+def queue_name(prefix: str) -> str:
+    """The arq queue every daemon enqueues to and every worker reads."""
+    return f"{prefix}:arq:queue"
 
 
 def rate_key(prefix: str, bucket: int) -> str:
@@ -331,6 +349,13 @@ async def live_announced(
         (_text(member), score / 1000, {_text(k): _text(v) for k, v in (info or {}).items()})
         for (member, score), info in zip(live, infos, strict=True)
     ]
+
+
+async def live_workers(redis: Redis, prefix: str) -> list[tuple[str, float, dict[str, str]]]:
+    """(id, expiry in seconds since the epoch, announcement) of every worker
+    whose heartbeat (workers/heartbeat.py) has not expired, oldest first."""
+    live = await live_announced(redis, workers_key(prefix), functools.partial(worker_key, prefix))
+    return sorted(live, key=lambda row: row[2].get("started", ""))
 
 
 def _text(value: bytes | str) -> str:

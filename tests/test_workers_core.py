@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from adapters import AdapterRegistry
 from bridge.bus import ROUTER_GROUP, Bus, BusSettings
 from bridge.config import ConfigError, load_config
+from bridge.control import live_workers
 from bridge.events import Event, EventKind
 from bridge.logstream import install as install_log_stream
 from bridge.metrics import Metrics
@@ -33,7 +34,7 @@ from bridge.options import protocol_specs
 from bridge.relay import RouteLoop
 from bridge.router import Router
 from tests.helpers import Daemon, RedisServer, api_pair_config, wait_for, wait_quiet
-from workers import heartbeat, instagram
+from workers import instagram
 from workers.deps import DEPS
 from workers.results import answer, is_worker_result, post_reply, result_id
 from workers.settings import run_worker
@@ -326,7 +327,7 @@ def test_a_jobs_alert_reaches_the_admin_room_and_its_warnings_the_log_stream(
             await asyncio.to_thread(wait_for, admin_room, 30, 0.05, "the alert in the admin room")
             # the worker is on the management page's Workers table while it runs (its
             # first beat is written as it starts, before it takes a job)
-            [(ident, _, info)] = await heartbeat.live_workers(redis, "tb")
+            [(ident, _, info)] = await live_workers(redis, "tb")
             assert ident == "worker-test" and info["pid"] == str(os.getpid()) and info["max_jobs"] == "10"
             active = await redis.hgetall("tb:alerts")
             assert list(active) == [b"test:service"]
@@ -346,7 +347,7 @@ def test_a_jobs_alert_reaches_the_admin_room_and_its_warnings_the_log_stream(
             await worker
             await logstream.aclose()
         try:
-            assert await heartbeat.live_workers(redis, "tb") == []  # a clean stop leaves at once
+            assert await live_workers(redis, "tb") == []  # a clean stop leaves at once
         finally:
             await redis.aclose()
 

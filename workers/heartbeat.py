@@ -8,7 +8,9 @@ Workers table (bridge/admin/fleet.py ``worker_status``).
 Kept apart from the daemons' ``{prefix}:instances``: the daemons share the
 accounts among the members of that set, and a worker holds none. A worker
 that stops cleanly leaves at once; one that dies drops out when its expiry
-passes (``LIFETIMES`` beats).
+passes (``LIFETIMES`` beats). The keys and their reader (``live_workers``)
+are the fleet's, in bridge/control.py beside the daemons' announcements;
+this module writes them.
 """
 
 from __future__ import annotations
@@ -18,23 +20,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from functools import partial
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bridge.control import announce, live_announced
+from bridge.control import announce, worker_key, workers_key
 
 EVERY = 10.0  # seconds between beats
 LIFETIMES = 3  # a worker is shown alive this many beats after its last
-
-
-def workers_key(prefix: str) -> str:
-    return f"{prefix}:workers"
-
-
-def worker_key(prefix: str, ident: str) -> str:
-    return f"{prefix}:worker:{ident}"
 
 
 async def beat(redis: Redis, prefix: str, ident: str, info: Mapping[str, str], every: float = EVERY) -> None:
@@ -74,10 +67,3 @@ async def leave(redis: Redis, prefix: str, ident: str) -> None:
         pipe.zrem(workers_key(prefix), ident)
         pipe.delete(worker_key(prefix, ident))
         await pipe.execute()
-
-
-async def live_workers(redis: Redis, prefix: str) -> list[tuple[str, float, dict[str, str]]]:
-    """(id, expiry in seconds since the epoch, announcement) of every worker
-    whose heartbeat has not expired, oldest first."""
-    live = await live_announced(redis, workers_key(prefix), partial(worker_key, prefix))
-    return sorted(live, key=lambda row: row[2].get("started", ""))

@@ -32,11 +32,10 @@ from redis.asyncio import Redis
 from bridge.alerts import Alerts, outbound_publisher
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config
-from bridge.control import announcement
+from bridge.control import announcement, queue_name
 from workers import heartbeat
 from workers.deps import DEPS, WorkerDeps
 from workers.registry import FEATURES
-from workers.triggers import queue_name
 
 HEALTH_EVERY = 10.0  # seconds between a worker's health notes
 STOP_GRACE = 10.0  # seconds running jobs get to finish when the worker stops

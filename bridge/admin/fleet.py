@@ -41,7 +41,9 @@ from bridge.control import (
     instance_key,
     instances_key,
     live_announced,
+    live_workers,
     paused_accounts,
+    queue_name,
     rate_bucket,
     rate_key,
     state_key,
@@ -49,8 +51,6 @@ from bridge.control import (
 from bridge.health import degraded_accounts
 from bridge.lease import lease_key
 from bridge.rooms import Rooms
-from workers.heartbeat import live_workers
-from workers.triggers import queue_name
 
 SCAN_LIMIT = 5000  # entries one filtered page looks at, at most
 TALLY_CHUNK = 2000  # dead letters one run of the tally script reads
