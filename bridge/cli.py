@@ -15,18 +15,15 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
-
-from redis.asyncio import Redis
 
 from adapters import AdapterRegistry
 from bridge.adapter import Adapter, CliCommand
 from bridge.admin import fleet  # what the management page reads too
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config, ConfigError, load_config
-from bridge.connections import RedisURLError, connect
+from bridge.connections import RedisURLError, connect, embedded_for, redis_for
 from bridge.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from bridge.logstream import LogStream
 from bridge.logstream import install as install_log_stream
@@ -68,44 +65,6 @@ def setup_logging(config: Config, stream: TextIO = sys.stderr) -> None:
     # httpx logs every request's URL at INFO: a URL may carry a credential (an
     # endpoint's key in its query), and the workers make a request per job
     logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
-def embedded_for(config: Config) -> EmbeddedRedis:
-    section = config.section("redis")
-    data_dir = Path(section["DataDir"]).expanduser()
-    if not data_dir.is_absolute():
-        data_dir = config.path.parent / data_dir
-    return EmbeddedRedis(data_dir, section["RedisServer"], section["AppendFsync"])
-
-
-@contextlib.asynccontextmanager
-async def redis_for(config: Config, *, start: bool) -> AsyncIterator[Redis]:
-    """The configured Redis; the embedded one when no URL is set.
-
-    ``start`` (the daemon): run our own server and stop it on exit. Otherwise
-    (status, dlq): attach to the running daemon's server, or start one on the
-    data directory just for this command.
-    """
-    url = config.section("redis")["URL"]
-    embedded: EmbeddedRedis | None = None
-    if not url:
-        embedded = embedded_for(config)
-        if not start and embedded.attach():
-            url, embedded = embedded.url, None
-        else:
-            url = embedded.start()
-    client = connect(url)
-    watchdog = None
-    if embedded is not None and start:
-        watchdog = asyncio.create_task(embedded.supervise(logging.getLogger("talkbridge.redis")))
-    try:
-        yield client
-    finally:
-        if watchdog is not None:
-            watchdog.cancel()
-        await client.aclose()
-        if embedded is not None:
-            embedded.stop()
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

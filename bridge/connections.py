@@ -3,11 +3,20 @@
 - ``redis://`` / ``rediss://`` / ``unix://``  — redis-py's own URL forms
 - ``redis+sentinel://[:password@]host:port[,host:port...]/SERVICE[/DB]``
 - ``redis+cluster://[:password@]host:port``
+
+``redis_for`` opens the configured one, or the embedded server
+(bridge/embedded_redis.py) when no URL is set: for the CLI's commands and
+the ones adapters add (``Adapter.cli_commands``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
@@ -15,6 +24,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
 from bridge.config_keys import REDIS_SCHEMES
+from bridge.embedded_redis import EmbeddedRedis
+
+if TYPE_CHECKING:
+    from bridge.config import Config
 
 # Blocking reads (XREADGROUP BLOCK) must not trip a socket timeout. No
 # periodic health checks: every caller already retries on a broken connection,
@@ -59,3 +72,41 @@ def _sentinel(url: str) -> Redis:
     db = int(path[1]) if len(path) > 1 and path[1].isdigit() else 0
     sentinel = Sentinel(hosts, password=password, db=db, **COMMON)
     return sentinel.master_for(path[0], password=password, db=db, **COMMON)
+
+
+def embedded_for(config: Config) -> EmbeddedRedis:
+    section = config.section("redis")
+    data_dir = Path(section["DataDir"]).expanduser()
+    if not data_dir.is_absolute():
+        data_dir = config.path.parent / data_dir
+    return EmbeddedRedis(data_dir, section["RedisServer"], section["AppendFsync"])
+
+
+@contextlib.asynccontextmanager
+async def redis_for(config: Config, *, start: bool) -> AsyncIterator[Redis]:
+    """The configured Redis; the embedded one when no URL is set.
+
+    ``start`` (the daemon): run our own server and stop it on exit. Otherwise
+    (status, dlq): attach to the running daemon's server, or start one on the
+    data directory just for this command.
+    """
+    url = config.section("redis")["URL"]
+    embedded: EmbeddedRedis | None = None
+    if not url:
+        embedded = embedded_for(config)
+        if not start and embedded.attach():
+            url, embedded = embedded.url, None
+        else:
+            url = embedded.start()
+    client = connect(url)
+    watchdog = None
+    if embedded is not None and start:
+        watchdog = asyncio.create_task(embedded.supervise(logging.getLogger("talkbridge.redis")))
+    try:
+        yield client
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        await client.aclose()
+        if embedded is not None:
+            embedded.stop()

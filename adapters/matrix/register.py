@@ -22,6 +22,7 @@ from nio import AsyncClient, AsyncClientConfig, RegisterResponse
 from bridge.adapter import CliCommand
 from bridge.bus import account_key
 from bridge.config import Config, ConfigError
+from bridge.connections import redis_for  # the CLI's Redis (the embedded one when no URL is set)
 
 PROTOCOL = "matrix"
 
@@ -63,8 +64,6 @@ def run(args: argparse.Namespace, config: Config, out: TextIO) -> int:
 
 
 async def _register(config: Config, name: str, token: str, out: TextIO) -> int:
-    from bridge.cli import redis_for  # the CLI's Redis (the embedded one when no URL is set)
-
     account = config.accounts[name]
     server = str(account.get("Server")).rstrip("/")
     login, password = str(account.get("Login")), str(account.get("Password"))
