@@ -8,14 +8,14 @@ no adapter: the CLI, the composition root, hands the daemon the classes
 
 ``Adapter``'s methods, each documented below:
 
-- required: ``connect``, ``send``, ``disconnect`` (as in Matterbridge's
-  ``Bridger``);
-- optional, with a default that does nothing or the plain thing: ``join``,
-  ``receive`` (a poll or sync loop; none by default), ``send_batch`` (one
-  ``send`` each by default), ``ingress_routes`` (stateless HTTP routes,
-  served by every daemon instance: a Talk webhook can land on any of them),
-  and the class methods ``check_account``, ``warn_account`` (config checks)
-  and ``cli_commands`` (``talkbridge`` subcommands).
+- required: ``connect``, ``send``, ``disconnect``;
+- optional, with a default that does nothing or the plain thing: ``join``
+  (with the three, Matterbridge's ``Bridger``), ``receive`` (a poll or sync
+  loop; none by default), ``send_batch`` (one ``send`` each by default),
+  ``ingress_routes`` (stateless HTTP routes, served by every daemon
+  instance: a Talk webhook can land on any of them), and the class methods
+  ``check_account``, ``warn_account`` (config checks) and ``cli_commands``
+  (``talkbridge`` subcommands).
 
 Besides, ``protocol`` and ``options`` declare the config section and its
 keys, and ``traits`` (an ``AdapterTraits``) says where an adapter departs
