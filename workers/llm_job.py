@@ -20,6 +20,7 @@ from arq.connections import ArqRedis
 from arq.worker import Retry
 from redis.exceptions import RedisError
 
+from bridge.control import queue_name
 from bridge.events import Event, WireError, event_from_wire
 from workers.deps import DEPS, WorkerDeps
 from workers.llm_client import LLMError, Persona, complete
@@ -34,7 +35,6 @@ from workers.llm_queue import (
     history_item,
 )
 from workers.results import post_reply
-from workers.triggers import queue_name
 
 FEATURE = "llm"
 JOB = "persona_reply"
