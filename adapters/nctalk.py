@@ -439,9 +439,9 @@ class TalkUser(Adapter):
     async def _drop_rooms(self, tokens: list[str], stop: Callable[[str], asyncio.Task[None] | None]) -> None:
         stopped = [task for task in map(stop, tokens) if task is not None]
         await asyncio.gather(*stopped, return_exceptions=True)  # no page of theirs is committed after this
-        self._followed -= set(tokens)
         await self.ctx.rooms.remove(*tokens)
         await self.ctx.redis.hdel(self.cursor_key, *tokens)
+        self._followed -= set(tokens)  # once Redis forgot them, as a new room is followed once Redis has it
         for token in tokens:
             if self._room_state.pop(token, _RoomState()).failures:
                 self.ctx.metrics.room_failed.labels(self.name, token).set(0)
