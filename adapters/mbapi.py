@@ -56,7 +56,6 @@ import codecs
 import contextlib
 import functools
 import hmac
-import ipaddress
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -69,7 +68,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import RedisError, ResponseError
 
 from bridge.adapter import Adapter, AdapterContext, AdapterTraits, Option
-from bridge.addresses import parse_hostport
+from bridge.addresses import client_key, is_loopback, parse_hostport
 from bridge.config import AccountConfig
 from bridge.events import Attachment, Delivery, Event, EventKind
 from bridge.idmap import FENCED, LUA_LIB, Fenced
@@ -934,33 +933,6 @@ def _form_fields(raw: bytes, encoding: str) -> dict[str, str]:
     except ValueError:  # more fields than any message has
         raise BadRequest(400, f"form body has more than {FORM_MAX_FIELDS} fields") from None
     return dict(pairs)
-
-
-def client_key(remote: str | None) -> str:
-    """The address a per-client limit counts by: an IPv4 address, or an IPv6
-    one's /64 (one host commonly holds a whole /64); an IPv4-mapped IPv6
-    address is its IPv4 one."""
-    try:
-        address = ipaddress.ip_address((remote or "").split("%", 1)[0])  # a zone id names no other host
-    except ValueError:
-        return remote or "unknown"  # a Unix socket, say: one client
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a BindAddress host is reachable from this machine only."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False  # a host name other than localhost: it may resolve to anything
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
 
 
 def _gone(request: web.BaseRequest) -> bool:

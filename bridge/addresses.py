@@ -1,5 +1,6 @@
 """Addresses as a config writes them: a listener's ``HOST:PORT``, a host name
-the admin page answers to, the networks trusted to read /metrics.
+the admin page answers to, the networks trusted to read /metrics; and a
+client's address as the per-client limits count it (``client_key``).
 
 Pure parsing (the standard library's ``ipaddress`` and a regular expression),
 so the loader (bridge/config_loader.py) checks them and the daemon, the
@@ -32,12 +33,34 @@ def parse_host_name(value: str) -> str | None:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether a listener's host is reachable from this machine only:
+    ``localhost`` or a loopback address (a zone id names no other host; an
+    IPv4-mapped IPv6 address is its IPv4 one). Another host name may
+    resolve to anything: not loopback."""
     if host.lower().rstrip(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def client_key(remote: str | None) -> str:
+    """Whom a per-client limit counts (the management page's lockout, an api
+    account's open streams): an IPv4 address, or an IPv6 address's /64 (one
+    host commonly holds a whole /64: counting each address would give it
+    2**64 tries); an IPv4-mapped IPv6 address is its IPv4 one."""
+    try:
+        address = ipaddress.ip_address((remote or "").split("%", 1)[0])  # a zone id names no other host
+    except ValueError:
+        return remote or "unknown"  # a Unix socket, say: one client
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def parse_hostport(value: str) -> tuple[str, int] | None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from bridge.addresses import client_key
 from bridge.admin.passwords import PasswordCheck, parse_password
 
 SESSION_COOKIE = "tb_admin"
@@ -76,22 +76,6 @@ local n = tonumber(redis.call('GET', KEYS[1]) or '0')
 if n > 0 then return redis.call('DECR', KEYS[1]) end
 return 0
 """
-
-
-def client_of(address: str) -> str:
-    """Whom the lockout counts: an IPv4 address, or an IPv6 address's /64
-    (one host commonly holds a whole /64: counting each address would give
-    it 2**64 tries)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if ip.version == 6:
-        mapped = ip.ipv4_mapped  # type: ignore[union-attr]
-        if mapped is not None:
-            return str(mapped)
-        return str(ipaddress.IPv6Network((int(ip), 64), strict=False))
-    return str(ip)
 
 
 class LoginRefused(Exception):
@@ -155,7 +139,7 @@ class Auth:
 
     @staticmethod
     def _safe(client: str) -> str:
-        return "".join(c if c.isalnum() or c in ".:-" else "_" for c in client_of(client)[:CLIENT_KEY_MAX])
+        return "".join(c if c.isalnum() or c in ".:-" else "_" for c in client_key(client)[:CLIENT_KEY_MAX])
 
     def _fail_key(self, client: str) -> str:
         return f"{self.prefix}:admin:failed:{self._safe(client)}"
