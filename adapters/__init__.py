@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from bridge.adapter import Adapter
 
 PROTOCOLS: dict[str, str] = {
-    "api": "adapters.mbapi:MatterbridgeAPI",
+    "api": "adapters.api:MatterbridgeAPI",
     "matrix": "adapters.matrix:Matrix",
     "nctalk": "adapters.nctalk:TalkUser",
     "nctalkbot": "adapters.nctalk_bot:TalkBot",

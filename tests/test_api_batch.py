@@ -7,7 +7,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from adapters import AdapterRegistry
-from adapters.mbapi import MatterbridgeAPI
+from adapters.api import MatterbridgeAPI
 from bridge.bus import Bus, BusSettings
 from bridge.config import load_config
 from bridge.daemon import adapter_context

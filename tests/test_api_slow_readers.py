@@ -29,7 +29,7 @@ import redis as sync_redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.mbapi import MAX_STREAMS_PER_CLIENT
+from adapters.api.adapter import MAX_STREAMS_PER_CLIENT
 from bridge.addresses import client_key, is_loopback
 from bridge.cli import main
 from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet

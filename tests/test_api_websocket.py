@@ -24,7 +24,7 @@ import redis as sync_redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.mbapi import API_ERROR, MESSAGE_FIELDS, BadRequest, ws_message
+from adapters.api.encoding import API_ERROR, MESSAGE_FIELDS, BadRequest, ws_message
 from tests.helpers import Daemon, RedisServer, api_pair_config, wait_quiet
 from tests.ingress_props import bodies
 from tests.test_api_e2e import Api, running_bridge

@@ -40,7 +40,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters import AdapterRegistry
-from adapters.mbapi import MESSAGE_FIELDS, go_fields, go_fold
+from adapters.api.encoding import MESSAGE_FIELDS, go_fields, go_fold
 from bridge.cli import main
 from bridge.config import load_config
 from bridge.options import go_weak, protocol_specs

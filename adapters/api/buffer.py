@@ -1,0 +1,141 @@
+"""The api adapter's buffer: a Redis stream of messages for its clients,
+written exactly once per delivery under the lease's fence, read by claiming
+pages of rows (held in this process while a reader writes them) that are
+deleted once written or let go for the next reader. A mixin of
+MatterbridgeAPI (adapters/api/adapter.py), which holds the state it uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+from redis.exceptions import ResponseError
+
+from bridge.adapter import AdapterContext
+from bridge.events import Delivery, EventKind
+from bridge.idmap import FENCED, LUA_LIB, Fenced
+
+# Deliver into the buffer exactly once, under the lease's fence: each
+# delivery's map fields (which are also its delivered-marker, bridge.idmap)
+# and its buffer entry are written together, so a redelivery after a crash
+# finds the marker and adds nothing, and a stale owner adds nothing at all.
+# KEYS: fence, buffer. ARGV: token, maxlen, room, the id map's header, then
+# per delivery: marker bucket, marker field, payload, native id, n, then n
+# (bucket, field, value) map items. Returns {native ids..., entries pushed
+# out of a full buffer}.
+_DELIVER_MANY = (
+    LUA_LIB
+    + r"""
+if tb_fenced(KEYS[1], ARGV[1]) then return redis.error_reply('FENCED lease token is stale') end
+local maxlen, room = tonumber(ARGV[2]), ARGV[3]
+local gen_size, keep, buckets, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local marker_gens = tonumber(ARGV[8])
+local out, items = {}, {}
+local before = redis.call('XLEN', KEYS[2])
+local added = 0
+local this_call = {}  -- markers written by this call: the map gets them only at the end
+local at = 9
+while at <= #ARGV do
+  local count = tonumber(ARGV[at + 4])
+  local marker = ARGV[at] .. '\31' .. ARGV[at + 1]
+  local done = this_call[marker] or tb_find(room, gen_size, marker_gens, ARGV[at], ARGV[at + 1])
+  if done then
+    out[#out + 1] = done
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', maxlen, '*', 'd', ARGV[at + 2])
+    for j = at + 5, at + 4 + 3 * count do items[#items + 1] = ARGV[j] end
+    out[#out + 1] = ARGV[at + 3]
+    this_call[marker] = ARGV[at + 7]  -- what tb_find will answer: the marker item's value
+    added = added + 1
+  end
+  at = at + 5 + 3 * count
+end
+if added > 0 then tb_put(room, gen_size, keep, buckets, ttl, added, items, 1, #items / 3) end
+local dropped = before + added - maxlen
+if dropped < 0 then dropped = 0 end
+out[#out + 1] = dropped
+return out
+"""
+)
+
+
+class ApiBuffer:
+    name: str
+    ctx: AdapterContext
+    buffer_key: str
+    buffer_size: int
+    _changed: asyncio.Event
+    _claim_lock: asyncio.Lock
+    _claimed: set[bytes]
+
+    message_for: Callable[[Delivery, str], dict[str, Any]]  # adapters/api/messages.py
+
+    async def send(self, delivery: Delivery) -> str | None:
+        [native_id] = await self.send_batch([delivery])
+        return native_id
+
+    async def send_batch(self, deliveries: Sequence[Delivery]) -> list[str | None]:
+        idmap = self.ctx.idmap
+        assert idmap is not None, "the api adapter records its deliveries in the id map"
+        fence = self.ctx.fence()
+        keys = [fence.key if fence else f"{self.ctx.key_prefix}:fence:none", self.buffer_key]
+        # an api account has one channel: every delivery here is to one room
+        room = idmap.room(self.name, deliveries[0].channel)
+        assert all(d.channel == deliveries[0].channel for d in deliveries)
+        args: list[Any] = [fence.token if fence else "", self.buffer_size, room, *idmap.header()]
+        for delivery in deliveries:
+            # 8 random bytes: unique per room, and a compact map entry
+            native_id = os.urandom(8).hex() if delivery.event.kind == EventKind.MESSAGE else ""
+            items = idmap.record_items(delivery, native_id or None)
+            marker_bucket, marker_field, _ = items[0]  # the first item is the delivered-marker
+            args += [marker_bucket, marker_field, orjson.dumps(self.message_for(delivery, native_id))]
+            args += [native_id, len(items)]
+            for item in items:
+                args.extend(item)
+        try:
+            *stored, dropped = await self._deliver_many(keys=keys, args=args)
+        except ResponseError as exc:
+            if str(exc).startswith(FENCED):
+                raise Fenced(str(exc)) from None
+            raise
+        if int(dropped):
+            self.ctx.metrics.api_buffer_dropped.labels(self.name).inc(int(dropped))
+        self._wake_readers()
+        return [(s.decode() if isinstance(s, bytes) else s) or None for s in stored]
+
+    # reading the buffer --------------------------------------------------------------
+    def _wake_readers(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _claim(self, count: int | None) -> list[Any]:
+        """The oldest rows no other reader holds, at most ``count`` (None: all
+        of them), now held by the caller until ``_taken`` or ``_let_go``."""
+        async with self._claim_lock:  # held for this read only, never across a client's write
+            held = self._claimed
+            if count is None:
+                rows = await self.ctx.redis.xrange(self.buffer_key, min="-", max="+")
+            else:  # held rows are the oldest, mostly: skip past them
+                rows = await self.ctx.redis.xrange(self.buffer_key, min="-", max="+", count=count + len(held))
+            page = [row for row in rows if row[0] not in held][:count]
+            held.update(row[0] for row in page)
+        return page
+
+    def _let_go(self, ids: Sequence[bytes]) -> None:
+        """Claimed rows not written: the next reader takes them (they never left the buffer)."""
+        self._claimed.difference_update(ids)
+        self._wake_readers()
+
+    async def _taken(self, ids: Sequence[bytes]) -> None:
+        """Written rows: deleted, and only then released (released at once, a
+        reader could take them again before the delete). The delete runs to its
+        end even if this handler is cancelled (the daemon stopping)."""
+        if not ids:  # an empty answer (a poll of an empty buffer): nothing to delete, and XDEL needs an id
+            return
+        deletion = asyncio.ensure_future(self.ctx.redis.xdel(self.buffer_key, *ids))
+        deletion.add_done_callback(lambda _done: self._claimed.difference_update(ids))
+        await asyncio.shield(deletion)
