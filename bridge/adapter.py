@@ -198,7 +198,7 @@ class AdapterTraits:
     """Where an adapter departs from the ordinary one, read by the core. The
     defaults are the ordinary adapter (Talk, Matrix: one ``send`` per
     delivery, the core records it, each gateway entry names its channel);
-    only the Matterbridge api (adapters/mbapi.py) sets any today."""
+    only the Matterbridge api (adapters/api/) sets any today."""
 
     batch_send: bool = False
     """Delivery loop (bridge/relay.py): ``send_batch`` is all-or-nothing in
