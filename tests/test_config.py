@@ -96,7 +96,7 @@ def test_seed_002_config_loads_as_is(tmp_path: Path) -> None:
 
 
 def test_seed_002_loads_with_the_real_nctalk_adapter(tmp_path: Path) -> None:
-    """With adapters/nctalk.py in PROTOCOLS, seed 002 loads through the real
+    """With adapters/nctalk/ in PROTOCOLS, seed 002 loads through the real
     registry (its options, not the stub's): unchanged, no problems."""
     config = load_config(write(tmp_path, SEED_002), specs())
     assert sorted(config.accounts) == ["nctalk.nube-minube1-com", "nctalk.nube-minube2-com"]
