@@ -1,4 +1,4 @@
-"""Protocol adapters, one module each, all behind ``bridge.adapter.Adapter``.
+"""Protocol adapters, one module or package each, all behind ``bridge.adapter.Adapter``.
 
 ``PROTOCOLS`` maps the Matterbridge section name to the adapter class; adding
 a protocol adds one line here and one module, and touches no other adapter.

@@ -40,13 +40,13 @@ class Refused(Exception):
 
 
 @dataclass(slots=True)
-class _RoomState:
+class RoomState:
     failures: int = 0
     reason: str = ""
     since: float = 0.0
 
 
-def _event_id(*parts: object) -> str:
+def event_id(*parts: object) -> str:
     """A stable event id per Talk message (and reaction): a page published
     again (a stale owner) yields the same ids, so deliveries dedupe."""
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32]

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from adapters.nctalk.common import JOIN_PART, REACTION_API, REACTIONS_TTL, _event_id
+from adapters.nctalk.common import JOIN_PART, REACTION_API, REACTIONS_TTL, event_id
 from adapters.talk.chat import WRITTEN_TYPES, BadAnswer, ChatMessage, parse_reactions
 from adapters.talk.client import dav_path, path_token
 from adapters.talk.common import render
@@ -45,7 +45,7 @@ class Inbound:
             text, files = await self._content(msg.message, msg.parameters)
             event = Event(
                 kind=EventKind.MESSAGE, text=text, native_id=str(msg.id), attachments=files,
-                id=_event_id(self.name, token, msg.id), **base,
+                id=event_id(self.name, token, msg.id), **base,
             )  # fmt: skip
             if msg.message_type != "comment":
                 event.extra["talkMessageType"] = msg.message_type  # a voice message stays one
@@ -60,13 +60,13 @@ class Inbound:
             if parent.message.strip() == "{file}":
                 return []  # a file whose caption was removed: nothing to say elsewhere
             return [Event(kind=EventKind.EDIT, text=text, target_id=target,
-                          id=_event_id(self.name, token, msg.id), **base)]  # fmt: skip
+                          id=event_id(self.name, token, msg.id), **base)]  # fmt: skip
         if msg.system == "message_deleted":
-            return [Event(kind=EventKind.DELETE, target_id=target, id=_event_id(self.name, token, msg.id), **base)]
+            return [Event(kind=EventKind.DELETE, target_id=target, id=event_id(self.name, token, msg.id), **base)]
         if msg.system == "reaction" and msg.message:
             await self._remember_reaction(token, target, msg.actor, msg.message, add=True)
             return [Event(kind=EventKind.REACTION, target_id=target, reaction=msg.message,
-                          id=_event_id(self.name, token, msg.id), **base)]  # fmt: skip
+                          id=event_id(self.name, token, msg.id), **base)]  # fmt: skip
         if msg.system == "reaction_revoked":
             gone = await self._revoked(token, target, msg.actor)
             return [
@@ -74,7 +74,7 @@ class Inbound:
                     kind=EventKind.UNREACTION,
                     target_id=target,
                     reaction=emoji,
-                    id=_event_id(self.name, token, msg.id, emoji),
+                    id=event_id(self.name, token, msg.id, emoji),
                     **base,
                 )
                 for emoji in gone
@@ -86,7 +86,7 @@ class Inbound:
         if kind is None:
             return []  # other system messages (calls, renames, polls…) are not bridged
         text, _ = render(msg.message, msg.parameters)
-        return [Event(kind=kind, text=text, id=_event_id(self.name, token, msg.id), **base)]
+        return [Event(kind=kind, text=text, id=event_id(self.name, token, msg.id), **base)]
 
     async def _content(self, message: str, parameters: Any) -> tuple[str, list[Attachment]]:
         """The text, and the files a message shares (fetched within MediaDownloadSize)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from adapters.nctalk.common import CHAT_API, FOLLOWED_TYPES, THROTTLE_SLACK, Refused, RoomFailure, _RoomState
+from adapters.nctalk.common import CHAT_API, FOLLOWED_TYPES, THROTTLE_SLACK, Refused, RoomFailure, RoomState
 from adapters.talk.chat import BadAnswer, parse_page, parse_rooms
 from adapters.talk.chat import last_given as parse_last_given
 from adapters.talk.client import ROOM_API, Answer, Unreachable, path_token
@@ -133,13 +133,13 @@ class Polling:
         await self.ctx.redis.hdel(self.cursor_key, *tokens)
         self._followed -= set(tokens)  # once Redis forgot them, as a new room is followed once Redis has it
         for token in tokens:
-            if self._room_state.pop(token, _RoomState()).failures:
+            if self._room_state.pop(token, RoomState()).failures:
                 self.ctx.metrics.room_failed.labels(self.name, token).set(0)
         await self._mark_health(0)
         self.ctx.log.info("%s: channel *: no longer in room(s) %s", self.name, ", ".join(tokens))
 
     async def _poll_room(self, token: str) -> None:
-        state = self._room_state.setdefault(token, _RoomState())
+        state = self._room_state.setdefault(token, RoomState())
         while self._refused is None:
             try:
                 await self._poll_once(token)
@@ -245,7 +245,7 @@ class Polling:
         if events:
             self._events_in.inc(len(events))
 
-    async def _room_failed(self, token: str, state: _RoomState, why: str, delay: float) -> None:
+    async def _room_failed(self, token: str, state: RoomState, why: str, delay: float) -> None:
         if state.failures == 1:
             state.since = time.time()
             self.ctx.log.error("%s: ALERT: room %s failing: %s; retrying in %.1fs", self.name, token, why, delay)
@@ -257,7 +257,7 @@ class Polling:
         self.ctx.metrics.room_failed.labels(self.name, token).set(1)
         await self._mark_health(delay)
 
-    async def _room_recovered(self, token: str, state: _RoomState) -> None:
+    async def _room_recovered(self, token: str, state: RoomState) -> None:
         self.ctx.log.warning(
             "%s: room %s recovered after %d failures (%.0fs)",
             self.name,
