@@ -49,7 +49,7 @@ from urllib.parse import quote
 import httpx
 import orjson
 from aiohttp import web
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from adapters.checks import url_problems
 from adapters.talk.common import (
@@ -149,7 +149,6 @@ else
 end
 return 1
 """
-ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()
 ADMITTED, SEEN_RANDOM, OLDER_THAN_WINDOW = 1, 0, -1
 
 
@@ -251,6 +250,7 @@ class TalkBot(Adapter):
         self.replay_floor_key = ctx.key("replay", "floor")
         self.replay_randoms_key = ctx.key("replay", "randoms")
         self.replay_kept = REPLAY_KEPT
+        self._admit = ctx.redis.register_script(ADMIT)
         # token -> when this process last wrote it to the rooms set in full.
         # Only a cache that saves commands on the hot webhook path: the room
         # state itself is the fleet's, in Redis. While it is fresh, a verified
@@ -376,16 +376,11 @@ class TalkBot(Adapter):
                 self.rooms_key, self.left_key)  # fmt: skip
         args = (self.replay_window * 1000, message_id, random, self.replay_kept, REPLAY_KEPT_DAYS * 86_400_000,
                 room_op, token)  # fmt: skip
-        ops: list[Op] = [("evalsha", (ADMIT_SHA, len(keys), *keys, *args), {})]
         prove = now - self._proof_written_at >= SECRET_PROOF_REFRESH
-        if prove:  # tell the fleet, in the same pipeline: no round trip of its own
-            ops.append(self._proof_op())
+        # the proof: tell the fleet, in the same pipeline (no round trip of its own); safe to write twice
+        also = [self._proof_op()] if prove else []
         try:
-            try:
-                verdict = (await self._commands.run(ops))[0]
-            except NoScriptError:  # a new or restarted Redis: every op here is safe to run again
-                await redis.script_load(ADMIT)
-                verdict = (await self._commands.run(ops))[0]
+            verdict = (await self._commands.run_script(self._admit, keys, args, also))[0]
             if prove:
                 self._proof_written_at = now
             if verdict == ADMITTED and confirm:

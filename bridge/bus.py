@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from bridge.events import Event, event_to_wire
 from bridge.groupcommit import GroupCommit
@@ -241,12 +241,8 @@ class Bus:
             args += [write.op, len(write.args), *write.args]
         if not events and not writes:
             return []
-        op = ("evalsha", (self._commit_inbound.sha, len(keys), *keys, *args), {})
         try:
-            try:
-                [ids] = await self._commits.run([op])
-            except NoScriptError:  # not loaded yet (a new or restarted server): the script object loads it
-                ids = await self._commit_inbound(keys=keys, args=args)
+            [ids] = await self._commits.run_script(self._commit_inbound, keys, args)
         except ResponseError as exc:
             if str(exc).startswith(FENCED):
                 raise Fenced(f"{account}: lease token {fence.token if fence else ''} is stale") from None

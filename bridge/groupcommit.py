@@ -12,7 +12,10 @@ so "acknowledged" keeps meaning "stored".
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
+
+from redis.exceptions import NoScriptError
 
 Op = tuple[str, tuple[Any, ...], dict[str, Any]]  # (redis method, args, kwargs)
 Waiting = tuple[list[Op], asyncio.Future[list[Any]]]
@@ -46,6 +49,21 @@ class GroupCommit:
                 self._flusher = asyncio.create_task(self._flush())  # keeps _busy until the queue is empty
             else:
                 self._busy = False
+
+    async def run_script(
+        self, script: Any, keys: Sequence[Any], args: Sequence[Any], also: Sequence[Op] = ()
+    ) -> list[Any]:
+        """A registered Lua ``script`` (redis-py's ``register_script``) by its
+        SHA, then ``also``, like ``run``. A server that lacks the script (new,
+        restarted, flushed) answers NOSCRIPT having run none of it: the script
+        is loaded and the list run once more, so ``also`` must be safe to run
+        twice."""
+        ops: list[Op] = [("evalsha", (script.sha, len(keys), *keys, *args), {}), *also]
+        try:
+            return await self.run(ops)
+        except NoScriptError:
+            await self.redis.script_load(script.script)
+            return await self.run(ops)
 
     async def _flush(self) -> None:
         try:
