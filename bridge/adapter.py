@@ -201,7 +201,7 @@ class AdapterTraits:
     only the Matterbridge api (adapters/api/) sets any today."""
 
     batch_send: bool = False
-    """Delivery loop (bridge/relay.py): ``send_batch`` is all-or-nothing in
+    """Delivery loop (bridge/delivery.py): ``send_batch`` is all-or-nothing in
     one round trip, so the loop hands a lane's plain messages over together
     instead of one ``send`` each."""
 

@@ -40,6 +40,7 @@ from bridge.control import (
     instances_key,
     listen,
 )
+from bridge.delivery import AccountStopped, DeliveryLoop, RetryPolicy
 from bridge.events import Event
 from bridge.health import clear_degraded, mark_degraded
 from bridge.http import StatusAccess, build_app
@@ -48,7 +49,7 @@ from bridge.lease import Lease
 from bridge.listener import Listener, ListenerLimits
 from bridge.metrics import Metrics
 from bridge.rejections import RejectionLog
-from bridge.relay import AccountStopped, DeliveryLoop, EventTriggers, RetryPolicy, RouteLoop
+from bridge.relay import EventTriggers, RouteLoop
 from bridge.router import Router
 
 ACCOUNT_FAILED_PAUSE = 900.0  # after a refused credential, try once more only this much later

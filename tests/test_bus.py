@@ -11,10 +11,10 @@ from redis.asyncio import Redis
 
 from bridge.adapter import AccountFailed, Adapter, AdapterTraits, PermanentError, RateLimited, TransientError
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
+from bridge.delivery import AccountStopped, DeliveryLoop, RetryPolicy
 from bridge.events import Delivery, Event, EventKind, event_from_wire, event_to_wire
 from bridge.idmap import IdMap
 from bridge.metrics import Metrics
-from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy
 from tests.helpers import metric
 
 LOG = logging.getLogger("test")

@@ -25,10 +25,10 @@ import redis as sync_redis
 from redis.asyncio import Redis
 
 from bridge.bus import Bus, BusSettings
+from bridge.delivery import DeliveryLoop, RetryPolicy
 from bridge.idmap import Fenced, IdMap
 from bridge.lease import Lease
 from bridge.metrics import Metrics
-from bridge.relay import DeliveryLoop, RetryPolicy
 from tests.helpers import Daemon, RedisServer, api_pair_config, free_port, wait_for, wait_quiet
 from tests.test_bus import LOG, RecordingAdapter, enqueue, make_delivery
 from tests.test_scale_out import HEADERS_A, HEADERS_B, connected

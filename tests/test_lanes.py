@@ -18,10 +18,10 @@ from redis.asyncio import Redis
 
 from bridge.adapter import AccountFailed, Adapter, ServerUnavailable, TransientError
 from bridge.bus import DELIVER_GROUP, Bus, BusSettings
+from bridge.delivery import AccountStopped, DeliveryLoop, RetryPolicy
 from bridge.events import Delivery, Event, EventKind
 from bridge.idmap import IdMap
 from bridge.metrics import Metrics
-from bridge.relay import AccountStopped, DeliveryLoop, RetryPolicy
 from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
 from tests.talkbot_rig import SECRET, Rig, bot_section, start_rig, until, until_quiet, write_config
 from tests.talkserver import TalkServer, ThreadedTalkServer

@@ -21,9 +21,10 @@ from bridge.bus import ROUTER_GROUP, Bus, BusSettings
 from bridge.cli import protocol_specs
 from bridge.config import load_config
 from bridge.daemon import Daemon
+from bridge.delivery import DeliveryLoop
 from bridge.events import Delivery, Event, EventKind, event_to_wire
 from bridge.metrics import Metrics
-from bridge.relay import DeliveryLoop, RouteLoop
+from bridge.relay import RouteLoop
 from bridge.router import Router
 from tests.helpers import ROOT, RedisServer, free_port, metric, wait_for
 from tests.helpers import Daemon as DaemonProcess
