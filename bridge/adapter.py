@@ -221,7 +221,7 @@ class AdapterTraits:
     relays_other_events: bool = False
     """Router (bridge/router.py, through the loader's ``ProtocolSpec``):
     ``send`` passes on events of ``EventKind.OTHER`` (an api client's
-    topic_change or custom events, named in ``extra["event"]``), as
+    topic_change or custom events, named in ``Event.event_name``), as
     Matterbridge's api bridge does; other adapters never get them."""
 
 

@@ -6,6 +6,32 @@ destination channel; the destination's adapter receives the ``Delivery``.
 
 The wire form is compact JSON (one stream field), versioned so a rolling
 upgrade can tell old entries from new ones.
+
+What an event says beyond its kind (docs/architecture.md)
+----------------------------------------------------------
+
+The dataclass fields below are the contract every adapter reads. Two more
+meanings cross from one adapter to others, and are typed properties here:
+
+- ``Event.action`` (wire: ``extra["action"]``, ``ACTION``): a ``/me``
+  action. Written by the api (``user_action``) and Matrix (``m.emote``),
+  read by both when they send.
+- ``Event.event_name`` (wire: ``extra["event"]``, ``EVENT_NAME``): for
+  ``EventKind.OTHER``, the name of the event talkbridge has no kind for
+  (an api client's ``topic_change``, ``user_typing`` or custom one).
+  Written by the api, read by the router and the api.
+
+They live in ``extra`` under those keys (``ACTION``, ``EVENT_NAME``), where
+the properties read and write them: the wire form is the one every version
+so far wrote, so entries already in the streams decode with the
+same meaning and a daemon of an older version reads what this one writes.
+
+Every other ``extra`` key is private to the part that both writes and reads
+it, and named there: ``worker`` (workers/results.py ``WORKER_MARK``: the
+feature whose job wrote the event; no feature answers another's answer) and
+``talkMessageType`` (adapters/nctalk/common.py ``TALK_MESSAGE_TYPE``: a
+Talk message's type, so a voice message copied into Talk stays one). The
+core passes ``extra`` on untouched and reads nothing else from it.
 """
 
 from __future__ import annotations
@@ -19,6 +45,9 @@ from typing import Any
 import orjson
 
 WIRE_VERSION = 1
+# The keys of ``Event.extra`` that carry the typed properties (module docstring)
+ACTION = "action"
+EVENT_NAME = "event"
 
 
 class EventKind(StrEnum):
@@ -30,7 +59,7 @@ class EventKind(StrEnum):
     JOIN = "join"
     LEAVE = "leave"
     # An event talkbridge has no kind of its own for, passed on by name in
-    # ``extra["event"]``: an api client's topic_change, user_typing or custom
+    # ``Event.event_name``: an api client's topic_change, user_typing or custom
     # ones, which Matterbridge relays (bridge/router.py decides where to).
     OTHER = "other"
 
@@ -65,9 +94,34 @@ class Event:
     gateway: str | None = None  # restrict routing to one gateway (api POSTs)
     avatar: str | None = None
     origin: list[str] = field(default_factory=list)  # "account/channel" trail
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # see the module docstring: what may be in it
     id: str = field(default_factory=lambda: os.urandom(16).hex())
     timestamp: float = field(default_factory=time.time)
+
+    @property
+    def action(self) -> bool:
+        """A ``/me`` action (the api's ``user_action``, Matrix's ``m.emote``)."""
+        return bool(self.extra.get(ACTION))
+
+    @action.setter
+    def action(self, value: bool) -> None:
+        if value:
+            self.extra[ACTION] = True
+        else:
+            self.extra.pop(ACTION, None)
+
+    @property
+    def event_name(self) -> str:
+        """``EventKind.OTHER``: which event (``topic_change``, ``user_typing``, a custom one); else ""."""
+        name = self.extra.get(EVENT_NAME)
+        return "" if name is None else str(name)
+
+    @event_name.setter
+    def event_name(self, value: str) -> None:
+        if value:
+            self.extra[EVENT_NAME] = value
+        else:
+            self.extra.pop(EVENT_NAME, None)
 
     @property
     def protocol(self) -> str:

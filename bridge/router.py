@@ -49,7 +49,7 @@ from bridge.shortcodes import emojize
 ZWSP = "\u200b"
 WILDCARD = "*"
 # Events an api client may post that talkbridge has no kind for (EventKind.OTHER,
-# the name in extra["event"]); bridge/config/config.go names them.
+# the name in Event.event_name); bridge/config/config.go names them.
 TOPIC_CHANGE = "topic_change"
 USER_TYPING = "user_typing"
 # Dropped for every destination talkbridge has: typing shows only on slack,
@@ -131,7 +131,7 @@ class Router:
         # gateway.go ignoreTextEmpty: nothing to show and no file (typing has no text);
         # our deletions and reactions carry no text of their own
         if kind not in (EventKind.DELETE, EventKind.REACTION, EventKind.UNREACTION):
-            if not text and not event.attachments and event.extra.get("event") != USER_TYPING:
+            if not text and not event.attachments and event.event_name != USER_TYPING:
                 return True
         rules = src.rules
         if rules.ignore_messages and kind != EventKind.DELETE:  # a deletion has no text of its own
@@ -225,7 +225,7 @@ class Router:
         """Whether an event of another kind (EventKind.OTHER) stays away from
         ``dest`` (handlers.go handleMessage and ignoreEvent; Matterbridge's
         bridges other than api pass on no event they do not know)."""
-        name = event.extra.get("event", "")
+        name = event.event_name
         if name in NEVER_RELAYED:
             return True
         if name == TOPIC_CHANGE and not dest.show_topic_change:

@@ -91,7 +91,7 @@ async def test_every_kind_of_event_is_received(tmp_path: Path, redis: Redis, syn
         assert (first.text, first.native_id, first.sender_name, first.sender_id) == ("plain", plain, "Alice",
                                                                                      alice.user_id)  # fmt: skip
         assert bold.text == "**bold** _it_"
-        assert notice.extra.get("notice") and emote.extra.get("action") and emote.text == "waves"
+        assert notice.text == "a notice" and emote.extra.get("action") and emote.text == "waves"
         assert (reply.text, reply.reply_to) == ("the answer", plain)
         assert (edit.text, edit.target_id) == ("fixed", plain)
         assert (react.reaction, react.target_id) == ("👍", plain)

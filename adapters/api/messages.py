@@ -82,7 +82,7 @@ class ApiMessages:
             event.native_id = native_id
             event.reply_to = fields["parent_id"] or None
             if fields["event"] == EVENT_ACTION:
-                event.extra["action"] = True
+                event.action = True
         elif kind == EventKind.EDIT:
             if not fields["text"]:
                 raise BadRequest(400, "an edit needs text")
@@ -104,7 +104,7 @@ class ApiMessages:
             event.text = ""
             native_id = ""
         elif kind == EventKind.OTHER:
-            event.extra["event"] = fields["event"]
+            event.event_name = fields["event"]
             native_id = ""  # nothing to edit or delete later
         reply = {
             "text": fields["text"],
@@ -206,8 +206,8 @@ class ApiMessages:
         elif event.kind in (EventKind.JOIN, EventKind.LEAVE):
             msg["event"] = EVENT_JOIN_LEAVE
         elif event.kind == EventKind.OTHER:
-            msg["event"], msg["id"] = str(event.extra.get("event", "")), ""
-        elif event.extra.get("action"):
+            msg["event"], msg["id"] = event.event_name, ""
+        elif event.action:
             msg["event"] = EVENT_ACTION
         if event.attachments:
             msg["Extra"] = {

@@ -650,9 +650,7 @@ class Matrix(Adapter):
             return [Event(kind=EventKind.EDIT, text=p.text, target_id=p.target_id, **base)]
         event = Event(kind=EventKind.MESSAGE, text=p.text, native_id=p.event_id, reply_to=p.reply_to, **base)
         if p.msgtype == "m.emote":
-            event.extra["action"] = True
-        elif p.msgtype == "m.notice":
-            event.extra["notice"] = True
+            event.action = True
         if p.encrypted:
             self.ctx.metrics.skipped.labels(self.name, "encrypted").inc()
             self.ctx.log.error("%s: room %s: encrypted event %s from %s relayed as a notice (not decrypted)",
@@ -751,7 +749,7 @@ class Matrix(Adapter):
     def _content(self, delivery: Delivery, text: str, notice: bool = False) -> dict[str, Any]:
         event = delivery.event
         body = delivery.username + text
-        msgtype = "m.emote" if event.extra.get("action") else "m.notice" if notice else "m.text"
+        msgtype = "m.emote" if event.action else "m.notice" if notice else "m.text"
         content: dict[str, Any] = {"msgtype": msgtype, "body": body}
         if not self.html_disable:
             formatted = markdown_to_html(text)

@@ -20,6 +20,9 @@ REACTIONS_TTL = 7 * 86400  # how long who-reacted-with-what is remembered (for r
 RECENT_WINDOW = 200  # messages looked at for a referenceId (Talk's largest page)
 ATTEMPTED_KEEP = 4096  # delivery keys remembered as attempted in this process
 THROTTLE_SLACK = 55.0  # seconds Nextcloud's brute-force throttle may add to an answer (2 x 25 s, and some)
+# Event.extra: a Talk message's messageType, read back when a copy goes into
+# Talk (by any nctalk account), so a voice message stays one; private to nctalk.
+TALK_MESSAGE_TYPE = "talkMessageType"
 WILDCARD = "*"  # a gateway channel: every group and public conversation the account is in
 FOLLOWED_TYPES = frozenset({GROUP, PUBLIC})  # not one-to-one (private), changelog or note-to-self
 JOIN_PART = {"user_added": EventKind.JOIN, "user_removed": EventKind.LEAVE,

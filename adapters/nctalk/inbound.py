@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from adapters.nctalk.common import JOIN_PART, REACTION_API, REACTIONS_TTL, event_id
+from adapters.nctalk.common import JOIN_PART, REACTION_API, REACTIONS_TTL, TALK_MESSAGE_TYPE, event_id
 from adapters.talk.chat import WRITTEN_TYPES, BadAnswer, ChatMessage, parse_reactions
 from adapters.talk.client import dav_path, path_token
 from adapters.talk.common import render
@@ -48,7 +48,7 @@ class Inbound:
                 id=event_id(self.name, token, msg.id), **base,
             )  # fmt: skip
             if msg.message_type != "comment":
-                event.extra["talkMessageType"] = msg.message_type  # a voice message stays one
+                event.extra[TALK_MESSAGE_TYPE] = msg.message_type  # a voice message stays one
             if parent is not None:
                 event.reply_to = str(parent.id)
             return [event]

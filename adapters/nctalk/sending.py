@@ -21,6 +21,7 @@ from adapters.nctalk.common import (
     EDIT_MARK,
     REACTION_API,
     RECENT_WINDOW,
+    TALK_MESSAGE_TYPE,
     Refused,
     RoomFailure,
     safe_name,
@@ -196,7 +197,7 @@ class Sending:
         if answer.status == 401:
             raise Refused(f"WebDAV: Talk answered 401 for {self.login}")
         self._check(token, f"upload {name}", answer, (201, 204))
-        meta: dict[str, Any] = {"messageType": delivery.event.extra.get("talkMessageType", "comment")}
+        meta: dict[str, Any] = {"messageType": delivery.event.extra.get(TALK_MESSAGE_TYPE, "comment")}
         if meta["messageType"] not in ("comment", "voice-message", "record-audio", "record-video"):
             meta["messageType"] = "comment"
         if caption and self.caps.has("media-caption"):
