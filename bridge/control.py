@@ -63,6 +63,10 @@ RATE_WINDOW_BUCKETS = 6  # the page's "per minute": the current bucket and the f
 RATE_KEEP_SECONDS = 180  # a bucket's lifetime in Redis
 STATE_TTL_LEASES = 3  # an owner's state report outlives its last refresh by this many lease periods
 LISTEN_BACKOFF_MAX = 10.0  # seconds between attempts to subscribe again
+# The state report's field saying the owner has applied a pause ("1") or not
+# ("0"). The page calls that "held"; so does this string, on the wire: admin
+# pages of another version in the same fleet read it.
+PAUSE_APPLIED = "held"
 
 
 def paused_key(prefix: str, account: str) -> str:
@@ -155,11 +159,11 @@ async def paused_accounts(redis: Redis, prefix: str, accounts: Iterable[str]) ->
 
 
 # the owner's side ---------------------------------------------------------------------
-async def not_held() -> None:
-    """The hold of a loop nobody pauses (tests, tools)."""
+async def never_paused() -> None:
+    """The ``wait_unpaused`` of a loop nobody pauses (tests, tools)."""
 
 
-class Hold:
+class PauseGate:
     """Whether an account's traffic waits: an in-memory gate the owner keeps
     in step with Redis, so the delivery and route loops pay nothing per
     message for it (``wait`` returns at once while open)."""
@@ -191,7 +195,7 @@ class AccountControl:
 
     ``begin`` at the start of a tenure, then ``refresh`` (at start, on a
     ``poke`` from the control channel and every few seconds) applies a pause
-    or resume to ``hold`` and tells whether a restart was asked since the
+    or resume to ``pause_gate`` and tells whether a restart was asked since the
     tenure began. ``report`` writes the owner's state for the admin page."""
 
     def __init__(self, redis: Redis, prefix: str, account: str, instance: str, lease_seconds: float) -> None:
@@ -200,7 +204,7 @@ class AccountControl:
         self.account = account
         self.instance = instance
         self.lease_seconds = lease_seconds
-        self.hold = Hold()
+        self.pause_gate = PauseGate()
         self.woken = asyncio.Event()
         self._restart_seen: int | None = None
         # the owner's state, as the admin page shows it
@@ -230,8 +234,8 @@ class AccountControl:
         pipe.get(paused_key(prefix, account))
         pipe.get(restart_key(prefix, account))
         paused, generation = await pipe.execute()
-        self.hold.set(paused is not None)
-        # written after the hold is applied: "held" tells the page (and tests) the pause is in force
+        self.pause_gate.set(paused is not None)
+        # written after the gate is set: PAUSE_APPLIED tells the page (and tests) the pause is in force
         key = state_key(prefix, account)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(key, mapping=self._state_fields())
@@ -250,7 +254,7 @@ class AccountControl:
             "error": self.error,
             "since": f"{self.since:.3f}",
             "at": f"{time.time():.3f}",
-            "held": "1" if self.hold.paused else "0",
+            PAUSE_APPLIED: "1" if self.pause_gate.paused else "0",
         }
 
     async def obey(self, log: logging.Logger, sleep: Callable[[float], Awaitable[Any]] | None = None) -> None:

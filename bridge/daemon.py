@@ -112,7 +112,7 @@ class AccountRunner:
         """Balance accounts over the live instances: take a free lease only
         while under our share — or when nobody has taken it for two lease
         periods (the others may be full or gone)."""
-        if self.d.held() < self.d.fair_share():
+        if self.d.owned_count() < self.d.fair_share():
             return True
         if await self.lease.holder() is not None:
             self._free_since = None
@@ -310,7 +310,7 @@ class AccountRunner:
         loop = RouteLoop(
             self.d.bus, self.d.router, self.name, self.d.instance_id, self.d.metrics, self.log, self.d.triggers
         )
-        loop.hold = self.control.hold.wait  # paused from the admin page: routing waits
+        loop.wait_unpaused = self.control.pause_gate.wait  # paused from the admin page: routing waits
         await self._survive_redis(loop.run)
 
     async def _survive_redis(self, run: Callable[[], Awaitable[None]]) -> None:
@@ -340,7 +340,7 @@ class AccountRunner:
             self.log,
             self.d.retry,
             fence=self.adapter.ctx.fence,  # the same token the adapter's own scripts carry
-            hold=self.control.hold.wait,  # paused from the admin page: sends wait
+            wait_unpaused=self.control.pause_gate.wait,  # paused from the admin page: sends wait
         )
         self.delivery = loop
         while True:
@@ -470,7 +470,7 @@ class Daemon:
         self._site: web.TCPSite | None = None
 
     # balancing accounts over instances --------------------------------------------
-    def held(self) -> int:
+    def owned_count(self) -> int:
         return sum(1 for runner in self.runners.values() if runner.owned)
 
     def fair_share(self) -> int:
@@ -479,7 +479,7 @@ class Daemon:
     def should_shed(self) -> bool:
         """One account at a time, when another instance has joined."""
         now = time.monotonic()
-        if self.held() > self.fair_share() and now >= self._shed_until:
+        if self.owned_count() > self.fair_share() and now >= self._shed_until:
             self._shed_until = now + 2 * self.lease_seconds
             return True
         return False

@@ -44,10 +44,8 @@ into an error and parks them) can hold up the others for that long; so can a
 first send that hangs while sends still go one at a time. A parked room's
 entries also keep the stream from being trimmed past its oldest one.
 
-Pausing (``bridge/control.py``): ``hold`` is awaited before a route batch
-is handled and before every send; while the account is paused from the
-admin page it does not return, so entries wait in the stream (read ones in
-the pending list) and go on in stream order once it does.
+Pausing (``bridge/control.py``, bridge/relay.py): ``wait_unpaused`` is
+awaited before every send; a paused account's entries wait in its stream.
 
 Poison containment: an exception an adapter did not foresee (not a
 ``DeliveryError``, ``TimeoutError`` or ``OSError``) while resolving or sending
@@ -73,7 +71,7 @@ from redis.exceptions import RedisError
 
 from bridge.adapter import AccountFailed, Adapter, PermanentError, RateLimited, ServerUnavailable, TransientError
 from bridge.bus import DELIVER_GROUP, Bus, Entry
-from bridge.control import not_held
+from bridge.control import never_paused
 from bridge.events import Delivery, EventKind, WireError
 from bridge.idmap import Fence, Fenced, IdMap
 from bridge.metrics import Metrics
@@ -160,10 +158,10 @@ class DeliveryLoop(StreamLoop):
         retry: RetryPolicy,
         fence: Callable[[], Fence | None] = lambda: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        hold: Callable[[], Awaitable[None]] = not_held,
+        wait_unpaused: Callable[[], Awaitable[None]] = never_paused,
     ) -> None:
         super().__init__(bus, bus.outbound(account), consumer, log)
-        self.hold = hold
+        self.wait_unpaused = wait_unpaused
         self.account = account
         self.idmap = idmap
         self.adapter = adapter
@@ -181,7 +179,7 @@ class DeliveryLoop(StreamLoop):
     def _reset(self) -> None:
         """Forget every lane: a (re)started run dispatches the PEL again."""
         self._lanes: dict[str, _Lane] = {}
-        self._held = 0  # entries in lanes' memory (parked heads included)
+        self._in_memory = 0  # entries in lanes' memory (parked heads included)
         self._parked = 0  # parked lanes (each holds its head only)
         self._queued = 0  # entries waiting in lanes that are not parked, not yet taken up
         self._dispatched = (0, 0)  # newest entry the reader has handed out
@@ -194,8 +192,9 @@ class DeliveryLoop(StreamLoop):
 
     # introspection (tests, status) -----------------------------------------------
     @property
-    def held(self) -> int:
-        return self._held
+    def in_memory(self) -> int:
+        """Entries in the lanes' memory, parked heads included (the rest wait in Redis)."""
+        return self._in_memory
 
     def parked_rooms(self) -> list[str]:
         return [lane.channel for lane in self._lanes.values() if lane.parked]
@@ -241,7 +240,7 @@ class DeliveryLoop(StreamLoop):
         # Bounded memory: while lanes hold a full read-ahead window, leave the
         # rest in the stream (parked heads do not count: a failing room must
         # not fill the window the others need).
-        while self._held - self._parked >= self.read_ahead:
+        while self._in_memory - self._parked >= self.read_ahead:
             self._space.clear()
             await self._space.wait()
         # Batching: read again once lanes have taken up what was read last, so
@@ -284,7 +283,7 @@ class DeliveryLoop(StreamLoop):
             return
         lane.queue.append(_Item(entry_id, delivery, payload))
         lane.last = entry_id
-        self._held += 1
+        self._in_memory += 1
         self._queued += 1
         if lane.task is None:
             lane.task = asyncio.create_task(self._lane(lane), name=f"lane:{self.account}:{delivery.channel}")
@@ -312,7 +311,7 @@ class DeliveryLoop(StreamLoop):
                 del self._lanes[lane.channel]  # idle: a room costs nothing between messages
 
     def _finished(self, count: int) -> None:
-        self._held -= count
+        self._in_memory -= count
         self._space.set()
 
     def _took(self, count: int) -> None:
@@ -395,7 +394,7 @@ class DeliveryLoop(StreamLoop):
         ones are the reader's to place (it leaves them in the PEL while the
         lane is spilled), so no entry is ever taken twice."""
         page = self.bus.settings.batch_size
-        while self._held - self._parked >= self.read_ahead:
+        while self._in_memory - self._parked >= self.read_ahead:
             self._space.clear()
             await self._space.wait()
         while True:
@@ -420,9 +419,9 @@ class DeliveryLoop(StreamLoop):
                         continue
                     lane.queue.append(_Item(entry_id, delivery, payload))
                     lane.last = entry_id
-                    self._held += 1
+                    self._in_memory += 1
                     self._queued += 1
-                    if len(lane.queue) >= page or self._held - self._parked >= self.read_ahead:
+                    if len(lane.queue) >= page or self._in_memory - self._parked >= self.read_ahead:
                         return  # still spilled: the rest on the next refill
             # Everything of this lane the reader had handed out is in memory,
             # unless the reader left more in the PEL while we scanned.
@@ -456,7 +455,7 @@ class DeliveryLoop(StreamLoop):
         """One round trip for a run of deliveries that refer to no other
         message (nothing to resolve); False to fall back to one by one."""
         try:
-            await self.hold()
+            await self.wait_unpaused()
             async with self._slots, self._gate():
                 await self._check_fence()
                 native_ids = await self.adapter.send_batch([item.delivery for item in run])
@@ -485,7 +484,7 @@ class DeliveryLoop(StreamLoop):
                 await self._ack([item.entry_id])
                 self._finished(1)
                 return None
-            await self.hold()
+            await self.wait_unpaused()
             async with self._slots, self._gate():
                 await self._check_fence()
                 native_id = await self.adapter.send(delivery)

@@ -11,10 +11,10 @@ mid-batch) and process it before anything new, so order is the stream's order
 routed entries after their deliveries are in Redis, deliveries after the
 adapter confirmed the send and the delivered-marker is written.
 
-Pausing (``bridge/control.py``): ``hold`` is awaited before a route batch
-is handled and before every send; while the account is paused from the
-admin page it does not return, so entries wait in the stream (read ones in
-the pending list) and go on in stream order once it does.
+Pausing (``bridge/control.py``): ``wait_unpaused`` is awaited before a
+route batch is handled and before every send; while the account is paused
+from the admin page it does not return, so entries wait in the stream (read
+ones in the pending list) and go on in stream order once it does.
 
 Poison containment: an event the router cannot route is dead-lettered and
 the route loop goes on; a delivery's own failures are bridge/delivery.py's.
@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from bridge.bus import ROUTER_GROUP, Bus, Entry
-from bridge.control import not_held
+from bridge.control import never_paused
 from bridge.events import Event, WireError, event_from_wire
 from bridge.metrics import Metrics
 from bridge.rooms import Rooms
@@ -47,8 +47,8 @@ def failure_summary(exc: BaseException, frames: int = 6) -> str:
 class StreamLoop:
     group: str
     # Awaited before work that moves traffic on; waits while the account is
-    # paused (the owner sets it to its AccountControl's hold: bridge/control.py).
-    hold: Callable[[], Awaitable[None]] = staticmethod(not_held)
+    # paused (the owner sets it to its AccountControl's pause_gate.wait: bridge/control.py).
+    wait_unpaused: Callable[[], Awaitable[None]] = staticmethod(never_paused)
 
     def __init__(self, bus: Bus, stream: str, consumer: str, log: logging.Logger) -> None:
         self.bus = bus
@@ -76,7 +76,7 @@ class StreamLoop:
                 await self._handle(batch)
 
     async def _handle(self, batch: list[Entry]) -> None:
-        await self.hold()
+        await self.wait_unpaused()
         await self.handle(batch)
         await self._count_for_trim(len(batch))
 

@@ -103,7 +103,7 @@ def test_the_owner_obeys_a_pause_across_a_takeover_and_resume_releases_in_order(
     wait_for(lambda: status(url, "api.a").state == "connected" and status(url, "api.b").state == "connected",
              timeout=30, what="both accounts connected")  # fmt: skip
     assert run(url, lambda redis, bus: control.pause(redis, bus.prefix, "api.b", "tester"))
-    wait_for(lambda: status(url, "api.b").held, what="the owner holding api.b")
+    wait_for(lambda: status(url, "api.b").pause_applied, what="the owner holding api.b")
     first_owner = status(url, "api.b").owner
     sent = [f"m{i}" for i in range(3)]
     for text in sent:
@@ -114,7 +114,7 @@ def test_the_owner_obeys_a_pause_across_a_takeover_and_resume_releases_in_order(
     # the owner dies; the survivor takes api.b over and holds it too
     victim = next(d for d in daemons if first_owner and f"-{d.proc.pid}-" in first_owner)
     victim.kill()
-    wait_for(lambda: (s := status(url, "api.b")).owner not in (None, first_owner) and s.held, timeout=30,
+    wait_for(lambda: (s := status(url, "api.b")).owner not in (None, first_owner) and s.pause_applied, timeout=30,
              what="the new owner holding api.b")  # fmt: skip
     more = ["m3", "m4"]
     for text in more:
@@ -125,7 +125,7 @@ def test_the_owner_obeys_a_pause_across_a_takeover_and_resume_releases_in_order(
     assert run(url, lambda redis, bus: control.resume(redis, bus.prefix, "api.b"))
     wait_for(lambda: len(b.texts()) >= 5, timeout=30, what="every held message at api.b")
     assert wait_quiet(b.texts) == sent + more  # all of them, once, in order
-    assert not status(url, "api.b").held
+    assert not status(url, "api.b").pause_applied
 
 
 def test_a_restart_reconnects_the_account_under_a_new_tenure(

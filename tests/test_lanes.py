@@ -156,7 +156,7 @@ class Rooms(Adapter):
     async def send(self, d: Delivery) -> str | None:
         self.calls += 1
         if self.loop is not None:
-            self.most_held = max(self.most_held, self.loop.held)
+            self.most_held = max(self.most_held, self.loop.in_memory)
         if d.channel in self.fatal:
             raise AccountFailed("401")
         if d.channel in self.hang and self.gate is not None:
@@ -197,7 +197,7 @@ async def test_a_parked_room_spills_to_redis_and_memory_stays_bounded(redis: Red
             return await backlog(redis, loop.stream) == (70, 0)
 
         await until(only_bad_pending, what="all read, the healthy rooms acknowledged")
-        assert loop.held == 1  # the failing room's head; the 69 behind it wait in Redis
+        assert loop.in_memory == 1  # the failing room's head; the 69 behind it wait in Redis
         assert net.sent.get("bad") is None
         # never more in memory than the window, one read and the parked head
         assert net.most_held <= loop.read_ahead + 5 + 1
@@ -206,7 +206,7 @@ async def test_a_parked_room_spills_to_redis_and_memory_stays_bounded(redis: Red
         assert net.sent["bad"] == [f"bad-{i:03d}" for i in range(70)]
         for r in good:
             assert net.sent[r] == [f"{r}-{i:03d}" for i in range(40)]
-        assert loop.held == 0
+        assert loop.in_memory == 0
     finally:
         await stop(task)
 

@@ -37,6 +37,7 @@ from bridge.alerts import alerts_key
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, DeadLetter
 from bridge.config import Config
 from bridge.control import (
+    PAUSE_APPLIED,
     RATE_WINDOW_BUCKETS,
     instance_key,
     instances_key,
@@ -113,9 +114,9 @@ class AccountStatus:
         return reported or "connecting"
 
     @property
-    def held(self) -> bool:
-        """The owner has applied the pause (traffic is held now)."""
-        return self.report.get("instance") == self.owner and self.report.get("held") == "1"
+    def pause_applied(self) -> bool:
+        """The owner has applied the pause (traffic waits now); the page says "held"."""
+        return self.report.get("instance") == self.owner and self.report.get(PAUSE_APPLIED) == "1"
 
     @property
     def backlog(self) -> int:
@@ -222,8 +223,8 @@ async def instance_status(redis: Redis, prefix: str, owners: Mapping[str, str | 
     """The instances whose heartbeat has not expired, with what they announced."""
     out = []
     for ident, expires, info in await live_announced(redis, instances_key(prefix), partial(instance_key, prefix)):
-        held = [name for name, owner in owners.items() if owner == ident]
-        out.append(InstanceStatus(ident, expires, info, held))
+        owned = [name for name, owner in owners.items() if owner == ident]
+        out.append(InstanceStatus(ident, expires, info, owned))
     return out
 
 
