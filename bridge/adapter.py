@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, ClassVar, TextIO
 
 from bridge.bus import Write, account_key
 from bridge.events import Delivery, Event
+from bridge.health import AccountHealth
 from bridge.idmap import Fenced
 from bridge.options import Option  # declared in the config layer; adapters use it from here
 from bridge.rejections import RejectionLog
@@ -145,6 +146,41 @@ class AdapterContext:
     # its own, whose summaries it writes out as they fall due.
     rejections: RejectionLog = field(default_factory=lambda: RejectionLog(logging.getLogger("talkbridge.rejections")))
     bus: Bus | None = None  # for commit_inbound; None: a context that only publishes
+    # What the adapter reports about its health (the calls below); built here when not passed.
+    health: AccountHealth = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.health is None:
+            self.health = AccountHealth(self.redis, self.key_prefix, self.account.name, self.metrics, self.log)
+
+    # health: each call sets the gauges, the degraded mark (``talkbridge status``,
+    # the management page) and what the alert watch reads, together (bridge/health.py)
+    async def room_failed(self, room: str, reason: str, retry_in: float) -> None:
+        """Receiving from (or posting to) ``room`` fails; tried again in ``retry_in`` seconds.
+        Alerted once it has failed for ``[alerts] FailedMinutes``."""
+        await self.health.room_failed(room, reason, retry_in)
+
+    async def room_recovered(self, room: str) -> None:
+        """``room`` works again, or the account left it (nothing if it was not failing)."""
+        await self.health.room_recovered(room)
+
+    async def receive_failed(self, reason: str, retry_in: float) -> None:
+        """Receiving as a whole fails (the server away); shown as degraded."""
+        await self.health.receive_failed(reason, retry_in)
+
+    async def receive_recovered(self) -> None:
+        await self.health.receive_recovered()
+
+    async def credentials_refused(self, reason: str, retry_in: float | None = None) -> None:
+        """The server refused the account's credentials: alerted (critical).
+        ``retry_in``: the adapter probes again by itself that often; None when
+        it raises ``AccountFailed`` and leaves the pause to the runner."""
+        await self.health.credentials_refused(reason, retry_in)
+
+    async def credentials_accepted(self) -> None:
+        """The server accepts the credentials again (the alert clears once
+        the account has worked: bridge/alerts_watch.py)."""
+        await self.health.credentials_accepted()
 
     def key(self, *parts: str) -> str:
         """A Redis key private to this account."""
