@@ -2,7 +2,9 @@
 ``DaemonWatch.run``; docs/operations-alerts.md describes each condition).
 
 Every ``CheckSeconds`` the watch reads the daemon's state (its account
-runners, its metrics, the instances' heartbeats, the dead-letter stream) and
+runners, what each adapter reported of its health through its context —
+bridge/health.py ``AccountHealth`` —, its event counters, the instances'
+heartbeats, the dead-letter stream) and
 turns it into ``Alerts.fire``/``Alerts.clear`` calls (bridge/alerts.py, which
 records each condition once across the fleet and keeps the room's budget).
 Per-account conditions are judged only by the account's owner; fleet-wide
@@ -39,11 +41,17 @@ class WatchedRunner(Protocol):
     def failing_rooms(self) -> Mapping[str, str]: ...
 
 
+class WatchedHealth(Protocol):
+    """An account's ``AccountHealth`` (bridge/health.py): what its adapter reported."""
+
+    refused: str | None  # the adapter's own report of refused credentials, until accepted again
+
+    def failing_rooms(self) -> Mapping[str, str]: ...
+
+
 class WatchedMetrics(Protocol):
     events_in: Any
     events_out: Any
-    account_failed: Any
-    room_failed: Any
 
 
 def samples(metric: Any) -> dict[tuple[str, ...], float]:
@@ -105,11 +113,13 @@ class DaemonWatch:
         room_grace: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        health: Mapping[str, WatchedHealth] | None = None,
     ) -> None:
         self.alerts = alerts
         self.redis = alerts.redis
         self.instance_id = alerts.instance_id
         self.runners = runners
+        self.health = health if health is not None else {}  # account -> what its adapter reports
         self.metrics = metrics
         self.instances_key = instances_key
         self.dlq_key = dlq_key
@@ -147,14 +157,14 @@ class DaemonWatch:
             lost, self._redis_lost = self._redis_lost, None
             await self._redis_regained(lost)
         now = self.clock()
-        failed = samples(self.metrics.account_failed)
         for name, runner in self.runners.items():
             if not runner.owned:
                 self._proofs.pop(name, None)
                 continue
-            await self._credentials(name, runner, active, failed.get((name,), 0.0) >= 1, now)
+            health = self.health.get(name)
+            await self._credentials(name, runner, active, health is not None and health.refused is not None, now)
             await self._down(name, runner, active, now)
-        await self._rooms(samples(self.metrics.room_failed), active, now)
+        await self._rooms(active, now)
         await self._dead_letters(active)
         await self._fleet(active)
         await self.alerts.flush()
@@ -165,7 +175,7 @@ class DaemonWatch:
         await self.alerts.fire(f"account:{name}:credentials", f"{name}: credentials refused: {why}", "critical")
 
     async def _credentials(
-        self, name: str, runner: WatchedRunner, active: Mapping[str, Any], gauge: bool, now: float
+        self, name: str, runner: WatchedRunner, active: Mapping[str, Any], refused_now: bool, now: float
     ) -> None:
         key = f"account:{name}:credentials"
         proof = self._proofs.get(name)
@@ -174,11 +184,11 @@ class DaemonWatch:
         if runner.refused_at is not None and runner.refused_at != proof.refused_at:
             proof.refused_at = runner.refused_at
             proof.since, proof.progress = now, progress(self.metrics, name)
-        if gauge:  # refused right now (an adapter probing by itself keeps the gauge up meanwhile)
+        if refused_now:  # refused right now (an adapter probing by itself reports it meanwhile)
             proof.since, proof.progress = now, progress(self.metrics, name)
-        if runner.refused is not None and not gauge and self._proven(name, runner, proof, now):
+        if runner.refused is not None and not refused_now and self._proven(name, runner, proof, now):
             runner.refused = None
-        if gauge or runner.refused is not None:
+        if refused_now or runner.refused is not None:
             if key not in active:
                 why = runner.refused or "the server refuses the account's credentials"
                 await self.alerts.fire(key, f"{name}: credentials refused: {why}", "critical")
@@ -207,13 +217,12 @@ class DaemonWatch:
             why = runner.receive_down
         await self._observe(f"account:{name}:down", f"{name}: down", why, active, now, grace=0.0)
 
-    async def _rooms(
-        self, rooms_failed: Mapping[tuple[str, ...], float], active: Mapping[str, Any], now: float
-    ) -> None:
+    async def _rooms(self, active: Mapping[str, Any], now: float) -> None:
         failing: dict[str, str] = {}
-        for labels, value in rooms_failed.items():
-            if value >= 1 and len(labels) == 2 and self._owned(labels[0]):
-                failing[f"room:{labels[0]}:{labels[1]}"] = "receiving from it fails (see the log)"
+        for name, health in self.health.items():
+            if self._owned(name):
+                for room in health.failing_rooms():
+                    failing[f"room:{name}:{room}"] = "receiving from it fails (see the log)"
         for name, runner in self.runners.items():
             if runner.owned:
                 for room, why in runner.failing_rooms().items():

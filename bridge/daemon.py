@@ -268,7 +268,7 @@ class AccountRunner:
                     # brute-force protection would lock the bridge's IP out.
                     why = f"credentials refused ({exc})"
                     self.log.critical("%s: receive loop: %s; paused for %.0fs", self.name, why, ACCOUNT_FAILED_PAUSE)
-                    self.d.metrics.account_failed.labels(self.name).set(1)
+                    await self.adapter.ctx.credentials_refused(str(exc))  # the gauge and the watch's state
                     self.control.set_state("failed", why)
                     pause = ACCOUNT_FAILED_PAUSE
                     await self._refused(str(exc))
@@ -282,7 +282,7 @@ class AccountRunner:
                     pause = receive_restart_delay(failures, self._rng)
                 await self._receive_stopped(f"receive loop {why}; restart {failures} in {pause:.1f}s", pause)
                 await self.restart_pause(pause)
-                self.d.metrics.account_failed.labels(self.name).set(0)
+                await self.adapter.ctx.credentials_accepted()  # tried again: not refused until told so
                 self.control.set_state("connected")
                 self.d.metrics.receive_restarts.labels(self.name).inc()
         finally:
@@ -354,9 +354,10 @@ class AccountRunner:
                     self.name, exc, ACCOUNT_FAILED_PAUSE,
                 )  # fmt: skip
                 self.control.set_state("failed", f"credentials refused: {exc}")
+                await self.adapter.ctx.credentials_refused(str(exc))
                 await self._refused(str(exc))
                 await asyncio.sleep(ACCOUNT_FAILED_PAUSE)
-                self.d.metrics.account_failed.labels(self.name).set(0)
+                await self.adapter.ctx.credentials_accepted()  # tried again: not refused until told so
                 self.control.set_state("connected")
 
     # for the admin-room alerts (bridge/alerts.py) ----------------------------------------
@@ -466,6 +467,7 @@ class Daemon:
         self.watch = DaemonWatch(
             self.alerts, self.runners, self.metrics, self.instances_key, self.bus.dlq, self.bus.entries_after,
             interval=watch_interval(self.alerts.settings, self.lease_seconds),
+            health={name: runner.adapter.ctx.health for name, runner in self.runners.items()},
         )  # fmt: skip
         self._site: web.TCPSite | None = None
 

@@ -1,11 +1,13 @@
 """``bridge.alerts_watch.DaemonWatch``: what a daemon's state turns into, condition
 by condition, against a real Redis and the daemon's real metrics. The
 runners are plain objects standing for ``AccountRunner`` (the watch only
-reads their state); the clocks are the test's, so "for FailedMinutes" needs
+reads their state), the adapters report through their real ``AccountHealth``
+(what ``AdapterContext.room_failed`` and the like call); the clocks are the test's, so "for FailedMinutes" needs
 no waiting. The same conditions through real daemons: tests/test_alerts_e2e.py."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from redis.asyncio import Redis
 from bridge.alerts import Alerts, outbound_publisher
 from bridge.alerts_watch import DaemonWatch
 from bridge.bus import Bus, BusSettings
+from bridge.health import AccountHealth
 from bridge.metrics import Metrics
 from tests.test_alerts import ADMIN, Clock, config_text, load, room
 
@@ -50,6 +53,7 @@ class Watched:
     alerts: Alerts
     runners: dict[str, Runner]
     metrics: Metrics
+    health: dict[str, AccountHealth]
     bus: Bus
     mono: Clock
     wall: Clock
@@ -70,10 +74,12 @@ def watched(redis: Redis, tmp_path: Path) -> Watched:
     alerts = Alerts(redis, "tb", config, "me", outbound_publisher(bus), clock=wall)
     runners = {BOT: Runner(), ADMIN: Runner(), "api.a": Runner()}
     metrics = Metrics()
+    health = {name: AccountHealth(redis, "tb", name, metrics, logging.getLogger(name)) for name in runners}
     watch = DaemonWatch(
-        alerts, runners, metrics, "tb:instances", bus.dlq, bus.entries_after, clock=mono, wall=wall, room_grace=30.0
-    )
-    return Watched(watch, alerts, runners, metrics, bus, mono, wall, redis)
+        alerts, runners, metrics, "tb:instances", bus.dlq, bus.entries_after, clock=mono, wall=wall, room_grace=30.0,
+        health=health,
+    )  # fmt: skip
+    return Watched(watch, alerts, runners, metrics, health, bus, mono, wall, redis)
 
 
 async def test_refused_credentials_alert_at_once_and_clear_once_traffic_goes_through(watched: Watched) -> None:
@@ -94,13 +100,13 @@ async def test_refused_credentials_alert_at_once_and_clear_once_traffic_goes_thr
 
 
 async def test_an_adapter_refused_by_itself_clears_once_its_receive_loop_ran_unrefused(watched: Watched) -> None:
-    """The Talk user adapter probes on its own and keeps the gauge up meanwhile."""
+    """The Talk user adapter probes on its own and reports the refusal meanwhile."""
     w, bot = watched, watched.runners[BOT]
     bot.receive_loop, bot.receive_since = True, w.mono.now
-    w.metrics.account_failed.labels(BOT).set(1)
+    await w.health[BOT].credentials_refused("GET capabilities: Talk answered 401", 900)
     await w.watch.tick()
     assert (await w.active())[f"account:{BOT}:credentials"]["severity"] == "critical"
-    w.metrics.account_failed.labels(BOT).set(0)  # accepted again
+    await w.health[BOT].credentials_accepted()  # accepted again
     w.mono.now += 30
     await w.watch.tick()
     assert f"account:{BOT}:credentials" in await w.active()  # not yet: 60 s unrefused
@@ -144,7 +150,7 @@ async def test_an_account_down_for_failed_minutes_alerts_and_clears_when_it_conn
 
 async def test_a_failing_room_alerts_after_failed_minutes_and_clears_after_its_grace(watched: Watched) -> None:
     w, bot = watched, watched.runners[BOT]
-    w.metrics.room_failed.labels(BOT, "room1").set(1)  # receiving from it fails
+    await w.health[BOT].room_failed("room1", "Talk answered 404", 5.0)  # receiving from it fails
     bot.parked = {"room2": "delivering to it keeps failing"}  # sending to it fails
     await w.watch.tick()
     w.mono.now += 20
@@ -154,7 +160,7 @@ async def test_a_failing_room_alerts_after_failed_minutes_and_clears_after_its_g
     w.mono.now += 41
     await w.watch.tick()
     assert sorted(await w.active()) == [f"room:{BOT}:room1", f"room:{BOT}:room2"]  # the flicker did not reset it
-    w.metrics.room_failed.labels(BOT, "room1").set(0)
+    await w.health[BOT].room_recovered("room1")
     bot.parked = {}
     w.mono.now += 10
     await w.watch.tick()
@@ -163,6 +169,25 @@ async def test_a_failing_room_alerts_after_failed_minutes_and_clears_after_its_g
     await w.watch.tick()
     assert await w.active() == {}
     assert len(await w.texts()) == 4
+
+
+async def test_the_watch_reads_what_adapters_report_not_the_gauges(watched: Watched) -> None:
+    """The gauges are written by the health calls and never read back: one
+    set by hand (an adapter going around its context) alerts nothing."""
+    w = watched
+    w.metrics.account_failed.labels(BOT).set(1)
+    w.metrics.room_failed.labels(BOT, "room1").set(1)
+    await w.watch.tick()
+    w.mono.now += 3600
+    await w.watch.tick()
+    assert await w.active() == {}
+    await w.health[BOT].room_failed("room1", "Talk answered 404", 5.0)
+    await w.health["api.a"].room_failed("api", "owned elsewhere", 5.0)
+    w.runners["api.a"].owned = False  # its owner judges it
+    await w.watch.tick()
+    w.mono.now += 61
+    await w.watch.tick()
+    assert list(await w.active()) == [f"room:{BOT}:room1"]
 
 
 async def test_room_alerts_of_accounts_owned_elsewhere_are_left_to_their_owner(watched: Watched) -> None:

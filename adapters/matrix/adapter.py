@@ -75,7 +75,6 @@ from nio import (
     WhoamiResponse,
 )
 from nio.api import MessageDirection
-from redis.exceptions import RedisError
 
 from adapters.checks import url_problems
 from adapters.matrix.convert import markdown_to_html
@@ -94,7 +93,7 @@ from bridge.adapter import (
 from bridge.bus import Write, inbound_key
 from bridge.config import AccountConfig
 from bridge.events import Attachment, Delivery, Event, EventKind
-from bridge.health import clear_degraded, mark_degraded
+from bridge.receiver import Backoff, Receiver
 
 PROTOCOL = "matrix"
 MEDIA_API = "/_matrix/client/v1/media"
@@ -216,9 +215,9 @@ class Matrix(Adapter):
         self.room_of: dict[str, str] = {}  # configured channel -> room id
         self.channel_of: dict[str, str] = {}  # room id -> configured channel
         self.encrypted: set[str] = set()
-        self._failing: dict[str, str] = {}  # room id or "sync" -> why (status)
         self._refused: str | None = None
         self._relogin_lock = asyncio.Lock()
+        self._configured_joined = False  # the configured rooms joined since receive started
         self._last_login = -1e9  # monotonic time of the last login after a refused token
         self._rng = random.Random()
         # Cleared while the homeserver is away (the sync loop sets it again):
@@ -321,7 +320,7 @@ class Matrix(Adapter):
             status, code = _status(resp), _errcode(resp)
             if status in (0, 429) or status >= 500 or code == "M_LIMIT_EXCEEDED":
                 raise ConnectionError(f"login: {_describe(resp)}")
-            self._refuse(f"login of {self.login} refused: {_describe(resp)}")
+            await self._refuse(f"login of {self.login} refused: {_describe(resp)}")
             return
         self.user_id = resp.user_id
         await self.ctx.redis.hset(
@@ -331,11 +330,11 @@ class Matrix(Adapter):
         )  # fmt: skip
         self.ctx.log.info("%s: logged in as %s, device %s (kept in Redis)", self.name, resp.user_id, resp.device_id)
 
-    def _refuse(self, why: str) -> None:
+    async def _refuse(self, why: str) -> None:
         if self._refused is None:
             self.ctx.log.critical("%s: ALERT: credentials refused: %s; the account stops", self.name, why)
         self._refused = why
-        self.ctx.metrics.account_failed.labels(self.name).set(1)
+        await self.ctx.credentials_refused(why)  # no probe of its own: AccountFailed, the runner pauses
 
     async def _token_refused(self, why: str) -> None:
         """M_UNKNOWN_TOKEN: log in again (same device) when we can and have
@@ -344,10 +343,10 @@ class Matrix(Adapter):
             if self._refused is not None:
                 raise AccountFailed(self._refused)
             if self.token or not self.password:
-                self._refuse(f"{why}; the configured Token is no longer valid: set a new one")
+                await self._refuse(f"{why}; the configured Token is no longer valid: set a new one")
                 raise AccountFailed(self._refused or why)
             if time.monotonic() - self._last_login < self.retry_max:
-                self._refuse(f"{why}, again right after logging in")
+                await self._refuse(f"{why}, again right after logging in")
                 raise AccountFailed(self._refused or why)
             self.ctx.log.error("%s: access token refused (%s); logging in again (same device)", self.name, why)
             session = await self._stored_session()
@@ -381,7 +380,7 @@ class Matrix(Adapter):
                 if attempt == 0 and self._client().access_token != token:
                     continue  # another request logged in again meanwhile
                 if attempt == 1:
-                    self._refuse(f"{exc}, with the token just obtained")
+                    await self._refuse(f"{exc}, with the token just obtained")
                     raise AccountFailed(self._refused or str(exc)) from None
                 await self._token_refused(str(exc))
         raise AccountFailed(f"{what}: the homeserver refused the new token too")
@@ -417,7 +416,9 @@ class Matrix(Adapter):
                 await self._room_id(channel)
             except (Unavailable, PermanentError) as exc:
                 self.ctx.log.error("%s: ALERT: room %s: %s", self.name, channel, exc)
-                self._failing[channel] = str(exc)
+                await self.ctx.room_failed(channel, str(exc), self.retry_max)  # tried again at the next start
+            else:
+                await self.ctx.room_recovered(channel)
 
     async def _join_configured(self, joined: set[str]) -> None:
         for room in list(self.channel_of):
@@ -447,54 +448,41 @@ class Matrix(Adapter):
         }
 
     async def receive(self) -> None:
+        """The sync loop: ``bridge.receiver.Receiver`` keeps the backoff while
+        the homeserver is away (network, 5xx, 429) and reports it."""
         if self._refused is not None:
             raise AccountFailed(self._refused)
         await self._resolve_rooms()
-        failures = 0
-        first = True
-        while True:
-            try:
-                since = await self.ctx.redis.get(self.sync_key)
-                if since is None:
-                    await self._first_sync()
-                    continue
-                known = {m.decode() for m in await self.ctx.redis.smembers(self.joined_key)}
-                if first:
-                    await self._join_configured(known)
-                    first = False
-                resp = await self._sync(since.decode(), self.sync_timeout * 1000)
-                events, joined = await self._collect(resp, since.decode(), known)
-                await self._commit(events, resp.next_batch, joined - known)
-                await self._invites(resp)
-            except Unavailable as exc:
-                if exc.unreachable:
-                    self._reachable.clear()
-                failures += 1
-                delay = self._backoff(failures, exc.retry_after)
-                await self._sync_failed(str(exc), failures, delay)
-                await self.pause(delay)
-                continue
-            self._reachable.set()
-            if failures:
-                self.ctx.log.warning("%s: homeserver answers again after %d failed syncs", self.name, failures)
-                failures = 0
-                self._failing.pop("sync", None)
-                await self._mark_health(0)
+        self._configured_joined = False
+        receiver = Receiver(
+            self.ctx, "sync", room=None, transient=(Unavailable,),
+            backoff=Backoff(1.0, self.retry_max, self._rng),
+            pause=lambda seconds: self.pause(seconds),  # looked up at each wait: a test swaps it
+            retry_after=lambda exc: exc.retry_after if isinstance(exc, Unavailable) else None,
+        )  # fmt: skip
+        await receiver.run(self._sync_once)
 
-    def _backoff(self, failures: int, hint: float | None) -> float:
-        if hint is not None:
-            return min(max(0.0, hint), 600.0)
-        step = min(1.0 * 2 ** (failures - 1), self.retry_max)
-        return step / 2 + self._rng.uniform(0, step / 2)
-
-    async def _sync_failed(self, why: str, failures: int, delay: float) -> None:
-        if failures == 1:
-            self.ctx.log.error("%s: ALERT: sync failing: %s; retrying in %.1fs", self.name, why, delay)
-        else:
-            self.ctx.log.warning("%s: sync still failing (%d times): %s; retry in %.1fs", self.name, failures, why,
-                                 delay)  # fmt: skip
-        self._failing["sync"] = why
-        await self._mark_health(delay)
+    async def _sync_once(self) -> None:
+        """One sync, its events committed with its next_batch; the
+        homeserver away clears ``_reachable`` (sends wait for it), an answer sets it."""
+        try:
+            since = await self.ctx.redis.get(self.sync_key)
+            if since is None:
+                await self._first_sync()
+                return
+            known = {m.decode() for m in await self.ctx.redis.smembers(self.joined_key)}
+            if not self._configured_joined:
+                await self._join_configured(known)
+                self._configured_joined = True
+            resp = await self._sync(since.decode(), self.sync_timeout * 1000)
+            events, joined = await self._collect(resp, since.decode(), known)
+            await self._commit(events, resp.next_batch, joined - known)
+            await self._invites(resp)
+        except Unavailable as exc:
+            if exc.unreachable:
+                self._reachable.clear()
+            raise
+        self._reachable.set()
 
     async def _sync(self, since: str | None, wait_ms: int) -> SyncResponse:
         client = self._client()
@@ -513,9 +501,7 @@ class Matrix(Adapter):
     async def _encrypted_room(self, room_id: str) -> None:
         why = "end-to-end encrypted: talkbridge does not decrypt (relayed as notices) and does not send into it"
         self.ctx.log.error("%s: ALERT: room %s (%s) is %s", self.name, self.channel_of[room_id], room_id, why)
-        self._failing[room_id] = why
-        self.ctx.metrics.room_failed.labels(self.name, self.channel_of[room_id]).set(1)
-        await self._mark_health(3600)
+        await self.ctx.room_failed(self.channel_of[room_id], why, 3600)
 
     async def _first_sync(self) -> None:
         """First start: where the rooms are now, without their history."""
@@ -699,16 +685,6 @@ class Matrix(Adapter):
         await self.ctx.commit_inbound(events, writes)
         if events:
             self._events_in.inc(len(events))
-
-    async def _mark_health(self, delay: float) -> None:
-        try:
-            if self._failing:
-                text = "; ".join(f"{k}: {v}" for k, v in sorted(self._failing.items())[:5])
-                await mark_degraded(self.ctx.redis, self.ctx.key_prefix, self.name, text, max(60.0, 2 * delay))
-            else:
-                await clear_degraded(self.ctx.redis, self.ctx.key_prefix, self.name)
-        except (RedisError, OSError) as exc:
-            self.ctx.log.warning("%s: could not record the account's health: %s", self.name, exc)
 
     # sending -----------------------------------------------------------------------------
     async def send(self, delivery: Delivery) -> str | None:

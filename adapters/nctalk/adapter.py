@@ -54,7 +54,7 @@ from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
 from adapters.checks import url_problems
-from adapters.nctalk.common import PROTOCOL, WILDCARD, Refused, RoomState
+from adapters.nctalk.common import PROTOCOL, WILDCARD, Refused
 from adapters.nctalk.credentials import Credentials
 from adapters.nctalk.inbound import Inbound
 from adapters.nctalk.polling import Polling
@@ -131,7 +131,6 @@ class TalkUser(Credentials, Polling, Inbound, Sending, Adapter):
         self._probe_lock = asyncio.Lock()  # one probe at a time for the whole account
         self._next_probe = 0.0  # monotonic time of the next probe while refused
         self.refused_pause = float(acct.get("RefusedRetrySeconds", 900))
-        self._room_state: dict[str, RoomState] = {}
         self._sent_since_connect: set[str] = set()  # rooms posted to by this connection
         self._attempted: OrderedDict[str, None] = OrderedDict()  # delivery keys sent here before
         self._rejoin = asyncio.Lock()
@@ -169,7 +168,7 @@ class TalkUser(Credentials, Polling, Inbound, Sending, Adapter):
         except Refused as exc:
             # Do not fail connect (the runner would retry it every minute, each
             # a brute-force attempt): receive and send stop the account instead.
-            self._refuse(str(exc))
+            await self._refuse(str(exc))
 
     async def join(self, channel: str) -> None:
         if channel not in self.rooms:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from dataclasses import dataclass
 
 from adapters.talk.chat import GROUP, PUBLIC
 from adapters.talk.common import OCS_API
@@ -40,13 +39,6 @@ class RoomFailure(Exception):
 
 class Refused(Exception):
     """Talk refused the account's credentials (401)."""
-
-
-@dataclass(slots=True)
-class RoomState:
-    failures: int = 0
-    reason: str = ""
-    since: float = 0.0
 
 
 def event_id(*parts: object) -> str:

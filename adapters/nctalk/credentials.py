@@ -27,7 +27,7 @@ class Credentials:
             raise ConnectionError(f"GET capabilities: Talk answered {answer.status}")
         self.caps = parse_capabilities(answer.body)
 
-    def _refuse(self, why: str) -> None:
+    async def _refuse(self, why: str) -> None:
         """Talk answered 401: every poll and send of the account stops until a probe is accepted."""
         if self._refused is None:
             self._next_probe = time.monotonic() + self.refused_pause
@@ -38,7 +38,7 @@ class Credentials:
         self._refused = why
         self._refused_event.set()
         self._accepted.clear()
-        self.ctx.metrics.account_failed.labels(self.name).set(1)
+        await self.ctx.credentials_refused(why, self.refused_pause)
 
     async def _await_accepted(self) -> None:
         """While Talk refuses the credentials: one probe (``GET capabilities``)
@@ -69,9 +69,8 @@ class Credentials:
             self._refused = None
             self._refused_event.clear()
             self._accepted.set()
-            self.ctx.metrics.account_failed.labels(self.name).set(0)
-            await self._mark_health(0)
+            await self.ctx.credentials_accepted()
             return
         self._next_probe = time.monotonic() + self.refused_pause
         self.ctx.log.error("%s: credentials %s; next probe in %.0fs", self.name, why, self.refused_pause)
-        await self._mark_health(self.refused_pause)
+        await self.ctx.credentials_refused(self._refused or why, self.refused_pause)

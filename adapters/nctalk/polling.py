@@ -1,26 +1,24 @@
-"""Receiving: one long poll per room, the ``*`` channel's room list, the
-rooms' cursors (committed with their pages' events), backoff and health,
-and a guest's joins.
+"""Receiving: one long poll per room (each a ``bridge.receiver.Receiver``,
+which keeps the backoff and reports the room's health), the ``*`` channel's
+room list, the rooms' cursors (committed with their pages' events), and a
+guest's joins.
 
 A mixin of ``TalkUser`` (adapters/nctalk/adapter.py), which holds the state."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from adapters.nctalk.common import CHAT_API, FOLLOWED_TYPES, THROTTLE_SLACK, Refused, RoomFailure, RoomState
+from adapters.nctalk.common import CHAT_API, FOLLOWED_TYPES, THROTTLE_SLACK, Refused, RoomFailure
 from adapters.talk.chat import BadAnswer, parse_page, parse_rooms
 from adapters.talk.chat import last_given as parse_last_given
 from adapters.talk.client import ROOM_API, Answer, Unreachable, path_token
 from adapters.talk.common import retry_after
 from bridge.bus import Write
 from bridge.events import Event
-from bridge.health import clear_degraded, mark_degraded
+from bridge.receiver import Backoff, Receiver
 
 
 class Polling:
@@ -30,13 +28,12 @@ class Polling:
     async def receive(self) -> None:
         while True:
             if self._refused is not None:
-                await self._mark_health(self.refused_pause)
                 await self._await_accepted()  # the probe that passed read the capabilities
             elif not self.guest:
                 try:
                     await self._load_capabilities()
                 except Refused as exc:
-                    self._refuse(str(exc))
+                    await self._refuse(str(exc))
                     continue
                 except (Unreachable, BadAnswer, ConnectionError) as exc:
                     self.ctx.log.warning("%s: capabilities not read (%s); assuming Talk 17", self.name, exc)
@@ -108,7 +105,7 @@ class Polling:
                     raise BadAnswer(f"the room list answered {answer.status}")
                 listed = parse_rooms(answer.body)
             except Refused as exc:
-                self._refuse(str(exc))
+                await self._refuse(str(exc))
                 return
             except (Unreachable, BadAnswer) as exc:
                 self.ctx.log.warning("%s: room list not read (%s); the rooms stay as they are", self.name, exc)
@@ -133,34 +130,24 @@ class Polling:
         await self.ctx.redis.hdel(self.cursor_key, *tokens)
         self._followed -= set(tokens)  # once Redis forgot them, as a new room is followed once Redis has it
         for token in tokens:
-            if self._room_state.pop(token, RoomState()).failures:
-                self.ctx.metrics.room_failed.labels(self.name, token).set(0)
-        await self._mark_health(0)
+            await self.ctx.room_recovered(token)  # no longer ours to report
         self.ctx.log.info("%s: channel *: no longer in room(s) %s", self.name, ", ".join(tokens))
 
     async def _poll_room(self, token: str) -> None:
-        state = self._room_state.setdefault(token, RoomState())
-        while self._refused is None:
-            try:
-                await self._poll_once(token)
-            except Refused as exc:
-                self._refuse(str(exc))
-                return
-            except (RoomFailure, Unreachable, BadAnswer) as exc:
-                hint = exc.retry_after if isinstance(exc, RoomFailure) else None
-                state.failures += 1
-                delay = self._backoff(state.failures, hint)
-                await self._room_failed(token, state, str(exc), delay)
-                await self.pause(delay)
-                continue
-            if state.failures:
-                await self._room_recovered(token, state)
-
-    def _backoff(self, failures: int, hint: float | None) -> float:
-        if hint is not None:  # the server said how long: honour it
-            return max(0.0, hint)
-        step = min(self.retry_min * 2 ** (failures - 1), self.retry_max)
-        return step / 2 + self._rng.uniform(0, step / 2)  # jitter: rooms of a fleet do not return in step
+        """The room's long poll until the credentials are refused; a failing
+        room (404, 403, the lobby, Talk away) is retried with backoff, never
+        given up."""
+        receiver = Receiver(
+            self.ctx, f"room {token}", room=token,
+            transient=(RoomFailure, Unreachable, BadAnswer),
+            backoff=Backoff(self.retry_min, self.retry_max, self._rng),
+            pause=lambda seconds: self.pause(seconds),  # looked up at each wait: a test swaps it
+            retry_after=lambda exc: exc.retry_after if isinstance(exc, RoomFailure) else None,
+        )  # fmt: skip
+        try:
+            await receiver.run(lambda: self._poll_once(token), until=lambda: self._refused is None)
+        except Refused as exc:
+            await self._refuse(str(exc))
 
     async def _poll_once(self, token: str) -> None:
         cursor = await self._cursor(token)
@@ -244,47 +231,6 @@ class Polling:
         await self.ctx.commit_inbound(events, [Write.hset(self.cursor_key, token, cursor)])
         if events:
             self._events_in.inc(len(events))
-
-    async def _room_failed(self, token: str, state: RoomState, why: str, delay: float) -> None:
-        if state.failures == 1:
-            state.since = time.time()
-            self.ctx.log.error("%s: ALERT: room %s failing: %s; retrying in %.1fs", self.name, token, why, delay)
-        else:
-            self.ctx.log.warning(
-                "%s: room %s still failing (%d times): %s; retry in %.1fs", self.name, token, state.failures, why, delay
-            )
-        state.reason = why
-        self.ctx.metrics.room_failed.labels(self.name, token).set(1)
-        await self._mark_health(delay)
-
-    async def _room_recovered(self, token: str, state: RoomState) -> None:
-        self.ctx.log.warning(
-            "%s: room %s recovered after %d failures (%.0fs)",
-            self.name,
-            token,
-            state.failures,
-            time.time() - state.since,
-        )
-        state.failures, state.reason = 0, ""
-        self.ctx.metrics.room_failed.labels(self.name, token).set(0)
-        await self._mark_health(0)
-
-    async def _mark_health(self, delay: float) -> None:
-        """``talkbridge status`` shows an account whose rooms fail (or whose
-        credentials Talk refuses) as degraded, naming them."""
-        failing = {t: s.reason for t, s in self._room_state.items() if s.failures}
-        try:
-            if self._refused is not None:
-                why = f"credentials refused ({self._refused}); one probe every {self.refused_pause:.0f}s"
-                await mark_degraded(self.ctx.redis, self.ctx.key_prefix, self.name, why, self.refused_pause + 60)
-            elif failing:
-                text = "; ".join(f"room {t}: {why}" for t, why in sorted(failing.items())[:5])
-                more = f" (and {len(failing) - 5} more)" if len(failing) > 5 else ""
-                await mark_degraded(self.ctx.redis, self.ctx.key_prefix, self.name, text + more, max(60.0, 2 * delay))
-            else:
-                await clear_degraded(self.ctx.redis, self.ctx.key_prefix, self.name)
-        except (RedisError, OSError) as exc:
-            self.ctx.log.warning("%s: could not record the rooms' health: %s", self.name, exc)
 
     # guests --------------------------------------------------------------------------
     async def _guest_setup(self) -> None:

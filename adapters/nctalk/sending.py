@@ -47,7 +47,7 @@ class Sending:
             try:
                 return await self._send(delivery)
             except Refused as exc:
-                self._refuse(str(exc))
+                await self._refuse(str(exc))
 
     async def _send(self, delivery: Delivery) -> str | None:
         kind = delivery.event.kind
