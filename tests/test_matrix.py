@@ -5,7 +5,9 @@ reactions, files, transaction ids), encrypted rooms and revoked tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import logging
 from pathlib import Path
 
@@ -295,4 +297,40 @@ async def test_a_revoked_token_logs_in_again_once_then_fails_the_account(
         assert calls == 1
         assert metric(rig.metrics, "talkbridge_account_failed", account=ACCOUNT) == 1
     finally:
+        await rig.close()
+
+
+async def test_an_alias_that_does_not_resolve_is_a_failing_room_until_it_does(
+    tmp_path: Path, redis: Redis, synapse: SynapseServer
+) -> None:
+    """Reported through the context's health calls: the room's gauge, the
+    degraded mark and what the alert watch reads; the next start of the
+    sync loop resolves it, reports the recovery and relays from the room."""
+    room = new_room(synapse)
+    alias = f"#{room.bot_login}-later:test.local"
+    rig = await start_rig(room_config(tmp_path, room, channel=alias), redis, receive=False)
+    mark = f"tb:degraded:{{{ACCOUNT}}}"
+    receiving = asyncio.create_task(rig.adapter.receive())
+    try:
+        await until(rig.synced, what="first sync")
+        assert metric(rig.metrics, "talkbridge_room_failed", account=ACCOUNT, room=alias) == 1
+        assert list(rig.adapter.ctx.health.failing_rooms()) == [alias]
+        assert f"room {alias}: resolve {alias}: ".encode() in (await redis.get(mark) or b"")
+        receiving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiving
+        room.alice.call(
+            "PUT", f"/_matrix/client/v3/directory/room/{alias.replace('#', '%23')}", {"room_id": room.room_id}
+        )
+        receiving = asyncio.create_task(rig.adapter.receive())  # as the runner starts it again
+        await until(lambda: room.bot_id in _members(room), what="the configured room joined")
+        assert metric(rig.metrics, "talkbridge_room_failed", account=ACCOUNT, room=alias) == 0
+        assert rig.adapter.ctx.health.failing_rooms() == {} and await redis.get(mark) is None
+        room.alice.text(room.room_id, "resolved")
+        events = await until(lambda: _count(rig, 1), what="the message")
+        assert [(e.text, e.channel) for e in events] == [("resolved", alias)]
+    finally:
+        receiving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiving
         await rig.close()

@@ -135,6 +135,7 @@ class Session:
             raise PermanentError(f"channel {channel!r} is neither a room id (!…) nor an alias (#…)")
         self.room_of[channel] = room
         self.channel_of[room] = channel
+        await self.ctx.room_recovered(channel)  # if it failed to resolve before (nothing otherwise)
         return room
 
     async def _resolve_rooms(self) -> None:
@@ -144,8 +145,6 @@ class Session:
             except (Unavailable, PermanentError) as exc:
                 self.ctx.log.error("%s: ALERT: room %s: %s", self.name, channel, exc)
                 await self.ctx.room_failed(channel, str(exc), self.retry_max)  # tried again at the next start
-            else:
-                await self.ctx.room_recovered(channel)
 
     async def _join_configured(self, joined: set[str]) -> None:
         for room in list(self.channel_of):
