@@ -38,10 +38,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, TextIO
 
-from bridge.bus import Write, account_key
+from bridge.bus import Write
 from bridge.events import Delivery, Event
 from bridge.health import AccountHealth
 from bridge.idmap import Fenced
+from bridge.keys import account_key
 from bridge.options import Option  # declared in the config layer; adapters use it from here
 from bridge.rejections import RejectionLog
 from bridge.rooms import Rooms
@@ -183,12 +184,13 @@ class AdapterContext:
         await self.health.credentials_accepted()
 
     def key(self, *parts: str) -> str:
-        """A Redis key private to this account."""
+        """A Redis key private to this account, in its Cluster slot (bridge/keys.py):
+        one script may write it with the account's streams and fence."""
         return account_key(self.key_prefix, self.account.name, *parts)
 
     async def commit_inbound(self, events: Sequence[Event], writes: Sequence[Write] = ()) -> list[str]:
         """Publish ``events`` together with the adapter's cursor ``writes``
-        (keys named ``"{" + inbound_key + "}:…"``), all or nothing, fenced by
+        (keys named by ``key``), all or nothing, fenced by
         the lease token in the same script (``Bus.commit_inbound``): a stale
         owner gets ``Fenced`` and writes nothing. ``[bus] StreamMaxLen``
         applies and concurrent commits share round trips."""

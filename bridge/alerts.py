@@ -53,6 +53,7 @@ from redis.exceptions import RedisError
 from bridge.bus import Bus
 from bridge.config import Config
 from bridge.events import Delivery, Event, EventKind
+from bridge.keys import alerts_aux_key, alerts_key
 
 SEVERITIES = ("warning", "error", "critical")
 POSTED, HELD, SILENT = "posted", "held", "silent"  # a record's "notified"
@@ -179,16 +180,6 @@ return 1
 """
 
 
-def alerts_key(prefix: str) -> str:
-    """The hash of current alerts (the dashboard's source)."""
-    return f"{prefix}:alerts"
-
-
-def _aux_key(prefix: str, name: str) -> str:
-    # tagged with the alerts hash's own name: the same Redis Cluster slot
-    return f"{{{alerts_key(prefix)}}}:{name}"
-
-
 def subject_of(key: str) -> str | None:
     """The account an alert key names: ``account:NAME:…`` and ``room:NAME:…``."""
     kind, _, rest = key.partition(":")
@@ -277,8 +268,8 @@ class Alerts:
         self.clock = clock
         self.log = log or logging.getLogger("talkbridge.alerts")
         self.key = alerts_key(prefix)
-        self.held_key = _aux_key(prefix, "held")
-        self._keys = [self.key, _aux_key(prefix, "posted"), self.held_key]
+        self.held_key = alerts_aux_key(prefix, "held")
+        self._keys = [self.key, alerts_aux_key(prefix, "posted"), self.held_key]
         self._fire = redis.register_script(_FIRE)
         self._clear = redis.register_script(_CLEAR)
         self._flush = redis.register_script(_FLUSH)
@@ -289,7 +280,7 @@ class Alerts:
         return self.settings.admin_room[0] if self.settings.admin_room else None
 
     def _script_keys(self, now_ms: int) -> list[str]:
-        return [*self._keys, _aux_key(self.prefix, f"budget:{now_ms // BUDGET_WINDOW_MS}")]
+        return [*self._keys, alerts_aux_key(self.prefix, f"budget:{now_ms // BUDGET_WINDOW_MS}")]
 
     def postable(self, severity: str, account: str | None) -> bool:
         """Would this alert go to the admin room (the budget aside)?"""

@@ -2,9 +2,8 @@
 
 Streams (``P`` is the key prefix, ``tb`` by default):
 
-- ``P:in:ACCOUNT``  — events an adapter received; consumer group ``router``.
-- ``P:out:{ACCOUNT}`` — deliveries for an account; consumer group ``deliver``
-  (hash-tagged: the fenced delivery script writes it with the account's map).
+- ``P:in:{ACCOUNT}``  — events an adapter received; consumer group ``router``.
+- ``P:out:{ACCOUNT}`` — deliveries for an account; consumer group ``deliver``.
 - ``P:dlq``         — dead letters: the entry, where it came from, the error.
 
 Only the instance holding an account's lease consumes its streams, so every
@@ -22,12 +21,9 @@ Matrix sync token) commits a batch of events and its cursor together
 (``Bus.commit_inbound``): one script that appends the events (capped by
 ``StreamMaxLen``) and writes the cursor, all or nothing, and only while the
 writer holds the account's current lease token, checked in the same script.
-The inbound stream is not tagged by account as the fence key is
-(``bridge.lease``), so on Redis Cluster it sits in another slot; the lease
-keeps a copy of the token in the stream's slot (``inbound_fence_key``),
-raised at every acquisition before the new owner does anything, and the
-script checks that copy. The cursor keys share the stream's slot too
-(``"{" + inbound_key + "}:…"``). Commits are group-committed like
+The stream, the cursor keys (``AdapterContext.key``) and the fence key carry
+the account's hash tag (bridge/keys.py), so on Redis Cluster they share one
+slot and the script may touch them all. Commits are group-committed like
 ``publish``: a hundred rooms polled at once share round trips.
 """
 
@@ -44,31 +40,13 @@ from redis.exceptions import ResponseError
 from bridge.events import Event, event_to_wire
 from bridge.groupcommit import GroupCommit
 from bridge.idmap import FENCED, LUA_LIB, Fence, Fenced
+from bridge.keys import dead_letters_key, fence_key, hash_tag, inbound_key, outbound_key
 
 ROUTER_GROUP = "router"
 DELIVER_GROUP = "deliver"
 FIELD = b"d"
 
 Entry = tuple[bytes, bytes | None]  # (stream id, payload or None if deleted)
-
-
-def inbound_key(prefix: str, account: str) -> str:
-    """The stream of events an account received (``Bus.inbound``). A key
-    ``"{" + inbound_key(...) + "}:…"`` hashes to the same Redis Cluster slot,
-    so an adapter's receive cursor can be committed in one script with its
-    events (``Bus.commit_inbound``)."""
-    return f"{prefix}:in:{account}"
-
-
-def inbound_fence_key(prefix: str, account: str) -> str:
-    """The copy of the account's lease token in its inbound stream's slot
-    (written by ``bridge.lease.Lease``, checked by ``Bus.commit_inbound``)."""
-    return "{" + inbound_key(prefix, account) + "}:fence"
-
-
-def account_key(prefix: str, account: str, *parts: str) -> str:
-    """A key private to one account (its adapter's state, its rooms set)."""
-    return ":".join((prefix, "acct", account, *parts))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +73,8 @@ WRITE_OPS = frozenset({"SET", "SETNX", "HSET", "HSETNX", "SADD"})
 class Write:
     """One write to an adapter's own receive state (its cursor), committed
     with its events by ``Bus.commit_inbound``: the Redis command ``op`` on
-    ``key`` with ``args``. The key must be in the inbound stream's slot
-    (``"{" + inbound_key + "}:…"``)."""
+    ``key`` with ``args``. The key must carry the account's hash tag (an
+    ``AdapterContext.key``): the inbound stream's Cluster slot."""
 
     op: str
     key: str
@@ -124,7 +102,7 @@ class Write:
 
 
 # Append inbound events and write the adapter's cursor, fenced (module docstring).
-# KEYS: the stream's copy of the fence, the stream, then one key per write.
+# KEYS: the account's fence key, the stream, then one key per write.
 # ARGV: token ("" unfenced), maxlen (0: none), n events, their payloads, then
 # per write: op, n args, args.
 _COMMIT_INBOUND = (
@@ -195,11 +173,11 @@ class Bus:
         return inbound_key(self.prefix, account)
 
     def outbound(self, account: str) -> str:
-        return f"{self.prefix}:out:{{{account}}}"
+        return outbound_key(self.prefix, account)
 
     @property
     def dlq(self) -> str:
-        return f"{self.prefix}:dlq"
+        return dead_letters_key(self.prefix)
 
     # producing -----------------------------------------------------------------
     def _xadd_args(self) -> dict[str, Any]:
@@ -230,13 +208,12 @@ class Bus:
         ``None``: unfenced (no lease, as in the tests' rigs). Group-committed
         like ``publish``."""
         stream = self.inbound(account)
-        tag = "{" + stream + "}"
-        keys = [inbound_fence_key(self.prefix, account), stream]
+        keys = [fence_key(self.prefix, account), stream]
         args: list[Any] = [fence.token if fence else "", max(0, self.settings.stream_max_len), len(events)]
         args.extend(event_to_wire(event) for event in events)
         for write in writes:
-            if not write.key.startswith(tag):  # another slot: Cluster would refuse the script
-                raise ValueError(f"{write.key} is not in the slot of {stream} (name it {tag}:…)")
+            if hash_tag(write.key) != account:  # another slot: Cluster would refuse the script
+                raise ValueError(f"{write.key} is not in the slot of {stream} (name it with AdapterContext.key)")
             keys.append(write.key)
             args += [write.op, len(write.args), *write.args]
         if not events and not writes:

@@ -58,6 +58,16 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bridge.keys import (
+    control_channel,
+    paused_key,
+    rate_key,
+    restart_key,
+    state_key,
+    worker_key,
+    workers_key,
+)
+
 RATE_BUCKET_SECONDS = 10  # the width of one rate bucket
 RATE_WINDOW_BUCKETS = 6  # the page's "per minute": the current bucket and the five before it
 RATE_KEEP_SECONDS = 180  # a bucket's lifetime in Redis
@@ -67,49 +77,6 @@ LISTEN_BACKOFF_MAX = 10.0  # seconds between attempts to subscribe again
 # ("0"). The page calls that "held"; so does this string, on the wire: admin
 # pages of another version in the same fleet read it.
 PAUSE_APPLIED = "held"
-
-
-def paused_key(prefix: str, account: str) -> str:
-    return f"{prefix}:paused:{{{account}}}"
-
-
-def restart_key(prefix: str, account: str) -> str:
-    return f"{prefix}:restart:{{{account}}}"
-
-
-def state_key(prefix: str, account: str) -> str:
-    return f"{prefix}:state:{{{account}}}"
-
-
-def control_channel(prefix: str) -> str:
-    return f"{prefix}:control"
-
-
-def instances_key(prefix: str) -> str:
-    """The heartbeat sorted set: instance id -> expiry (ms since the epoch)."""
-    return f"{prefix}:instances"
-
-
-def instance_key(prefix: str, instance: str) -> str:
-    return f"{prefix}:instance:{instance}"
-
-
-def workers_key(prefix: str) -> str:
-    """The workers' heartbeat sorted set: worker id -> expiry (ms since the epoch)."""
-    return f"{prefix}:workers"
-
-
-def worker_key(prefix: str, ident: str) -> str:
-    return f"{prefix}:worker:{ident}"
-
-
-def queue_name(prefix: str) -> str:
-    """The arq queue every daemon enqueues to and every worker reads."""
-    return f"{prefix}:arq:queue"
-
-
-def rate_key(prefix: str, bucket: int) -> str:
-    return f"{prefix}:rates:{bucket}"
 
 
 def rate_bucket(now: float) -> int:

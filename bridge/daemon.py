@@ -36,8 +36,6 @@ from bridge.control import (
     RestartRequested,
     announce,
     announcement,
-    instance_key,
-    instances_key,
     listen,
 )
 from bridge.delivery import AccountStopped, DeliveryLoop, RetryPolicy
@@ -45,6 +43,7 @@ from bridge.events import Event
 from bridge.health import clear_degraded, mark_degraded
 from bridge.http import StatusAccess, build_app
 from bridge.idmap import Fence, Fenced, IdMap
+from bridge.keys import instance_key, instances_key
 from bridge.lease import Lease
 from bridge.listener import Listener, ListenerLimits
 from bridge.metrics import Metrics

@@ -20,9 +20,7 @@ from redis.exceptions import RedisError
 if TYPE_CHECKING:
     from bridge.metrics import Metrics
 
-
-def degraded_key(prefix: str, account: str) -> str:
-    return f"{prefix}:degraded:{{{account}}}"
+from bridge.keys import degraded_key
 
 
 async def mark_degraded(redis: Redis, prefix: str, account: str, reason: str, seconds: float) -> None:

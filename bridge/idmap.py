@@ -51,8 +51,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from bridge.events import Delivery, EventKind
+from bridge.keys import ID_MAP_SEP, id_map_key
 
-SEP = "\x1f"  # never appears in account names, channel names or ids
+SEP = ID_MAP_SEP  # never appears in account names, channel names or ids
 KEEP = 5  # generations a room keeps; the oldest of them is dropped whole
 FIELDS_PER_BUCKET = 80  # well under Redis's listpack limit of 128 fields per hash
 FENCED = "FENCED"
@@ -221,7 +222,7 @@ class IdMap:
 
     # layout ---------------------------------------------------------------------
     def room(self, account: str, channel: str) -> str:
-        return f"{self.prefix}:m:{{{account}}}{SEP}{channel}"
+        return id_map_key(self.prefix, account, channel)
 
     def _bucket(self, digest: bytes) -> str:
         return str(int.from_bytes(digest[:4], "big") % self.buckets)

@@ -39,6 +39,8 @@ from prometheus_client import CollectorRegistry, Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bridge.keys import log_key
+
 LOG_STREAM_MAXLEN = 10_000  # entries kept (approximately: MAXLEN ~)
 QUEUE_CAPACITY = 2_000  # records waiting in memory for Redis; beyond this they are dropped
 BATCH = 200  # records per pipelined write
@@ -50,10 +52,6 @@ FIELDS = ("ts", "level", "logger", "account", "instance", "message")
 
 # Set inside the writer task: whatever is logged from there is not streamed.
 _WRITING: contextvars.ContextVar[bool] = contextvars.ContextVar("talkbridge_logstream_writing", default=False)
-
-
-def log_stream_key(prefix: str) -> str:
-    return f"{prefix}:log"
 
 
 class LogStream(logging.Handler):
@@ -73,7 +71,7 @@ class LogStream(logging.Handler):
         on_drop: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(logging.WARNING)
-        self.key = log_stream_key(prefix)
+        self.key = log_key(prefix)
         self.accounts = frozenset(accounts)
         self.maxlen = maxlen
         self.capacity = capacity

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bridge.bus import account_key
+from bridge.keys import rooms_key
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -26,7 +26,7 @@ class Rooms:
         # Public so an adapter can put membership changes into its own atomic
         # batch beside other keys (the Talk bot moves a room between this set
         # and its refused-rooms set in one round trip).
-        self.key = account_key(key_prefix, account, "rooms")
+        self.key = rooms_key(key_prefix, account)
 
     async def add(self, *rooms: str) -> None:
         if rooms:

@@ -27,8 +27,9 @@ from bridge.admin.passwords import PasswordFormatError, hash_password, parse_pas
 from bridge.bus import Bus, BusSettings
 from bridge.cli import main as cli_main
 from bridge.config import ConfigError
-from bridge.control import announcement, instance_key, rate_bucket, rate_key, state_key
+from bridge.control import announcement, rate_bucket
 from bridge.events import Delivery, Event, EventKind
+from bridge.keys import inbound_key, instance_key, rate_key, state_key
 from bridge.lease import lease_key
 from tests.admin_rig import PASSWORD, USER, AdminClient, AdminServer, admin_config
 from tests.helpers import ROOT, RedisServer, free_port, wait_for
@@ -223,7 +224,7 @@ def test_dead_letters_paged_filtered_inspected_replayed_and_discarded(
     admin: AdminClient, store: sync_redis.Redis, server: AdminServer
 ) -> None:
     letters = [("tb:out:{api.b}", delivery_payload(f"b{i}"), f"TransientError: 503 #{i}") for i in range(120)]
-    letters += [("tb:in:api.a", b"not json", "unreadable event") for _ in range(30)]
+    letters += [(inbound_key("tb", "api.a"), b"not json", "unreadable event") for _ in range(30)]
     asyncio.run(add_dead_letters(server.redis_url, letters))
     ids = [entry_id.decode() for entry_id, _ in store.xrange("tb:dlq")]
 
@@ -460,12 +461,12 @@ async def test_the_dead_letter_tally_counts_everything_once_then_only_what_is_ne
     assert tally.recounts == 1
     for i in range(5):
         await bus.dead_letter(bus.inbound("api.b"), f"{i + 100}-0", b"x", "e", 1)
-    assert await tally.refresh() == {"tb:out:{api.a}": 20, "tb:out:{api.b}": 10, "tb:in:api.b": 5}
-    assert await tally.refresh() == {"tb:out:{api.a}": 20, "tb:out:{api.b}": 10, "tb:in:api.b": 5}
+    assert await tally.refresh() == {"tb:out:{api.a}": 20, "tb:out:{api.b}": 10, inbound_key("tb", "api.b"): 5}
+    assert await tally.refresh() == {"tb:out:{api.a}": 20, "tb:out:{api.b}": 10, inbound_key("tb", "api.b"): 5}
     assert tally.recounts == 1  # appends and quiet refreshes never read the old letters again
     gone = await fleet.discard(bus, [(await bus.dead_letters(1))[0].id])  # the oldest: an api.b one
     tally.forget(gone)
     assert (await tally.refresh())["tb:out:{api.b}"] == 9 and tally.recounts == 1
     await fleet.replay(bus, [(await bus.dead_letters(1))[0].id])  # behind the tally's back (the CLI)
-    assert await tally.refresh() == {"tb:out:{api.a}": 19, "tb:out:{api.b}": 9, "tb:in:api.b": 5}
+    assert await tally.refresh() == {"tb:out:{api.a}": 19, "tb:out:{api.b}": 9, inbound_key("tb", "api.b"): 5}
     assert tally.recounts == 2

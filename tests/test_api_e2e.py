@@ -11,6 +11,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
+from bridge.keys import account_key
 from tests.helpers import Daemon, RedisServer, api_pair_config, wait_for
 
 
@@ -122,7 +123,7 @@ def test_buffer_survives_a_restart(bridge) -> None:
     a, b, daemon, client = bridge
     for i in range(5):
         assert a.post(text=f"kept{i}", username="alice", gateway="g").status_code == 200
-    wait_for(lambda: client.xlen("tb:apibuf:{api.b}") == 5, what="buffered messages")
+    wait_for(lambda: client.xlen(account_key("tb", "api.b", "apibuf")) == 5, what="buffered messages")
     daemon.stop()
     daemon.start()
     assert [m["text"] for m in b.messages()] == [f"kept{i}" for i in range(5)]

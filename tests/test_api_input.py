@@ -10,6 +10,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
+from bridge.keys import inbound_key
 from tests.helpers import Daemon, RedisServer, wait_quiet
 from tests.test_api_e2e import Api, running_bridge
 
@@ -54,4 +55,4 @@ def test_bad_input_is_refused_and_publishes_nothing(shared_bridge, headers, body
     assert resp.status_code == status
     assert reason in resp.json()["message"]
     # nothing published, now or a moment later (these cases share one daemon: nothing at all)
-    assert wait_quiet(lambda: client.xlen("tb:in:api.a"), quiet=0.3) == 0
+    assert wait_quiet(lambda: client.xlen(inbound_key("tb", "api.a")), quiet=0.3) == 0

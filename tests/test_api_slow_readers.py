@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from adapters.api.adapter import MAX_STREAMS_PER_CLIENT
 from bridge.addresses import client_key, is_loopback
 from bridge.cli import main
+from bridge.keys import account_key
 from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
 
 BIG = 200_000  # characters of text per large message
@@ -49,7 +50,7 @@ class Account:
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         self.headers = {"Authorization": f"Bearer token-{name}"}
-        self.buffer = f"tb:apibuf:{{api.{name}}}"
+        self.buffer = account_key("tb", f"api.{name}", "apibuf")
 
     def request(self, path: str, extra: str = "") -> bytes:
         return (

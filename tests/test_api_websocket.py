@@ -25,11 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.api.encoding import API_ERROR, MESSAGE_FIELDS, BadRequest, ws_message
+from bridge.keys import account_key, inbound_key
 from tests.helpers import Daemon, RedisServer, api_pair_config, wait_quiet
 from tests.ingress_props import bodies
 from tests.test_api_e2e import Api, running_bridge
 
-INBOUND_A = "tb:in:api.a"
+INBOUND_A = inbound_key("tb", "api.a")
 SENTINEL = {"text": "sentinel", "gateway": "no-such-gateway-sentinel"}  # always refused: marks the end of a reply
 UPGRADE = {  # a well-formed WebSocket handshake (RFC 6455's sample key)
     "Connection": "Upgrade",
@@ -101,8 +102,8 @@ async def test_buffered_messages_come_first_then_new_ones_in_order(bridge) -> No
     a, b, _daemon, client = bridge
     for i in range(3):
         assert a.post(text=f"m{i}", username="alice", gateway="g").status_code == 200
-    wait_quiet(lambda: client.xlen("tb:apibuf:{api.b}"), what="b's buffer")
-    assert client.xlen("tb:apibuf:{api.b}") == 3
+    wait_quiet(lambda: client.xlen(account_key("tb", "api.b", "apibuf")), what="b's buffer")
+    assert client.xlen(account_key("tb", "api.b", "apibuf")) == 3
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url(b), headers=b.headers) as ws:
         assert (await receive_json(ws))["event"] == "api_connected"
         got = [(await receive_json(ws))["text"] for _ in range(3)]

@@ -23,6 +23,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
+from bridge.keys import inbound_key, outbound_key
 from tests.helpers import (
     Daemon,
     RedisServer,
@@ -56,7 +57,7 @@ def post_all(base: str, start: int, stop: int, acked: list[int], ambiguous: list
 
 # The daemon's work queues (bridge/bus.py): api.a's inbound stream, read by the
 # router group, and api.b's outbound stream, read by the deliver group.
-QUEUES = (("tb:in:api.a", "router"), ("tb:out:{api.b}", "deliver"))
+QUEUES = ((inbound_key("tb", "api.a"), "router"), (outbound_key("tb", "api.b"), "deliver"))
 
 
 def in_flight(redis_url: str) -> int:

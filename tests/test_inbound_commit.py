@@ -19,9 +19,10 @@ from redis.asyncio.cluster import RedisCluster
 
 from adapters.matrix import Matrix
 from adapters.nctalk import TalkUser
-from bridge.bus import Bus, BusSettings, Write, inbound_fence_key
+from bridge.bus import Bus, BusSettings, Write
 from bridge.events import Event, EventKind, event_from_wire
 from bridge.idmap import Fenced
+from bridge.keys import account_key, fence_key, inbound_key
 from bridge.lease import Lease, lease_key
 from tests.adapter_rig import connected_parts
 from tests.helpers import free_port, start_redis_server
@@ -91,7 +92,7 @@ async def successor_takes(redis: Redis, account: str) -> Lease:
 
 
 async def events_of(redis: Redis, account: str) -> list[Event]:
-    return [event_from_wire(f[b"d"]) for _i, f in await redis.xrange(f"tb:in:{account}")]
+    return [event_from_wire(f[b"d"]) for _i, f in await redis.xrange(inbound_key("tb", account))]
 
 
 async def capped_within(redis: Redis, stream: str) -> int:
@@ -121,7 +122,7 @@ async def test_a_commit_appends_the_events_and_writes_the_cursor_together(redis:
     bus = Bus(redis, BusSettings())
     lease = await owned(redis, "acct")
     stream = bus.inbound("acct")
-    cursor = "{" + stream + "}:cursor"
+    cursor = account_key("tb", "acct", "cursor")
     events = [message(f"m{i}") for i in range(3)]
     ids = await bus.commit_inbound("acct", events, [Write.hset(cursor, "room", 7)], lease.fence)
     rows = await redis.xrange(stream)
@@ -137,17 +138,20 @@ async def test_a_stale_token_commits_nothing(redis: Redis) -> None:
     await successor_takes(redis, "acct")
     stream = bus.inbound("acct")
     event = message("late")
-    writes = [Write.hset("{" + stream + "}:cursor", "room", 9), Write.set("{" + stream + "}:sync", "s9")]
+    cursor, sync = account_key("tb", "acct", "cursor"), account_key("tb", "acct", "sync")
+    writes = [Write.hset(cursor, "room", 9), Write.set(sync, "s9")]
     with pytest.raises(Fenced):
         await bus.commit_inbound("acct", [event], writes, stale_fence)
-    assert await redis.exists(stream, "{" + stream + "}:cursor", "{" + stream + "}:sync") == 0
+    assert await redis.exists(stream, cursor, sync) == 0
 
 
-async def test_a_stale_owners_late_copy_of_its_token_does_not_undo_its_successors(redis: Redis) -> None:
+async def test_a_commit_checks_the_leases_own_fence_key_no_copy_of_it(redis: Redis) -> None:
+    """The stream, the cursors and the fence share the account's Cluster slot
+    (bridge/keys.py): taking the lease writes the lease and its token, nothing
+    else, and a commit is fenced by that token."""
     stale = await owned(redis, "acct")
     successor = await successor_takes(redis, "acct")
-    # the stale owner's acquisition raises its copy only now (it stalled in between)
-    await stale._raise_copy(keys=[inbound_fence_key("tb", "acct")], args=[stale.token])
+    assert {k.decode() for k in await redis.keys("*")} == {lease_key("tb", "acct"), fence_key("tb", "acct")}
     bus = Bus(redis, BusSettings())
     event = message("x")
     with pytest.raises(Fenced):
@@ -158,9 +162,11 @@ async def test_a_stale_owners_late_copy_of_its_token_does_not_undo_its_successor
 async def test_a_cursor_outside_the_streams_cluster_slot_is_refused(redis: Redis) -> None:
     bus = Bus(redis, BusSettings())
     with pytest.raises(ValueError, match="slot"):
-        await bus.commit_inbound("acct", [], [Write.set("tb:acct:acct:cursor", "1")])
+        await bus.commit_inbound("acct", [], [Write.set("tb:acct:acct:cursor", "1")])  # untagged
+    with pytest.raises(ValueError, match="slot"):
+        await bus.commit_inbound("acct", [], [Write.set(account_key("tb", "other", "cursor"), "1")])
     with pytest.raises(ValueError):
-        Write("DEL", "{tb:in:acct}:cursor", ("x",))
+        Write("DEL", account_key("tb", "acct", "cursor"), ("x",))
     assert await redis.dbsize() == 0
 
 
@@ -244,8 +250,8 @@ def arm(client: TakeoverRedis, redis: Redis, account: str) -> None:
     async def take_over() -> None:
         await successor_takes(redis, account)
 
-    client.fence_key = f"tb:fence:{{{account}}}"
-    client.stream = f"tb:in:{account}"
+    client.fence_key = fence_key("tb", account)
+    client.stream = inbound_key("tb", account)
     client.takeover = take_over
 
 

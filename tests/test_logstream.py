@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from bridge.logstream import FIELDS, LogStream, install, log_stream_key
+from bridge.keys import log_key
+from bridge.logstream import FIELDS, LogStream, install
 from tests.helpers import free_port, start_redis_server
 from tests.talkbot_rig import until
 
-KEY = log_stream_key("tb")
+KEY = log_key("tb")
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
+from bridge.keys import account_key
 from tests.helpers import (
     ROOT,
     SENTINEL,
@@ -238,7 +239,7 @@ def test_matrix_register_creates_the_bot_with_a_registration_token(
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"@{login}:test.local" in out.stdout
-    session = client.hgetall(f"tb:acct:{ACCOUNT}:matrix-session")
+    session = client.hgetall(account_key("tb", ACCOUNT, "matrix-session"))
     assert session[b"user_id"] == f"@{login}:test.local".encode() and session[b"access_token"]
     # the token is used once: a second registration is refused, clearly
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)

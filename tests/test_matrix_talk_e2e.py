@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis as sync_redis
 
+from bridge.keys import account_key
 from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
 from tests.matrix_rig import Room, gateway, matrix_section, new_room
 from tests.nctalk_rig import PASSWORD, user_section
@@ -98,7 +99,7 @@ def mt(tmp_path: Path, redis_server: RedisServer, synapse: SynapseServer) -> Ite
         talk.call("enable_bot", bot, BOT_ROOM)
         members = f"/_matrix/client/v3/rooms/{room.room_id}/joined_members"
         wait_for(lambda: room.bot_id in room.alice.call("GET", members)["joined"], timeout=30, what="the bot joined")
-        wait_for(lambda: client.hlen("{tb:in:" + USER + "}:talk-cursors"), what="the user room polled")
+        wait_for(lambda: client.hlen(account_key("tb", USER, "talk-cursors")), what="the user room polled")
         yield MT(room, talk, daemon, bot, bob, carol)
     finally:
         daemon.stop()

@@ -13,6 +13,7 @@ import redis as sync_redis
 
 from adapters.talk.common import reference_id
 from bridge.events import event_from_wire
+from bridge.keys import inbound_key, rooms_key
 from tests.helpers import (
     SENTINEL,
     ConfigToml,
@@ -105,7 +106,7 @@ def bridge(tmp_path: Path, redis_server: RedisServer) -> Iterator[Bridge]:
 
 def test_messages_replies_and_reactions_cross_both_ways(bridge: Bridge) -> None:
     b = bridge
-    assert b.redis.smembers(f"tb:acct:{ACCOUNT}:rooms") == {TOKEN.encode()}  # from the Join
+    assert b.redis.smembers(rooms_key("tb", ACCOUNT)) == {TOKEN.encode()}  # from the Join
     msg = b.talk.call("post", TOKEN, b.alice, "hello from Talk, see https://example.com/x")
     got = b.api.wait(lambda m: m["text"].startswith("hello from Talk"), "the Talk message at the api")
     assert got["text"] == "hello from Talk, see https://example.com/x"
@@ -200,7 +201,7 @@ def test_a_kill_between_talks_201_and_the_marker_repeats_the_reference_id(bridge
     first, second = copies()
     assert first.reference_id == second.reference_id
     # ... the deterministic one of that delivery (event id, account, room)
-    [(_entry, fields), _sentinel] = b.redis.xrange("tb:in:api.a")
+    [(_entry, fields), _sentinel] = b.redis.xrange(inbound_key("tb", "api.a"))
     source = event_from_wire(fields[b"d"])
     assert first.reference_id == reference_id(f"{source.id}:{ACCOUNT}:{TOKEN}")
 

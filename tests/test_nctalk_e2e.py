@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
+from bridge.keys import account_key
 from tests.helpers import SENTINEL, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Actor, Message
@@ -97,7 +98,7 @@ def federation(tmp_path: Path, redis_server: RedisServer, with_api: bool = True)
     fed = Fed(one, two, daemon, client, laura, marcos, api)
     try:
         # both rooms' pollers started (a room's first read sets its cursor)
-        cursors = ["{tb:in:" + name + "}:talk-cursors" for name in (A, B)]
+        cursors = [account_key("tb", name, "talk-cursors") for name in (A, B)]
         wait_for(lambda: all(client.hlen(key) for key in cursors), what="both rooms polled")
         yield fed
     finally:

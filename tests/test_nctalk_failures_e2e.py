@@ -23,6 +23,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
+from bridge.keys import account_key
 from tests.helpers import SENTINEL, ConfigToml, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
 from tests.nctalk_rig import PASSWORD
 from tests.talkserver import ThreadedTalkServer
@@ -34,7 +35,7 @@ PROBE = 1.0  # RefusedRetrySeconds
 # Request times are the server's wall clock, sleeps the daemon's event-loop
 # timers (libuv's are milliseconds): a gap may read a hair short of the delay.
 CLOCKS = 0.02
-CURSORS = "{tb:in:" + ACCOUNT + "}:talk-cursors"
+CURSORS = account_key("tb", ACCOUNT, "talk-cursors")
 
 
 @dataclass

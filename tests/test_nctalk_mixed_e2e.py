@@ -24,6 +24,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
+from bridge.keys import account_key
 from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
 from tests.nctalk_rig import PASSWORD
 from tests.talkbot_rig import SECRET
@@ -150,7 +151,7 @@ def mixed(tmp_path: Path, redis_server: RedisServer) -> Iterator[Mixed]:
     try:
         bot = talk.call("install_bot", "Bridge", SECRET, f"http://127.0.0.1:{http}/webhook/nextcloud/bot")
         talk.call("enable_bot", bot, BOT_ROOM)
-        wait_for(lambda: client.hlen("{tb:in:" + USER + "}:talk-cursors"), what="the user room polled")
+        wait_for(lambda: client.hlen(account_key("tb", USER, "talk-cursors")), what="the user room polled")
         yield Mixed(talk, daemon, Api(api), bot, alice, carol)
     finally:
         daemon.stop()

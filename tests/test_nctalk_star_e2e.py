@@ -14,13 +14,14 @@ import httpx
 import pytest
 import redis as sync_redis
 
+from bridge.keys import account_key
 from tests.helpers import SENTINEL, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
 from tests.nctalk_rig import PASSWORD
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Actor
 
 ACCOUNT = "nctalk.cloud"
-CURSORS = "{tb:in:" + ACCOUNT + "}:talk-cursors"
+CURSORS = account_key("tb", ACCOUNT, "talk-cursors")
 
 
 @dataclass

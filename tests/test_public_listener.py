@@ -33,8 +33,8 @@ from bridge.config import ConfigError
 from bridge.daemon import adapter_context
 from bridge.http import Refusal, StatusAccess, build_app
 from bridge.idmap import IdMap
+from bridge.keys import log_key
 from bridge.listener import Listener, ListenerLimits
-from bridge.logstream import log_stream_key
 from bridge.metrics import Metrics
 from bridge.rejections import RejectionLog
 from tests.helpers import Daemon, RedisServer, free_port, metric, wait_for, wait_quiet
@@ -280,7 +280,7 @@ def running(tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRe
 
 
 def log_entries(client: sync_redis.Redis) -> list[str]:
-    return [fields[b"message"].decode() for _id, fields in client.xrange(log_stream_key("tb"))]
+    return [fields[b"message"].decode() for _id, fields in client.xrange(log_key("tb"))]
 
 
 def test_a_flood_of_forged_webhooks_leaves_the_fleet_log_stream_alone(running: Running) -> None:

@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bridge.control import announce, worker_key, workers_key
+from bridge.control import announce
+from bridge.keys import worker_key, workers_key
 
 EVERY = 10.0  # seconds between beats
 LIFETIMES = 3  # a worker is shown alive this many beats after its last

@@ -43,6 +43,7 @@ from redis.asyncio import Redis
 
 from bridge.config import Config
 from bridge.events import Attachment, Event, EventKind
+from bridge.keys import instagram_notice_key
 from workers.deps import DEPS, WorkerDeps
 from workers.instagram_breaker import Breaker
 from workers.instagram_cache import Dedupe, PreviewCache
@@ -242,7 +243,7 @@ class Previewer:
         """One notice of this kind per room while it waits: the job that sets the
         room's marker posts it; the others extend the marker to their own wait."""
         room = hashlib.sha1(room_of(source.account, source.channel).encode()).hexdigest()[:20]
-        key = f"{self.prefix}:ig:notice:{kind}:{room}"
+        key = instagram_notice_key(self.prefix, kind, room)
         if await self._notice(keys=[key], args=[self.job, max(1000, round(wait * 1000))]):
             await post_reply(self.deps, source, f"{self.job}:notice:{kind}", text, feature=FEATURE)
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from bridge.keys import instagram_breaker_key
+
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -103,7 +105,7 @@ class Breaker:
                  probe_seconds: float = 120.0) -> None:  # fmt: skip
         if base <= 0 or cap < base or probe_seconds <= 0:
             raise ValueError("backoff must be positive, its cap at least its base")
-        self.key = f"{prefix}:ig:breaker"
+        self.key = instagram_breaker_key(prefix)
         self.base_ms = round(base * 1000)
         self.cap_ms = round(cap * 1000)
         self.probe_ms = round(probe_seconds * 1000)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import orjson
 from redis.asyncio import Redis
 
+from bridge.keys import instagram_cache_key, instagram_seen_key
 from workers.instagram_fetch import Preview
 from workers.instagram_reply import File
 from workers.instagram_urls import Target
@@ -53,7 +54,7 @@ class PreviewCache:
         self.ttl_ms = round(ttl * 1000)
 
     def key(self, target: Target) -> str:
-        return f"{self.prefix}:ig:cache:{target.cache_key}"
+        return instagram_cache_key(self.prefix, target.cache_key)
 
     async def get(self, target: Target, *, files: bool) -> Cached | None:
         if self.ttl_ms <= 0:
@@ -116,5 +117,5 @@ class Dedupe:
         if self.window_ms <= 0:
             return True
         room = hashlib.sha1(f"{account}\x1f{channel}".encode()).hexdigest()[:20]
-        key = f"{self.prefix}:ig:seen:{room}:{target.cache_key}"
+        key = instagram_seen_key(self.prefix, room, target.cache_key)
         return bool(await self._claim(keys=[key], args=[event_id, self.window_ms]))

@@ -20,8 +20,8 @@ from arq.connections import ArqRedis
 from arq.worker import Retry
 from redis.exceptions import RedisError
 
-from bridge.control import queue_name
 from bridge.events import Event, WireError, event_from_wire
+from bridge.keys import queue_name
 from workers.deps import DEPS, WorkerDeps
 from workers.llm_client import LLMError, Persona, complete
 from workers.llm_queue import (

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from bridge.keys import llm_alerted_key, llm_room_key
 from workers.llm_client import Persona
 
 MAX_PENDING = 20  # questions waiting in one room; more get a "busy" reply at once
@@ -34,7 +35,7 @@ class RoomKeys:
     room: str
 
     def _key(self, part: str) -> str:
-        return f"{self.prefix}:llm:{{{self.room}}}:{part}"
+        return llm_room_key(self.prefix, self.room, part)
 
     @property
     def queue(self) -> str:  # list of request ids (event ids), oldest first
@@ -60,7 +61,7 @@ class RoomKeys:
 
 
 def alerted_key(prefix: str, persona: str) -> str:
-    return f"{prefix}:llm:alerted:{persona}"
+    return llm_alerted_key(prefix, persona)
 
 
 def history_item(item_id: str, role: str, name: str, text: str) -> bytes:

@@ -49,6 +49,8 @@ import math
 
 from redis.asyncio import Redis
 
+from bridge.keys import rate_limiter_key
+
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -137,7 +139,7 @@ class RateLimiter:
         if limit < 1 or room_limit < 1 or period <= 0 or grace < 0:
             raise ValueError("limits must be at least 1, the period positive and the grace not negative")
         self.redis = redis
-        self.base = f"{prefix}:rl:{{{name}}}"
+        self.base = rate_limiter_key(prefix, name)
         self.limit = limit
         self.room_limit = room_limit
         self.period_ms = max(1, round(period * 1000))

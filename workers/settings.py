@@ -1,7 +1,7 @@
 """``talkbridge worker``: arq's ``Worker``, configured from ``[workers]``.
 
 Every worker on every machine reads the one queue the daemons enqueue to
-(bridge/control.py queue_name) on the daemons' Redis. Tuned for latency: arq polls
+(bridge/keys.py queue_name) on the daemons' Redis. Tuned for latency: arq polls
 its queue every ``poll_delay`` seconds when idle, and its default of 0.5 s
 adds up to half a second to every job and caps a worker near 200 jobs/s
 (docs/benchmarks.md); ``[workers] PollDelay`` defaults to 0.05 s.
@@ -32,7 +32,8 @@ from redis.asyncio import Redis
 from bridge.alerts import Alerts, outbound_publisher
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config
-from bridge.control import announcement, queue_name
+from bridge.control import announcement
+from bridge.keys import queue_name
 from workers import heartbeat
 from workers.deps import DEPS, WorkerDeps
 from workers.registry import FEATURES

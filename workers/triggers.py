@@ -20,8 +20,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bridge.config import Config
-from bridge.control import queue_name  # the fleet's key: the management page reads the queue too
 from bridge.events import Event
+from bridge.keys import queue_name  # the fleet's key: the management page reads the queue too
 from workers.results import is_worker_result
 
 # await enqueue("function_name", *args, _job_id="...", _defer_by=None): arq's ArqRedis.enqueue_job

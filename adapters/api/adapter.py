@@ -61,7 +61,7 @@ class MatterbridgeAPI(ApiStreams, ApiBuffer, ApiMessages, Adapter):
         self.token: str = acct.get("Token", "")
         self.buffer_size: int = acct.get("Buffer", DEFAULT_BUFFER) or DEFAULT_BUFFER
         self.max_file = int(acct.get("MediaDownloadSize", 1_000_000))
-        self.buffer_key = f"{ctx.key_prefix}:apibuf:{{{acct.name}}}"  # tagged like delivered keys
+        self.buffer_key = ctx.key("apibuf")  # in the slot of the account's fence and id map (one script writes them)
         self.max_streams: int = acct.get("MaxStreamsPerClient", MAX_STREAMS_PER_CLIENT)
         self.write_timeout = float(acct.get("WriteTimeoutSeconds", WRITE_TIMEOUT))
         self._deliver_many = ctx.redis.register_script(_DELIVER_MANY)

@@ -66,8 +66,8 @@ from adapters.matrix.receiving import Receiving
 from adapters.matrix.sending import Sending
 from adapters.matrix.session import Session
 from bridge.adapter import Adapter, AdapterContext, CliCommand, Option, TransientError
-from bridge.bus import inbound_key
 from bridge.config import AccountConfig
+from bridge.keys import inbound_key
 
 
 class Matrix(Session, Receiving, Inbound, Sending, Adapter):
@@ -117,8 +117,8 @@ class Matrix(Session, Receiving, Inbound, Sending, Adapter):
         self.user_id = self.mxid
         # Redis: the sync token and the joined rooms sit in the inbound stream's slot (one script with the events)
         self.stream = inbound_key(ctx.key_prefix, self.name)
-        self.sync_key = "{" + self.stream + "}:matrix-sync"
-        self.joined_key = "{" + self.stream + "}:matrix-joined"
+        self.sync_key = ctx.key("matrix-sync")  # committed with the events: the stream's Cluster slot
+        self.joined_key = ctx.key("matrix-joined")
         self.session_key = ctx.key("matrix-session")
         self.aliases_key = ctx.key("matrix-aliases")
         self.reactions_key = ctx.key("matrix-reactions")  # inbound reaction event -> (target, key)

@@ -20,9 +20,9 @@ from typing import TextIO
 from nio import AsyncClient, AsyncClientConfig, RegisterResponse
 
 from bridge.adapter import CliCommand
-from bridge.bus import account_key
 from bridge.config import Config, ConfigError
 from bridge.connections import redis_for  # the CLI's Redis (the embedded one when no URL is set)
+from bridge.keys import account_key
 
 PROTOCOL = "matrix"
 

@@ -63,8 +63,8 @@ from adapters.talk.chat import Capabilities
 from adapters.talk.client import TalkClient
 from adapters.talk.common import MAX_CHAT_LENGTH
 from bridge.adapter import Adapter, AdapterContext, Option, TransientError
-from bridge.bus import inbound_key
 from bridge.config import AccountConfig
+from bridge.keys import inbound_key
 
 
 class TalkUser(Credentials, Polling, Inbound, Sending, Adapter):
@@ -121,7 +121,7 @@ class TalkUser(Credentials, Polling, Inbound, Sending, Adapter):
         self.client: TalkClient | None = None
         # Redis: the cursors sit in the inbound stream's cluster slot (one script with the events)
         self.stream = inbound_key(ctx.key_prefix, self.name)
-        self.cursor_key = "{" + self.stream + "}:talk-cursors"
+        self.cursor_key = ctx.key("talk-cursors")  # committed with the events: the stream's Cluster slot
         self.guests_key = ctx.key("own-guests")  # every guest actor this account has been (never relayed)
         self._own: set[str] = set() if self.guest else {f"users/{self.login}"}
         self._refused: str | None = None  # why Talk refused the credentials (401), until a probe passes

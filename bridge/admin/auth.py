@@ -47,6 +47,7 @@ from redis.asyncio import Redis
 
 from bridge.addresses import client_key
 from bridge.admin.passwords import PasswordCheck, parse_password
+from bridge.keys import admin_failed_all_key, admin_failed_key, admin_known_key, admin_session_key
 
 SESSION_COOKIE = "tb_admin"
 LOGIN_COOKIE = "tb_login"
@@ -135,21 +136,21 @@ class Auth:
 
     # keys ---------------------------------------------------------------------------
     def _session_key(self, token: str) -> str:
-        return f"{self.prefix}:admin:session:{hashlib.sha256(token.encode(errors='replace')).hexdigest()}"
+        return admin_session_key(self.prefix, hashlib.sha256(token.encode(errors="replace")).hexdigest())
 
     @staticmethod
     def _safe(client: str) -> str:
         return "".join(c if c.isalnum() or c in ".:-" else "_" for c in client_key(client)[:CLIENT_KEY_MAX])
 
     def _fail_key(self, client: str) -> str:
-        return f"{self.prefix}:admin:failed:{self._safe(client)}"
+        return admin_failed_key(self.prefix, self._safe(client))
 
     def _known_key(self, client: str) -> str:
-        return f"{self.prefix}:admin:known:{self._safe(client)}"
+        return admin_known_key(self.prefix, self._safe(client))
 
     @property
     def _fail_all_key(self) -> str:
-        return f"{self.prefix}:admin:failed-all"
+        return admin_failed_all_key(self.prefix)
 
     # logins ---------------------------------------------------------------------------
     async def login(self, client: str, user: str, password: str) -> str:

@@ -33,24 +33,18 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from bridge.alerts import alerts_key
 from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, DeadLetter
 from bridge.config import Config
 from bridge.control import (
     PAUSE_APPLIED,
     RATE_WINDOW_BUCKETS,
-    instance_key,
-    instances_key,
     live_announced,
     live_workers,
     paused_accounts,
-    queue_name,
     rate_bucket,
-    rate_key,
-    state_key,
 )
 from bridge.health import degraded_accounts
-from bridge.lease import lease_key
+from bridge.keys import alerts_key, instance_key, instances_key, lease_key, log_key, queue_name, rate_key, state_key
 from bridge.rooms import Rooms
 
 SCAN_LIMIT = 5000  # entries one filtered page looks at, at most
@@ -58,11 +52,6 @@ TALLY_CHUNK = 2000  # dead letters one run of the tally script reads
 LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARN": 30, "WARNING": 30, "ERROR": 40, "CRITICAL": 50, "FATAL": 50}
 ENTRY_ID_CHARS = frozenset("0123456789-")
 ENTRY_ID_PART_MAX = 2**64 - 1
-
-
-def log_key(prefix: str) -> str:
-    """The capped stream of WARN+ records every instance writes (bridge/logstream.py)."""
-    return f"{prefix}:log"
 
 
 def valid_entry_id(value: str) -> bool:
