@@ -7,6 +7,10 @@ each. A caller that finds nothing in flight goes out at once, alone — one
 request at a time (a bot posting message after message) pays no batching
 delay. Every caller still gets its own results only once Redis has answered,
 so "acknowledged" keeps meaning "stored".
+
+On Redis Cluster nothing is batched: redis-py's cluster pipeline refuses
+scripts (EVALSHA), so there every caller's commands go out one by one, each
+caller on its own.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 Op = tuple[str, tuple[Any, ...], dict[str, Any]]  # (redis method, args, kwargs)
@@ -29,8 +34,11 @@ class GroupCommit:
         self._queue: list[Waiting] = []
         self._busy = False  # a round trip is in flight (ours or the flusher's)
         self._flusher: asyncio.Task[None] | None = None
+        self._alone = isinstance(redis, RedisCluster)  # no pipelines (module docstring)
 
     async def run(self, ops: list[Op]) -> list[Any]:
+        if self._alone:
+            return [await getattr(self.redis, name)(*args, **kw) for name, args, kw in ops]
         if self._busy:  # join the next pipeline
             future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
             self._queue.append((ops, future))

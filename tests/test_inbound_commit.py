@@ -7,8 +7,6 @@ in flight (the old check was a GET followed by a separate MULTI)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,6 @@ from bridge.idmap import Fenced
 from bridge.keys import account_key, fence_key, inbound_key
 from bridge.lease import Lease, lease_key
 from tests.adapter_rig import connected_parts
-from tests.helpers import free_port, start_redis_server
 from tests.matrix_rig import ACCOUNT as MATRIX_ACCOUNT
 from tests.matrix_rig import MatrixRig, api_section, matrix_section, new_room
 from tests.nctalk_rig import PASSWORD, UserRig, gateway, load, user_section
@@ -316,41 +313,7 @@ async def test_a_matrix_commit_in_flight_when_the_lease_changes_hands_writes_not
         await rig.close()
 
 
-# on Redis Cluster ----------------------------------------------------------------------------
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[RedisCluster]:
-    """A one-node Redis Cluster: it refuses a script or transaction whose keys
-    are in different slots, as a cluster of many nodes does."""
-    server = start_redis_server(
-        tmp_path, _cluster_port(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"
-    )
-    node = Redis(port=server.port)
-    try:
-        await node.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
-        await until(lambda: _cluster_ok(node), what="the cluster's slots")
-        client = RedisCluster(host="127.0.0.1", port=server.port)
-        try:
-            yield client
-        finally:
-            await client.aclose()
-    finally:
-        await node.aclose()
-        server.stop()
-
-
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free and valid too."""
-    while True:
-        port = free_port()
-        if port + 10000 < 65536:
-            with contextlib.suppress(OSError), socket.create_server(("127.0.0.1", port + 10000)):
-                return port
-
-
-async def _cluster_ok(node: Redis) -> bool:
-    return b"cluster_state:ok" in await node.execute_command("CLUSTER", "INFO")
-
-
+# on Redis Cluster (the one-node cluster: tests/conftest.py) ------------------------------------------
 async def test_on_redis_cluster_a_talk_user_account_commits_and_a_stale_one_is_fenced(
     tmp_path: Path, talk: TalkServer, cluster: RedisCluster
 ) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from adapters.nctalk_bot import TalkBot, install_command
 from adapters.talk.common import reference_id, render, split_message
@@ -273,6 +274,31 @@ async def test_a_replayed_random_is_refused(rig: Rig) -> None:
     assert await rig.redis.xlen(rig.stream) == 1
     ttl = await rig.redis.ttl(rig.ctx.key("seen", random))
     assert 0 < ttl <= 3600
+
+
+async def test_on_redis_cluster_a_webhook_is_admitted_in_one_script(
+    tmp_path: Path, talk: TalkServer, cluster: RedisCluster
+) -> None:
+    """The admission script writes the random, the replay ids and the rooms
+    sets together: on Redis Cluster it runs only because all of them are in
+    the account's slot (bridge/keys.py); in other slots Cluster refuses it
+    (CROSSSLOT) and every webhook gets a 503."""
+    rig = await make_rig(tmp_path, cluster, talk)  # type: ignore[arg-type]
+    try:
+        alice = talk.add_user("alice", "Alice A.")
+        room = talk.create_room("General", token="gen12345", members=(alice,))
+        bot = talk.install_bot("Bridge", SECRET, rig.url)
+        assert await talk.enable_bot(bot, room.token)  # Talk's Join webhook
+        await talk.post(room.token, alice, "on a cluster")
+        assert [c.status for c in talk.state.webhook_calls] == [200, 200]
+        assert [e["text"] for e in await r_events(rig)] == ["on a cluster"]
+        assert await rig.redis.smembers(rig.ctx.key("rooms")) == {room.token.encode()}
+        random = talk_random()
+        first = await apost(rig.url, create_body(msg_id="99999"), random=random)
+        again = await apost(rig.url, create_body(msg_id="99999"), random=random)
+        assert (first.status_code, again.status_code) == (200, 409)
+    finally:
+        await rig.close()
 
 
 async def test_oversized_bodies_get_413(tmp_path: Path, redis: Redis, talk: TalkServer) -> None:
