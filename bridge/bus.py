@@ -40,7 +40,7 @@ from redis.exceptions import ResponseError
 from bridge.events import Event, event_to_wire
 from bridge.groupcommit import GroupCommit
 from bridge.idmap import FENCED, LUA_LIB, Fence, Fenced
-from bridge.keys import dead_letters_key, fence_key, hash_tag, inbound_key, outbound_key
+from bridge.keys import current_stream_name, dead_letters_key, fence_key, hash_tag, inbound_key, outbound_key
 
 ROUTER_GROUP = "router"
 DELIVER_GROUP = "deliver"
@@ -311,7 +311,7 @@ class Bus:
                 letters.extend(_dead_letter(i, f) for i, f in rows)
         for letter in letters:
             pipe = self.redis.pipeline(transaction=False)
-            self.add_to(pipe, letter.stream, letter.payload)
+            self.add_to(pipe, current_stream_name(self.prefix, letter.stream), letter.payload)
             pipe.xdel(self.dlq, letter.id)
             await pipe.execute()
         return len(letters)

@@ -47,6 +47,7 @@ from bridge.keys import instance_key, instances_key
 from bridge.lease import Lease
 from bridge.listener import Listener, ListenerLimits
 from bridge.metrics import Metrics
+from bridge.migrate_keys import migrate_account
 from bridge.rejections import RejectionLog
 from bridge.relay import EventTriggers, RouteLoop
 from bridge.router import Router
@@ -186,6 +187,8 @@ class AccountRunner:
             await asyncio.sleep(cooldown)
 
     async def _owned(self) -> None:
+        # keys an upgrade left in the old layout, moved before anything reads them (bridge/migrate_keys.py)
+        await migrate_account(self.d.redis, self.d.bus.prefix, self.name, self.log)
         self.control.begin()
         with contextlib.suppress(RedisError, OSError):  # a pause set before we took over holds from the start
             await self.control.refresh()

@@ -51,6 +51,17 @@ def inbound_key(prefix: str, account: str) -> str:
     return f"{prefix}:in:{account_tag(account)}"
 
 
+def current_stream_name(prefix: str, stream: str) -> str:
+    """A stream as a dead letter names it: one written before this layout
+    names an inbound stream ``P:in:ACCOUNT`` (bridge/migrate_keys.py), which
+    is ``inbound_key`` now; any other name is returned as it is."""
+    head = f"{prefix}:in:"
+    account = stream[len(head) :]
+    if stream.startswith(head) and account and not any(c in account for c in "{}:"):
+        return inbound_key(prefix, account)
+    return stream
+
+
 def outbound_key(prefix: str, account: str) -> str:
     """The stream of deliveries for an account (bridge/bus.py)."""
     return f"{prefix}:out:{account_tag(account)}"
