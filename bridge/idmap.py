@@ -51,7 +51,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from bridge.events import Delivery, EventKind
-from bridge.keys import ID_MAP_SEP, id_map_key
+from bridge.keys import ID_MAP_SEP, fence_key, hash_tag, id_map_key, inbound_key
 
 SEP = ID_MAP_SEP  # never appears in account names, channel names or ids
 KEEP = 5  # generations a room keeps; the oldest of them is dropped whole
@@ -144,6 +144,55 @@ local function tb_put(base, gen_size, keep, buckets, ttl, copies, items, at, cou
   redis.call('EXPIRE', counter, ttl)
 end
 """
+
+# Lua for a script of someone else's that records deliveries in one room of
+# the map along with its own writes (the api buffer, adapters/api/buffer.py),
+# after ``LUA_LIB``: ``recording_script`` puts them together. The script
+# passes the map's arguments (``IdMap.recording_args``) and each delivery's
+# (``IdMap.delivery_args``) through to these functions, so it knows nothing
+# of the map's layout:
+#   tb_rec_begin(at): reads the room's arguments from ARGV[at]; returns the
+#     index after them.
+#   tb_rec_delivery(at): reads one delivery's from ARGV[at]; returns what
+#     its delivered-marker holds when it was recorded before (in the map or
+#     earlier in this script), else false having queued its record; and the
+#     index after its arguments.
+#   tb_rec_end(): writes the queued records.
+RECORDING_LIB = r"""
+local tb_rec = {}
+local function tb_rec_begin(at)
+  tb_rec.room = ARGV[at]
+  tb_rec.gen_size, tb_rec.keep, tb_rec.buckets = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+  tb_rec.ttl, tb_rec.marker_gens = ARGV[at + 4], tonumber(ARGV[at + 5])
+  tb_rec.items, tb_rec.added, tb_rec.this_call = {}, 0, {}
+  return at + 6
+end
+local function tb_rec_delivery(at)
+  local count = tonumber(ARGV[at])
+  local bucket, field = ARGV[at + 1], ARGV[at + 2]  -- the first item is the delivered-marker
+  local marker = bucket .. '\31' .. field
+  local done = tb_rec.this_call[marker] or tb_find(tb_rec.room, tb_rec.gen_size, tb_rec.marker_gens, bucket, field)
+  if not done then
+    for j = at + 1, at + 3 * count do tb_rec.items[#tb_rec.items + 1] = ARGV[j] end
+    tb_rec.this_call[marker] = ARGV[at + 3]  -- what tb_find will answer: the marker item's value
+    tb_rec.added = tb_rec.added + 1
+  end
+  return done, at + 1 + 3 * count
+end
+local function tb_rec_end()
+  if tb_rec.added > 0 then
+    tb_put(tb_rec.room, tb_rec.gen_size, tb_rec.keep, tb_rec.buckets, tb_rec.ttl, tb_rec.added, tb_rec.items, 1,
+      #tb_rec.items / 3)
+  end
+end
+"""
+
+
+def recording_script(body: str) -> str:
+    """A script whose ``body`` records deliveries with ``RECORDING_LIB`` and
+    checks the fence with ``tb_fenced``."""
+    return LUA_LIB + RECORDING_LIB + body
+
 
 # Find fields across rooms. ARGV: gen_size, generations to look in, then
 # (base, bucket, field) triples. Returns one value (or false) per triple.
@@ -261,6 +310,20 @@ class IdMap:
             items.append((rev.bucket, rev.name, self._compact(canonical, digest)))
         return items
 
+    def recording_args(self, account: str, channel: str) -> list[Any]:
+        """The arguments ``tb_rec_begin`` reads (``RECORDING_LIB``): a script
+        recording deliveries to this room."""
+        return [self.room(account, channel), *self.header()]
+
+    def delivery_args(self, delivery: Delivery, native_id: str | None) -> list[Any]:
+        """The arguments ``tb_rec_delivery`` reads (``RECORDING_LIB``): the
+        record of one delivered copy, its delivered-marker first."""
+        items = self.record_items(delivery, native_id)
+        args: list[Any] = [len(items)]
+        for item in items:
+            args.extend(item)
+        return args
+
     def header(self) -> list[Any]:
         """gen_size, keep, buckets, ttl, marker generations: the room
         parameters the writing scripts take."""
@@ -369,7 +432,10 @@ class IdMap:
         args: list[Any] = [fence.token if fence else "", group, len(acks), *acks, *self.header()]
         for base, items in rooms.items():
             args += [base, copies.get(base, 0), len(items) // 3, *items]
-        keys = [fence.key if fence else f"{self.prefix}:fence:none", stream or f"{self.prefix}:none"]
+        # Unfenced, or nothing to acknowledge: stand-ins, never read, in the slot of the rooms' account
+        # (every room written here is one account's), so Redis Cluster runs the script.
+        account = hash_tag(next(iter(rooms), "")) or ""
+        keys = [fence.key if fence else fence_key(self.prefix, account), stream or inbound_key(self.prefix, account)]
         try:
             await self._commit(keys=keys, args=args)
         except ResponseError as exc:

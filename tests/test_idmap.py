@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from bridge.events import Delivery, Event, EventKind
 from bridge.idmap import Fenced, IdMap, canonical_of
@@ -167,3 +168,16 @@ async def test_the_first_record_item_is_the_delivered_marker(redis: Redis) -> No
     ):
         marker = idmap.marker(d)
         assert idmap.record_items(d, native_id)[0][:2] == (marker.bucket, marker.name)
+
+
+async def test_on_redis_cluster_remembered_and_learned_copies_are_written(cluster: RedisCluster) -> None:
+    """Writes without a fence or a stream (a Talk bot's post remembered and
+    learned later) name stand-in keys in the account's slot: Cluster refuses
+    a script whose keys are in different slots."""
+    idmap = IdMap(cluster, "tb", 3600)  # type: ignore[arg-type]
+    d = copy(message("api.a", "api", "s1"), "talk", "room")
+    canonical = canonical_of(d)
+    assert canonical is not None
+    await idmap.remember("talk", "room", "[api/a] <bob> hi", canonical)
+    assert await idmap.learn_remembered("talk", "room", "[api/a] <bob> hi", "42")
+    assert await idmap.resolve("api.a", "api", "s1", "talk", "room") == "42"

@@ -17,44 +17,38 @@ from redis.exceptions import ResponseError
 
 from bridge.adapter import AdapterContext
 from bridge.events import Delivery, EventKind
-from bridge.idmap import FENCED, LUA_LIB, Fenced
+from bridge.idmap import FENCED, Fenced, recording_script
 
 # Deliver into the buffer exactly once, under the lease's fence: each
-# delivery's map fields (which are also its delivered-marker, bridge.idmap)
-# and its buffer entry are written together, so a redelivery after a crash
-# finds the marker and adds nothing, and a stale owner adds nothing at all.
-# KEYS: fence, buffer. ARGV: token, maxlen, room, the id map's header, then
-# per delivery: marker bucket, marker field, payload, native id, n, then n
-# (bucket, field, value) map items. Returns {native ids..., entries pushed
-# out of a full buffer}.
-_DELIVER_MANY = (
-    LUA_LIB
-    + r"""
+# delivery's record in the id map (which is also its delivered-marker,
+# bridge/idmap.py RECORDING_LIB) and its buffer entry are written together, so
+# a redelivery after a crash finds the marker and adds nothing, and a stale
+# owner adds nothing at all.
+# KEYS: fence, buffer. ARGV: token, maxlen, the map's arguments
+# (IdMap.recording_args), then per delivery: payload, native id, the map's
+# arguments for it (IdMap.delivery_args). Returns {native ids..., entries
+# pushed out of a full buffer}.
+_DELIVER_MANY = recording_script(
+    r"""
 if tb_fenced(KEYS[1], ARGV[1]) then return redis.error_reply('FENCED lease token is stale') end
-local maxlen, room = tonumber(ARGV[2]), ARGV[3]
-local gen_size, keep, buckets, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
-local marker_gens = tonumber(ARGV[8])
-local out, items = {}, {}
+local maxlen = tonumber(ARGV[2])
+local at = tb_rec_begin(3)
+local out = {}
 local before = redis.call('XLEN', KEYS[2])
 local added = 0
-local this_call = {}  -- markers written by this call: the map gets them only at the end
-local at = 9
 while at <= #ARGV do
-  local count = tonumber(ARGV[at + 4])
-  local marker = ARGV[at] .. '\31' .. ARGV[at + 1]
-  local done = this_call[marker] or tb_find(room, gen_size, marker_gens, ARGV[at], ARGV[at + 1])
+  local payload, native_id = ARGV[at], ARGV[at + 1]
+  local done
+  done, at = tb_rec_delivery(at + 2)
   if done then
     out[#out + 1] = done
   else
-    redis.call('XADD', KEYS[2], 'MAXLEN', maxlen, '*', 'd', ARGV[at + 2])
-    for j = at + 5, at + 4 + 3 * count do items[#items + 1] = ARGV[j] end
-    out[#out + 1] = ARGV[at + 3]
-    this_call[marker] = ARGV[at + 7]  -- what tb_find will answer: the marker item's value
+    redis.call('XADD', KEYS[2], 'MAXLEN', maxlen, '*', 'd', payload)
+    out[#out + 1] = native_id
     added = added + 1
   end
-  at = at + 5 + 3 * count
 end
-if added > 0 then tb_put(room, gen_size, keep, buckets, ttl, added, items, 1, #items / 3) end
+tb_rec_end()
 local dropped = before + added - maxlen
 if dropped < 0 then dropped = 0 end
 out[#out + 1] = dropped
@@ -82,20 +76,16 @@ class ApiBuffer:
         idmap = self.ctx.idmap
         assert idmap is not None, "the api adapter records its deliveries in the id map"
         fence = self.ctx.fence()
-        keys = [fence.key if fence else f"{self.ctx.key_prefix}:fence:none", self.buffer_key]
+        keys = [fence.key if fence else self.ctx.key("unfenced"), self.buffer_key]  # unfenced: never read
         # an api account has one channel: every delivery here is to one room
-        room = idmap.room(self.name, deliveries[0].channel)
         assert all(d.channel == deliveries[0].channel for d in deliveries)
-        args: list[Any] = [fence.token if fence else "", self.buffer_size, room, *idmap.header()]
+        args: list[Any] = [fence.token if fence else "", self.buffer_size]
+        args += idmap.recording_args(self.name, deliveries[0].channel)
         for delivery in deliveries:
             # 8 random bytes: unique per room, and a compact map entry
             native_id = os.urandom(8).hex() if delivery.event.kind == EventKind.MESSAGE else ""
-            items = idmap.record_items(delivery, native_id or None)
-            marker_bucket, marker_field, _ = items[0]  # the first item is the delivered-marker
-            args += [marker_bucket, marker_field, orjson.dumps(self.message_for(delivery, native_id))]
-            args += [native_id, len(items)]
-            for item in items:
-                args.extend(item)
+            args += [orjson.dumps(self.message_for(delivery, native_id)), native_id]
+            args += idmap.delivery_args(delivery, native_id or None)
         try:
             *stored, dropped = await self._deliver_many(keys=keys, args=args)
         except ResponseError as exc:
