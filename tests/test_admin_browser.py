@@ -20,6 +20,7 @@ import pytest
 import redis as sync_redis
 from playwright.sync_api import Browser, Page, expect
 
+from bridge.keys import admin_failed_all_key, admin_failed_key, dead_letters_key, paused_key
 from tests.admin_rig import PASSWORD, PASSWORD_HASH, USER
 from tests.browser_rig import chromium, screenshot
 from tests.helpers import Daemon, RedisServer, WorkerProcess, free_port, wait_for, wait_quiet
@@ -213,7 +214,7 @@ def test_operator_pauses_resumes_and_replays_through_the_page(fleet: Fleet, page
     # a delivery Talk refuses for good is dead-lettered; the operator replays it
     fleet.talk.call("fail_next", 400)
     fleet.a.post("refused once")
-    wait_for(lambda: fleet.redis.xlen("tb:dlq") == 1, what="the dead letter")
+    wait_for(lambda: fleet.redis.xlen(dead_letters_key("tb")) == 1, what="the dead letter")
     expect(row(page, "nctalkbot.talk").locator("td.num a")).to_have_text("1")
     page.get_by_role("link", name="Dead letters").first.click()
     expect(page.locator("tr[data-id]")).to_have_count(1)
@@ -224,7 +225,7 @@ def test_operator_pauses_resumes_and_replays_through_the_page(fleet: Fleet, page
     page.get_by_role("button", name="Replay").click()
     expect(page.locator(".flash")).to_contain_text("replayed 1 dead letter(s)")
     wait_for(lambda: "[api/a] <alice> refused once" in fleet.talk_texts(), what="the replayed message in Talk")
-    assert fleet.redis.xlen("tb:dlq") == 0
+    assert fleet.redis.xlen(dead_letters_key("tb")) == 0
     assert fleet.talk_texts().count("[api/a] <alice> refused once") == 1
 
 
@@ -234,7 +235,7 @@ def test_a_wrong_password_is_refused(fleet: Fleet, page: Page) -> None:
     expect(page).to_have_url(fleet.admin + "/login")
     screenshot(page, "admin-login-refused")
     assert page.context.cookies() == [] or all(c["name"] != "tb_admin" for c in page.context.cookies())
-    fleet.redis.delete("tb:admin:failed:127.0.0.1", "tb:admin:failed-all")
+    fleet.redis.delete(admin_failed_key("tb", "127.0.0.1"), admin_failed_all_key("tb"))
 
 
 def test_no_page_is_reachable_without_the_session(fleet: Fleet, page: Page) -> None:
@@ -245,7 +246,7 @@ def test_no_page_is_reachable_without_the_session(fleet: Fleet, page: Page) -> N
     stream = page.request.get(fleet.admin + "/events")
     assert stream.status == 401
     action = page.request.post(fleet.admin + "/accounts/api.a/pause", form={"csrf": "x"})
-    assert action.status == 401 and not fleet.redis.exists("tb:paused:{api.a}")
+    assert action.status == 401 and not fleet.redis.exists(paused_key("tb", "api.a"))
 
 
 def test_a_state_change_without_the_csrf_token_is_refused(fleet: Fleet, page: Page) -> None:
@@ -260,6 +261,6 @@ def test_a_state_change_without_the_csrf_token_is_refused(fleet: Fleet, page: Pa
     token = page.locator('input[name="csrf"]').first.get_attribute("value")
     ok = page.request.post(fleet.admin + "/accounts/api.a/restart", form={"csrf": token or ""}, max_redirects=0)
     assert ok.status == 303
-    assert not fleet.redis.exists("tb:paused:{api.a}")
+    assert not fleet.redis.exists(paused_key("tb", "api.a"))
     # the restart was obeyed: the account reconnects under a new lease tenure
     expect(row(page, "api.a")).to_have_attribute("data-state", "connected")

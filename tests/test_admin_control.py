@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from bridge import control
 from bridge.admin import fleet
 from bridge.bus import Bus, BusSettings
+from bridge.keys import fence_key
 from tests.helpers import Daemon, RedisServer, api_pair_config, free_port, wait_for, wait_quiet
 from tests.talkbot_rig import SECRET
 from tests.talkserver import ThreadedTalkServer
@@ -136,9 +137,9 @@ def test_a_restart_reconnects_the_account_under_a_new_tenure(
     store = sync_redis.Redis.from_url(url)
     try:
         wait_for(lambda: status(url, "api.a").state == "connected", timeout=30, what="api.a connected")
-        tenure = int(store.get("tb:fence:{api.a}"))
+        tenure = int(store.get(fence_key("tb", "api.a")))
         run(url, lambda redis, bus: control.restart(redis, bus.prefix, "api.a"))
-        wait_for(lambda: int(store.get("tb:fence:{api.a}")) > tenure, what="api.a under a new lease tenure")
+        wait_for(lambda: int(store.get(fence_key("tb", "api.a"))) > tenure, what="api.a under a new lease tenure")
         wait_for(lambda: status(url, "api.a").state == "connected", timeout=30, what="api.a connected again")
         wait_for(lambda: a.post("after the restart"), timeout=30, what="posting after the restart")
         wait_for(lambda: "after the restart" in b.texts(), what="the message crossing after the restart")

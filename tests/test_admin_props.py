@@ -19,6 +19,7 @@ import redis as sync_redis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from bridge.keys import dead_letters_key, outbound_key
 from tests.admin_rig import AdminClient, AdminServer, admin_config
 from tests.helpers import RedisServer, free_port
 from tests.test_admin_web import add_dead_letters, delivery_payload
@@ -37,7 +38,9 @@ def rig(
     config = admin_config(tmp_path_factory.mktemp("admin-props"), redis_server.url, free_port())
     server = AdminServer(config, redis_server.url).start()
     asyncio.run(
-        add_dead_letters(redis_server.url, [("tb:out:{api.b}", delivery_payload(f"x{i}"), "e") for i in range(5)])
+        add_dead_letters(
+            redis_server.url, [(outbound_key("tb", "api.b"), delivery_payload(f"x{i}"), "e") for i in range(5)]
+        )
     )
     client = AdminClient(server.base)
     assert client.login().status_code == 303
@@ -54,7 +57,7 @@ def state(store: sync_redis.Redis) -> tuple[object, ...]:
     return (
         sorted(store.keys("tb:paused:*")),
         sorted((k, store.get(k)) for k in store.keys("tb:restart:*")),
-        [entry_id for entry_id, _ in store.xrange("tb:dlq")],
+        [entry_id for entry_id, _ in store.xrange(dead_letters_key("tb"))],
         sorted((k, store.xlen(k)) for k in store.keys("tb:out:*") + store.keys("tb:in:*")),
     )
 
@@ -181,7 +184,7 @@ def test_with_the_csrf_token_hostile_targets_get_a_4xx_and_change_nothing(
     rig: tuple[AdminServer, AdminClient, sync_redis.Redis], path: str, ids: list[str], extra: dict[str, object]
 ) -> None:
     _, client, store = rig
-    existing = {entry_id.decode() for entry_id, _ in store.xrange("tb:dlq")}
+    existing = {entry_id.decode() for entry_id, _ in store.xrange(dead_letters_key("tb"))}
     ids = [one for one in ids if one not in existing]  # never a dead letter that is there
     before = state(store)
     form = {**{k: v for k, v in extra.items() if k not in ("csrf", "id")}, "csrf": client.csrf(), "id": ids}

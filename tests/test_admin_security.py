@@ -22,6 +22,7 @@ import redis as sync_redis
 from bridge.admin.passwords import PasswordCheck
 from bridge.cli import main as cli_main
 from bridge.config import ConfigError
+from bridge.keys import admin_failed_all_key, admin_failed_key, dead_letters_key, log_key, outbound_key, paused_key
 from bridge.metrics import Metrics
 from bridge.rejections import RejectionLog
 from tests.admin_rig import PASSWORD, USER, AdminClient, AdminServer, admin_config
@@ -151,10 +152,10 @@ def test_attackers_holding_the_overall_limit_do_not_lock_out_a_known_address(
     try:
         assert admin.login().status_code == 303  # the administrator's address is known from now on
         assert admin.post("/logout", csrf=admin.csrf()).status_code == 303
-        assert int(store.get("tb:admin:failed-all") or 0) == 0  # a correct login took its attempt back
+        assert int(store.get(admin_failed_all_key("tb")) or 0) == 0  # a correct login took its attempt back
         sources = {f"127.0.0.{n}": [f"guess {n}.{i}" for i in range(20)] for n in range(2, 6)}
         asyncio.run(bursts(server.base, sources))
-        assert int(store.get("tb:admin:failed-all")) >= LIMIT_ALL
+        assert int(store.get(admin_failed_all_key("tb"))) >= LIMIT_ALL
         # the attackers' own addresses and new ones are refused, even with the right password…
         for refused in (AdminClient(server.base, "127.0.0.2"), stranger):
             resp = refused.login()
@@ -197,7 +198,7 @@ def test_ipv6_clients_are_counted_by_their_64(server: AdminServer) -> None:
     assert auth._fail_key("2001:db8:1:2:aaaa::1") == auth._fail_key("2001:db8:1:2:bbbb::9")
     assert auth._fail_key("2001:db8:1:2::1") != auth._fail_key("2001:db8:1:3::1")
     assert auth._fail_key("::ffff:192.0.2.7") == auth._fail_key("192.0.2.7")
-    assert auth._fail_key("127.0.0.1") == "tb:admin:failed:127.0.0.1"
+    assert auth._fail_key("127.0.0.1") == admin_failed_key("tb", "127.0.0.1")
 
 
 # DNS rebinding ------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_a_foreign_host_name_gets_nothing(server: AdminServer, store: sync_redis
             login = {"login_token": token, "user": USER, "password": PASSWORD}
             resp = admin.http.post("/login", data=login, headers=headers)
             assert resp.status_code == 421 and "tb_admin" not in resp.headers.get("set-cookie", "")
-        assert not store.exists("tb:paused:{api.a}")
+        assert not store.exists(paused_key("tb", "api.a"))
         for missing_or_bad in ("", "127.0.0.1:x", "[::1", "127.0.0.1:80:80", "a b"):
             assert admin.http.get("/login", headers={"Host": missing_or_bad}).status_code == 421, missing_or_bad
         # the page's names on any port: an SSH tunnel from another local port
@@ -253,8 +254,8 @@ def test_configured_hosts_replace_the_defaults(tmp_path: Path, redis_server: Red
 
 # ids Redis refuses --------------------------------------------------------------------------------------
 def test_ids_redis_refuses_are_a_400(server: AdminServer, store: sync_redis.Redis, tmp_path: Path) -> None:
-    asyncio.run(add_dead_letters(server.redis_url, [("tb:out:{api.b}", delivery_payload("x"), "e")]))
-    store.xadd("tb:log", {"ts": "1", "level": "ERROR", "message": "m", "account": "", "instance": "i"})
+    asyncio.run(add_dead_letters(server.redis_url, [(outbound_key("tb", "api.b"), delivery_payload("x"), "e")]))
+    store.xadd(log_key("tb"), {"ts": "1", "level": "ERROR", "message": "m", "account": "", "instance": "i"})
     admin = AdminClient(server.base)
     try:
         assert admin.login().status_code == 303
@@ -268,7 +269,7 @@ def test_ids_redis_refuses_are_a_400(server: AdminServer, store: sync_redis.Redi
         for edge in ("0-1", "1-0", "18446744073709551615-18446744073709551615", "000001-0"):
             assert admin.http.get(f"/dead-letters?before={edge}").status_code == 200, edge
             assert admin.http.get(f"/logs?before={edge}").status_code == 200, edge
-        assert store.xlen("tb:dlq") == 1
+        assert store.xlen(dead_letters_key("tb")) == 1
     finally:
         admin.close()
     assert cli_main(["dlq", "discard", "0-0", "--config", str(server.config.path)], out=io.StringIO()) == 2

@@ -29,7 +29,22 @@ from bridge.cli import main as cli_main
 from bridge.config import ConfigError
 from bridge.control import announcement, rate_bucket
 from bridge.events import Delivery, Event, EventKind
-from bridge.keys import inbound_key, instance_key, rate_key, state_key
+from bridge.keys import (
+    alerts_key,
+    control_channel,
+    dead_letters_key,
+    inbound_key,
+    instance_key,
+    instances_key,
+    log_key,
+    outbound_key,
+    paused_key,
+    queue_name,
+    rate_key,
+    restart_key,
+    state_key,
+    workers_key,
+)
 from bridge.lease import lease_key
 from tests.admin_rig import PASSWORD, USER, AdminClient, AdminServer, admin_config
 from tests.helpers import ROOT, RedisServer, free_port, wait_for
@@ -166,7 +181,7 @@ def test_state_changes_need_the_sessions_csrf_token(admin: AdminClient, store: s
     assert control_keys(store) == []
     resp = admin.post("/accounts/api.a/pause", csrf=token, next="/")
     assert resp.status_code == 303 and resp.headers["Location"] == "/"
-    assert store.exists("tb:paused:{api.a}")
+    assert store.exists(paused_key("tb", "api.a"))
     assert "api.a paused" in admin.http.get("/").text  # the flash, once
     assert "api.a paused" not in admin.http.get("/").text
 
@@ -175,19 +190,19 @@ def test_pause_resume_and_restart_are_requests_in_redis_announced_on_the_control
     admin: AdminClient, store: sync_redis.Redis
 ) -> None:
     pubsub = store.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe("tb:control")
+    pubsub.subscribe(control_channel("tb"))
     token = admin.csrf()
     try:
         assert admin.post("/accounts/api.b/pause", csrf=token).status_code == 303
-        record = json.loads(store.get("tb:paused:{api.b}"))
+        record = json.loads(store.get(paused_key("tb", "api.b")))
         assert record["by"] == USER and abs(record["at"] - time.time()) < 60
         assert admin.post("/accounts/api.b/pause", csrf=token).status_code == 303  # twice: still one pause
         assert "was paused already" in admin.http.get("/").text
         assert admin.post("/accounts/api.b/restart", csrf=token).status_code == 303
         assert admin.post("/accounts/api.b/restart", csrf=token).status_code == 303
-        assert store.get("tb:restart:{api.b}") == b"2"
+        assert store.get(restart_key("tb", "api.b")) == b"2"
         assert admin.post("/accounts/api.b/resume", csrf=token).status_code == 303
-        assert not store.exists("tb:paused:{api.b}")
+        assert not store.exists(paused_key("tb", "api.b"))
         got: list[bytes] = []
         wait_for(lambda: got.append(m["data"]) if (m := pubsub.get_message(timeout=0.1)) else len(got) >= 5,
                  what="5 control messages")  # fmt: skip
@@ -223,10 +238,12 @@ def rows(html: str) -> list[str]:
 def test_dead_letters_paged_filtered_inspected_replayed_and_discarded(
     admin: AdminClient, store: sync_redis.Redis, server: AdminServer
 ) -> None:
-    letters = [("tb:out:{api.b}", delivery_payload(f"b{i}"), f"TransientError: 503 #{i}") for i in range(120)]
+    letters = [
+        (outbound_key("tb", "api.b"), delivery_payload(f"b{i}"), f"TransientError: 503 #{i}") for i in range(120)
+    ]
     letters += [(inbound_key("tb", "api.a"), b"not json", "unreadable event") for _ in range(30)]
     asyncio.run(add_dead_letters(server.redis_url, letters))
-    ids = [entry_id.decode() for entry_id, _ in store.xrange("tb:dlq")]
+    ids = [entry_id.decode() for entry_id, _ in store.xrange(dead_letters_key("tb"))]
 
     seen: list[str] = []
     url = "/dead-letters"
@@ -254,10 +271,10 @@ def test_dead_letters_paged_filtered_inspected_replayed_and_discarded(
     )
     token = admin.csrf()
     assert admin.post("/dead-letters/replay", csrf=token, id=one, next="/dead-letters").status_code == 303
-    [(_, fields)] = store.xrange("tb:out:{api.b}")
+    [(_, fields)] = store.xrange(outbound_key("tb", "api.b"))
     assert fields[b"d"] == letters[5][1]
     assert admin.post("/dead-letters/discard", csrf=token, id=[ids[0], ids[1]]).status_code == 303
-    assert store.xlen("tb:dlq") == 147
+    assert store.xlen(dead_letters_key("tb")) == 147
     assert admin.http.get(f"/dead-letters/{ids[0]}").status_code == 404
     counts = dict(re.findall(r'href="/dead-letters\?account=(api\.[ab])">(\d+)</a>', admin.http.get("/").text))
     assert counts == {"api.a": "30", "api.b": "117"}
@@ -268,7 +285,7 @@ def test_dead_letters_paged_filtered_inspected_replayed_and_discarded(
     assert admin.post("/dead-letters/replay", csrf=token, id=[ids[9]] * 201).status_code == 400
     assert admin.http.get("/dead-letters?before=zz").status_code == 400
     assert admin.http.get("/dead-letters?account=nobody").status_code == 404
-    assert store.xlen("tb:dlq") == 147 and store.xlen("tb:out:{api.b}") == 1
+    assert store.xlen(dead_letters_key("tb")) == 147 and store.xlen(outbound_key("tb", "api.b")) == 1
 
 
 # logs --------------------------------------------------------------------------------------------
@@ -280,7 +297,7 @@ def test_log_view_filters_by_severity_account_and_instance(admin: AdminClient, s
         ("CRITICAL", "", "i2", "<script>alert(1)</script> redis lost"),
     ]
     for level, account, instance, message in records:
-        store.xadd("tb:log", {"ts": f"{time.time():.3f}", "level": level, "logger": f"talkbridge.{account or 'x'}",
+        store.xadd(log_key("tb"), {"ts": f"{time.time():.3f}", "level": level, "logger": f"talkbridge.{account or 'x'}",
                               "account": account, "instance": instance, "message": message})  # fmt: skip
 
     def messages(query: str = "") -> list[str]:
@@ -338,8 +355,8 @@ def test_dashboard_shows_owners_states_instances_rates_and_the_worker_queue(
         await client.aclose()
 
     asyncio.run(a_worker_beats())
-    store.zadd("tb:workers", {"worker-dead-1": int((now - 1) * 1000)})  # its heartbeat expired
-    store.zadd("tb:instances", {"host-1-abc": int((now + 30) * 1000), "gone-1": int((now - 5) * 1000)})
+    store.zadd(workers_key("tb"), {"worker-dead-1": int((now - 1) * 1000)})  # its heartbeat expired
+    store.zadd(instances_key("tb"), {"host-1-abc": int((now + 30) * 1000), "gone-1": int((now - 5) * 1000)})
     store.hset(instance_key("tb", "host-1-abc"), mapping={"version": "9.9.9", "host": "box", "pid": "42",
                                                           "started": f"{now - 7200:.3f}"})  # fmt: skip
     store.set(lease_key("tb", "api.a"), "host-1-abc")
@@ -349,9 +366,9 @@ def test_dashboard_shows_owners_states_instances_rates_and_the_worker_queue(
     store.hset(rate_key("tb", bucket - 1), mapping={"in:api.a": 7, "out:api.a": 5})
     store.hset(rate_key("tb", bucket - 3), mapping={"in:api.a": 3})
     store.hset(rate_key("tb", bucket - 6), mapping={"in:api.a": 1000})  # over a minute ago: not counted
-    store.zadd("tb:arq:queue", {"job-1": 1, "job-2": 2})
+    store.zadd(queue_name("tb"), {"job-1": 1, "job-2": 2})
     # the alert conditions in force (bridge/alerts.py keeps one JSON record per condition)
-    store.hset("tb:alerts", mapping={
+    store.hset(alerts_key("tb"), mapping={
         "dead-letters": json.dumps({"key": "dead-letters", "severity": "warning", "text": "dead letters growing",
                                     "since": now - 60, "account": ""}),
         "account:api.a:credentials": json.dumps({"key": "account:api.a:credentials", "severity": "critical",
@@ -431,9 +448,9 @@ def test_a_page_answers_503_while_redis_is_away(tmp_path: Path, redis_server: Re
 def test_cli_status_and_dlq_discard_agree_with_the_page(
     admin: AdminClient, store: sync_redis.Redis, server: AdminServer, tmp_path: Path
 ) -> None:
-    letters = [("tb:out:{api.a}", delivery_payload(f"a{i}", to="api.a"), "boom") for i in range(4)]
+    letters = [(outbound_key("tb", "api.a"), delivery_payload(f"a{i}", to="api.a"), "boom") for i in range(4)]
     asyncio.run(add_dead_letters(server.redis_url, letters))
-    ids = [entry_id.decode() for entry_id, _ in store.xrange("tb:dlq")]
+    ids = [entry_id.decode() for entry_id, _ in store.xrange(dead_letters_key("tb"))]
     assert 'href="/dead-letters?account=api.a">4</a>' in admin.http.get("/").text
     assert admin.post("/accounts/api.b/pause", csrf=admin.csrf()).status_code == 303
     config_path = server.config.path
@@ -457,16 +474,28 @@ async def test_the_dead_letter_tally_counts_everything_once_then_only_what_is_ne
     tally = fleet.DeadLetterTally(redis, bus.dlq, chunk=7)  # small chunks: the script's paging runs too
     for i in range(30):
         await bus.dead_letter(bus.outbound("api.a" if i % 3 else "api.b"), f"{i + 1}-0", b"x", "e", 1)
-    assert await tally.refresh() == {"tb:out:{api.a}": 20, "tb:out:{api.b}": 10}
+    assert await tally.refresh() == {outbound_key("tb", "api.a"): 20, outbound_key("tb", "api.b"): 10}
     assert tally.recounts == 1
     for i in range(5):
         await bus.dead_letter(bus.inbound("api.b"), f"{i + 100}-0", b"x", "e", 1)
-    assert await tally.refresh() == {"tb:out:{api.a}": 20, "tb:out:{api.b}": 10, inbound_key("tb", "api.b"): 5}
-    assert await tally.refresh() == {"tb:out:{api.a}": 20, "tb:out:{api.b}": 10, inbound_key("tb", "api.b"): 5}
+    assert await tally.refresh() == {
+        outbound_key("tb", "api.a"): 20,
+        outbound_key("tb", "api.b"): 10,
+        inbound_key("tb", "api.b"): 5,
+    }
+    assert await tally.refresh() == {
+        outbound_key("tb", "api.a"): 20,
+        outbound_key("tb", "api.b"): 10,
+        inbound_key("tb", "api.b"): 5,
+    }
     assert tally.recounts == 1  # appends and quiet refreshes never read the old letters again
     gone = await fleet.discard(bus, [(await bus.dead_letters(1))[0].id])  # the oldest: an api.b one
     tally.forget(gone)
-    assert (await tally.refresh())["tb:out:{api.b}"] == 9 and tally.recounts == 1
+    assert (await tally.refresh())[outbound_key("tb", "api.b")] == 9 and tally.recounts == 1
     await fleet.replay(bus, [(await bus.dead_letters(1))[0].id])  # behind the tally's back (the CLI)
-    assert await tally.refresh() == {"tb:out:{api.a}": 19, "tb:out:{api.b}": 9, inbound_key("tb", "api.b"): 5}
+    assert await tally.refresh() == {
+        outbound_key("tb", "api.a"): 19,
+        outbound_key("tb", "api.b"): 9,
+        inbound_key("tb", "api.b"): 5,
+    }
     assert tally.recounts == 2

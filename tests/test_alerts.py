@@ -22,6 +22,7 @@ from bridge.alerts import ALERT_SOURCE, Alerts, outbound_publisher, subject_of
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config, ConfigError, load_config
 from bridge.events import Delivery
+from bridge.keys import alerts_key
 from bridge.options import protocol_specs
 from tests.helpers import RedisServer, free_port
 from tests.talkbot_rig import SECRET
@@ -119,7 +120,7 @@ async def test_many_instances_firing_at_once_post_one_message_and_one_resolved(
     texts = await room(redis)
     assert len(texts) == 1
     assert texts[0].startswith("[talkbridge CRITICAL] nctalkbot.ops: credentials refused (since 2025-06-15 ")
-    record = orjson.loads(await redis.hget("tb:alerts", key))
+    record = orjson.loads(await redis.hget(alerts_key("tb"), key))
     assert record["key"] == key and record["severity"] == "critical" and record["account"] == "nctalkbot.ops"
     assert record["notified"] == "posted" and record["since"] == clock.now and record["instance"] in ("one", "two")
     clock.now += 95
@@ -130,7 +131,7 @@ async def test_many_instances_firing_at_once_post_one_message_and_one_resolved(
     texts = await room(redis)
     assert len(texts) == 2
     assert texts[1] == f"[talkbridge RESOLVED] nctalkbot.ops: credentials accepted again (after 1m 35s; {key})"
-    assert await redis.hlen("tb:alerts") == 0
+    assert await redis.hlen(alerts_key("tb")) == 0
     # fired again later (past the repeat window): a new episode, posted again
     clock.now += 601
     assert await two.fire(key, "refused again", "critical")
@@ -158,7 +159,7 @@ async def test_an_alert_about_the_admin_rooms_own_account_goes_to_log_and_dashbo
         assert await alerts.fire("worker:breaker", "the admin account's own worker", account=ADMIN)
         assert await alerts.clear(f"account:{ADMIN}:credentials", "fine again")
     assert await room(redis) == []
-    record = orjson.loads(await redis.hget("tb:alerts", "worker:breaker"))
+    record = orjson.loads(await redis.hget(alerts_key("tb"), "worker:breaker"))
     assert record["notified"] == "silent" and record["account"] == ADMIN
     logged = [(r.levelname, r.getMessage(), r.account) for r in caplog.records]  # type: ignore[attr-defined]
     assert logged[0] == ("CRITICAL", f"ALERT account:{ADMIN}:credentials: api.admin: refused (not posted)", ADMIN)
@@ -211,7 +212,7 @@ async def test_a_resolved_over_the_budget_waits_and_a_restart_meanwhile_posts_no
     assert await alerts.clear("worker:b", "b fixed")
     assert len(await room(redis)) == 3
     assert await alerts.fire("worker:b", "b broken again")  # the room still thinks b is broken: nothing to say
-    assert orjson.loads(await redis.hget("tb:alerts", "worker:b"))["notified"] == "posted"
+    assert orjson.loads(await redis.hget(alerts_key("tb"), "worker:b"))["notified"] == "posted"
     clock.now += 61
     assert await alerts.flush() == 1
     texts = await room(redis)

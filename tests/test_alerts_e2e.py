@@ -13,6 +13,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
+from bridge.keys import alerts_key, log_key
 from tests.helpers import Daemon, RedisServer, free_port, start_redis_server, wait_for, wait_quiet
 from tests.talkbot_rig import SECRET
 from tests.talkserver import ThreadedTalkServer
@@ -215,7 +216,7 @@ def test_a_wrong_bot_secret_alerts_once_across_two_instances_and_resolves_once(
     [only] = room.seen
     assert only["userid"] == "talkbridge" and only["account"] == "talkbridge.alerts"
     # the dashboard's record of it (docs/operations-alerts.md)
-    record = client.hget("tb:alerts", "account:nctalkbot.talk:credentials")
+    record = client.hget(alerts_key("tb"), "account:nctalkbot.talk:credentials")
     assert record is not None and '"notified":"posted"' in record.replace(" ", "")
 
     # The fix: the right secret, both instances restarted. The delivery that
@@ -229,11 +230,11 @@ def test_a_wrong_bot_secret_alerts_once_across_two_instances_and_resolves_once(
     assert len(texts) == 2, texts
     assert texts[0] == alert
     assert texts[1].startswith("[talkbridge RESOLVED] nctalkbot.talk: credentials accepted again (after ")
-    assert client.hlen("tb:alerts") == 0
+    assert client.hlen(alerts_key("tb")) == 0
     assert [m.message for m in talk.call("bot_messages", TOKEN, bot)] == ["[api/a] <alice> hello Talk"]
 
     # Every instance streamed its warnings and errors into the fleet's log (bridge/logstream.py).
-    entries = [fields for _id, fields in client.xrange("tb:log")]
+    entries = [fields for _id, fields in client.xrange(log_key("tb"))]
     critical = [e for e in entries if e["level"] == "CRITICAL" and e["account"] == BOT]
     assert {e["logger"] for e in critical} >= {"talkbridge.alerts", f"talkbridge.{BOT}"}
     assert all(set(e) == {"ts", "level", "logger", "account", "instance", "message"} for e in entries)

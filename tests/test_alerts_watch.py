@@ -20,6 +20,7 @@ from bridge.alerts import Alerts, outbound_publisher
 from bridge.alerts_watch import DaemonWatch
 from bridge.bus import Bus, BusSettings
 from bridge.health import AccountHealth
+from bridge.keys import alerts_key, instances_key
 from bridge.metrics import Metrics
 from tests.test_alerts import ADMIN, Clock, config_text, load, room
 
@@ -76,7 +77,7 @@ def watched(redis: Redis, tmp_path: Path) -> Watched:
     metrics = Metrics()
     health = {name: AccountHealth(redis, "tb", name, metrics, logging.getLogger(name)) for name in runners}
     watch = DaemonWatch(
-        alerts, runners, metrics, "tb:instances", bus.dlq, bus.entries_after, clock=mono, wall=wall, room_grace=30.0,
+        alerts, runners, metrics, instances_key("tb"), bus.dlq, bus.entries_after, clock=mono, wall=wall, room_grace=30.0,
         health=health,
     )  # fmt: skip
     return Watched(watch, alerts, runners, metrics, health, bus, mono, wall, redis)
@@ -221,19 +222,21 @@ async def test_an_instance_whose_heartbeat_lapsed_alerts_and_a_clean_leave_does_
     w = watched
     w.wall.now = 2_000_000_000.0
     now_ms = w.wall.now * 1000
-    await w.redis.zadd("tb:instances", {"me": now_ms + 15_000, "crashed": now_ms + 5_000, "leaver": now_ms + 5_000})
+    await w.redis.zadd(
+        instances_key("tb"), {"me": now_ms + 15_000, "crashed": now_ms + 5_000, "leaver": now_ms + 5_000}
+    )
     await w.watch.tick()
-    await w.redis.zrem("tb:instances", "leaver")  # a clean stop removes itself before it lapses
+    await w.redis.zrem(instances_key("tb"), "leaver")  # a clean stop removes itself before it lapses
     await w.watch.tick()
     assert await w.active() == {}
     w.wall.now += 6  # "crashed" never beat again: lapsed (and swept by someone's heartbeat)
-    await w.redis.zadd("tb:instances", {"me": w.wall.now * 1000 + 15_000})
-    await w.redis.zrem("tb:instances", "crashed")
+    await w.redis.zadd(instances_key("tb"), {"me": w.wall.now * 1000 + 15_000})
+    await w.redis.zrem(instances_key("tb"), "crashed")
     await w.watch.tick()
     record = (await w.active())["instance:crashed"]
     assert record["details"] == {"fleet": 2}
     assert record["text"].startswith("instance crashed stopped without leaving: its heartbeat lapsed at 2033-05-18 ")
-    await w.redis.zadd("tb:instances", {"newcomer": w.wall.now * 1000 + 15_000})
+    await w.redis.zadd(instances_key("tb"), {"newcomer": w.wall.now * 1000 + 15_000})
     await w.watch.tick()
     assert await w.active() == {}
     assert (await w.texts())[1].startswith("[talkbridge RESOLVED] crashed replaced: 2 instances alive")
@@ -243,6 +246,6 @@ async def test_the_admin_accounts_own_trouble_stays_out_of_its_room(watched: Wat
     w, admin = watched, watched.runners[ADMIN]
     admin.refused, admin.refused_at = "401", w.mono.now
     await w.watch.tick()
-    record = orjson.loads(await w.redis.hget("tb:alerts", f"account:{ADMIN}:credentials"))
+    record = orjson.loads(await w.redis.hget(alerts_key("tb"), f"account:{ADMIN}:credentials"))
     assert record["notified"] == "silent"
     assert await w.texts() == []

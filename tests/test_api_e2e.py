@@ -142,7 +142,7 @@ def test_health_ready_and_metrics(bridge) -> None:
         'talkbridge_events_in_total{account="api.a"} 1.0',
         'talkbridge_events_out_total{account="api.b"} 1.0',
         'talkbridge_delivery_latency_seconds_count{account="api.b"} 1.0',
-        'talkbridge_stream_pending{stream="tb:out:{api.b}"} 0.0',
+        'talkbridge_stream_pending{stream=outbound_key("tb", "api.b")} 0.0',
         "talkbridge_dead_letter_length 0.0",
     ]
     wait_for(lambda: all(line in httpx.get(base + "/metrics").text for line in expected), what="the metrics")

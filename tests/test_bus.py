@@ -14,6 +14,7 @@ from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
 from bridge.delivery import AccountStopped, DeliveryLoop, RetryPolicy
 from bridge.events import Delivery, Event, EventKind, event_from_wire, event_to_wire
 from bridge.idmap import IdMap
+from bridge.keys import outbound_key
 from bridge.metrics import Metrics
 from tests.helpers import metric
 
@@ -83,7 +84,7 @@ async def drain(loop: DeliveryLoop) -> None:
 
 async def enqueue(redis: Redis, *deliveries: Delivery) -> None:
     for d in deliveries:
-        await redis.xadd("tb:out:{api.b}", {b"d": d.to_wire()})
+        await redis.xadd(outbound_key("tb", "api.b"), {b"d": d.to_wire()})
 
 
 async def test_published_event_round_trips(redis: Redis) -> None:
@@ -137,8 +138,10 @@ async def test_transient_errors_retry_then_dead_letter(redis: Redis) -> None:
     assert [d.text for d in adapter.sent] == ["ok1", "ok2"]  # ok1 succeeded on its 2nd try
     bus = Bus(redis, BusSettings())
     [letter] = await bus.dead_letters()
-    assert letter.stream == "tb:out:{api.b}" and letter.attempts == 3 and "TransientError: 503" in letter.error
-    assert metric(metrics, "talkbridge_dead_letters_total", stream="tb:out:{api.b}") == 1
+    assert (
+        letter.stream == outbound_key("tb", "api.b") and letter.attempts == 3 and "TransientError: 503" in letter.error
+    )
+    assert metric(metrics, "talkbridge_dead_letters_total", stream=outbound_key("tb", "api.b")) == 1
     # Replay puts it back; a now-healthy network takes it.
     adapter.fail = lambda n, d: None
     assert await bus.replay([letter.id]) == 1
@@ -239,7 +242,7 @@ async def test_a_reply_in_the_same_batch_as_its_parent_is_threaded(redis: Redis)
 
 async def test_unreadable_entries_are_dead_lettered_not_fatal(redis: Redis) -> None:
     adapter = RecordingAdapter()
-    await redis.xadd("tb:out:{api.b}", {b"d": b"{not json"})
+    await redis.xadd(outbound_key("tb", "api.b"), {b"d": b"{not json"})
     await enqueue(redis, make_delivery("fine"))
     await drain(loop_for(redis, adapter))
     assert [d.text for d in adapter.sent] == ["fine"]

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from bridge.bus import DELIVER_GROUP, Bus, BusSettings
 from bridge.cli import main
 from bridge.events import Event, EventKind, event_to_wire
+from bridge.keys import outbound_key, workers_key
 from tests.helpers import RedisServer, api_pair_config
 
 
@@ -26,8 +27,8 @@ async def test_status_reports_length_lag_pending_and_dead_letters(
     out = io.StringIO()
     assert await _main(["status", "--config", str(path)], out) == 0
     lines = out.getvalue().splitlines()
-    row = next(line.split() for line in lines if line.startswith("tb:out:{api.b}"))
-    assert row[:4] == ["tb:out:{api.b}", "3", "2", "1"]
+    row = next(line.split() for line in lines if line.startswith(outbound_key("tb", "api.b")))
+    assert row[:4] == [outbound_key("tb", "api.b"), "3", "2", "1"]
     assert lines[-1] == "dead letters: 1"
 
 
@@ -141,7 +142,7 @@ def test_a_worker_started_before_the_daemon_waits_for_its_redis_and_runs(tmp_pat
         wait_for(lambda: WorkerProcess.READY in worker.log(), timeout=30, what="the worker runs")
         client = sync_redis.Redis(unix_socket_path=EmbeddedRedis(tmp_path / "data").socket_path)
         try:  # on the management page's Workers table: its heartbeat is in the daemon's Redis
-            wait_for(lambda: client.zcard("tb:workers") == 1, what="the worker's heartbeat")
+            wait_for(lambda: client.zcard(workers_key("tb")) == 1, what="the worker's heartbeat")
         finally:
             client.close()
         assert "the daemon's embedded Redis answers after" in worker.log()

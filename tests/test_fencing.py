@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from bridge.bus import Bus, BusSettings
 from bridge.delivery import DeliveryLoop, RetryPolicy
 from bridge.idmap import Fenced, IdMap
+from bridge.keys import lease_key
 from bridge.lease import Lease
 from bridge.metrics import Metrics
 from tests.helpers import Daemon, RedisServer, api_pair_config, free_port, wait_for, wait_quiet
@@ -69,7 +70,7 @@ def balanced(daemons: dict[int, Daemon]) -> bool:
 
 
 def holder_pid(client: sync_redis.Redis, account: str) -> int | None:
-    value = client.get(f"tb:lease:{{{account}}}")
+    value = client.get(lease_key("tb", account))
     if value is None:
         return None
     return int(value.decode().rsplit("-", 2)[1])  # HOST-PID-RANDOM

@@ -9,9 +9,10 @@ from redis.asyncio.cluster import RedisCluster
 
 from bridge.events import Delivery, Event, EventKind
 from bridge.idmap import Fenced, IdMap, canonical_of
+from bridge.keys import outbound_key
 from bridge.lease import Lease
 
-STREAM = "tb:out:{api.b}"
+STREAM = outbound_key("tb", "api.b")
 
 
 def message(account: str, channel: str, native_id: str | None, kind: EventKind = EventKind.MESSAGE) -> Event:

@@ -21,6 +21,7 @@ from bridge.bus import DELIVER_GROUP, Bus, BusSettings
 from bridge.delivery import AccountStopped, DeliveryLoop, RetryPolicy
 from bridge.events import Delivery, Event, EventKind
 from bridge.idmap import IdMap
+from bridge.keys import dead_letters_key, outbound_key
 from bridge.metrics import Metrics
 from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
 from tests.talkbot_rig import SECRET, Rig, bot_section, start_rig, until, until_quiet, write_config
@@ -417,7 +418,7 @@ def test_sigkill_while_a_room_is_parked_loses_and_repeats_nothing(
             return [m.message for m in talk.call("bot_messages", token, bot)]
 
         def pending() -> int:
-            summary = client.xpending(f"tb:out:{{{TALK}}}", DELIVER_GROUP)
+            summary = client.xpending(outbound_key("tb", TALK), DELIVER_GROUP)
             return summary["pending"] if summary else 0
 
         def failures(token: str) -> int:
@@ -439,7 +440,7 @@ def test_sigkill_while_a_room_is_parked_loses_and_repeats_nothing(
         expected = [f"<bob> m{i:02d}" for i in range(20)]
         for token in rooms:
             assert texts(token) == expected, token  # nothing lost, nothing twice, in order
-        assert client.xlen("tb:dlq") == 0
+        assert client.xlen(dead_letters_key("tb")) == 0
     finally:
         daemon.stop()
         client.close()

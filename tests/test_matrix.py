@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from bridge.adapter import AccountFailed, PermanentError
 from bridge.events import Attachment, EventKind
+from bridge.keys import degraded_key
 from tests.helpers import metric
 from tests.matrix_rig import ACCOUNT, api_event, delivery, new_room, room_config, start_rig
 from tests.synapse_rig import SynapseServer
@@ -246,7 +247,7 @@ async def test_an_encrypted_room_is_refused_visibly(tmp_path: Path, redis: Redis
                             "device_id": "D", "session_id": "s"}, etype="m.room.encrypted")  # fmt: skip
         [event] = await until(rig.events, what="the notice")
         assert "encrypted" in event.text and event.sender_id == room.alice.user_id
-        degraded = await redis.get(f"tb:degraded:{{{ACCOUNT}}}")
+        degraded = await redis.get(degraded_key("tb", ACCOUNT))
         assert degraded is not None and b"encrypted" in degraded
         with pytest.raises(PermanentError, match="encrypted"):
             await rig.adapter.send(delivery(api_event("hello", native_id="1"), r))

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from bridge.keys import account_key
+from bridge.keys import account_key, dead_letters_key, degraded_key
 from tests.helpers import (
     ROOT,
     SENTINEL,
@@ -192,7 +192,7 @@ def test_a_homeserver_restart_mid_stream_loses_nothing(hs: Bridge) -> None:
         b.post(text=f"to matrix {i}")
     try:
         wait_for(lambda: "degraded" in str(httpx.get(f"http://127.0.0.1:{b.daemon.http_port}/readyz").json())
-                 or b.redis.get(f"tb:degraded:{{{ACCOUNT}}}"), timeout=30, what="degraded")  # fmt: skip
+                 or b.redis.get(degraded_key("tb", ACCOUNT)), timeout=30, what="degraded")  # fmt: skip
     finally:
         b.synapse.start()
     b.room.alice.text(b.r, "after the restart")
@@ -203,7 +203,9 @@ def test_a_homeserver_restart_mid_stream_loses_nothing(hs: Bridge) -> None:
     assert texts == [f"[api] <zoe> to matrix {i}" for i in range(10)]
     assert len(through_sentinel(lambda: b.post(text=SENTINEL), lambda: [e["content"]["body"] for e in b.bridged()],
                                 has_sentinel)) == 10  # fmt: skip
-    assert b.redis.xlen("tb:dlq") == 0  # the outage delayed the deliveries; it did not spend their attempts
+    assert (
+        b.redis.xlen(dead_letters_key("tb")) == 0
+    )  # the outage delayed the deliveries; it did not spend their attempts
 
 
 def test_synapse_default_rate_limits_are_waited_out(
@@ -217,7 +219,7 @@ def test_synapse_default_rate_limits_are_waited_out(
             texts = wait_for(lambda b=b: _bodies(b, 25), timeout=120, what="the burst")
             assert texts == [f"[api] <zoe> burst {i}" for i in range(25)]
             assert "M_LIMIT_EXCEEDED" in b.daemon.log() or "rate limited" in b.daemon.log()
-            assert b.redis.xlen("tb:dlq") == 0
+            assert b.redis.xlen(dead_letters_key("tb")) == 0
     finally:
         strict.stop()
 

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from bridge.adapter import PermanentError, RateLimited, ServerUnavailable, TransientError
 from bridge.events import Attachment, Event, EventKind
+from bridge.keys import degraded_key
 from tests.helpers import metric
 from tests.nctalk_rig import PASSWORD, UserRig, delivery, gateway, load, start_user_rig, user_section
 from tests.talkbot_rig import until, until_quiet
@@ -303,7 +304,7 @@ async def test_a_failing_room_backs_off_exponentially_with_jitter_up_to_the_cap(
         step = min(low * 2**i, high)
         assert step / 2 <= delay <= step
     assert room_failed(rig) == 1
-    assert b"room room1234" in (await rig.redis.get("tb:degraded:{nctalk.cloud}") or b"")
+    assert b"room room1234" in (await rig.redis.get(degraded_key("tb", "nctalk.cloud")) or b"")
 
 
 async def test_a_revoked_password_stops_the_account_after_one_burst_and_resumes_when_fixed(
@@ -326,7 +327,7 @@ async def test_a_revoked_password_stops_the_account_after_one_burst_and_resumes_
         refused = [q for q in talk.user_requests if q.status == 401]
         assert all("/cloud/capabilities" in q.path for q in refused[burst:])
         assert not send.done() and not [m for m in talk.messages(ROOM) if m.actor.id == "bridge"]
-        assert b"credentials refused" in (await redis.get("tb:degraded:{nctalk.cloud}") or b"")
+        assert b"credentials refused" in (await redis.get(degraded_key("tb", "nctalk.cloud")) or b"")
         # fixed on the server: the next probe passes, polling and sending resume
         talk.grant_password("bridge", PASSWORD)
         native = await asyncio.wait_for(send, 30)
@@ -336,7 +337,7 @@ async def test_a_revoked_password_stops_the_account_after_one_burst_and_resumes_
         await until(lambda: _at_least(r, 3), what="the messages posted while refused, and after")
         assert sorted(await until_quiet(r.texts)) == ["after the fix", "wakes the other", "wakes the poll"]
         assert metric(r.metrics, "talkbridge_account_failed", account=ACCOUNT) == 0
-        assert await redis.get("tb:degraded:{nctalk.cloud}") is None
+        assert await redis.get(degraded_key("tb", "nctalk.cloud")) is None
         assert r.task is not None and not r.task.done()  # receive never ended: it waited
     finally:
         await r.close()
@@ -449,7 +450,7 @@ async def test_a_room_behind_the_lobby_fails_with_backoff_and_relays_what_was_sa
     talk.set_lobby(ROOM, True)
     await talk.post(ROOM, alice, "wakes the held poll")  # the poll in flight answers; the next meets the lobby
     await until(lambda: room_failed(rig) == 1, what="room failed")
-    assert b"lobby" in (await rig.redis.get("tb:degraded:{nctalk.cloud}") or b"")
+    assert b"lobby" in (await rig.redis.get(degraded_key("tb", "nctalk.cloud")) or b"")
     await talk.post(ROOM, alice, "said behind the lobby")  # alice owns the room: a moderator
     sent = delivery(api_event("to the lobby"), ACCOUNT, ROOM)
     with pytest.raises(TransientError, match=r"answered 412 .*lobby"):
@@ -463,7 +464,7 @@ async def test_a_room_behind_the_lobby_fails_with_backoff_and_relays_what_was_sa
     await until(lambda: _at_least(rig, 2), what="the messages said behind the lobby")
     assert await until_quiet(rig.texts) == ["wakes the held poll", "said behind the lobby"]
     assert _bridge_posts(talk, ROOM) == ["[api/a] <bob> to the lobby"]
-    assert await rig.redis.get("tb:degraded:{nctalk.cloud}") is None
+    assert await rig.redis.get(degraded_key("tb", "nctalk.cloud")) is None
 
 
 async def test_a_ban_fails_the_room_while_others_flow_and_it_recovers_when_lifted(rig, talk, people) -> None:
@@ -471,7 +472,7 @@ async def test_a_ban_fails_the_room_while_others_flow_and_it_recovers_when_lifte
     talk.ban(ROOM, bridge)
     await talk.post(ROOM, alice, "wakes the held poll")
     await until(lambda: room_failed(rig) == 1, what="room failed")
-    assert b"banned" in (await rig.redis.get("tb:degraded:{nctalk.cloud}") or b"")
+    assert b"banned" in (await rig.redis.get(degraded_key("tb", "nctalk.cloud")) or b"")
     await talk.post(OTHER, alice, "the other room flows")
     await until(lambda: _at_least(rig, 2), what="the other room's message")
     with pytest.raises(TransientError, match=r"answered 403 .*banned"):

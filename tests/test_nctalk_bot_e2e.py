@@ -13,7 +13,7 @@ import redis as sync_redis
 
 from adapters.talk.common import reference_id
 from bridge.events import event_from_wire
-from bridge.keys import inbound_key, rooms_key
+from bridge.keys import inbound_key, outbound_key, rooms_key
 from tests.helpers import (
     SENTINEL,
     ConfigToml,
@@ -154,7 +154,7 @@ def test_a_kill_after_delivery_posts_no_duplicate(bridge: Bridge, tmp_path: Path
     wait_for(b.bot_messages, what="first in Talk")
     # Talk's 201 is followed by the record of the delivery and its ack, in one
     # script: wait until the delivery is acknowledged, then kill
-    stream = f"tb:out:{{{ACCOUNT}}}"
+    stream = outbound_key("tb", ACCOUNT)
 
     def acknowledged() -> bool:
         entries = b.redis.xrange(stream)
@@ -213,7 +213,7 @@ def test_a_401_from_talk_is_not_retried(tmp_path: Path, redis_server: RedisServe
         assert b.api.post(text="one", username="bob").status_code == 200
         wait_for(lambda: b.metric('talkbridge_account_failed{account="nctalkbot.talk"} 1.0'), what="account_failed")
         assert b.api.post(text="two", username="bob").status_code == 200
-        wait_for(lambda: b.redis.xlen(f"tb:out:{{{ACCOUNT}}}") >= 2, what="the second delivery queued")
+        wait_for(lambda: b.redis.xlen(outbound_key("tb", ACCOUNT)) >= 2, what="the second delivery queued")
         wait_quiet(lambda: len(b.talk.call("requests", "/message")), what="Talk's requests")  # no retry comes
         assert len(b.talk.call("requests", "/message")) == 1  # one attempt, then the account is paused
         assert b.talk.call("requests", "/message")[0].status == 401

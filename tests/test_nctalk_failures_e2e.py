@@ -23,7 +23,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from bridge.keys import account_key
+from bridge.keys import account_key, dead_letters_key, degraded_key
 from tests.helpers import SENTINEL, ConfigToml, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
 from tests.nctalk_rig import PASSWORD
 from tests.talkserver import ThreadedTalkServer
@@ -140,7 +140,7 @@ def test_a_room_answering_404_is_picked_up_again_while_the_other_flows(setup: Se
     s.talk.call("fail_room", ROOM, 404)
     failed = f'talkbridge_room_failed{{account="{ACCOUNT}",room="{ROOM}"}} 1.0'
     wait_for(lambda: failed in s.metrics(), what="the room shown as failed")
-    assert f"room {ROOM}" in (s.redis.get("tb:degraded:{" + ACCOUNT + "}") or b"").decode()  # talkbridge status
+    assert f"room {ROOM}" in (s.redis.get(degraded_key("tb", ACCOUNT)) or b"").decode()  # talkbridge status
     s.post(ROOM, "posted while the room fails")
     s.post(OTHER, "the other room flows")
     wait_for(lambda: "the other room flows" in s.api.texts(), what="the other room's message")
@@ -153,7 +153,7 @@ def test_a_room_answering_404_is_picked_up_again_while_the_other_flows(setup: Se
     assert f'talkbridge_room_failed{{account="{ACCOUNT}",room="{ROOM}"}} 0.0' in s.metrics()
     log = s.daemon.log()
     assert f"ALERT: room {ROOM} failing" in log and f"room {ROOM} recovered" in log
-    assert s.redis.get("tb:degraded:{" + ACCOUNT + "}") is None
+    assert s.redis.get(degraded_key("tb", ACCOUNT)) is None
 
 
 def test_talk_in_maintenance_longer_than_the_retry_budget_delays_messages_and_loses_none(setup: Setup) -> None:
@@ -174,12 +174,12 @@ def test_talk_in_maintenance_longer_than_the_retry_budget_delays_messages_and_lo
         return int(found.group(1)) if found else 0
 
     wait_for(lambda: tried() >= 7, timeout=60, what="more tries than MaxDeliveries")
-    assert s.redis.xlen("tb:dlq") == 0 and s.by_bridge(ROOM) == []
+    assert s.redis.xlen(dead_letters_key("tb")) == 0 and s.by_bridge(ROOM) == []
     s.talk.call("set_maintenance", False)
     expected = [f"[api] <bob> {text}" for text in sent]
     wait_for(lambda: s.by_bridge(ROOM) == expected, timeout=60, what="the held messages in Talk")
     assert s.talk_settled("one", ROOM) == expected
-    assert s.redis.xlen("tb:dlq") == 0
+    assert s.redis.xlen(dead_letters_key("tb")) == 0
     s.post(ROOM, "after the upgrade")
     wait_for(lambda: "after the upgrade" in s.api.texts(), timeout=30, what="the poll resumed")
     assert "the server is away for room1234" in s.daemon.log()
@@ -218,7 +218,7 @@ def test_a_revoked_password_makes_a_bounded_number_of_requests_and_resumes_when_
     assert all(r.method == "GET" and "/cloud/capabilities" in r.path for r in probes)
     assert all(b.at - a.at >= PROBE - CLOCKS for a, b in itertools.pairwise(probes))  # one per RefusedRetrySeconds
     assert not s.requests("/chat/", "POST") and "credentials refused" in s.daemon.log()
-    assert b"credentials refused" in (s.redis.get("tb:degraded:{" + ACCOUNT + "}") or b"")
+    assert b"credentials refused" in (s.redis.get(degraded_key("tb", ACCOUNT)) or b"")
 
     s.talk.call("grant_password", "bridge", PASSWORD)  # fixed on the server
     wait_for(lambda: s.by_bridge(ROOM), what="the waiting send posted")
@@ -255,8 +255,8 @@ def test_a_post_to_a_read_only_room_is_dead_lettered_with_the_reason_and_the_oth
     s = setup
     s.talk.call("set_read_only", ROOM, True)
     s.api.post("one", text="into the locked room", username="bob")
-    wait_for(lambda: s.redis.xlen("tb:dlq") == 1, timeout=60, what="the dead letter")
-    [(_id, letter)] = s.redis.xrange("tb:dlq")
+    wait_for(lambda: s.redis.xlen(dead_letters_key("tb")) == 1, timeout=60, what="the dead letter")
+    [(_id, letter)] = s.redis.xrange(dead_letters_key("tb"))
     assert letter[b"attempts"] == b"5"
     assert b"answered 403" in letter[b"error"] and b"read-only" in letter[b"error"]
     s.api.post("two", text="to the other room", username="bob")
@@ -264,4 +264,4 @@ def test_a_post_to_a_read_only_room_is_dead_lettered_with_the_reason_and_the_oth
     s.talk.call("set_read_only", ROOM, False)
     s.api.post("one", text="after the unlock", username="bob")
     wait_for(lambda: s.by_bridge(ROOM), what="the message after the unlock")
-    assert s.talk_settled("one", ROOM) == ["[api] <bob> after the unlock"] and s.redis.xlen("tb:dlq") == 1
+    assert s.talk_settled("one", ROOM) == ["[api] <bob> after the unlock"] and s.redis.xlen(dead_letters_key("tb")) == 1

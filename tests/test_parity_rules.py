@@ -34,6 +34,7 @@ from bridge.cli import main
 from bridge.config import Rewrite, load_config
 from bridge.events import Event, EventKind
 from bridge.goregex import GoRegexError, GoRegexp, decode, encode
+from bridge.keys import dead_letters_key
 from bridge.options import ProtocolSpec, protocol_specs
 from bridge.router import Router
 from tests.helpers import Daemon, RedisServer, api_pair_config
@@ -72,7 +73,7 @@ def test_a_group_reference_without_a_group_neither_stops_the_daemon_nor_the_stre
         # the emptied one too: gateway.go checks for empty text before modifyMessage
         assert [m["text"] for m in got] == [" bar", "no match", ""]
         assert daemon.proc is not None and daemon.proc.poll() is None
-        assert client.xlen("tb:dlq") == 0
+        assert client.xlen(dead_letters_key("tb")) == 0
         assert httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=5).status_code == 200
     finally:
         assert daemon.stop() == 0

@@ -23,6 +23,7 @@ from bridge.config import load_config
 from bridge.daemon import Daemon
 from bridge.delivery import DeliveryLoop
 from bridge.events import Delivery, Event, EventKind, event_to_wire
+from bridge.keys import dead_letters_key
 from bridge.metrics import Metrics
 from bridge.relay import RouteLoop
 from bridge.router import Router
@@ -340,7 +341,7 @@ RetryBaseSeconds = 0.05
 
         wait_for(at_b, what="the other account's messages")
         assert received == ["m1", "poison", "m2", "m3"]
-        [(_id, letter)] = client.xrange("tb:dlq")
+        [(_id, letter)] = client.xrange(dead_letters_key("tb"))
         assert letter[b"error"].startswith(b"KeyError: ") and letter[b"attempts"] == b"3"
         assert daemon.proc is not None and daemon.proc.poll() is None
         assert httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=5).status_code == 200

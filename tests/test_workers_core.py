@@ -28,6 +28,7 @@ from bridge.bus import ROUTER_GROUP, Bus, BusSettings
 from bridge.config import ConfigError, load_config
 from bridge.control import live_workers
 from bridge.events import Event, EventKind
+from bridge.keys import alerts_key, log_key
 from bridge.logstream import install as install_log_stream
 from bridge.metrics import Metrics
 from bridge.options import protocol_specs
@@ -329,14 +330,14 @@ def test_a_jobs_alert_reaches_the_admin_room_and_its_warnings_the_log_stream(
             # first beat is written as it starts, before it takes a job)
             [(ident, _, info)] = await live_workers(redis, "tb")
             assert ident == "worker-test" and info["pid"] == str(os.getpid()) and info["max_jobs"] == "10"
-            active = await redis.hgetall("tb:alerts")
+            active = await redis.hgetall(alerts_key("tb"))
             assert list(active) == [b"test:service"]
             assert b'"instance":"worker-test"' in active[b"test:service"]
             await triggers.consider(Event(EventKind.MESSAGE, "api.a", "api", text="!echo up", native_id="u1"))
             await asyncio.to_thread(wait_for, lambda: len(admin_room()) >= 2, 30, 0.05, "the resolution")
             await asyncio.to_thread(wait_quiet, lambda: len(admin_room()))
-            assert await redis.hlen("tb:alerts") == 0
-            records = await redis.xrange("tb:log")
+            assert await redis.hlen(alerts_key("tb")) == 0
+            records = await redis.xrange(log_key("tb"))
             messages = [fields[b"message"].decode() for _, fields in records]
             assert "the test service refused us" in messages
             assert any("ALERT test:service" in m for m in messages)
