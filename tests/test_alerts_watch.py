@@ -77,8 +77,8 @@ def watched(redis: Redis, tmp_path: Path) -> Watched:
     metrics = Metrics()
     health = {name: AccountHealth(redis, "tb", name, metrics, logging.getLogger(name)) for name in runners}
     watch = DaemonWatch(
-        alerts, runners, metrics, instances_key("tb"), bus.dlq, bus.entries_after, clock=mono, wall=wall, room_grace=30.0,
-        health=health,
+        alerts, runners, metrics, instances_key("tb"), bus.dlq, bus.entries_after, clock=mono, wall=wall,
+        room_grace=30.0, health=health,
     )  # fmt: skip
     return Watched(watch, alerts, runners, metrics, health, bus, mono, wall, redis)
 
