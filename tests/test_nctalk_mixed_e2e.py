@@ -25,7 +25,7 @@ import pytest
 import redis as sync_redis
 
 from bridge.keys import account_key
-from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
+from tests.helpers import SENTINEL, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
 from tests.nctalk_rig import PASSWORD
 from tests.talkbot_rig import SECRET
 from tests.talkserver import ThreadedTalkServer
@@ -38,7 +38,8 @@ USER, BOT = "nctalk.user", "nctalkbot.bot"
 @dataclass
 class Api:
     port: int
-    seen: list[dict[str, Any]] = field(default_factory=list)
+    seen: list[dict[str, Any]] = field(default_factory=list)  # without the sentinels
+    sentinels: int = 0
 
     @property
     def base(self) -> str:
@@ -54,7 +55,11 @@ class Api:
         """Everything the api account was given so far (the buffer empties on each read)."""
         resp = httpx.get(f"{self.base}/api/messages", headers={"Authorization": "Bearer api-token"}, timeout=5)
         resp.raise_for_status()
-        self.seen.extend(resp.json())
+        for message in resp.json():
+            if has_sentinel(message["text"]):
+                self.sentinels += 1
+            else:
+                self.seen.append(message)
         return list(self.seen)
 
     def wait(self, predicate: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
@@ -70,22 +75,34 @@ class Mixed:
     alice: Actor  # in the user's room
     carol: Actor  # in the bot's room
 
-    def by_user(self) -> list[Message]:
-        """What the bridge's user account posted in its room."""
-        return [m for m in self.talk.call("messages", USER_ROOM) if m.actor.id == "bridge"]
+    def by_user(self, sentinels: bool = False) -> list[Message]:
+        """What the bridge's user account posted in its room (and the sentinels, if asked)."""
+        posted = [m for m in self.talk.call("messages", USER_ROOM) if m.actor.id == "bridge"]
+        return [m for m in posted if sentinels or not has_sentinel(m.message)]
 
-    def by_bot(self) -> list[Message]:
-        return self.talk.call("bot_messages", BOT_ROOM, self.bot)
+    def by_bot(self, sentinels: bool = False) -> list[Message]:
+        posted = self.talk.call("bot_messages", BOT_ROOM, self.bot)
+        return [m for m in posted if sentinels or not has_sentinel(m.message)]
 
     def message(self, msg_id: int) -> Message:
         return self.talk.state.messages[msg_id]
 
-    def reactions(self, token: str) -> int:
-        return sum(len(who) for x in self.talk.call("messages", token) for who in x.reactions.values())
+    def settle(self) -> None:
+        """A sentinel said on each of the three sides, waited for on the two
+        others: an echo or a second copy of anything said before reaches a
+        side before the sentinels do (each room's deliveries go in order)."""
 
-    def posted(self) -> tuple[int, int, int]:
-        """Copies so far: by the user account, by the bot, at the api (an observation for wait_quiet)."""
-        return len(self.by_user()), len(self.by_bot()), len(self.api.messages())
+        def say() -> None:
+            self.talk.call("post", USER_ROOM, self.alice, SENTINEL)
+            self.talk.call("post", BOT_ROOM, self.carol, SENTINEL)
+            self.api.post(text=SENTINEL, username="zoe")
+
+        def seen() -> list[str]:
+            self.api.messages()  # counts the api's sentinels
+            in_talk = self.by_user(sentinels=True) + self.by_bot(sentinels=True)
+            return [m.message for m in in_talk] + [SENTINEL] * self.api.sentinels
+
+        through_sentinel(say, seen, has_sentinel, count=6, what="a sentinel from each side on the two others")
 
 
 def config(tmp_path: Path, redis_url: str, talk_url: str, http: int, api: int) -> Path:
@@ -166,7 +183,7 @@ def test_each_reaches_the_two_others_once_with_its_nick_and_nothing_echoes(mixed
     m.api.post(text="from the api", username="zoe")
     wait_for(lambda: len(m.by_user()) >= 2 and len(m.by_bot()) >= 2, what="two copies in each Talk room")
     m.api.wait(lambda x: x["account"] == BOT, "the bot room's message at the api")
-    wait_quiet(m.posted, what="all three sides")  # an echo or a second copy would show up here
+    m.settle()  # an echo or a second copy would arrive before the sentinels
 
     assert sorted(x.message for x in m.by_user()) == [
         "[api/a] <zoe> from the api", "[nctalkbot/bot] <Carol> from the bot's room"]  # fmt: skip
@@ -214,7 +231,7 @@ def test_replies_cross_every_way(mixed: Mixed) -> None:
     in_user = wait_for(lambda: [x for x in m.by_user() if x.message.endswith("answer from the api")], what="user")
     in_bot = wait_for(lambda: [x for x in m.by_bot() if x.message.endswith("answer from the api")], what="bot")
     assert in_user[0].parent_id == copy.id and in_bot[0].parent_id == question.id
-    wait_quiet(m.posted, what="all three sides")
+    m.settle()
     assert len(m.by_user()) == 3 and len(m.by_bot()) == 3  # question, pong, api / answer, ping, api
 
 
@@ -234,7 +251,7 @@ def test_a_reaction_crosses_between_the_two_talk_rooms(mixed: Mixed) -> None:
     m.talk.call("react", BOT_ROOM, m.carol, bot_copy.id, "🎉")
     wait_for(lambda: m.message(mine.id).reactions, what="the user account's reaction on alice's message")
     assert m.message(mine.id).reactions == {"🎉": ["users/bridge"]}
-    wait_quiet(lambda: (m.posted(), m.reactions(USER_ROOM), m.reactions(BOT_ROOM)), what="reactions")
+    m.settle()  # a reaction relayed twice would arrive before the sentinels
     # each reaction once at the api; the bot's and the user account's own reactions not relayed back
     assert sorted(x["text"] for x in m.api.seen if x["event"] == "reaction_add") == ["🎉", "👍"]
     assert m.message(question.id).reactions == {"👍": [f"bots/bot-{m.bot.url_hash}"]}
@@ -265,7 +282,7 @@ def test_edits_cross_where_the_bot_api_allows(mixed: Mixed) -> None:
     [carols] = wait_for(lambda: [x for x in m.by_user() if x.message.endswith("carol, first")], what="carol's copy")
     m.talk.call("edit", BOT_ROOM, m.carol, theirs.id, "carol, second")
 
-    wait_quiet(m.posted, what="all three sides")
+    m.settle()
     assert [x.message for x in m.by_bot()] == [
         "[nctalk/user] <Alice> first version",
         "[api/a] <zoe> api, first",
