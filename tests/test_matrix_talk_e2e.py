@@ -20,7 +20,7 @@ import pytest
 import redis as sync_redis
 
 from bridge.keys import account_key
-from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
+from tests.helpers import SENTINEL, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
 from tests.matrix_rig import Room, gateway, matrix_section, new_room
 from tests.nctalk_rig import PASSWORD, user_section
 from tests.synapse_rig import SynapseServer
@@ -46,25 +46,41 @@ class MT:
     def r(self) -> str:
         return self.room.room_id
 
-    def in_matrix(self, etype: str = "m.room.message") -> list[dict[str, Any]]:
-        """What the bridge's Matrix bot sent in the room."""
-        return self.room.alice.from_user(self.r, self.room.bot_id, etype)
+    def in_matrix(self, etype: str = "m.room.message", sentinels: bool = False) -> list[dict[str, Any]]:
+        """What the bridge's Matrix bot sent in the room (and the sentinels, if asked)."""
+        sent = self.room.alice.from_user(self.r, self.room.bot_id, etype)
+        return [e for e in sent if sentinels or not has_sentinel(e["content"].get("body"))]
 
     def matrix_texts(self) -> list[dict[str, Any]]:
         """The bridge's Matrix messages that are not edits (and not redacted)."""
         return [e for e in self.in_matrix() if "m.new_content" not in e["content"] and e["content"]]
 
-    def by_user(self) -> list[Message]:
-        return [m for m in self.talk.call("messages", USER_ROOM) if m.actor.id == "bridge"]
+    def by_user(self, sentinels: bool = False) -> list[Message]:
+        posted = [m for m in self.talk.call("messages", USER_ROOM) if m.actor.id == "bridge"]
+        return [m for m in posted if sentinels or not has_sentinel(m.message)]
 
-    def by_bot(self) -> list[Message]:
-        return self.talk.call("bot_messages", BOT_ROOM, self.bot)
+    def by_bot(self, sentinels: bool = False) -> list[Message]:
+        posted = self.talk.call("bot_messages", BOT_ROOM, self.bot)
+        return [m for m in posted if sentinels or not has_sentinel(m.message)]
 
     def message(self, msg_id: int) -> Message:
         return self.talk.state.messages[msg_id]
 
-    def observed(self) -> tuple[int, int, int]:
-        return len(self.in_matrix()), len(self.by_user()), len(self.by_bot())
+    def settle(self) -> None:
+        """A sentinel said on each of the three sides, waited for on the two
+        others: an echo or a second copy of anything said before reaches a
+        side before the sentinels do (each room's deliveries go in order)."""
+
+        def say() -> None:
+            self.room.alice.text(self.r, SENTINEL)
+            self.talk.call("post", USER_ROOM, self.bob, SENTINEL)
+            self.talk.call("post", BOT_ROOM, self.carol, SENTINEL)
+
+        def seen() -> list[str]:
+            in_talk = [m.message for m in self.by_user(sentinels=True) + self.by_bot(sentinels=True)]
+            return in_talk + [e["content"].get("body", "") for e in self.in_matrix(sentinels=True)]
+
+        through_sentinel(say, seen, has_sentinel, count=6, what="a sentinel from each side on the two others")
 
 
 def config(tmp_path: Path, redis_url: str, room: Room, talk_url: str, http: int) -> Path:
@@ -164,8 +180,9 @@ def test_everything_crosses_between_matrix_and_the_talk_user(mt: MT) -> None:
     wait_for(lambda: not [e for e in m.in_matrix() if e["event_id"] == copy["event_id"] and e["content"]],
              what="the redaction in Matrix")  # fmt: skip
 
-    # no echo: nothing the bridge posted came back to where it started
-    wait_quiet(m.observed, what="all three sides")
+    # no echo: nothing the bridge posted came back to where it started (it
+    # would have arrived before the sentinels)
+    m.settle()
     assert len(m.in_matrix("m.reaction")) == 1
     assert sorted(e["content"].get("msgtype", "") for e in m.matrix_texts()) == ["m.image", "m.text"]
     assert len(m.by_user()) == 2  # alice's reply (deleted) and her image
@@ -180,7 +197,7 @@ def test_the_bot_room_gets_and_gives_text_once(mt: MT) -> None:
                          what="the bot room's message in Matrix")  # fmt: skip
     assert in_matrix[0]["content"]["body"] == "[nctalkbot] <Carol> from the bot's room"
     wait_for(lambda: [x for x in m.by_bot() if x.message.endswith("from matrix")], what="Matrix in the bot's room")
-    wait_quiet(m.observed, what="all three sides")
+    m.settle()
     assert [x.message for x in m.by_bot()] == ["[matrix] <Alice> from matrix"]
     assert sorted(x.message for x in m.by_user()) == ["[matrix] <Alice> from matrix",
                                                       "[nctalkbot] <Carol> from the bot's room"]  # fmt: skip
