@@ -63,7 +63,9 @@ class AdminRoom:
         return self.texts()
 
     def settled(self) -> list[str]:
-        """Everything the room got, once nothing more arrives (a duplicate would show now)."""
+        """Everything the room got, once nothing more arrives (a duplicate would show now).
+        A window, not a sentinel: each instance's watcher raises alerts on its
+        own clock, in no order with any message a test could send after them."""
         return wait_quiet(lambda: list(self.texts()), what="the admin room")  # type: ignore[return-value]
 
 

@@ -154,6 +154,7 @@ def stall(a: Account, account: Account, client: sync_redis.Redis) -> list[str]:
         post(a, f"big {n} " + "x" * BIG)
         wait_for(lambda since=since: last_id(client, account.buffer) != since, what="the message delivered")
         if client.xlen(account.buffer) >= 2:
+            # a stall is a standstill: only a window shows it (a sentinel would stall in the buffer too)
             rows = wait_quiet(lambda: client.xrange(account.buffer), what=f"{account.name}'s buffer")
             if len(rows) >= 2:
                 return [json.loads(fields[b"d"])["text"] for _id, fields in rows]

@@ -133,7 +133,9 @@ def test_a_resumed_stale_owner_delivers_nothing_twice(pair) -> None:
         assert len(acked) == PER_CYCLE
         sent.extend(acked)
         wait_for(lambda: receiver.poll() >= len(sent), timeout=60, what="every message")
-        wait_quiet(receiver.poll, what="api.b's buffers")  # a late duplicate would arrive now
+        # a late duplicate would arrive now; a window, as the stale owner's sends are in no order with the
+        # successor's, so a sentinel the successor delivers would not come after them
+        wait_quiet(receiver.poll, what="api.b's buffers")
         assert receiver.got == sent  # all, once each, in order
     assert all(d.proc is not None and d.proc.poll() is None for d in daemons.values())  # nobody crashed
 

@@ -161,6 +161,7 @@ def test_previews_in_an_api_room_and_a_talk_bot_room(bridge: Bridge) -> None:
     assert answer.parent_id == question.id
     assert answer.message.startswith("🎬 Reel by @alice (Alice Person)\nfrom talk\n")
     assert f"Video: https://{CDN2}/v/t51/{reel}.mp4" in answer.message  # a link: the bot API takes no files
+    # windows, not sentinels: previews come from arq jobs, in no order with any message sent after them
     assert wait_quiet(lambda: len(b.bot_previews())) == 1
     assert len(wait_quiet(inbox.previews)) == 1  # the Talk link was relayed to the api room, not previewed there
     assert b.fake.refused == []
@@ -189,7 +190,7 @@ def test_four_workers_never_start_more_than_the_limit_in_a_window(bridge: Bridge
     # limiter's admission and the request reaching the fake)
     for first, fourth in zip(starts, starts[3:], strict=False):
         assert fourth - first >= 11.0, starts
-    [notice] = wait_quiet(inbox.notices)
+    [notice] = wait_quiet(inbox.notices)  # a window: notices come from the jobs, in no order with a message
     assert notice["text"].startswith("⏳ Instagram preview queued (rate limit): about ")
     # the jobs were spread over the workers: the limit held across processes
     busy = [w for w in b.workers if "instagram_preview(" in w.log()]
@@ -209,7 +210,7 @@ def test_a_worker_killed_mid_fetch_the_job_runs_again_and_the_room_gets_one_prev
     second = b.worker(1)
     inbox = Inbox(b.api)
     wait_for(inbox.previews, timeout=60, what="the preview after the re-run")
-    [preview] = wait_quiet(inbox.previews)
+    [preview] = wait_quiet(inbox.previews)  # a window: the dead job's run is in no order with a message
     assert preview["text"].splitlines()[1] == "once"
     assert "try=2" in second.log()  # arq ran the same job again
     assert len(b.fake.extractions()) == 2

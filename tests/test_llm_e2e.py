@@ -115,6 +115,7 @@ def test_a_mention_in_talk_gets_the_models_reply_threaded(
         [reply] = wait_for(b.bot_messages, timeout=120, what="the persona's reply in Talk")
         assert reply.parent_id == question.id  # threaded on the question
         assert reply.message.strip() and not reply.message.startswith("Sorry, Inara")
+        # a window: the reply comes from an arq job, in no order with anything a sentinel could follow
         assert wait_quiet(lambda: len(b.bot_messages())) == 1
         # every webhook Talk sent was answered 200, and the worker logged no failure
         assert {c.status for c in b.talk.state.webhook_calls} == {200}
@@ -145,7 +146,7 @@ def test_a_worker_killed_mid_call_the_job_runs_again_and_the_room_gets_one_reply
         [reply] = wait_for(b.bot_messages, timeout=60, what="the reply after the re-run")
         assert reply.message == "answer 2: Alice: are you there?"  # the second call: the re-run's
         assert reply.parent_id == question.id
-        assert wait_quiet(lambda: len(b.bot_messages())) == 1
+        assert wait_quiet(lambda: len(b.bot_messages())) == 1  # a window: the dead job's run is in no order
         assert len(fake_llm.seen) == 2
         assert "try=2" in second.log()  # arq ran the same job again
     finally:
@@ -171,7 +172,7 @@ def test_a_failing_model_gives_talk_a_short_message_not_a_trace(
         )
         assert reply.parent_id == question.id
         assert "persona inara" in worker.log() and "HTTP 500" in worker.log()  # the admin's detail: in the log
-        assert wait_quiet(lambda: len(fake_llm.seen)) == 1  # no retry
+        assert wait_quiet(lambda: len(fake_llm.seen)) == 1  # no retry (arq's, in no order: a window)
     finally:
         worker.stop()
         gen.close()
