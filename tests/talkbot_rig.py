@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +51,37 @@ async def until(condition: Callable[[], Awaitable[T] | T], within: float = 15.0,
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def until_sentinel(
+    send: Callable[[], object],
+    observe: Callable[[], Awaitable[Sequence[T]] | Sequence[T]],
+    is_sentinel: Callable[[T], bool],
+    count: int = 1,
+    within: float = 30.0,
+    what: str = "the sentinel",
+) -> list[T]:
+    """``tests.helpers.through_sentinel`` for a test whose loop runs in its
+    own event loop: ``send()`` (sync or async) posts the sentinel(s) down the
+    path the run's messages took, ``observe()`` (sync or async) is polled
+    until ``count`` items satisfy ``is_sentinel``; what it shows without them
+    is returned. A duplicate of the run arrives before the sentinel (a room's
+    messages go in order); a sentinel seen more often than sent is one too."""
+    sent = send()
+    if asyncio.iscoroutine(sent):
+        await sent
+
+    async def arrived() -> list[T] | None:
+        items = observe()
+        if asyncio.iscoroutine(items) or isinstance(items, asyncio.Future):
+            items = await items
+        items = list(items)  # type: ignore[arg-type]
+        return items if sum(1 for x in items if is_sentinel(x)) >= count else None
+
+    items = await until(arrived, within=within, what=what)
+    marks = sum(1 for x in items if is_sentinel(x))
+    assert marks == count, f"{what}: {marks} sentinel(s) arrived, {count} sent"
+    return [x for x in items if not is_sentinel(x)]
 
 
 async def until_quiet(

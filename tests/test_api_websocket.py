@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 from adapters.api.encoding import API_ERROR, MESSAGE_FIELDS, BadRequest, ws_message
 from bridge.keys import account_key, inbound_key
-from tests.helpers import Daemon, RedisServer, api_pair_config, wait_quiet
+from tests import helpers
+from tests.helpers import Daemon, RedisServer, api_pair_config, has_sentinel, through_sentinel
 from tests.ingress_props import bodies
 from tests.test_api_e2e import Api, running_bridge
 
@@ -102,14 +103,21 @@ async def test_buffered_messages_come_first_then_new_ones_in_order(bridge) -> No
     a, b, _daemon, client = bridge
     for i in range(3):
         assert a.post(text=f"m{i}", username="alice", gateway="g").status_code == 200
-    wait_quiet(lambda: client.xlen(account_key("tb", "api.b", "apibuf")), what="b's buffer")
-    assert client.xlen(account_key("tb", "api.b", "apibuf")) == 3
+    # a second copy in b's buffer would be there before a sentinel posted after the three
+    buffered = through_sentinel(
+        lambda: a.post(text=helpers.SENTINEL, username="alice", gateway="g"),
+        lambda: [
+            json.loads(fields[b"d"])["text"] for _id, fields in client.xrange(account_key("tb", "api.b", "apibuf"))
+        ],
+        has_sentinel,
+    )
+    assert len(buffered) == 3
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url(b), headers=b.headers) as ws:
         assert (await receive_json(ws))["event"] == "api_connected"
-        got = [(await receive_json(ws))["text"] for _ in range(3)]
+        got = [(await receive_json(ws))["text"] for _ in range(4)]
         assert a.post(text="m3", username="alice", gateway="g").status_code == 200
         got.append((await receive_json(ws))["text"])
-    assert got == ["m0", "m1", "m2", "m3"]
+    assert got == ["m0", "m1", "m2", helpers.SENTINEL, "m3"]
 
 
 async def test_the_bearer_rules_of_every_route_hold(bridge) -> None:

@@ -23,8 +23,8 @@ from bridge.events import Delivery, Event, EventKind
 from bridge.idmap import IdMap
 from bridge.keys import dead_letters_key, outbound_key
 from bridge.metrics import Metrics
-from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
-from tests.talkbot_rig import SECRET, Rig, bot_section, start_rig, until, until_quiet, write_config
+from tests.helpers import SENTINEL, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
+from tests.talkbot_rig import SECRET, Rig, bot_section, start_rig, until, until_sentinel, write_config
 from tests.talkserver import TalkServer, ThreadedTalkServer
 
 LOG = logging.getLogger("test.lanes")
@@ -107,8 +107,9 @@ async def test_a_failing_talk_room_does_not_hold_up_the_others(talk: TalkServer,
         rig.bus, *[delivery(TALK, r, f"{r}-{i:02d}", native_id=f"{r}-{i}") for i in range(per_room) for r in rooms]
     )
 
-    def texts(token: str) -> list[str]:
-        return [m.message for m in talk.bot_messages(token, bot)]
+    def texts(token: str, sentinels: bool = False) -> list[str]:
+        posted = [m.message for m in talk.bot_messages(token, bot)]
+        return [text for text in posted if sentinels or not has_sentinel(text)]
 
     loop = make_loop(rig.bus, rig.adapter, TALK)
     task = asyncio.create_task(loop.run())
@@ -123,7 +124,10 @@ async def test_a_failing_talk_room_does_not_hold_up_the_others(talk: TalkServer,
         talk.heal_room(bad)
         await until(lambda: len(texts(bad)) >= per_room, what="the failing room's messages after it healed")
         await until(lambda: settled(loop), what="every entry acknowledged")
-        await until_quiet(lambda: [texts(r) for r in rooms], what="Talk's rooms")  # a late duplicate shows now
+        # a late duplicate arrives before a sentinel enqueued after the run, in each room
+        await until_sentinel(lambda: enqueue(rig.bus, *[delivery(TALK, r, SENTINEL) for r in rooms]),
+                             lambda: [t for r in rooms for t in texts(r, sentinels=True)], has_sentinel,
+                             count=len(rooms), what="a sentinel in each room")  # fmt: skip
         for r in rooms:
             assert texts(r) == [f"{r}-{i:02d}" for i in range(per_room)]  # in order, once each
         assert await rig.bus.dead_letters() == []
@@ -407,15 +411,17 @@ def test_sigkill_while_a_room_is_parked_loses_and_repeats_nothing(
             talk.call("enable_bot", bot, token)
         talk.call("fail_room", bad, 503)
 
-        def post(first: int, last: int) -> None:
+        def post(first: int, last: int, text: str = "m{i:02d}") -> None:
             with httpx.Client(base_url=f"http://127.0.0.1:{api}", headers={"Authorization": "Bearer api-token"}) as c:
                 for i in range(first, last):
                     for n in range(GATEWAYS):
-                        resp = c.post("/api/message", json={"gateway": f"g{n}", "username": "bob", "text": f"m{i:02d}"})
+                        body = {"gateway": f"g{n}", "username": "bob", "text": text.format(i=i)}
+                        resp = c.post("/api/message", json=body)
                         assert resp.status_code == 200, resp.text
 
-        def texts(token: str) -> list[str]:
-            return [m.message for m in talk.call("bot_messages", token, bot)]
+        def texts(token: str, sentinels: bool = False) -> list[str]:
+            posted = [m.message for m in talk.call("bot_messages", token, bot)]
+            return [text for text in posted if sentinels or not has_sentinel(text)]
 
         def pending() -> int:
             summary = client.xpending(outbound_key("tb", TALK), DELIVER_GROUP)
@@ -436,7 +442,9 @@ def test_sigkill_while_a_room_is_parked_loses_and_repeats_nothing(
         assert texts(bad) == []  # still failing, still parked: the others flowed past it
         talk.call("heal_room", bad)
         wait_for(lambda: len(texts(bad)) >= 20 and pending() == 0, timeout=30, what="the failing room's backlog")
-        wait_quiet(lambda: [texts(r) for r in rooms], what="Talk's rooms")  # a late duplicate shows now
+        # a late duplicate arrives before a sentinel posted after the run, in each room
+        through_sentinel(lambda: post(0, 1, SENTINEL), lambda: [t for r in rooms for t in texts(r, sentinels=True)],
+                         has_sentinel, count=len(rooms), what="a sentinel in each room")  # fmt: skip
         expected = [f"<bob> m{i:02d}" for i in range(20)]
         for token in rooms:
             assert texts(token) == expected, token  # nothing lost, nothing twice, in order
