@@ -15,8 +15,9 @@ from bridge.config import Config
 from bridge.events import Delivery, Event, EventKind
 from tests.adapter_rig import AdapterRig, connected_parts, gateway
 from tests.adapter_rig import delivery as account_delivery
+from tests.helpers import SENTINEL, has_sentinel
 from tests.synapse_rig import MatrixUser, SynapseServer, unique
-from tests.talkbot_rig import write_config
+from tests.talkbot_rig import until_sentinel, write_config
 
 BOT_PASSWORD = "bot-password-9f3k"
 ACCOUNT = "matrix.test"
@@ -72,6 +73,14 @@ def room_config(tmp_path: Path, room: Room, channel: str | None = None, **extra:
 class MatrixRig(AdapterRig[Matrix]):
     async def synced(self) -> bool:
         return await self.redis.get(self.adapter.sync_key) is not None
+
+
+async def past_sentinel(rig: MatrixRig, room: Room) -> list[Event]:
+    """The events published so far, once a sentinel alice says in ``room``
+    after them is among them: the room's timeline is synced in order, so a
+    late or repeated event of it is published before the sentinel."""
+    return await until_sentinel(lambda: room.alice.text(room.room_id, SENTINEL), rig.events,
+                                lambda e: has_sentinel(e.text), what="the sentinel from the room")  # fmt: skip
 
 
 async def start_rig(config: Config, redis: Redis, receive: bool = True) -> MatrixRig:

@@ -11,10 +11,14 @@ from redis.asyncio import Redis
 
 from adapters.nctalk import TalkUser
 from bridge.config import Config
+from bridge.events import Event
 from tests.adapter_rig import AdapterRig, connected_parts, delivery, gateway
-from tests.talkbot_rig import write_config
+from tests.helpers import SENTINEL, has_sentinel
+from tests.talkbot_rig import until_sentinel, write_config
+from tests.talkserver import TalkServer
+from tests.talkserver.state import Actor
 
-__all__ = ["PASSWORD", "UserRig", "delivery", "gateway", "load", "start_user_rig", "user_section"]
+__all__ = ["PASSWORD", "UserRig", "delivery", "gateway", "load", "past_sentinel", "start_user_rig", "user_section"]
 
 PASSWORD = "app-password-Zq8w-Lk2p-Ttt9-Mn4c"
 
@@ -36,6 +40,19 @@ class UserRig(AdapterRig[TalkUser]):
     async def cursor(self, token: str) -> int | None:
         raw = await self.redis.hget(self.adapter.cursor_key, token)
         return int(raw) if raw is not None else None
+
+
+async def past_sentinel(rig: UserRig, talk: TalkServer, author: Actor, *rooms: str) -> list[Event]:
+    """The events published so far, once a sentinel ``author`` says in each
+    of ``rooms`` after them is among them: a room is polled in order, so a
+    late or repeated event of it is published before its sentinel."""
+
+    async def say() -> None:
+        for room in rooms:
+            await talk.post(room, author, SENTINEL)
+
+    return await until_sentinel(say, rig.events, lambda e: has_sentinel(e.text), count=len(rooms),
+                                what="a sentinel from each room")  # fmt: skip
 
 
 async def start_user_rig(config: Config, account: str, redis: Redis, receive: bool = True) -> UserRig:

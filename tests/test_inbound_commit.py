@@ -27,7 +27,7 @@ from tests.matrix_rig import ACCOUNT as MATRIX_ACCOUNT
 from tests.matrix_rig import MatrixRig, api_section, matrix_section, new_room
 from tests.nctalk_rig import PASSWORD, UserRig, gateway, load, user_section
 from tests.synapse_rig import SynapseServer
-from tests.talkbot_rig import until, until_quiet, write_config
+from tests.talkbot_rig import until, write_config
 from tests.talkserver import TalkServer
 from tests.talkserver.state import Actor
 
@@ -236,7 +236,8 @@ async def test_a_talk_commit_in_flight_when_the_lease_changes_hands_writes_nothi
         assert task is not None
         await until(lambda: task.done() or events_of(redis, TALK_ACCOUNT), what="the commit or its refusal")
         assert takeover_redis.takeover is None  # the lease did change hands during the commit
-        assert await until_quiet(lambda: events_of(redis, TALK_ACCOUNT), quiet=0.5) == []
+        await until(task.done, what="the fenced receive loop ended")  # what it wrote, it wrote before
+        assert await events_of(redis, TALK_ACCOUNT) == []
         assert await rig.cursor(ROOM) == cursor
         assert isinstance(await rig.stop_receiving(), Fenced)
     finally:
@@ -306,7 +307,8 @@ async def test_a_matrix_commit_in_flight_when_the_lease_changes_hands_writes_not
         assert task is not None
         await until(lambda: task.done() or events_of(redis, MATRIX_ACCOUNT), what="the commit or its refusal")
         assert takeover_redis.takeover is None  # the lease did change hands during the commit
-        assert await until_quiet(lambda: events_of(redis, MATRIX_ACCOUNT), quiet=0.5) == []
+        await until(task.done, what="the fenced receive loop ended")  # what it wrote, it wrote before
+        assert await events_of(redis, MATRIX_ACCOUNT) == []
         assert await redis.get(rig.adapter.sync_key) == since
         assert isinstance(await rig.stop_receiving(), Fenced)
     finally:

@@ -284,7 +284,8 @@ async def test_many_jobs_answer_a_room_in_order_one_at_a_time(rig: Rig) -> None:
     jobs = [asyncio.create_task(rig.job(room)) for _ in asked]
     for n in range(1, len(asked) + 1):
         await until(lambda: rig.fake.held() == 1, what=f"request {n} at the model")
-        # while the model thinks, no other request for the room is made
+        # while the model thinks, no other request for the room is made (a window: the other jobs'
+        # requests would keep no order with anything a sentinel could follow)
         assert await until_quiet(lambda: len(rig.fake.seen), quiet=0.5) == n
         rig.fake.release(1)
     results = await asyncio.gather(*jobs)

@@ -16,9 +16,9 @@ from redis.asyncio import Redis
 from bridge.adapter import PermanentError, RateLimited, ServerUnavailable, TransientError
 from bridge.events import Attachment, Event, EventKind
 from bridge.keys import degraded_key
-from tests.helpers import metric
-from tests.nctalk_rig import PASSWORD, UserRig, delivery, gateway, load, start_user_rig, user_section
-from tests.talkbot_rig import until, until_quiet
+from tests.helpers import has_sentinel, metric
+from tests.nctalk_rig import PASSWORD, UserRig, delivery, gateway, load, past_sentinel, start_user_rig, user_section
+from tests.talkbot_rig import until
 from tests.talkserver import TalkServer
 from tests.talkserver.state import Actor
 
@@ -106,7 +106,7 @@ async def test_a_room_seen_first_starts_at_its_newest_message(tmp_path, talk, pe
         assert await r.cursor(ROOM) == old[-1].id
         await talk.post(ROOM, alice, "new")
         await until(r.events, what="new")
-        assert await until_quiet(r.texts) == ["new"]
+        assert [e.text for e in await past_sentinel(r, talk, alice, ROOM)] == ["new"]
     finally:
         await r.close()
 
@@ -118,7 +118,7 @@ async def test_backfill_relays_that_many_messages_of_a_new_room(tmp_path, talk, 
     r = await start_user_rig(load(tmp_path, config_text(talk, Backfill=2)), ACCOUNT, redis)
     try:
         await until(lambda: _at_least(r, 2), what="backfill")
-        assert await until_quiet(r.texts) == ["old 2", "old 3"]
+        assert [e.text for e in await past_sentinel(r, talk, alice, ROOM)] == ["old 2", "old 3"]
     finally:
         await r.close()
 
@@ -128,7 +128,7 @@ async def test_own_messages_are_never_published(rig, talk, people) -> None:
     await talk.post(ROOM, bridge, "said by the bridge")
     await talk.post(ROOM, alice, "said by alice")
     await until(rig.events, what="alice's")
-    assert await until_quiet(rig.texts) == ["said by alice"]
+    assert [e.text for e in await past_sentinel(rig, talk, alice, ROOM)] == ["said by alice"]
 
 
 async def test_replies_edits_deletions_and_reactions_become_events(rig, talk, people) -> None:
@@ -152,7 +152,8 @@ async def test_replies_edits_deletions_and_reactions_become_events(rig, talk, pe
 
 
 async def _at_least(rig: UserRig, n: int) -> list[Event] | None:
-    events = await rig.events()
+    """The events published, once there are ``n`` (a run's sentinels not counted)."""
+    events = [e for e in await rig.events() if not has_sentinel(e.text)]
     return events if len(events) >= n else None
 
 
@@ -168,7 +169,7 @@ async def test_a_reaction_added_and_revoked_between_two_polls_is_not_relayed(rig
     talk.heal_room(ROOM)
     await talk.post(ROOM, alice, "after")
     await until(lambda: _at_least(rig, 2), what="after")
-    assert [e.kind for e in await until_quiet(rig.events)] == [EventKind.MESSAGE, EventKind.MESSAGE]
+    assert [e.kind for e in await past_sentinel(rig, talk, alice, ROOM)] == [EventKind.MESSAGE, EventKind.MESSAGE]
 
 
 async def test_a_file_is_fetched_over_webdav_with_its_caption(rig, talk, people) -> None:
@@ -237,8 +238,8 @@ async def test_edit_delete_and_reaction_act_on_the_copy(rig, talk, people) -> No
     gone = Event(kind=EventKind.DELETE, account="api.a", channel="api", target_id="api-1")
     await rig.adapter.send(delivery(gone, ACCOUNT, ROOM, target_id=native))
     assert talk.state.messages[int(native)].message_type == "comment_deleted"
-    # none of it came back as an event: all by the bridge's own account
-    assert await until_quiet(rig.events) == []
+    # none of it came back as an event: all by the bridge's own account (it would before a sentinel)
+    assert await past_sentinel(rig, talk, people[1], ROOM) == []
 
 
 async def test_an_edit_talk_cannot_make_becomes_a_visible_reply(rig, talk, people) -> None:
@@ -335,7 +336,8 @@ async def test_a_revoked_password_stops_the_account_after_one_burst_and_resumes_
         assert native == str(posted.id) and posted.message == "[api/a] <bob> while refused"
         await talk.post(OTHER, alice, "after the fix")
         await until(lambda: _at_least(r, 3), what="the messages posted while refused, and after")
-        assert sorted(await until_quiet(r.texts)) == ["after the fix", "wakes the other", "wakes the poll"]
+        said = [e.text for e in await past_sentinel(r, talk, alice, ROOM, OTHER)]
+        assert sorted(said) == ["after the fix", "wakes the other", "wakes the poll"]
         assert metric(r.metrics, "talkbridge_account_failed", account=ACCOUNT) == 0
         assert await redis.get(degraded_key("tb", "nctalk.cloud")) is None
         assert r.task is not None and not r.task.done()  # receive never ended: it waited
@@ -462,7 +464,10 @@ async def test_a_room_behind_the_lobby_fails_with_backoff_and_relays_what_was_sa
     await until(lambda: room_failed(rig) == 0, what="room recovered")
     await rig.adapter.send(sent)
     await until(lambda: _at_least(rig, 2), what="the messages said behind the lobby")
-    assert await until_quiet(rig.texts) == ["wakes the held poll", "said behind the lobby"]
+    assert [e.text for e in await past_sentinel(rig, talk, alice, ROOM)] == [
+        "wakes the held poll",
+        "said behind the lobby",
+    ]
     assert _bridge_posts(talk, ROOM) == ["[api/a] <bob> to the lobby"]
     assert await rig.redis.get(degraded_key("tb", "nctalk.cloud")) is None
 
@@ -480,7 +485,8 @@ async def test_a_ban_fails_the_room_while_others_flow_and_it_recovers_when_lifte
     talk.ban(ROOM, bridge, banned=False)
     await talk.post(ROOM, alice, "after the ban")
     await until(lambda: _at_least(rig, 3), what="the message after the ban")
-    assert await until_quiet(rig.texts) == ["wakes the held poll", "the other room flows", "after the ban"]
+    said = [e.text for e in await past_sentinel(rig, talk, alice, ROOM, OTHER)]
+    assert said == ["wakes the held poll", "the other room flows", "after the ban"]
     assert room_failed(rig) == 0
     assert _bridge_posts(talk, ROOM) == []
 
@@ -507,7 +513,7 @@ async def test_channel_star_follows_the_group_and_public_rooms_the_user_is_in(tm
         await talk.post(ROOM, alice, "in one")
         await talk.post(OTHER, alice, "in the other")
         await until(lambda: _at_least(r, 2), what="both rooms' messages")
-        assert sorted((e.channel, e.text) for e in await until_quiet(r.events)) == [
+        assert sorted((e.channel, e.text) for e in await past_sentinel(r, talk, alice, ROOM, OTHER)) == [
             (ROOM, "in one"), (OTHER, "in the other")]  # fmt: skip
         assert not talk.chat_requests("/chat/dm000001") and not talk.chat_requests("/chat/changes1")
         assert all("noStatusUpdate=1" in q.path for q in talk.chat_requests("/api/v4/room", "GET"))
@@ -517,8 +523,8 @@ async def test_channel_star_follows_the_group_and_public_rooms_the_user_is_in(tm
         await talk.post("room9999", alice, "before the bridge saw it")
         await until(lambda: r.cursor("room9999"), what="the new room polled")
         await talk.post("room9999", alice, "in the new room")
-        await until(lambda: _at_least(r, 3), what="the new room's message")
-        assert (await r.events())[-1].text == "in the new room" and "room9999" in await _members(r)
+        events = await until(lambda: _at_least(r, 3), what="the new room's message")
+        assert events[-1].text == "in the new room" and "room9999" in await _members(r)
 
         # removed from one: no longer polled, nor delivered to, its cursor forgotten
         talk.leave_room(OTHER, bridge)
