@@ -50,10 +50,13 @@ def wait_quiet(observe: Callable[[], object], quiet: float = QUIET, timeout: flo
     """Keep calling ``observe()`` until its value has not changed for ``quiet``
     seconds, and return that value.
 
-    An observation window, not synchronization: after a count-reached wait, a
-    late duplicate (or a retry, or a publish that should not happen) shows up
-    here before the test asserts. The deadline only bounds a failure: a value
-    that never stops changing."""
+    An observation window, not synchronization, and only where no sentinel
+    can follow the run (``through_sentinel`` is the rule): a held or paused
+    account delivers nothing (a sentinel neither), a stall is a standstill,
+    and a stale owner's sends, arq jobs' replies and alerts keep no order
+    with any message sent after them. It misses what comes later than
+    ``quiet``; each use says why it is one of these. The deadline only
+    bounds a failure: a value that never stops changing."""
     value = observe()
     deadline = time.monotonic() + timeout
     since = time.monotonic()

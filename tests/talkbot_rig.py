@@ -89,8 +89,9 @@ async def until_quiet(
 ) -> T:
     """Keep observing (sync or async) until the value has not changed for
     ``quiet`` seconds; return it. An observation window after a count-reached
-    wait, so a late duplicate or a stray retry is seen before the assertion;
-    the deadline only bounds a failure (a value that never settles)."""
+    wait, only where no sentinel can follow the run (``until_sentinel`` is
+    the rule; see ``tests.helpers.wait_quiet`` for when); the deadline only
+    bounds a failure (a value that never settles)."""
 
     async def look() -> T:
         value = observe()
