@@ -11,14 +11,20 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import redis as sync_redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from tests.helpers import RedisServer, free_port, start_redis_server
 from tests.synapse_rig import SynapseServer
 from tests.talkbot_rig import until
+from tests.talkserver import TalkServer
+
+if TYPE_CHECKING:
+    from tests.admin_rig import AdminServer
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +44,46 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def talk(request: pytest.FixtureRequest) -> AsyncIterator[TalkServer]:
+    """The Talk test server in-process (tests/talkserver), its brute-force
+    sleeps scaled to 0: attempts, the delays' existence and the 429 are
+    unchanged. It speaks the version a test module names in ``TALK_VERSION``
+    (the user-account tests: 19), else the server's default."""
+    named = getattr(request.module, "TALK_VERSION", None)
+    version: dict[str, Any] = {"version": named} if named is not None else {}
+    server = await TalkServer(bruteforce_delay_scale=0, **version).start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[AdminServer]:
+    """The admin page (tests/admin_rig.py) on its own port, one per test
+    module of the admin tests; ``store`` empties Redis under it per test."""
+    from tests.admin_rig import AdminServer, admin_config  # only the admin tests load the admin app
+
+    config = admin_config(tmp_path_factory.mktemp("admin"), redis_server.url, free_port())
+    admin = AdminServer(config, redis_server.url).start()
+    try:
+        yield admin
+    finally:
+        admin.stop()
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> Iterator[sync_redis.Redis]:
+    """A synchronous client of the session's Redis, emptied first."""
+    client = sync_redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")

@@ -58,26 +58,6 @@ class CountingCheck:
                 self.running -= 1
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[AdminServer]:
-    config = admin_config(tmp_path_factory.mktemp("admin-security"), redis_server.url, free_port())
-    admin = AdminServer(config, redis_server.url).start()
-    try:
-        yield admin
-    finally:
-        admin.stop()
-
-
-@pytest.fixture
-def store(redis_server: RedisServer) -> Iterator[sync_redis.Redis]:
-    client = sync_redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 def counting(server: AdminServer, cost: float = 0.0) -> CountingCheck:
     assert server.app is not None
     settings = server.app.auth.settings

@@ -51,26 +51,6 @@ from tests.helpers import ROOT, RedisServer, free_port, wait_for
 from workers import heartbeat
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[AdminServer]:
-    config = admin_config(tmp_path_factory.mktemp("admin"), redis_server.url, free_port())
-    admin = AdminServer(config, redis_server.url).start()
-    try:
-        yield admin
-    finally:
-        admin.stop()
-
-
-@pytest.fixture
-def store(redis_server: RedisServer) -> Iterator[sync_redis.Redis]:
-    client = sync_redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 @pytest.fixture
 def client(server: AdminServer, store: sync_redis.Redis) -> Iterator[AdminClient]:
     c = AdminClient(server.base)

@@ -33,6 +33,7 @@ from tests.talkserver.state import Actor
 
 TALK_ACCOUNT = "nctalk.cloud"
 ROOM = "room1234"
+TALK_VERSION = 19  # the conftest's talk speaks it
 MAX_LEN = 5
 NODE_ENTRIES = 10  # the test server's stream-node-max-entries while capping: trimming is by whole nodes
 POSTED = 40
@@ -168,15 +169,6 @@ async def test_a_cursor_outside_the_streams_cluster_slot_is_refused(redis: Redis
 
 
 # a Talk user account ----------------------------------------------------------------------------
-@pytest.fixture
-async def talk() -> AsyncIterator[TalkServer]:
-    server = await TalkServer(version=19, bruteforce_delay_scale=0).start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 def bridged_room(talk: TalkServer) -> Actor:
     """The bridge's user and alice in ``ROOM``; returns alice."""
     bridge = talk.add_user("bridge", "Bridge Bot", password=PASSWORD)

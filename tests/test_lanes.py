@@ -75,15 +75,6 @@ async def stop(task: asyncio.Task) -> None:
 
 # the Talk bot in-process ---------------------------------------------------------------
 @pytest.fixture
-async def talk() -> AsyncIterator[TalkServer]:
-    server = await TalkServer(bruteforce_delay_scale=0).start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
 async def rig(tmp_path: Path, redis: Redis, talk: TalkServer) -> AsyncIterator[Rig]:
     config = write_config(tmp_path / "talkbridge.toml", bot_section("talk", talk.url))
     r = await start_rig(config, TALK, redis)

@@ -24,15 +24,7 @@ from tests.talkserver.state import Actor
 
 ACCOUNT = "nctalk.cloud"
 ROOM, OTHER = "room1234", "room5678"
-
-
-@pytest.fixture
-async def talk() -> AsyncIterator[TalkServer]:
-    server = await TalkServer(version=19, bruteforce_delay_scale=0).start()
-    try:
-        yield server
-    finally:
-        await server.stop()
+TALK_VERSION = 19  # the conftest's talk speaks it
 
 
 @pytest.fixture

@@ -25,16 +25,6 @@ from tests.talkserver.webhooks import signature, talk_random
 ACCOUNT = "nctalkbot.talk"
 
 
-@pytest.fixture
-async def talk() -> AsyncIterator[TalkServer]:
-    # Brute-force sleeps scaled to 0: attempts, delays' existence and the 429 are unchanged.
-    server = await TalkServer(bruteforce_delay_scale=0).start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 async def make_rig(tmp_path: Path, redis: Redis, talk: TalkServer, max_body: int = 1 << 20, **opts) -> Rig:
     body = bot_section("talk", talk.url, **opts) + f"[http]\nMaxBodyBytes = {max_body}\n"
     config = write_config(tmp_path / "talkbridge.toml", body)

@@ -29,15 +29,6 @@ ACCOUNT = "nctalkbot.talk"
 ROOM = "gen12345"
 
 
-@pytest.fixture
-async def talk() -> AsyncIterator[TalkServer]:
-    server = await TalkServer(bruteforce_delay_scale=0).start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 async def make_rig(tmp_path: Path, redis: Redis, talk: TalkServer, **opts: Any) -> Rig:
     config = write_config(tmp_path / "talkbridge.toml", bot_section("talk", talk.url, **opts))
     return await start_rig(config, ACCOUNT, redis)

@@ -123,15 +123,6 @@ async def test_an_ip_blocked_by_brute_force_protection_stops_the_account(
 
 
 # Talk's strictness -------------------------------------------------------------------
-@pytest.fixture
-async def talk() -> AsyncIterator[TalkServer]:
-    server = await talk_server(delay_scale=0)
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 async def test_a_message_of_only_non_breaking_spaces_is_posted(tmp_path: Path, redis: Redis, talk: TalkServer) -> None:
     """PHP's trim() leaves U+00A0: Talk posts such a message, so the bridge sends it."""
     room = await bot_room(talk)

@@ -19,6 +19,8 @@ from tests.talkbot_rig import until
 from tests.talkserver import TalkServer
 from tests.test_nctalk import ACCOUNT, ROOM, Pauses, _at_least, _has_cursor, api_event
 
+TALK_VERSION = 19  # the conftest's talk speaks it
+
 GOOD_MESSAGE = {"id": 1, "actorType": "users", "actorId": "alice", "actorDisplayName": "A", "timestamp": 1,
                 "message": "x", "messageParameters": [], "systemMessage": "", "messageType": "comment"}  # fmt: skip
 
@@ -39,15 +41,6 @@ HOSTILE = {
     "cursor not moving": (ocs([]), {"X-Chat-Last-Given": "0"}),
     "oversized": (b" " * (1 << 17), {}),
 }
-
-
-@pytest.fixture
-async def talk() -> AsyncIterator[TalkServer]:
-    server = await TalkServer(version=19, bruteforce_delay_scale=0).start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

@@ -27,15 +27,6 @@ from tests.test_nctalk_bot import ACCOUNT, apost, create_body, delivery
 DEAD_URL = "http://127.0.0.1:9/webhook/nextcloud/talk"  # nothing listens: Talk's webhooks go nowhere
 
 
-@pytest.fixture
-async def talk() -> AsyncIterator[TalkServer]:
-    server = await TalkServer(bruteforce_delay_scale=0).start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 async def instance(tmp_path: Path, redis: Redis, talk: TalkServer, name: str, secret: str = SECRET) -> Rig:
     """One daemon's adapter for the account (each its own config file, as on its own host)."""
     config = write_config(tmp_path / f"{name}.toml", bot_section("talk", talk.url, secret=secret))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -15,15 +14,6 @@ import pytest
 from tests.talkbot_rig import SECRET
 from tests.talkserver import TalkServer
 from tests.talkserver.webhooks import signature
-
-
-@pytest.fixture
-async def talk() -> AsyncIterator[TalkServer]:
-    server = await TalkServer(bruteforce_delay_scale=0).start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
