@@ -20,15 +20,14 @@ from bridge.daemon import adapter_context
 from bridge.events import Delivery, Event, EventKind, event_from_wire
 from bridge.idmap import Fence, IdMap
 from bridge.metrics import Metrics
+from tests.helpers import ConfigToml
 
 A = TypeVar("A", bound=Adapter)
 
 
 def gateway(name: str, *entries: tuple[str, str]) -> str:
-    out = f'[[gateway]]\nname = "{name}"\nenable = true\n'
-    for account, channel in entries:
-        out += f'[[gateway.inout]]\naccount = "{account}"\nchannel = "{channel}"\n'
-    return out
+    """``[[gateway]]`` with its two-way ``(account, channel)`` pairs, as ``ConfigToml`` writes it."""
+    return ConfigToml().gateway(name, *entries).text()
 
 
 @dataclass

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -283,7 +283,8 @@ class WorkerProcess:
         return code
 
 
-TomlValue = str | int | float | bool
+TomlValue = str | int | float | bool | list[str] | list[int]
+NICK_FORMAT = "[{PROTOCOL}/{BRIDGE}] <{NICK}> "  # the RemoteNickFormat most tests' configs use
 
 
 def toml_value(value: TomlValue) -> str:
@@ -291,6 +292,8 @@ def toml_value(value: TomlValue) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     return json.dumps(value, ensure_ascii=False)  # a TOML basic string: JSON's escapes are TOML's
 
 
@@ -307,22 +310,42 @@ class ConfigToml:
         self.parts.append(f"[{name}]\n{body}")
         return self
 
+    def general(self, nick_format: str = NICK_FORMAT, **keys: TomlValue) -> ConfigToml:
+        """``[general]`` with its ``RemoteNickFormat`` (the one most tests use, by default)."""
+        return self.section("general", RemoteNickFormat=nick_format, **keys)
+
     def api(self, name: str, port: int, token: str, **keys: TomlValue) -> ConfigToml:
         """A Matterbridge api account on loopback."""
         return self.section(f"api.{name}", BindAddress=f"127.0.0.1:{port}", Token=token, **keys)
 
-    def gateway(self, name: str, *inouts: tuple[str, str]) -> ConfigToml:
-        """``[[gateway]]`` with its ``(account, channel)`` pairs."""
+    def gateway(
+        self,
+        name: str,
+        *inouts: tuple[str, str],
+        ins: Sequence[tuple[str, str]] = (),
+        outs: Sequence[tuple[str, str]] = (),
+    ) -> ConfigToml:
+        """``[[gateway]]`` with its ``(account, channel)`` pairs: both ways
+        (``inouts``), only into the gateway (``ins``), only out of it (``outs``)."""
         out = f"[[gateway]]\nname = {toml_value(name)}\nenable = true\n"
-        for account, channel in inouts:
-            out += f"[[gateway.inout]]\naccount = {toml_value(account)}\nchannel = {toml_value(channel)}\n"
+        for kind, pairs in (("inout", inouts), ("in", ins), ("out", outs)):
+            for account, channel in pairs:
+                out += f"[[gateway.{kind}]]\naccount = {toml_value(account)}\nchannel = {toml_value(channel)}\n"
         self.parts.append(out)
         return self
 
-    def daemon(self, redis_url: str | None, http_port: int, **bus: TomlValue) -> ConfigToml:
-        """``[redis]`` (an URL, or the embedded one in ``data``), ``[http]`` on loopback, ``[bus]``."""
+    def raw(self, text: str) -> ConfigToml:
+        """Sections written elsewhere (the rigs' ``user_section``, ``bot_section``, ``matrix_section``)."""
+        self.parts.append(text)
+        return self
+
+    def daemon(
+        self, redis_url: str | None, http_port: int, http: Mapping[str, TomlValue] | None = None, **bus: TomlValue
+    ) -> ConfigToml:
+        """``[redis]`` (an URL, or the embedded one in ``data``), ``[http]`` on
+        loopback (and the keys in ``http``), ``[bus]``."""
         self.section("redis", **({"URL": redis_url} if redis_url else {"DataDir": "data"}))
-        self.section("http", BindAddress=f"127.0.0.1:{http_port}")
+        self.section("http", BindAddress=f"127.0.0.1:{http_port}", **(http or {}))
         return self.section("bus", **bus)
 
     def text(self) -> str:
@@ -343,7 +366,7 @@ def api_pair_config(
 ) -> tuple[Path, tuple[int, int, int]]:
     """Two Matterbridge api accounts in one gateway; returns (path, (a, b, http) ports)."""
     a, b, http = ports or (free_port(), free_port(), free_port())
-    config = ConfigToml().section("general", RemoteNickFormat="[{PROTOCOL}/{BRIDGE}] <{NICK}> ")
+    config = ConfigToml().general()
     config.api("a", a, "token-a", Buffer=buffer).api("b", b, "token-b", Buffer=buffer)
     config.gateway("g", ("api.a", "api"), ("api.b", "api")).daemon(redis_url, http, LeaseSeconds=3)
     path = config.write(tmp_path / "talkbridge.toml")

@@ -23,8 +23,8 @@ from playwright.sync_api import Browser, Page, expect
 from bridge.keys import admin_failed_all_key, admin_failed_key, dead_letters_key, paused_key
 from tests.admin_rig import PASSWORD, PASSWORD_HASH, USER
 from tests.browser_rig import chromium, screenshot
-from tests.helpers import Daemon, RedisServer, WorkerProcess, free_port, wait_for, wait_quiet
-from tests.talkbot_rig import SECRET
+from tests.helpers import ConfigToml, Daemon, RedisServer, WorkerProcess, free_port, wait_for, wait_quiet
+from tests.talkbot_rig import SECRET, bot_section
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Bot
 
@@ -67,55 +67,12 @@ class Fleet:
 
 
 def fleet_config(tmp_path: Path, redis_url: str, talk_url: str, http: int, a: int, b: int, admin: int) -> Path:
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(f"""
-[general]
-RemoteNickFormat = "[{{PROTOCOL}}/{{BRIDGE}}] <{{NICK}}> "
-
-[api.a]
-BindAddress = "127.0.0.1:{a}"
-Token = "token-a"
-
-[api.b]
-BindAddress = "127.0.0.1:{b}"
-Token = "token-b"
-
-[nctalkbot.talk]
-Server = "{talk_url}"
-BotSecret = "{SECRET}"
-WebhookURL = "http://127.0.0.1:{http}/webhook/nextcloud/talk"
-Timeout = 5
-
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-[[gateway.inout]]
-account = "api.b"
-channel = "api"
-[[gateway.inout]]
-account = "nctalkbot.talk"
-channel = "{TOKEN}"
-
-[redis]
-URL = "{redis_url}"
-
-[http]
-BindAddress = "127.0.0.1:{http}"
-
-[bus]
-LeaseSeconds = 3
-RetryBaseSeconds = 0.05
-
-[admin]
-BindAddress = "127.0.0.1:{admin}"
-User = "{USER}"
-Password = "{PASSWORD_HASH}"
-RefreshSeconds = 0.5
-""")
-    return path
+    config = ConfigToml().general().api("a", a, "token-a").api("b", b, "token-b")
+    config.raw(bot_section("talk", talk_url, WebhookURL=f"http://127.0.0.1:{http}/webhook/nextcloud/talk", Timeout=5))
+    config.gateway("g", ("api.a", "api"), ("api.b", "api"), ("nctalkbot.talk", TOKEN))
+    config.daemon(redis_url, http, LeaseSeconds=3, RetryBaseSeconds=0.05)
+    config.section("admin", BindAddress=f"127.0.0.1:{admin}", User=USER, Password=PASSWORD_HASH, RefreshSeconds=0.5)
+    return config.write(tmp_path / "talkbridge.toml")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from bridge.bus import Bus, BusSettings
 from bridge.keys import fence_key
 from tests.helpers import (
     SENTINEL,
+    ConfigToml,
     Daemon,
     RedisServer,
     api_pair_config,
@@ -30,7 +31,7 @@ from tests.helpers import (
     wait_for,
     wait_quiet,
 )
-from tests.talkbot_rig import SECRET
+from tests.talkbot_rig import SECRET, bot_section
 from tests.talkserver import ThreadedTalkServer
 
 T = TypeVar("T")
@@ -169,30 +170,9 @@ def test_refused_credentials_show_as_failed_with_the_error(tmp_path: Path, redis
     store.flushall()
     talk = ThreadedTalkServer().start()
     http, api = free_port(), free_port()
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(f"""
-[api.a]
-BindAddress = "127.0.0.1:{api}"
-Token = "token-a"
-[nctalkbot.talk]
-Server = "{talk.url}"
-BotSecret = "{"w" * 40}"
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-[[gateway.inout]]
-account = "nctalkbot.talk"
-channel = "room1234"
-[redis]
-URL = "{redis_server.url}"
-[http]
-BindAddress = "127.0.0.1:{http}"
-[bus]
-LeaseSeconds = 3
-""")
+    config = ConfigToml().api("a", api, "token-a").raw(bot_section("talk", talk.url, "w" * 40))
+    config.gateway("g", ("api.a", "api"), ("nctalkbot.talk", "room1234"))
+    path = config.daemon(redis_server.url, http, LeaseSeconds=3).write(tmp_path / "talkbridge.toml")
     daemon = Daemon(path, http, tmp_path / "daemon.log").start()
     try:
         alice = talk.call("add_user", "alice", "Alice")

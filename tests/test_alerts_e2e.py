@@ -14,8 +14,8 @@ import pytest
 import redis as sync_redis
 
 from bridge.keys import alerts_key, log_key
-from tests.helpers import Daemon, RedisServer, free_port, start_redis_server, wait_for, wait_quiet
-from tests.talkbot_rig import SECRET
+from tests.helpers import ConfigToml, Daemon, RedisServer, free_port, start_redis_server, wait_for, wait_quiet
+from tests.talkbot_rig import SECRET, bot_section
 from tests.talkserver import ThreadedTalkServer
 
 TOKEN = "room1234"
@@ -69,49 +69,12 @@ class AdminRoom:
         return wait_quiet(lambda: list(self.texts()), what="the admin room")  # type: ignore[return-value]
 
 
-def config_text(redis_url: str, talk_url: str, http: int, api: int, admin: int, secret: str, extra: str = "") -> str:
-    return f"""
-[general]
-RemoteNickFormat = "[{{PROTOCOL}}/{{BRIDGE}}] <{{NICK}}> "
-AdminRoom = "api.admin:api"
-
-[api.a]
-BindAddress = "127.0.0.1:{api}"
-Token = "api-token"
-
-[api.admin]
-BindAddress = "127.0.0.1:{admin}"
-Token = "admin-token"
-
-[nctalkbot.talk]
-Server = "{talk_url}"
-BotSecret = "{secret}"
-Timeout = 5
-
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-[[gateway.inout]]
-account = "{BOT}"
-channel = "{TOKEN}"
-
-[redis]
-URL = "{redis_url}"
-
-[http]
-BindAddress = "127.0.0.1:{http}"
-
-[bus]
-LeaseSeconds = 2
-RetryBaseSeconds = 0.05
-
-[alerts]
-CheckSeconds = 0.2
-{extra}
-"""
+def config_text(redis_url: str, talk_url: str, http: int, api: int, admin: int, secret: str) -> str:
+    config = ConfigToml().general(AdminRoom="api.admin:api")
+    config.api("a", api, "api-token").api("admin", admin, "admin-token")
+    config.raw(bot_section("talk", talk_url, secret, Timeout=5)).gateway("g", ("api.a", "api"), (BOT, TOKEN))
+    config.daemon(redis_url, http, LeaseSeconds=2, RetryBaseSeconds=0.05)
+    return config.section("alerts", CheckSeconds=0.2).text()
 
 
 @dataclass
@@ -125,9 +88,9 @@ class Fleet:
     admin: int
     daemons: list[Daemon] = field(default_factory=list)
 
-    def write(self, secret: str, extra: str = "") -> None:
+    def write(self, secret: str) -> None:
         for i, daemon in enumerate(self.daemons):
-            text = config_text(self.redis_url, self.talk_url, daemon.http_port, self.api, self.admin, secret, extra)
+            text = config_text(self.redis_url, self.talk_url, daemon.http_port, self.api, self.admin, secret)
             (self.tmp / f"instance{i}.toml").write_text(text)
 
     def add(self, count: int) -> None:

@@ -33,7 +33,7 @@ from adapters.api.adapter import MAX_STREAMS_PER_CLIENT
 from bridge.addresses import client_key, is_loopback
 from bridge.cli import main
 from bridge.keys import account_key
-from tests.helpers import Daemon, RedisServer, free_port, wait_for, wait_quiet
+from tests.helpers import ConfigToml, Daemon, RedisServer, free_port, wait_for, wait_quiet
 
 BIG = 200_000  # characters of text per large message
 SMALL_RCVBUF = 4096
@@ -64,45 +64,10 @@ def bridge(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) 
     client = sync_redis.Redis.from_url(redis_server.url)
     client.flushall()
     pa, pb, pc, http = free_port(), free_port(), free_port(), free_port()
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(f"""
-[api.a]
-BindAddress = "127.0.0.1:{pa}"
-Token = "token-a"
-
-[api.b]
-BindAddress = "127.0.0.1:{pb}"
-Token = "token-b"
-WriteTimeoutSeconds = 60
-MaxStreamsPerClient = 3
-
-[api.c]
-BindAddress = "127.0.0.1:{pc}"
-Token = "token-c"
-WriteTimeoutSeconds = 1
-
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.in]]
-account = "api.a"
-channel = "api"
-[[gateway.out]]
-account = "api.b"
-channel = "api"
-[[gateway.out]]
-account = "api.c"
-channel = "api"
-
-[redis]
-URL = "{redis_server.url}"
-
-[http]
-BindAddress = "127.0.0.1:{http}"
-
-[bus]
-LeaseSeconds = 3
-""")
+    config = ConfigToml().api("a", pa, "token-a").api("b", pb, "token-b", WriteTimeoutSeconds=60, MaxStreamsPerClient=3)
+    config.api("c", pc, "token-c", WriteTimeoutSeconds=1)
+    config.gateway("g", ins=[("api.a", "api")], outs=[("api.b", "api"), ("api.c", "api")])
+    path = config.daemon(redis_server.url, http, LeaseSeconds=3).write(tmp_path / "talkbridge.toml")
     daemon = Daemon(path, http, tmp_path / "daemon.log").start()
     try:
         yield Account("a", pa), Account("b", pb), Account("c", pc), daemon, client

@@ -23,7 +23,7 @@ from bridge.events import Delivery, Event, EventKind
 from bridge.idmap import IdMap
 from bridge.keys import dead_letters_key, outbound_key
 from bridge.metrics import Metrics
-from tests.helpers import SENTINEL, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
+from tests.helpers import SENTINEL, ConfigToml, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
 from tests.talkbot_rig import SECRET, Rig, bot_section, start_rig, until, until_sentinel, write_config
 from tests.talkserver import TalkServer, ThreadedTalkServer
 
@@ -329,48 +329,12 @@ GATEWAYS = 3
 
 
 def lanes_config(tmp_path: Path, redis_url: str, talk_url: str, http: int, api: int) -> Path:
-    gateways = "".join(
-        f"""
-[[gateway]]
-name = "g{n}"
-enable = true
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-[[gateway.inout]]
-account = "{TALK}"
-channel = "room{n:04d}"
-"""
-        for n in range(GATEWAYS)
-    )
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(f"""
-[general]
-RemoteNickFormat = "<{{NICK}}> "
-
-[api.a]
-BindAddress = "127.0.0.1:{api}"
-Token = "api-token"
-
-[nctalkbot.talk]
-Server = "{talk_url}"
-BotSecret = "{SECRET}"
-WebhookURL = "http://127.0.0.1:{http}/webhook/nextcloud/talk"
-Timeout = 5
-{gateways}
-[redis]
-URL = "{redis_url}"
-
-[http]
-BindAddress = "127.0.0.1:{http}"
-
-[bus]
-LeaseSeconds = 2
-MaxDeliveries = 100000
-RetryBaseSeconds = 0.05
-RetryMaxSeconds = 0.2
-""")
-    return path
+    config = ConfigToml().general("<{NICK}> ").api("a", api, "api-token")
+    config.raw(bot_section("talk", talk_url, WebhookURL=f"http://127.0.0.1:{http}/webhook/nextcloud/talk", Timeout=5))
+    for n in range(GATEWAYS):
+        config.gateway(f"g{n}", ("api.a", "api"), (TALK, f"room{n:04d}"))
+    config.daemon(redis_url, http, LeaseSeconds=2, MaxDeliveries=100000, RetryBaseSeconds=0.05, RetryMaxSeconds=0.2)
+    return config.write(tmp_path / "talkbridge.toml")
 
 
 @pytest.fixture

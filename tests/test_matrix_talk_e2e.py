@@ -20,11 +20,11 @@ import pytest
 import redis as sync_redis
 
 from bridge.keys import account_key
-from tests.helpers import SENTINEL, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
-from tests.matrix_rig import Room, gateway, matrix_section, new_room
+from tests.helpers import SENTINEL, ConfigToml, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
+from tests.matrix_rig import Room, matrix_section, new_room
 from tests.nctalk_rig import PASSWORD, user_section
 from tests.synapse_rig import SynapseServer
-from tests.talkbot_rig import SECRET
+from tests.talkbot_rig import SECRET, bot_section
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Actor, Bot, Message
 from tests.test_matrix import PNG
@@ -84,17 +84,12 @@ class MT:
 
 
 def config(tmp_path: Path, redis_url: str, room: Room, talk_url: str, http: int) -> Path:
-    text = '[general]\nRemoteNickFormat = "[{PROTOCOL}] <{NICK}> "\n'
-    text += matrix_section("hs", room.synapse.url, login=room.bot_login)
-    text += user_section("user", talk_url, PollTimeout=5)
-    text += f'[nctalkbot.bot]\nServer = "{talk_url}"\nBotSecret = "{SECRET}"\n'
-    text += f'WebhookURL = "http://127.0.0.1:{http}/webhook/nextcloud/bot"\nTimeout = 5\n'
-    text += gateway("g", (MATRIX, room.room_id), (USER, USER_ROOM), (BOT, BOT_ROOM))
-    text += f'[redis]\nURL = "{redis_url}"\n[http]\nBindAddress = "127.0.0.1:{http}"\n'
-    text += "[bus]\nLeaseSeconds = 2\nRetryBaseSeconds = 0.05\n"
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(text)
-    return path
+    config = ConfigToml().general("[{PROTOCOL}] <{NICK}> ")
+    config.raw(matrix_section("hs", room.synapse.url, login=room.bot_login))
+    config.raw(user_section("user", talk_url, PollTimeout=5))
+    config.raw(bot_section("bot", talk_url, WebhookURL=f"http://127.0.0.1:{http}/webhook/nextcloud/bot", Timeout=5))
+    config.gateway("g", (MATRIX, room.room_id), (USER, USER_ROOM), (BOT, BOT_ROOM))
+    return config.daemon(redis_url, http, LeaseSeconds=2, RetryBaseSeconds=0.05).write(tmp_path / "talkbridge.toml")
 
 
 @pytest.fixture

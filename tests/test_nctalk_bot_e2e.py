@@ -71,7 +71,7 @@ class Bridge:
 
 
 def config(tmp_path: Path, redis_url: str, talk_url: str, http: int, api: int, secret: str = SECRET) -> Path:
-    config = ConfigToml().section("general", RemoteNickFormat="[{PROTOCOL}/{BRIDGE}] <{NICK}> ")
+    config = ConfigToml().general()
     config.api("a", api, "api-token")
     webhook = f"http://127.0.0.1:{http}/webhook/nextcloud/talk"
     config.section(ACCOUNT, Server=talk_url, BotSecret=secret, WebhookURL=webhook, Timeout=5)

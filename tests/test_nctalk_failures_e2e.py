@@ -102,7 +102,7 @@ class Setup:
 
 def write_config(path: Path, redis_url: str, talk_url: str, http: int, api: int, password: str = PASSWORD) -> Path:
     # one gateway per room, the api in both: a room's messages reach the api only
-    config = ConfigToml().section("general", RemoteNickFormat="[{PROTOCOL}] <{NICK}> ").api("a", api, "t")
+    config = ConfigToml().general("[{PROTOCOL}] <{NICK}> ").api("a", api, "t")
     config.section(ACCOUNT, Server=talk_url, Login="bridge", Password=password, PollTimeout=5, RoomRetryMinSeconds=0.2,
                    RoomRetryMaxSeconds=1, RefusedRetrySeconds=PROBE)  # fmt: skip
     config.gateway("one", (ACCOUNT, ROOM), ("api.a", "api")).gateway("two", (ACCOUNT, OTHER), ("api.a", "api"))

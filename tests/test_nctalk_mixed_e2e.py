@@ -25,9 +25,9 @@ import pytest
 import redis as sync_redis
 
 from bridge.keys import account_key
-from tests.helpers import SENTINEL, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
-from tests.nctalk_rig import PASSWORD
-from tests.talkbot_rig import SECRET
+from tests.helpers import SENTINEL, ConfigToml, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
+from tests.nctalk_rig import PASSWORD, user_section
+from tests.talkbot_rig import SECRET, bot_section
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Actor, Bot, Message
 
@@ -106,51 +106,11 @@ class Mixed:
 
 
 def config(tmp_path: Path, redis_url: str, talk_url: str, http: int, api: int) -> Path:
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(f"""
-[general]
-RemoteNickFormat = "[{{PROTOCOL}}/{{BRIDGE}}] <{{NICK}}> "
-
-[api.a]
-BindAddress = "127.0.0.1:{api}"
-Token = "api-token"
-
-[nctalk.user]
-Server = "{talk_url}"
-Login = "bridge"
-Password = "{PASSWORD}"
-PollTimeout = 5
-
-[nctalkbot.bot]
-Server = "{talk_url}"
-BotSecret = "{SECRET}"
-WebhookURL = "http://127.0.0.1:{http}/webhook/nextcloud/bot"
-Timeout = 5
-
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-[[gateway.inout]]
-account = "{USER}"
-channel = "{USER_ROOM}"
-[[gateway.inout]]
-account = "{BOT}"
-channel = "{BOT_ROOM}"
-
-[redis]
-URL = "{redis_url}"
-
-[http]
-BindAddress = "127.0.0.1:{http}"
-
-[bus]
-LeaseSeconds = 2
-RetryBaseSeconds = 0.05
-""")
-    return path
+    config = ConfigToml().general()
+    config.api("a", api, "api-token").raw(user_section("user", talk_url, PollTimeout=5))
+    config.raw(bot_section("bot", talk_url, WebhookURL=f"http://127.0.0.1:{http}/webhook/nextcloud/bot", Timeout=5))
+    config.gateway("g", ("api.a", "api"), (USER, USER_ROOM), (BOT, BOT_ROOM))
+    return config.daemon(redis_url, http, LeaseSeconds=2, RetryBaseSeconds=0.05).write(tmp_path / "talkbridge.toml")
 
 
 @pytest.fixture

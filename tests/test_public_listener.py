@@ -37,9 +37,9 @@ from bridge.keys import log_key
 from bridge.listener import Listener, ListenerLimits
 from bridge.metrics import Metrics
 from bridge.rejections import RejectionLog
-from tests.helpers import Daemon, RedisServer, free_port, metric, wait_for, wait_quiet
+from tests.helpers import ConfigToml, Daemon, RedisServer, TomlValue, free_port, metric, wait_for, wait_quiet
 from tests.ingress_props import PROPS, exchange, header_names, header_values
-from tests.talkbot_rig import SECRET, bot_section, write_config
+from tests.talkbot_rig import bot_section, write_config
 
 BOT = "nctalkbot.cloud"
 METRICS_TOKEN = "metrics-token-" + "m" * 20
@@ -225,48 +225,19 @@ class Running:
         return f"http://127.0.0.1:{self.http}{path}"
 
 
-def daemon_config(tmp_path: Path, redis_url: str, http: int, api: int, admin: int, extra_http: str = "") -> Path:
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(f"""
-[nctalkbot.cloud]
-Server = "http://127.0.0.1:9"
-BotSecret = "{SECRET}"
-
-[api.a]
-BindAddress = "127.0.0.1:{api}"
-Token = "api-token"
-
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.inout]]
-account = "{BOT}"
-channel = "*"
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-
-[redis]
-URL = "{redis_url}"
-
-[http]
-BindAddress = "127.0.0.1:{http}"
-{extra_http}
-
-[admin]
-BindAddress = "127.0.0.1:{admin}"
-User = "ops"
-Password = "a-long-enough-password"
-
-[bus]
-LeaseSeconds = 2
-""")
-    return path
+def daemon_config(
+    tmp_path: Path, redis_url: str, http: int, api: int, admin: int, extra_http: dict[str, TomlValue] | None = None
+) -> Path:
+    config = ConfigToml().raw(bot_section("cloud", "http://127.0.0.1:9")).api("a", api, "api-token")
+    config.gateway("g", (BOT, "*"), ("api.a", "api"))
+    config.daemon(redis_url, http, http=extra_http, LeaseSeconds=2)
+    config.section("admin", BindAddress=f"127.0.0.1:{admin}", User="ops", Password="a-long-enough-password")
+    return config.write(tmp_path / "talkbridge.toml")
 
 
 @pytest.fixture
 def running(tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[Running]:
-    extra = getattr(request, "param", "")
+    extra = getattr(request, "param", None)
     client = sync_redis.Redis.from_url(redis_server.url)
     client.flushall()
     http, api, admin = free_port(), free_port(), free_port()
@@ -322,7 +293,7 @@ def assert_tells_nothing(resp: httpx.Response) -> None:
         assert word not in resp.text, (word, resp.text)
 
 
-@pytest.mark.parametrize("running", [f'MetricsFrom = ["127.0.0.1"]\nMetricsToken = "{METRICS_TOKEN}"'], indirect=True)
+@pytest.mark.parametrize("running", [{"MetricsFrom": ["127.0.0.1"], "MetricsToken": METRICS_TOKEN}], indirect=True)
 def test_metrics_and_readiness_detail_are_for_trusted_clients_only(running: Running) -> None:
     metrics, readyz = running.url("/metrics"), running.url("/readyz")
     bearer = f"Bearer {METRICS_TOKEN}"
