@@ -314,9 +314,11 @@ class ConfigToml:
         """``[general]`` with its ``RemoteNickFormat`` (the one most tests use, by default)."""
         return self.section("general", RemoteNickFormat=nick_format, **keys)
 
-    def api(self, name: str, port: int, token: str, **keys: TomlValue) -> ConfigToml:
-        """A Matterbridge api account on loopback."""
-        return self.section(f"api.{name}", BindAddress=f"127.0.0.1:{port}", Token=token, **keys)
+    def api(self, name: str, port: int, token: str = "", **keys: TomlValue) -> ConfigToml:
+        """A Matterbridge api account on loopback (with no ``Token``: open, for in-process tests)."""
+        return self.section(
+            f"api.{name}", BindAddress=f"127.0.0.1:{port}", **({"Token": token} if token else {}), **keys
+        )
 
     def gateway(
         self,
@@ -324,10 +326,13 @@ class ConfigToml:
         *inouts: tuple[str, str],
         ins: Sequence[tuple[str, str]] = (),
         outs: Sequence[tuple[str, str]] = (),
+        **keys: TomlValue,
     ) -> ConfigToml:
-        """``[[gateway]]`` with its ``(account, channel)`` pairs: both ways
-        (``inouts``), only into the gateway (``ins``), only out of it (``outs``)."""
+        """``[[gateway]]`` (and its ``keys``) with its ``(account, channel)``
+        pairs: both ways (``inouts``), only into the gateway (``ins``), only
+        out of it (``outs``)."""
         out = f"[[gateway]]\nname = {toml_value(name)}\nenable = true\n"
+        out += "".join(f"{key} = {toml_value(value)}\n" for key, value in keys.items())
         for kind, pairs in (("inout", inouts), ("in", ins), ("out", outs)):
             for account, channel in pairs:
                 out += f"[[gateway.{kind}]]\naccount = {toml_value(account)}\nchannel = {toml_value(channel)}\n"

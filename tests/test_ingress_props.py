@@ -26,7 +26,7 @@ from adapters.nctalk_bot import H_BACKEND, H_RANDOM, H_SIGNATURE, sign
 from bridge.cli import protocol_specs
 from bridge.config import load_config
 from bridge.daemon import Daemon
-from tests.helpers import RedisServer, free_port, wait_for
+from tests.helpers import ConfigToml, RedisServer, free_port, wait_for
 from tests.ingress_props import (
     PROPS,
     BadLogs,
@@ -157,36 +157,11 @@ def ingress(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer)
     client = sync_redis.Redis.from_url(redis_server.url)
     client.flushall()
     api_port, http_port = free_port(), free_port()
-    path = tmp_path_factory.mktemp("props") / "talkbridge.toml"
-    path.write_text(f"""
-[api.a]
-BindAddress = "127.0.0.1:{api_port}"
-Token = "{TOKEN}"
-
-[nctalkbot.bot]
-Server = "http://127.0.0.1:9"
-BotSecret = "{SECRET}"
-
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-[[gateway.in]]
-account = "nctalkbot.bot"
-channel = "*"
-
-[redis]
-URL = "{redis_server.url}"
-
-[http]
-BindAddress = "127.0.0.1:{http_port}"
-RequestTimeoutSeconds = 5
-
-[bus]
-LeaseSeconds = 3
-""")
+    config = ConfigToml().api("a", api_port, TOKEN)
+    config.section("nctalkbot.bot", Server="http://127.0.0.1:9", BotSecret=SECRET)
+    config.gateway("g", ("api.a", "api"), ins=[("nctalkbot.bot", "*")])
+    config.daemon(redis_server.url, http_port, http={"RequestTimeoutSeconds": 5}, LeaseSeconds=3)
+    path = config.write(tmp_path_factory.mktemp("props") / "talkbridge.toml")
     bad_logs = BadLogs()
     root = logging.getLogger()
     root.addHandler(bad_logs)

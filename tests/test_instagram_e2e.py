@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
-from tests.helpers import Daemon, RedisServer, WorkerProcess, free_port, wait_for, wait_quiet
+from tests.helpers import ConfigToml, Daemon, RedisServer, WorkerProcess, free_port, wait_for, wait_quiet
 from tests.instagram_rig import CDN2, JPEG, FakeInstagram, image_item, video_item
-from tests.talkbot_rig import SECRET
+from tests.talkbot_rig import SECRET, bot_section
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Actor, Bot, Message
 from tests.test_api_e2e import Api
@@ -33,40 +33,10 @@ TOKEN = "igroom1"
 
 
 def config(tmp: Path, redis_url: str, talk_url: str, http: int, api_port: int, extra: str) -> Path:
-    path = tmp / "talkbridge.toml"
-    path.write_text(f"""
-[nctalkbot.ig]
-Server = "{talk_url}"
-BotSecret = "{SECRET}"
-WebhookURL = "http://127.0.0.1:{http}/webhook/nextcloud/ig"
-
-[api.a]
-BindAddress = "127.0.0.1:{api_port}"
-Token = "api-token"
-
-[[gateway]]
-name = "g"
-enable = true
-Instagram = true
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-[[gateway.inout]]
-account = "nctalkbot.ig"
-channel = "{TOKEN}"
-
-[redis]
-URL = "{redis_url}"
-
-[http]
-BindAddress = "127.0.0.1:{http}"
-
-[bus]
-LeaseSeconds = 2
-RetryBaseSeconds = 0.05
-{extra}
-""")
-    return path
+    config = ConfigToml().raw(bot_section("ig", talk_url, WebhookURL=f"http://127.0.0.1:{http}/webhook/nextcloud/ig"))
+    config.api("a", api_port, "api-token").gateway("g", ("api.a", "api"), ("nctalkbot.ig", TOKEN), Instagram=True)
+    config.daemon(redis_url, http, LeaseSeconds=2, RetryBaseSeconds=0.05).raw(extra)  # more of [bus], or sections
+    return config.write(tmp / "talkbridge.toml")
 
 
 @dataclass

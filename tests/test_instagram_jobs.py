@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config
 from bridge.events import Delivery, Event, EventKind
-from tests.helpers import free_port
+from tests.helpers import ConfigToml, free_port
 from tests.instagram_rig import (
     CDN,
     CDN2,
@@ -54,43 +54,11 @@ ROOM = "room1"
 
 
 def config_text(enabled: bool = True, dedupe: float = 60) -> str:
-    flag = "Instagram = true" if enabled else ""
-    return f"""
-[nctalkbot.bot]
-Server = "http://127.0.0.1:9"
-BotSecret = "{SECRET}"
-
-[api.a]
-BindAddress = "127.0.0.1:{free_port()}"
-[api.b]
-BindAddress = "127.0.0.1:{free_port()}"
-[api.c]
-BindAddress = "127.0.0.1:{free_port()}"
-
-[[gateway]]
-name = "previews"
-enable = true
-{flag}
-[[gateway.inout]]
-account = "{UP}"
-channel = "api"
-[[gateway.inout]]
-account = "{BOT}"
-channel = "{ROOM}"
-
-[[gateway]]
-name = "plain"
-enable = true
-[[gateway.inout]]
-account = "api.b"
-channel = "api"
-[[gateway.inout]]
-account = "{OFF}"
-channel = "api"
-
-[instagram]
-DedupeSeconds = {dedupe}
-"""
+    config = ConfigToml().section("nctalkbot.bot", Server="http://127.0.0.1:9", BotSecret=SECRET)
+    config.api("a", free_port()).api("b", free_port()).api("c", free_port())
+    config.gateway("previews", (UP, "api"), (BOT, ROOM), **({"Instagram": True} if enabled else {}))
+    config.gateway("plain", ("api.b", "api"), (OFF, "api"))
+    return config.section("instagram", DedupeSeconds=dedupe).text()
 
 
 FAST = Settings(breaker_base=0.3, breaker_cap=0.6, fetch_timeout=10, transient_base=0.05)

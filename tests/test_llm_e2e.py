@@ -15,9 +15,9 @@ from pathlib import Path
 
 import redis as sync_redis
 
-from tests.helpers import Daemon, RedisServer, WorkerProcess, free_port, wait_for, wait_quiet
+from tests.helpers import ConfigToml, Daemon, RedisServer, WorkerProcess, free_port, wait_for, wait_quiet
 from tests.llama_rig import FakeLLM, LlamaServer, fake_llm_fixture, llama_server_fixture  # noqa: F401
-from tests.talkbot_rig import SECRET
+from tests.talkbot_rig import SECRET, bot_section
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Actor, Bot, Message
 
@@ -26,45 +26,12 @@ ACCOUNT = "nctalkbot.inara"
 
 
 def config(tmp_path: Path, redis_url: str, talk_url: str, http: int, endpoint: str, persona: str) -> Path:
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(f"""
-[nctalkbot.inara]
-Server = "{talk_url}"
-BotSecret = "{SECRET}"
-WebhookURL = "http://127.0.0.1:{http}/webhook/nextcloud/inara"
-Persona = "inara"
-Timeout = 5
-
-[api.a]
-BindAddress = "127.0.0.1:{free_port()}"
-Token = "api-token"
-
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.inout]]
-account = "{ACCOUNT}"
-channel = "{TOKEN}"
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-
-[persona.inara]
-Name = "Inara"
-Endpoint = "{endpoint}"
-{persona}
-
-[redis]
-URL = "{redis_url}"
-
-[http]
-BindAddress = "127.0.0.1:{http}"
-
-[bus]
-LeaseSeconds = 2
-RetryBaseSeconds = 0.05
-""")
-    return path
+    webhook = f"http://127.0.0.1:{http}/webhook/nextcloud/inara"
+    config = ConfigToml().raw(bot_section("inara", talk_url, WebhookURL=webhook, Persona="inara", Timeout=5))
+    config.api("a", free_port(), "api-token").gateway("g", (ACCOUNT, TOKEN), ("api.a", "api"))
+    config.section("persona.inara", Name="Inara", Endpoint=endpoint).raw(persona)  # more of it, or sections after
+    config.daemon(redis_url, http, LeaseSeconds=2, RetryBaseSeconds=0.05)
+    return config.write(tmp_path / "talkbridge.toml")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from bridge.bus import Bus, BusSettings
 from bridge.config import Config
 from bridge.events import Attachment, Delivery, Event, EventKind, event_from_wire
-from tests.helpers import free_port
+from tests.helpers import ConfigToml, TomlValue, free_port
 from tests.llama_rig import FakeLLM, fake_llm_fixture  # noqa: F401
 from tests.talkbot_rig import SECRET, until, until_quiet, write_config
 from workers import llm, llm_job, llm_queue
@@ -40,57 +40,16 @@ PREFIX = "tb"
 
 def config_text(endpoint: str, *, timeout: float = 10, history: int = 4, job_timeout: float = 60,
                 personas: bool = True) -> str:  # fmt: skip
-    persona = (
-        f"""
-[persona.inara]
-Name = "Inara"
-Endpoint = "{endpoint}"
-Model = "test-model"
-SystemPrompt = "You are Inara."
-History = {history}
-Timeout = {timeout}
-"""
-        if personas
-        else ""
-    )
-    return f"""
-[nctalkbot.bot]
-Server = "http://127.0.0.1:9"
-BotSecret = "{SECRET}"
-{'Persona = "inara"' if personas else ""}
-
-[api.a]
-BindAddress = "127.0.0.1:{free_port()}"
-[api.b]
-BindAddress = "127.0.0.1:{free_port()}"
-[api.c]
-BindAddress = "127.0.0.1:{free_port()}"
-
-[[gateway]]
-name = "bot"
-enable = true
-[[gateway.inout]]
-account = "{BOT}"
-channel = "{ROOM}"
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-
-[[gateway]]
-name = "mention"
-enable = true
-{'Persona = "inara"' if personas else ""}
-[[gateway.inout]]
-account = "{API}"
-channel = "api"
-[[gateway.inout]]
-account = "api.c"
-channel = "api"
-
-[workers]
-JobTimeout = {job_timeout}
-{persona}
-"""
+    persona: dict[str, TomlValue] = {"Persona": "inara"} if personas else {}
+    config = ConfigToml().section("nctalkbot.bot", Server="http://127.0.0.1:9", BotSecret=SECRET, **persona)
+    config.api("a", free_port()).api("b", free_port()).api("c", free_port())
+    config.gateway("bot", (BOT, ROOM), ("api.a", "api"))
+    config.gateway("mention", (API, "api"), ("api.c", "api"), **persona)
+    config.section("workers", JobTimeout=job_timeout)
+    if personas:
+        config.section("persona.inara", Name="Inara", Endpoint=endpoint, Model="test-model",
+                       SystemPrompt="You are Inara.", History=history, Timeout=timeout)  # fmt: skip
+    return config.text()
 
 
 @dataclass

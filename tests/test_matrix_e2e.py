@@ -23,6 +23,7 @@ from bridge.keys import account_key, dead_letters_key, degraded_key
 from tests.helpers import (
     ROOT,
     SENTINEL,
+    ConfigToml,
     Daemon,
     RedisServer,
     free_port,
@@ -64,17 +65,10 @@ class Bridge:
 
 
 def write(tmp_path: Path, redis_url: str, room: Room, http: int, api: int, **extra: Any) -> Path:
-    text = '[general]\nRemoteNickFormat = "[{PROTOCOL}] <{NICK}> "\n'
-    text += matrix_section("hs", room.synapse.url, login=room.bot_login, **extra)
-    text += f'[api.a]\nBindAddress = "127.0.0.1:{api}"\nToken = "t"\n'
-    text += f'[[gateway]]\nname = "{GATEWAY}"\nenable = true\n'
-    text += f'[[gateway.inout]]\naccount = "{ACCOUNT}"\nchannel = "{room.room_id}"\n'
-    text += '[[gateway.inout]]\naccount = "api.a"\nchannel = "api"\n'
-    text += f'[redis]\nURL = "{redis_url}"\n[http]\nBindAddress = "127.0.0.1:{http}"\n'
-    text += "[bus]\nLeaseSeconds = 2\nRetryBaseSeconds = 0.05\n"
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(text)
-    return path
+    config = ConfigToml().general("[{PROTOCOL}] <{NICK}> ")
+    config.raw(matrix_section("hs", room.synapse.url, login=room.bot_login, **extra)).api("a", api, "t")
+    config.gateway(GATEWAY, (ACCOUNT, room.room_id), ("api.a", "api"))
+    return config.daemon(redis_url, http, LeaseSeconds=2, RetryBaseSeconds=0.05).write(tmp_path / "talkbridge.toml")
 
 
 def bridge(tmp_path: Path, redis_server: RedisServer, synapse: SynapseServer, **extra: Any) -> Iterator[Bridge]:

@@ -15,8 +15,8 @@ import pytest
 import redis as sync_redis
 
 from bridge.keys import account_key
-from tests.helpers import SENTINEL, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
-from tests.nctalk_rig import PASSWORD
+from tests.helpers import SENTINEL, ConfigToml, Daemon, RedisServer, free_port, has_sentinel, through_sentinel, wait_for
+from tests.nctalk_rig import PASSWORD, user_section
 from tests.talkserver import ThreadedTalkServer
 from tests.talkserver.state import Actor
 
@@ -54,36 +54,11 @@ def star(tmp_path: Path, redis_server: RedisServer) -> Iterator[Star]:
         talk.call("create_room", token, token, (alice, bridge))
     talk.call("create_room", "Alice", "dm000001", (alice, bridge), type=1)
     http, api = free_port(), free_port()
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(f"""
-[general]
-RemoteNickFormat = "[{{PROTOCOL}}] <{{NICK}}> "
-[api.a]
-BindAddress = "127.0.0.1:{api}"
-Token = "t"
-[nctalk.cloud]
-Server = "{talk.url}"
-Login = "bridge"
-Password = "{PASSWORD}"
-PollTimeout = 5
-RoomsRefreshSeconds = 0.5
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.inout]]
-account = "{ACCOUNT}"
-channel = "*"
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-[redis]
-URL = "{redis_server.url}"
-[http]
-BindAddress = "127.0.0.1:{http}"
-[bus]
-LeaseSeconds = 2
-RetryBaseSeconds = 0.05
-""")
+    config = ConfigToml().general("[{PROTOCOL}] <{NICK}> ").api("a", api, "t")
+    config.raw(user_section("cloud", talk.url, PollTimeout=5, RoomsRefreshSeconds=0.5))
+    config.gateway("g", (ACCOUNT, "*"), ("api.a", "api"))
+    config.daemon(redis_server.url, http, LeaseSeconds=2, RetryBaseSeconds=0.05)
+    path = config.write(tmp_path / "talkbridge.toml")
     daemon = Daemon(path, http, tmp_path / "daemon.log").start()
     try:
         wait_for(lambda: client.hlen(CURSORS) == 2, what="both group rooms polled")

@@ -27,7 +27,7 @@ from bridge.keys import dead_letters_key
 from bridge.metrics import Metrics
 from bridge.relay import RouteLoop
 from bridge.router import Router
-from tests.helpers import ROOT, RedisServer, free_port, metric, wait_for
+from tests.helpers import ROOT, ConfigToml, RedisServer, free_port, metric, wait_for
 from tests.helpers import Daemon as DaemonProcess
 from tests.poison_daemon import PoisonAdapter
 from tests.talkbot_rig import until
@@ -289,39 +289,10 @@ def test_a_poison_message_does_not_stop_the_daemon_process(tmp_path: Path, redis
     client = sync_redis.Redis.from_url(redis_server.url)
     client.flushall()
     a, b, http = free_port(), free_port(), free_port()
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(f"""
-[api.a]
-BindAddress = "127.0.0.1:{a}"
-Token = "token-a"
-[api.b]
-BindAddress = "127.0.0.1:{b}"
-Token = "token-b"
-[poison.one]
-Poison = "poison"
-
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-[[gateway.inout]]
-account = "api.b"
-channel = "api"
-[[gateway.inout]]
-account = "poison.one"
-channel = "room"
-
-[redis]
-URL = "{redis_server.url}"
-[http]
-BindAddress = "127.0.0.1:{http}"
-[bus]
-LeaseSeconds = 2
-MaxDeliveries = 3
-RetryBaseSeconds = 0.05
-""")
+    config = ConfigToml().api("a", a, "token-a").api("b", b, "token-b").section("poison.one", Poison="poison")
+    config.gateway("g", ("api.a", "api"), ("api.b", "api"), ("poison.one", "room"))
+    config.daemon(redis_server.url, http, LeaseSeconds=2, MaxDeliveries=3, RetryBaseSeconds=0.05)
+    path = config.write(tmp_path / "talkbridge.toml")
     daemon = PoisonDaemonProcess(path, http, tmp_path / "daemon.log").start()
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{a}", headers={"Authorization": "Bearer token-a"}) as api:

@@ -24,7 +24,7 @@ import redis as sync_redis
 
 from adapters.nctalk_bot import H_RANDOM, H_SIGNATURE, sign
 from bridge.listener import ListenerLimits
-from tests.helpers import ROOT, Daemon, RedisServer, free_port
+from tests.helpers import ROOT, ConfigToml, Daemon, RedisServer, free_port
 
 SECRET = "slow-" + "s" * 40
 HELD_PER_LISTENER = 5000
@@ -62,35 +62,10 @@ def daemon(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[Daemon, 
     client.flushall()
     client.close()
     api_port, http_port = free_port(), free_port()
-    path = tmp_path / "talkbridge.toml"
-    path.write_text(f"""
-[api.a]
-BindAddress = "127.0.0.1:{api_port}"
-Token = "token-a"
-
-[nctalkbot.bot]
-Server = "http://127.0.0.1:9"
-BotSecret = "{SECRET}"
-
-[[gateway]]
-name = "g"
-enable = true
-[[gateway.inout]]
-account = "api.a"
-channel = "api"
-[[gateway.in]]
-account = "nctalkbot.bot"
-channel = "*"
-
-[redis]
-URL = "{redis_server.url}"
-
-[http]
-BindAddress = "127.0.0.1:{http_port}"
-
-[bus]
-LeaseSeconds = 3
-""")
+    config = ConfigToml().api("a", api_port, "token-a")
+    config.section("nctalkbot.bot", Server="http://127.0.0.1:9", BotSecret=SECRET)
+    config.gateway("g", ("api.a", "api"), ins=[("nctalkbot.bot", "*")])
+    path = config.daemon(redis_server.url, http_port, LeaseSeconds=3).write(tmp_path / "talkbridge.toml")
     proc = ServiceDaemon(path, http_port, tmp_path / "daemon.log").start()
     try:
         yield proc, api_port
