@@ -213,7 +213,7 @@ def test_a_401_from_talk_is_not_retried(tmp_path: Path, redis_server: RedisServe
         assert b.api.post(text="one", username="bob").status_code == 200
         wait_for(lambda: b.metric('talkbridge_account_failed{account="nctalkbot.talk"} 1.0'), what="account_failed")
         assert b.api.post(text="two", username="bob").status_code == 200
-        wait_for(lambda: b.redis.xlen(f"tb:out:{{{ACCOUNT}}}") >= 2, what="the second delivery queued")
+        wait_for(lambda: b.redis.xlen(outbound_key("tb", ACCOUNT)) >= 2, what="the second delivery queued")
         # no retry comes; a paused account delivers nothing more, so no sentinel can follow: a window, then
         wait_quiet(lambda: len(b.talk.call("requests", "/message")), what="Talk's requests")
         assert len(b.talk.call("requests", "/message")) == 1  # one attempt, then the account is paused

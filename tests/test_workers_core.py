@@ -28,7 +28,7 @@ from bridge.bus import ROUTER_GROUP, Bus, BusSettings
 from bridge.config import ConfigError, load_config
 from bridge.control import live_workers
 from bridge.events import Event, EventKind
-from bridge.keys import alerts_key
+from bridge.keys import alerts_key, log_key
 from bridge.logstream import install as install_log_stream
 from bridge.metrics import Metrics
 from bridge.options import protocol_specs
@@ -336,8 +336,8 @@ def test_a_jobs_alert_reaches_the_admin_room_and_its_warnings_the_log_stream(
             await triggers.consider(Event(EventKind.MESSAGE, "api.a", "api", text="!echo up", native_id="u1"))
             await asyncio.to_thread(wait_for, lambda: len(admin_room()) >= 2, 30, 0.05, "the resolution")
             await asyncio.to_thread(wait_quiet, lambda: len(admin_room()))  # alerts keep no order: a window
-            assert await redis.hlen("tb:alerts") == 0
-            records = await redis.xrange("tb:log")
+            assert await redis.hlen(alerts_key("tb")) == 0
+            records = await redis.xrange(log_key("tb"))
             messages = [fields[b"message"].decode() for _, fields in records]
             assert "the test service refused us" in messages
             assert any("ALERT test:service" in m for m in messages)
