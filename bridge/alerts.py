@@ -202,15 +202,15 @@ class AlertSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> AlertSettings:
-        section = config.section("alerts")
+        section = config.alerts
         return cls(
             admin_room=config.admin_room,
-            failed_seconds=float(section["FailedMinutes"]) * 60,
-            dead_letter_threshold=int(section["DeadLetterThreshold"]),
-            dead_letter_window=float(section["DeadLetterWindowMinutes"]) * 60,
-            max_per_minute=int(section["MaxPerMinute"]),
-            repeat_seconds=float(section["RepeatMinutes"]) * 60,
-            check_seconds=float(section["CheckSeconds"]),
+            failed_seconds=float(section.failed_minutes) * 60,
+            dead_letter_threshold=int(section.dead_letter_threshold),
+            dead_letter_window=float(section.dead_letter_window_minutes) * 60,
+            max_per_minute=int(section.max_per_minute),
+            repeat_seconds=float(section.repeat_minutes) * 60,
+            check_seconds=float(section.check_seconds),
         )
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -41,6 +41,10 @@ from bridge.events import Event, event_to_wire
 from bridge.groupcommit import GroupCommit
 from bridge.idmap import FENCED, LUA_LIB, Fence, Fenced
 from bridge.keys import current_stream_name, dead_letters_key, fence_key, hash_tag, inbound_key, outbound_key
+
+if TYPE_CHECKING:
+    from bridge.config import Config
+    from bridge.config_keys import BusSection
 
 ROUTER_GROUP = "router"
 DELIVER_GROUP = "deliver"
@@ -57,12 +61,12 @@ class BusSettings:
     batch_size: int = 200
 
     @classmethod
-    def from_section(cls, prefix: str, bus: dict[str, Any]) -> BusSettings:
+    def from_section(cls, prefix: str, bus: BusSection) -> BusSettings:
         return cls(
             prefix=prefix,
-            stream_max_len=bus["StreamMaxLen"],
-            dead_letter_max_len=bus["DeadLetterMaxLen"],
-            batch_size=bus["BatchSize"],
+            stream_max_len=bus.stream_max_len,
+            dead_letter_max_len=bus.dead_letter_max_len,
+            batch_size=bus.batch_size,
         )
 
 
@@ -345,6 +349,12 @@ class Bus:
     async def entries_after(self, stream: str, entry_id: str, cap: int = LAG_COUNT_CAP) -> int:
         """How many entries follow ``entry_id`` (at most ``cap``), counted inside Redis."""
         return int(await self._count_after(keys=[stream], args=[entry_id, cap]))
+
+
+def bus_for(config: Config, redis: Redis) -> Bus:
+    """The bus a loaded config describes ([redis] KeyPrefix, [bus]): the daemon's,
+    the workers', the management page's and the CLI's are this one."""
+    return Bus(redis, BusSettings.from_section(config.redis.key_prefix, config.bus))
 
 
 def _s(value: bytes | str) -> str:

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from adapters import AdapterRegistry
 from bridge.adapter import Adapter, CliCommand
 from bridge.admin import fleet  # what the management page reads too
-from bridge.bus import Bus, BusSettings
+from bridge.bus import bus_for
 from bridge.config import Config, ConfigError, load_config
 from bridge.connections import RedisURLError, connect, embedded_for, redis_for
 from bridge.embedded_redis import EmbeddedRedis, EmbeddedRedisError
@@ -52,15 +52,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(config: Config, stream: TextIO = sys.stderr) -> None:
-    section = config.section("log")
     handler = logging.StreamHandler(stream)
-    if section["Format"] == "json":
+    if config.log.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(section["Level"].upper())
+    root.setLevel(config.log.level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # httpx logs every request's URL at INFO: a URL may carry a credential (an
     # endpoint's key in its query), and the workers make a request per job
@@ -78,7 +77,10 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def load(path: str, adapters: Mapping[str, type[Adapter]]) -> Config:
-    return load_config(path, protocol_specs(adapters))
+    # the features' declarations only (their sections, the persona tables): no arq, no HTTP client
+    from workers.feature_settings import FEATURE_SPECS
+
+    return load_config(path, protocol_specs(adapters), features=FEATURE_SPECS)
 
 
 # commands ------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def cmd_check_config(args: argparse.Namespace, adapters: Mapping[str, type[Adapt
     for warning in config.warnings:
         print(f"warning: {warning}", file=out)
     print(f"{config.path}: OK", file=out)
-    redis_url = config.section("redis")["URL"]
+    redis_url = config.redis.url
     print(
         f"redis: {'configured URL' if redis_url else 'embedded, data in ' + str(embedded_for(config).data_dir)}",
         file=out,
@@ -120,8 +122,9 @@ async def _run(config: Config, adapters: Mapping[str, type[Adapter]], logstream:
         loop.add_signal_handler(sig, stop.set)
     async with redis_for(config, start=True) as redis:
         # which inbound events start the workers' jobs; the daemon routes, the features decide
-        prefix = config.section("redis")["KeyPrefix"]
-        triggers = build_triggers(config, redis, prefix, logging.getLogger("talkbridge.workers"), FEATURES)
+        triggers = build_triggers(
+            config, redis, config.redis.key_prefix, logging.getLogger("talkbridge.workers"), FEATURES
+        )
         daemon = Daemon(config, redis, adapters, triggers=triggers)
         logging.getLogger("talkbridge").info(
             "talkbridge %s: %d accounts, %d gateways", daemon.instance_id, len(config.accounts), len(config.gateways)
@@ -206,14 +209,14 @@ def check_file_budget(config: Config, limit: int | None, log: logging.Logger) ->
     """Warn when the file limit is below what the listeners may hold at their cap."""
     if limit is None:
         return
-    http = config.section("http")
-    listeners = (1 if http["BindAddress"] else 0) + sum(1 for a in config.accounts.values() if a.get("BindAddress"))
-    need = listeners * http["MaxConnections"] + FILES_RESERVED
+    http = config.http
+    listeners = (1 if http.bind_address else 0) + sum(1 for a in config.accounts.values() if a.get("BindAddress"))
+    need = listeners * http.max_connections + FILES_RESERVED
     if listeners and limit < need:
         log.warning(
             "file limit: %d open files is less than %d listener(s) at [http] MaxConnections = %d need (about %d); "
             "beyond it new connections fail: raise the limit (systemd: LimitNOFILE=) or lower MaxConnections",
-            limit, listeners, http["MaxConnections"], need,
+            limit, listeners, http.max_connections, need,
         )  # fmt: skip
 
 
@@ -222,7 +225,7 @@ def start_logging(config: Config) -> LogStream:
     stream from now on (written once the process has its Redis), the config's
     warnings first."""
     setup_logging(config)
-    logstream = install_log_stream(config.section("redis")["KeyPrefix"], config.accounts)
+    logstream = install_log_stream(config.redis.key_prefix, config.accounts)
     log = logging.getLogger("talkbridge")
     for warning in config.warnings:
         log.warning("config: %s", warning)
@@ -274,7 +277,7 @@ async def _worker(config: Config, logstream: LogStream | None = None, wait_for_r
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    url = config.section("redis")["URL"]
+    url = config.redis.url
     if not url:
         # Workers share the daemon's embedded server; they never start one of
         # their own (a second server on the data directory would be a second bus).
@@ -312,7 +315,7 @@ def cmd_worker(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], 
 
 async def _status(config: Config, out: TextIO) -> int:
     async with redis_for(config, start=False) as redis:
-        bus = Bus(redis, BusSettings.from_section(config.section("redis")["KeyPrefix"], config.section("bus")))
+        bus = bus_for(config, redis)
         accounts = await fleet.account_status(redis, bus, fleet.account_protocols(config))
         dlq = await redis.xlen(bus.dlq)
     rows = [stream for account in accounts for stream in (account.inbound, account.outbound)]
@@ -340,7 +343,7 @@ def cmd_status(args: argparse.Namespace, adapters: Mapping[str, type[Adapter]], 
 
 async def _dlq(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     async with redis_for(config, start=False) as redis:
-        bus = Bus(redis, BusSettings.from_section(config.section("redis")["KeyPrefix"], config.section("bus")))
+        bus = bus_for(config, redis)
         if args.action == "list":
             letters = await fleet.oldest_dead_letters(bus, args.limit)
             for letter in letters:

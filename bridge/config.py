@@ -4,7 +4,11 @@ Accounts are ``[protocol.name]`` tables using Matterbridge's key names; a key
 is looked up on the account first, then in ``[general]`` (as Matterbridge's
 viper config does), case-insensitively. Gateways are ``[[gateway]]`` with
 ``[[gateway.inout]]`` / ``[[gateway.in]]`` / ``[[gateway.out]]`` entries.
-Our own sections — ``[redis]``, ``[http]``, ``[bus]`` — sit beside them.
+Our own sections — ``[redis]``, ``[http]``, ``[bus]`` … — sit beside them,
+each built once into a typed section the program reads by attribute
+(``config.bus.stream_max_len``); the workers' features declare their own
+sections and the ``[persona.NAME]`` keys (``FeatureSpec``), handed to
+``load_config`` by the composition root as the adapters' ``ProtocolSpec``s are.
 
 Any string value may be ``env:NAME`` or ``file:PATH`` so secrets stay out of
 the file (``${NAME}`` in a ``file:`` path is the environment variable NAME:
@@ -23,16 +27,26 @@ parsed by bridge/addresses.py.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli
 
-from bridge.config_keys import MATTERBRIDGE_SECTIONS, OWN_SECTIONS, find_option
+from bridge.config_keys import (
+    MATTERBRIDGE_SECTIONS,
+    OWN_SECTIONS,
+    AdminSection,
+    AlertsSection,
+    BusSection,
+    HttpSection,
+    LogSection,
+    RedisSection,
+    find_option,
+)
 from bridge.goregex import GoRegexp, Template
-from bridge.options import Option, ProtocolSpec
+from bridge.options import FeatureSpec, Option, ProtocolSpec, SectionT, build_section, section_values
 
 MAX_CONFIG_BYTES = 1 << 20  # a config larger than 1 MiB is a mistake, not a config
 
@@ -129,15 +143,52 @@ class Config:
     path: Path
     accounts: dict[str, AccountConfig]
     gateways: list[Gateway]
-    sections: dict[str, dict[str, Any]]  # our own sections, defaults applied
+    # our own top-level sections, typed (bridge/config_keys.py), and the
+    # features' (bridge/options.py FeatureSpec), by name; built once by the loader
+    sections: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     # [persona.NAME] -> its options, secrets resolved, SystemPromptFile read
     personas: dict[str, dict[str, Any]] = field(default_factory=dict)
     # [general] AdminRoom: (account, channel) where alerts go (bridge/alerts.py)
     admin_room: tuple[str, str] | None = None
 
+    # the core's sections; a feature reads its own with ``settings``
+    @property
+    def redis(self) -> RedisSection:
+        return self.sections["redis"]
+
+    @property
+    def http(self) -> HttpSection:
+        return self.sections["http"]
+
+    @property
+    def bus(self) -> BusSection:
+        return self.sections["bus"]
+
+    @property
+    def admin(self) -> AdminSection:
+        return self.sections["admin"]
+
+    @property
+    def log(self) -> LogSection:
+        return self.sections["log"]
+
+    @property
+    def alerts(self) -> AlertsSection:
+        return self.sections["alerts"]
+
+    def settings(self, section: type[SectionT]) -> SectionT:
+        """A feature's typed section (workers/feature_settings.py), by its class."""
+        for value in self.sections.values():
+            if type(value) is section:
+                return value
+        raise KeyError(f"{section.__name__}: not declared to the loader (load_config's features)")
+
     def section(self, name: str) -> dict[str, Any]:
-        return self.sections[name]
+        """A section's values by key as the file spells them: for what reads
+        keys by name (the tests' checks of what a file loads to); the program
+        reads the typed attributes."""
+        return section_values(self.sections[name])
 
     def _entries_of(self, account: str, channel: str) -> list[tuple[Gateway, GatewayEntry]]:
         return [
@@ -194,8 +245,12 @@ def load_config(
     path: str | os.PathLike[str],
     protocols: Mapping[str, ProtocolSpec],
     environ: Mapping[str, str] | None = None,
+    features: Sequence[FeatureSpec] = (),
 ) -> Config:
-    """Load and validate; raise ``ConfigError`` listing every problem."""
+    """Load and validate; raise ``ConfigError`` listing every problem.
+
+    ``features``: the workers' declarations (their sections, the persona
+    tables); without them those sections are not known."""
     # the loader builds this module's classes: imported here, so that either module may be imported first
     from bridge.config_loader import ConfigLoader, check_sections
 
@@ -222,14 +277,16 @@ def load_config(
     loader = ConfigLoader(path, protocols, os.environ if environ is None else environ)
     lower = {k.lower(): k for k in raw}
     general = loader.general(raw.get(lower.get("general", "general")))
-    sections = {name: loader.own_section(name, raw.get(lower.get(name, name))) for name in OWN_SECTIONS}
+    declared = {**OWN_SECTIONS, **{name: cls for f in features for name, cls in f.sections.items()}}
+    sections = {name: loader.own_section(name, cls, raw.get(lower.get(name, name))) for name, cls in declared.items()}
+    persona_options = next((f.persona_options for f in features if f.persona_options is not None), None)
 
     accounts: dict[str, AccountConfig] = {}
     for key, value in raw.items():
         low = key.lower()
-        if low == "persona":
+        if low == "persona" and persona_options is not None:
             continue  # loaded below, once the accounts that name them are known
-        if low in OWN_SECTIONS or low in MATTERBRIDGE_SECTIONS:
+        if low in declared or low in MATTERBRIDGE_SECTIONS:
             if low in ("samechannelgateway", "tengo"):
                 loader.warnings.append(f"{key}: not supported by talkbridge, ignored")
             continue
@@ -247,17 +304,16 @@ def load_config(
 
     loader.warn_general_not_implemented(raw.get(lower.get("general", "general")), accounts)
     gateways = loader.gateways(raw.get(lower.get("gateway", "gateway")), accounts)
-    personas = loader.personas(raw.get(lower.get("persona", "persona")))
+    personas: dict[str, dict[str, Any]] = {}
+    if persona_options is not None:
+        personas = loader.personas(raw.get(lower.get("persona", "persona")), persona_options)
     loader.check_persona_names(personas, accounts, gateways)
-    job_timeout = sections["workers"]["JobTimeout"]
-    for name, persona in personas.items():
-        if persona["Timeout"] > job_timeout - 3:  # workers/llm_job.py keeps 3 s to post the timeout message
-            loader.warnings.append(
-                f"persona.{name}.Timeout: {persona['Timeout']} s does not fit in [workers] JobTimeout = "
-                f"{job_timeout} s less 3 s; the worker waits {max(job_timeout - 3, 0)} s for an answer"
-            )
+    typed = {name: build_section(declared[name], values) for name, values in sections.items()}
+    for feature in features:
+        if feature.warn is not None:
+            loader.warnings.extend(feature.warn(typed, personas))
     admin_room = loader.admin_room(general, accounts)
-    check_sections(loader, sections)
+    check_sections(loader, typed)
     if loader.problems:
         raise ConfigError(loader.problems)
-    return Config(path, accounts, gateways, sections, loader.warnings, personas, admin_room)
+    return Config(path, accounts, gateways, typed, loader.warnings, personas, admin_room)

@@ -3,10 +3,13 @@
 
 - ``COMMON_OPTIONS``: Matterbridge's [general]-level keys, which every account
   understands (a protocol adds its own: its ``ProtocolSpec.options``);
-- ``OWN_SECTIONS``: talkbridge's own top-level sections, ``[redis]``,
-  ``[http]``, ``[bus]``, ``[workers]``, ``[instagram]``, ``[admin]``,
-  ``[log]``, ``[alerts]``;
-- ``PERSONA_OPTIONS``: a ``[persona.NAME]`` table;
+- ``OWN_SECTIONS``: the core's own top-level sections, ``[redis]``,
+  ``[http]``, ``[bus]``, ``[admin]``, ``[log]``, ``[alerts]``, each a typed
+  section (bridge/options.py ``setting``): the loader builds it once and the
+  program reads ``config.bus.stream_max_len``. The workers' sections
+  (``[workers]``, ``[instagram]``) and the keys of a ``[persona.NAME]``
+  table are declared by the features that read them
+  (workers/feature_settings.py, a ``FeatureSpec`` each);
 - ``GATEWAY_OPTIONS``: talkbridge's keys on a ``[[gateway]]`` or in a
   channel entry's ``options``.
 
@@ -17,10 +20,10 @@ case (``find_option``), as Matterbridge's viper config does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from bridge.options import Option
+from bridge.options import Option, setting
 
 # The URL forms bridge/connections.py connects to; here so that checking a
 # config needs no Redis client.
@@ -78,136 +81,139 @@ MATTERBRIDGE_SECTIONS = {"general", "gateway", "samechannelgateway", "tengo"}
 
 
 @dataclass(frozen=True, slots=True)
-class OwnSection:
-    """One of our own top-level sections and its keys."""
+class RedisSection:
+    """``[redis]``: bridge/connections.py; KeyPrefix starts every key."""
 
-    options: dict[str, Option]
+    url: str = setting("URL", Option(str, default="", secret=True, help="empty: embedded Redis"))
+    data_dir: str = setting("DataDir", Option(str, default="talkbridge-data"))
+    append_fsync: str = setting("AppendFsync", Option(str, default="everysec", choices=("always", "everysec", "no")))
+    key_prefix: str = setting("KeyPrefix", Option(str, default="tb"))
+    redis_server: str = setting(
+        "RedisServer", Option(str, default="", help="redis-server binary for the embedded default")
+    )
 
 
-OWN_SECTIONS: dict[str, OwnSection] = {
-    "redis": OwnSection(
-        {
-            "URL": Option(str, default="", secret=True, help="empty: embedded Redis"),
-            "DataDir": Option(str, default="talkbridge-data"),
-            "AppendFsync": Option(str, default="everysec", choices=("always", "everysec", "no")),
-            "KeyPrefix": Option(str, default="tb"),
-            "RedisServer": Option(str, default="", help="redis-server binary for the embedded default"),
-        }
-    ),
-    "http": OwnSection(
-        {
-            "BindAddress": Option(str, default="127.0.0.1:4280"),
-            "MaxBodyBytes": Option(int, default=1 << 20, min=1024),
-            # every listener (this one, each api account's): bridge/listener.py
-            "RequestTimeoutSeconds": Option(
-                (int, float), default=10, above=0, max=86400, help="for a request head, then its body"
-            ),
-            "IdleTimeoutSeconds": Option(
-                (int, float), default=75, above=0, max=86400, help="a kept-alive connection between requests"
-            ),
-            "MaxConnections": Option(int, default=1000, min=1, help="open connections per listener"),
-            # who may read /metrics and /readyz's detail on this listener: bridge/http.py
-            "MetricsFrom": Option(
-                list, default=("127.0.0.0/8", "::1"), help="client addresses/networks trusted without the token"
-            ),
-            "MetricsToken": Option(
-                str, default="", secret=True, help="a bearer token for /metrics and /readyz's detail (env:/file:)"
-            ),
-        }
-    ),
-    "bus": OwnSection(
-        {
-            "MaxDeliveries": Option(int, default=5, min=1),
-            "RetryBaseSeconds": Option((int, float), default=0.5),
-            "RetryMaxSeconds": Option((int, float), default=30.0),
-            "StreamMaxLen": Option(int, default=0, help="0: trim only what was consumed"),
-            "DeadLetterMaxLen": Option(int, default=100_000),
-            "MessageMapDays": Option((int, float), default=7, above=0),
-            "MessageMapPerRoom": Option(int, default=5000, min=100, help="copies a room's id map keeps"),
-            "LeaseSeconds": Option((int, float), default=15, min=2),
-            "BatchSize": Option(int, default=200, min=1),
-        }
-    ),
-    # arq workers (`talkbridge worker`): workers/settings.py
-    "workers": OwnSection(
-        {
-            # arq's default of 0.5 s caps a worker near 200 jobs/s and adds up to
-            # half a second to every job (docs/benchmarks.md)
-            "PollDelay": Option((int, float), default=0.05, above=0, max=10),
-            "MaxJobs": Option(int, default=10, min=1, help="jobs one worker runs at a time"),
-            "JobTimeout": Option((int, float), default=300, above=0),
-            "KeepResultSeconds": Option((int, float), default=3600, min=0),
-        }
-    ),
-    # Instagram link previews: workers/instagram.py, docs/instagram.md
-    "instagram": OwnSection(
-        {
-            "RequestsPerMinute": Option(int, default=30, min=1, help="fetches per minute, all workers together"),
-            "RoomRequestsPerMinute": Option(int, default=6, min=1, help="fetches per minute for one room"),
-            "RateWindowSeconds": Option(
-                (int, float), default=60, min=1, help="the window the two limits count in (60: per minute)"
-            ),
-            "CacheSeconds": Option((int, float), default=86400, min=0),
-            "DedupeSeconds": Option((int, float), default=60, min=0),
-            "CookiesFile": Option(str, default="", help="Netscape cookies file for logged-in fetching"),
-            "MaxMediaBytes": Option(int, default=50_000_000, min=1),
-            "QueueNoticeSeconds": Option((int, float), default=5, min=0),
-            "FetchTimeout": Option((int, float), default=30, above=0),
-            "MaxImages": Option(int, default=10, min=1),
-        }
-    ),
-    # the management page (bridge/admin, docs/operations.md): served when User and Password are set
-    "admin": OwnSection(
-        {
-            "BindAddress": Option(str, default="127.0.0.1:4281", help="its own listener; localhost unless set"),
-            "User": Option(str, default=""),
-            "Password": Option(
-                str, default="", secret=True, help="the password (env:/file:), or its scrypt:/pbkdf2: hash"
-            ),
-            "SessionHours": Option((int, float), default=12, above=0, max=24 * 90),
-            "MaxFailedLogins": Option(int, default=5, min=1, help="per client, within LockoutMinutes"),
-            "MaxFailedLoginsAll": Option(int, default=50, min=1, help="from all clients, within LockoutMinutes"),
-            "LockoutMinutes": Option((int, float), default=15, above=0, max=24 * 60),
-            # a client that logged in may still try at the MaxFailedLoginsAll limit this long (0: nobody may)
-            "KnownAddressDays": Option((int, float), default=30, min=0, max=3650, help="see MaxFailedLoginsAll"),
-            "SecureCookie": Option(bool, default=False, help="true behind an HTTPS proxy"),
-            # the names the page answers to, on any port (bridge/admin/web.py: DNS rebinding)
-            "Hosts": Option(list, default=(), help="default: BindAddress's host, localhost, 127.0.0.1, ::1"),
-            "RefreshSeconds": Option((int, float), default=2, min=0.5, max=60, help="live updates' interval"),
-        }
-    ),
-    "log": OwnSection(
-        {
-            "Level": Option(str, default="info", choices=("debug", "info", "warning", "error")),
-            "Format": Option(str, default="text", choices=("text", "json")),
-        }
-    ),
-    # admin-room alerts (bridge/alerts.py, docs/operations-alerts.md); the room is [general] AdminRoom
-    "alerts": OwnSection(
-        {
-            "FailedMinutes": Option((int, float), default=5, above=0, help="a room or account failing this long"),
-            "DeadLetterThreshold": Option(int, default=1, min=1, help="dead letters within the window"),
-            "DeadLetterWindowMinutes": Option((int, float), default=10, above=0),
-            "MaxPerMinute": Option(int, default=10, min=1, help="messages to the admin room, whole fleet"),
-            "RepeatMinutes": Option((int, float), default=10, min=0, help="a condition back this soon waits"),
-            "CheckSeconds": Option((int, float), default=10, above=0, max=3600),
-        }
-    ),
+@dataclass(frozen=True, slots=True)
+class HttpSection:
+    """``[http]``: the daemon's listener (bridge/daemon.py)."""
+
+    bind_address: str = setting("BindAddress", Option(str, default="127.0.0.1:4280"))
+    max_body_bytes: int = setting("MaxBodyBytes", Option(int, default=1 << 20, min=1024))
+    # every listener (this one, each api account's): bridge/listener.py
+    request_timeout_seconds: float = setting(
+        "RequestTimeoutSeconds",
+        Option((int, float), default=10, above=0, max=86400, help="for a request head, then its body"),
+    )
+    idle_timeout_seconds: float = setting(
+        "IdleTimeoutSeconds",
+        Option((int, float), default=75, above=0, max=86400, help="a kept-alive connection between requests"),
+    )
+    max_connections: int = setting(
+        "MaxConnections", Option(int, default=1000, min=1, help="open connections per listener")
+    )
+    # who may read /metrics and /readyz's detail on this listener: bridge/http.py
+    metrics_from: Sequence[str] = setting(
+        "MetricsFrom",
+        Option(list, default=("127.0.0.0/8", "::1"), help="client addresses/networks trusted without the token"),
+    )
+    metrics_token: str = setting(
+        "MetricsToken",
+        Option(str, default="", secret=True, help="a bearer token for /metrics and /readyz's detail (env:/file:)"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BusSection:
+    """``[bus]``: the streams (bridge/bus.py) and the delivery lanes."""
+
+    max_deliveries: int = setting("MaxDeliveries", Option(int, default=5, min=1))
+    retry_base_seconds: float = setting("RetryBaseSeconds", Option((int, float), default=0.5))
+    retry_max_seconds: float = setting("RetryMaxSeconds", Option((int, float), default=30.0))
+    stream_max_len: int = setting("StreamMaxLen", Option(int, default=0, help="0: trim only what was consumed"))
+    dead_letter_max_len: int = setting("DeadLetterMaxLen", Option(int, default=100_000))
+    message_map_days: float = setting("MessageMapDays", Option((int, float), default=7, above=0))
+    message_map_per_room: int = setting(
+        "MessageMapPerRoom", Option(int, default=5000, min=100, help="copies a room's id map keeps")
+    )
+    lease_seconds: float = setting("LeaseSeconds", Option((int, float), default=15, min=2))
+    batch_size: int = setting("BatchSize", Option(int, default=200, min=1))
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSection:
+    """``[admin]``: the management page (bridge/admin, docs/operations.md),
+    served when User and Password are set."""
+
+    bind_address: str = setting(
+        "BindAddress", Option(str, default="127.0.0.1:4281", help="its own listener; localhost unless set")
+    )
+    user: str = setting("User", Option(str, default=""))
+    password: str = setting(
+        "Password",
+        Option(str, default="", secret=True, help="the password (env:/file:), or its scrypt:/pbkdf2: hash"),
+    )
+    session_hours: float = setting("SessionHours", Option((int, float), default=12, above=0, max=24 * 90))
+    max_failed_logins: int = setting(
+        "MaxFailedLogins", Option(int, default=5, min=1, help="per client, within LockoutMinutes")
+    )
+    max_failed_logins_all: int = setting(
+        "MaxFailedLoginsAll", Option(int, default=50, min=1, help="from all clients, within LockoutMinutes")
+    )
+    lockout_minutes: float = setting("LockoutMinutes", Option((int, float), default=15, above=0, max=24 * 60))
+    # a client that logged in may still try at the MaxFailedLoginsAll limit this long (0: nobody may)
+    known_address_days: float = setting(
+        "KnownAddressDays", Option((int, float), default=30, min=0, max=3650, help="see MaxFailedLoginsAll")
+    )
+    secure_cookie: bool = setting("SecureCookie", Option(bool, default=False, help="true behind an HTTPS proxy"))
+    # the names the page answers to, on any port (bridge/admin/web.py: DNS rebinding)
+    hosts: Sequence[str] = setting(
+        "Hosts", Option(list, default=(), help="default: BindAddress's host, localhost, 127.0.0.1, ::1")
+    )
+    refresh_seconds: float = setting(
+        "RefreshSeconds", Option((int, float), default=2, min=0.5, max=60, help="live updates' interval")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LogSection:
+    """``[log]``: bridge/cli.py setup_logging."""
+
+    level: str = setting("Level", Option(str, default="info", choices=("debug", "info", "warning", "error")))
+    format: str = setting("Format", Option(str, default="text", choices=("text", "json")))
+
+
+@dataclass(frozen=True, slots=True)
+class AlertsSection:
+    """``[alerts]``: admin-room alerts (bridge/alerts.py, docs/operations-alerts.md);
+    the room is [general] AdminRoom."""
+
+    failed_minutes: float = setting(
+        "FailedMinutes", Option((int, float), default=5, above=0, help="a room or account failing this long")
+    )
+    dead_letter_threshold: int = setting(
+        "DeadLetterThreshold", Option(int, default=1, min=1, help="dead letters within the window")
+    )
+    dead_letter_window_minutes: float = setting("DeadLetterWindowMinutes", Option((int, float), default=10, above=0))
+    max_per_minute: int = setting(
+        "MaxPerMinute", Option(int, default=10, min=1, help="messages to the admin room, whole fleet")
+    )
+    repeat_minutes: float = setting(
+        "RepeatMinutes", Option((int, float), default=10, min=0, help="a condition back this soon waits")
+    )
+    check_seconds: float = setting("CheckSeconds", Option((int, float), default=10, above=0, max=3600))
+
+
+# The core's own sections, by name; the workers' features add theirs
+# (bridge/options.py FeatureSpec, declared in workers/feature_settings.py).
+OWN_SECTIONS: dict[str, type] = {
+    "redis": RedisSection,
+    "http": HttpSection,
+    "bus": BusSection,
+    "admin": AdminSection,
+    "log": LogSection,
+    "alerts": AlertsSection,
 }
 
-# ``[persona.NAME]``: an LLM persona (workers/llm.py, docs/persona.md)
-PERSONA_OPTIONS: dict[str, Option] = {
-    "Name": Option(str, default="", help="the @-name that calls it; default: NAME"),
-    "Endpoint": Option(str, required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1"),
-    "Model": Option(str, required=True),
-    "APIKey": Option(str, default="", secret=True),
-    "SystemPrompt": Option(str, default=""),
-    "SystemPromptFile": Option(str, default="", help="read into SystemPrompt"),
-    "MaxTokens": Option(int, default=256, min=1),
-    "Temperature": Option((int, float), default=0.7, min=0, max=2),
-    "History": Option(int, default=10, min=0, max=200, help="recent room messages sent as context"),
-    "Timeout": Option((int, float), default=55, above=0, max=3600),
-}
 MAX_PROMPT_BYTES = 64 * 1024
 # Keys a [[gateway]] table may carry beside name, enable and its channels, and
 # the same as a channel entry's ``options``: talkbridge's own.

@@ -25,13 +25,13 @@ from bridge.config_keys import (
     DIRECTIONS,
     GATEWAY_OPTIONS,
     MAX_PROMPT_BYTES,
-    OWN_SECTIONS,
-    PERSONA_OPTIONS,
     REDIS_SCHEMES,
+    AdminSection,
+    HttpSection,
     find_option,
 )
 from bridge.goregex import GoRegexError, GoRegexp, go_fields, unknown_references
-from bridge.options import Option, ProtocolSpec, go_weak
+from bridge.options import Option, ProtocolSpec, go_weak, section_options
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in a file: path
 MIN_PLAIN_PASSWORD = 12  # [admin] Password: a shorter plain one is warned about
@@ -170,21 +170,23 @@ class ConfigLoader:
         self.warnings.append(f"{key}: accepted but ignored by talkbridge ({spec.not_implemented})")
 
     # sections -----------------------------------------------------------------
-    def own_section(self, name: str, raw: Any) -> dict[str, Any]:
-        spec = OWN_SECTIONS[name]
-        out = {k: opt.default for k, opt in spec.options.items()}
+    def own_section(self, name: str, section: type, raw: Any) -> dict[str, Any]:
+        """One of our top-level sections (a typed section's declarations),
+        defaults applied, by key as declared."""
+        options = section_options(section)
+        out = {k: opt.default for k, opt in options.items()}
         if raw is None:
             return out
         if not isinstance(raw, dict):
             self.problem(name, f"must be a table, not {_describe(raw)}")
             return out
         for key, value in raw.items():
-            opt_name = next((k for k in spec.options if k.lower() == key.lower()), None)
+            opt_name = next((k for k in options if k.lower() == key.lower()), None)
             if opt_name is None:
-                known = ", ".join(spec.options)
+                known = ", ".join(options)
                 self.problem(f"{name}.{key}", f"unknown key (known: {known})")
                 continue
-            ok, value = self.checked(f"{name}.{key}", self.resolve(f"{name}.{key}", value), spec.options[opt_name])
+            ok, value = self.checked(f"{name}.{key}", self.resolve(f"{name}.{key}", value), options[opt_name])
             if ok:
                 out[opt_name] = value
         return out
@@ -407,8 +409,9 @@ class ConfigLoader:
             return None
         return GatewayEntry(account, channel, direction, options.get("Instagram"), options.get("Persona"))
 
-    def personas(self, raw: Any) -> dict[str, dict[str, Any]]:
-        """``[persona.NAME]`` tables (PERSONA_OPTIONS)."""
+    def personas(self, raw: Any, options: Mapping[str, Option]) -> dict[str, dict[str, Any]]:
+        """``[persona.NAME]`` tables, their keys as the llm feature declares
+        them (workers/feature_settings.py PERSONA_OPTIONS)."""
         if raw is None:
             return {}
         if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
@@ -420,20 +423,18 @@ class ConfigLoader:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
                 self.problem(where, "persona names may use letters, digits, '-' and '_' only")
                 continue
-            values = {k: opt.default for k, opt in PERSONA_OPTIONS.items()}
+            values = {k: opt.default for k, opt in options.items()}
             given: set[str] = set()
             for key, value in body.items():
-                known = next((k for k in PERSONA_OPTIONS if k.lower() == key.lower()), None)
+                known = next((k for k in options if k.lower() == key.lower()), None)
                 if known is None:
-                    self.problem(f"{where}.{key}", f"unknown key (known: {', '.join(PERSONA_OPTIONS)})")
+                    self.problem(f"{where}.{key}", f"unknown key (known: {', '.join(options)})")
                     continue
-                ok, value = self.checked(
-                    f"{where}.{known}", self.resolve(f"{where}.{known}", value), PERSONA_OPTIONS[known]
-                )
+                ok, value = self.checked(f"{where}.{known}", self.resolve(f"{where}.{known}", value), options[known])
                 if ok:
                     values[known] = value
                     given.add(known)
-            for key, opt in PERSONA_OPTIONS.items():
+            for key, opt in options.items():
                 if opt.required and key not in given:
                     self.problem(f"{where}.{key}", "is required")
             endpoint = values["Endpoint"]
@@ -491,20 +492,20 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def check_sections(loader: ConfigLoader, sections: dict[str, dict[str, Any]]) -> None:
+def check_sections(loader: ConfigLoader, sections: Mapping[str, Any]) -> None:
     """What the option declarations cannot say (ranges and choices they do)."""
-    url = sections["redis"]["URL"]
+    url = sections["redis"].url
     if url and not url.startswith(REDIS_SCHEMES):  # never echo the value: it may hold a password
         loader.problem("redis.URL", f"must start with one of {', '.join(REDIS_SCHEMES)}")
-    bind = sections["http"]["BindAddress"]
+    bind = sections["http"].bind_address
     if bind and parse_hostport(bind) is None:
         loader.problem("http.BindAddress", f'"{bind}" is not HOST:PORT')
     _check_status_access(loader, sections["http"])
     _check_admin(loader, sections["admin"])
 
 
-def _check_status_access(loader: ConfigLoader, http: dict[str, Any]) -> None:
-    networks = http["MetricsFrom"]
+def _check_status_access(loader: ConfigLoader, http: HttpSection) -> None:
+    networks = http.metrics_from
     if not all(isinstance(n, str) for n in networks):
         loader.problem("http.MetricsFrom", 'must be a list of strings, e.g. ["127.0.0.0/8", "::1"]')
     else:
@@ -512,46 +513,46 @@ def _check_status_access(loader: ConfigLoader, http: dict[str, Any]) -> None:
             parse_networks(networks)
         except ValueError as exc:
             loader.problem("http.MetricsFrom", str(exc))
-    token = http["MetricsToken"]
+    token = http.metrics_token
     if token and (len(token) < 16 or not token.isascii() or not token.isprintable() or " " in token):
         # never echo the value: it is a secret
         loader.problem("http.MetricsToken", "must be 16 or more printable ASCII characters without spaces")
 
 
-def _check_admin(loader: ConfigLoader, admin: dict[str, Any]) -> None:
+def _check_admin(loader: ConfigLoader, admin: AdminSection) -> None:
     from bridge.admin.passwords import PasswordFormatError, parse_password  # hashlib only
 
-    bind = admin["BindAddress"]
+    bind = admin.bind_address
     if bind and parse_hostport(bind) is None:
         loader.problem("admin.BindAddress", f'"{bind}" is not HOST:PORT')
-    if bool(admin["User"]) != bool(admin["Password"]):
-        missing = "Password" if admin["User"] else "User"
+    if bool(admin.user) != bool(admin.password):
+        missing = "Password" if admin.user else "User"
         loader.problem(f"admin.{missing}", "is required with the other (the page is served when both are set)")
     try:
-        check = parse_password(admin["Password"])
+        check = parse_password(admin.password)
     except PasswordFormatError as exc:
         loader.problem("admin.Password", str(exc))
         check = None
-    for i, name in enumerate(admin["Hosts"]):
+    for i, name in enumerate(admin.hosts):
         if not (isinstance(name, str) and parse_host_name(name) is not None):
             shown = f'"{name}"' if isinstance(name, str) else _describe(name)
             loader.problem(f"admin.Hosts[{i}]", f"{shown} is not a host name or IP address (no port, no scheme)")
-    if not (admin["User"] and admin["Password"]):
+    if not (admin.user and admin.password):
         return  # not served: nothing to warn about
     # dangerous settings that still work: warned about, named by key
     host = parse_hostport(bind)[0] if bind and parse_hostport(bind) else ""
-    if host and not is_loopback(host) and not admin["SecureCookie"]:
+    if host and not is_loopback(host) and not admin.secure_cookie:
         loader.warnings.append(
             f'admin.BindAddress: "{bind}" can be reached from other hosts over plain HTTP (SecureCookie = false): '
             "the password and the session cookie cross the network readable; keep it on 127.0.0.1 behind an SSH "
             "tunnel, or serve it through an HTTPS proxy and set SecureCookie = true"
         )
-    if host in ("0.0.0.0", "::") and not admin["Hosts"]:
+    if host in ("0.0.0.0", "::") and not admin.hosts:
         loader.warnings.append(
             f'admin.Hosts: BindAddress "{bind}" listens on every address, but the page answers only to localhost, '
             "127.0.0.1 and ::1 until Hosts lists the names browsers use for it"
         )
-    if check is not None and check.method == "plain" and len(admin["Password"]) < MIN_PLAIN_PASSWORD:
+    if check is not None and check.method == "plain" and len(admin.password) < MIN_PLAIN_PASSWORD:
         loader.warnings.append(
             f"admin.Password: a password shorter than {MIN_PLAIN_PASSWORD} characters is quick to guess; use a "
             "longer one, best as its scrypt hash (python -m bridge.admin.passwords)"

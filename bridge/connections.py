@@ -75,11 +75,11 @@ def _sentinel(url: str) -> Redis:
 
 
 def embedded_for(config: Config) -> EmbeddedRedis:
-    section = config.section("redis")
-    data_dir = Path(section["DataDir"]).expanduser()
+    section = config.redis
+    data_dir = Path(section.data_dir).expanduser()
     if not data_dir.is_absolute():
         data_dir = config.path.parent / data_dir
-    return EmbeddedRedis(data_dir, section["RedisServer"], section["AppendFsync"])
+    return EmbeddedRedis(data_dir, section.redis_server, section.append_fsync)
 
 
 @contextlib.asynccontextmanager
@@ -90,7 +90,7 @@ async def redis_for(config: Config, *, start: bool) -> AsyncIterator[Redis]:
     (status, dlq): attach to the running daemon's server, or start one on the
     data directory just for this command.
     """
-    url = config.section("redis")["URL"]
+    url = config.redis.url
     embedded: EmbeddedRedis | None = None
     if not url:
         embedded = embedded_for(config)

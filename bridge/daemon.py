@@ -28,7 +28,7 @@ from bridge.adapter import AccountFailed, Adapter, AdapterContext
 from bridge.addresses import parse_hostport
 from bridge.alerts import Alerts, outbound_publisher
 from bridge.alerts_watch import DaemonWatch, progress, watch_interval
-from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, BusSettings
+from bridge.bus import DELIVER_GROUP, ROUTER_GROUP, Bus, bus_for
 from bridge.config import Config
 from bridge.control import (
     AccountControl,
@@ -398,7 +398,6 @@ def adapter_context(
     """The ``AdapterContext`` of account ``name``: what the daemon hands each
     adapter (the tests' in-process rigs build theirs here too). ``rejections``:
     where refused requests are summed up (one of its own when None)."""
-    http = config.section("http")
     log = logging.getLogger(f"talkbridge.{name}")
     return AdapterContext(
         account=config.accounts[name],
@@ -411,8 +410,8 @@ def adapter_context(
             gw.name: e.channel for gw in config.gateways for e in gw.entries if e.account == name and e.can_send
         },
         key_prefix=key_prefix,
-        max_body=http["MaxBodyBytes"],
-        http_limits=ListenerLimits.from_section(http),
+        max_body=config.http.max_body_bytes,
+        http_limits=ListenerLimits.from_section(config.http),
         idmap=idmap,
         fence=fence,
         rejections=rejections or RejectionLog(logging.getLogger("talkbridge.rejections")),
@@ -434,19 +433,19 @@ class Daemon:
         self.redis = redis
         self.metrics = metrics or Metrics()
         self.instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        redis_cfg, bus_cfg = config.section("redis"), config.section("bus")
-        self.bus = Bus(redis, BusSettings.from_section(redis_cfg["KeyPrefix"], bus_cfg))
-        self.map_ttl = int(bus_cfg["MessageMapDays"] * 86400)
-        self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl, bus_cfg["MessageMapPerRoom"], bus_cfg["BatchSize"])
+        bus_cfg = config.bus
+        self.bus = bus_for(config, redis)
+        self.map_ttl = int(bus_cfg.message_map_days * 86400)
+        self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl, bus_cfg.message_map_per_room, bus_cfg.batch_size)
         self.router = Router(config)
         # the workers' features (Instagram previews, personas): which inbound events start jobs;
         # built by the CLI (workers/triggers.py), None: no feature configured
         self.triggers = triggers
-        self.lease_seconds = float(bus_cfg["LeaseSeconds"])
-        self.retry = RetryPolicy(bus_cfg["MaxDeliveries"], bus_cfg["RetryBaseSeconds"], bus_cfg["RetryMaxSeconds"])
-        self.max_body = config.section("http")["MaxBodyBytes"]
-        self.http_limits = ListenerLimits.from_section(config.section("http"))
-        self.status_access = StatusAccess.from_section(config.section("http"))
+        self.lease_seconds = float(bus_cfg.lease_seconds)
+        self.retry = RetryPolicy(bus_cfg.max_deliveries, bus_cfg.retry_base_seconds, bus_cfg.retry_max_seconds)
+        self.max_body = config.http.max_body_bytes
+        self.http_limits = ListenerLimits.from_section(config.http)
+        self.status_access = StatusAccess.from_section(config.http)
         # refused requests of every listener and account here, summed up (bridge/rejections.py)
         self.rejections = RejectionLog(logging.getLogger("talkbridge.rejections"))
         self.runners: dict[str, AccountRunner] = {}
@@ -577,7 +576,7 @@ class Daemon:
         self.metrics.dlq_length.set(await self.redis.xlen(self.bus.dlq))
 
     async def start_http(self) -> Listener | None:
-        bind = self.config.section("http")["BindAddress"]
+        bind = self.config.http.bind_address
         if not bind:
             return None
         ingress = [route for runner in self.runners.values() for route in runner.adapter.ingress_routes()]
@@ -604,13 +603,13 @@ class Daemon:
 
         A port already taken (another instance on this host serves it) is
         logged and the daemon runs on without the page."""
-        section = self.config.section("admin")
-        if not (section["User"] and section["Password"]):
+        admin = self.config.admin
+        if not (admin.user and admin.password):
             return None
         from bridge.admin.web import build_admin_app  # Jinja2 only where the page is served
 
         log = logging.getLogger("talkbridge.admin")
-        bind = section["BindAddress"]
+        bind = admin.bind_address
         host, port = parse_hostport(bind)  # type: ignore[misc]
         app = build_admin_app(self.config, self.redis, log, self.rejections, self.metrics)
         listener = Listener(app, bind, self.http_limits, log)

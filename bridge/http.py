@@ -41,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from bridge.addresses import parse_networks
+from bridge.config_keys import HttpSection
 from bridge.metrics import Metrics
 from bridge.rejections import RejectionLog
 
@@ -67,8 +68,8 @@ class StatusAccess:
     token: str = ""
 
     @classmethod
-    def from_section(cls, http: Mapping[str, Any]) -> StatusAccess:
-        return cls(parse_networks(http["MetricsFrom"]), http["MetricsToken"])
+    def from_section(cls, http: HttpSection) -> StatusAccess:
+        return cls(parse_networks(http.metrics_from), http.metrics_token)
 
     def refusal(self, remote: str | None, headers: Mapping[str, str]) -> Refusal | None:
         """None when the client is trusted; else why not."""

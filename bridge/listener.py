@@ -58,7 +58,6 @@ import contextlib
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +66,8 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from redis.exceptions import RedisError
+
+from bridge.config_keys import HttpSection
 
 BACKLOG = 1024  # pending accepts the kernel queues (capped by net.core.somaxconn)
 LINGER_MAX = 5.0  # seconds aiohttp drains an unread body after answering, before closing
@@ -93,8 +94,8 @@ class ListenerLimits:
     max_connections: int = 1000
 
     @classmethod
-    def from_section(cls, http: Mapping[str, Any]) -> ListenerLimits:
-        return cls(float(http["RequestTimeoutSeconds"]), float(http["IdleTimeoutSeconds"]), int(http["MaxConnections"]))
+    def from_section(cls, http: HttpSection) -> ListenerLimits:
+        return cls(float(http.request_timeout_seconds), float(http.idle_timeout_seconds), int(http.max_connections))
 
 
 class BodyTimeout(Exception):

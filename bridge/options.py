@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from bridge.config import AccountConfig
@@ -176,6 +176,57 @@ class DeclaresOptions(Protocol):
 
     # optional: ``warn_account(account) -> list[str]``, warnings (see ProtocolSpec.warn),
     # and ``traits`` (bridge/adapter.py AdapterTraits: fixed_channel, relays_other_events)
+
+
+# Typed sections -------------------------------------------------------------------
+# A top-level section (``[bus]``, a feature's ``[instagram]``) is declared as a
+# frozen dataclass whose fields are its keys: ``setting("StreamMaxLen",
+# Option(...))`` names the key as the file spells it and declares it. The
+# loader checks the file against ``section_options`` and builds the object
+# once (``build_section``); the rest of the program reads attributes
+# (``config.bus.stream_max_len``), never key strings.
+SectionT = TypeVar("SectionT")
+
+
+def setting(key: str, option: Option) -> Any:
+    """A typed section's field: the key it is read from and its declaration
+    (a secret one stays out of the object's repr)."""
+    return field(default=option.default, repr=not option.secret, metadata={"key": key, "option": option})
+
+
+def section_options(section: type) -> dict[str, Option]:
+    """The keys a typed section declares, in declaration order."""
+    return {f.metadata["key"]: f.metadata["option"] for f in fields(section)}
+
+
+def build_section(section: type[SectionT], values: Mapping[str, Any]) -> SectionT:
+    """The typed section from checked values by key (every declared key present)."""
+    return section(**{f.name: values[f.metadata["key"]] for f in fields(section)})
+
+
+def section_values(section: Any) -> dict[str, Any]:
+    """A typed section's values by key, as the file spells them."""
+    return {f.metadata["key"]: getattr(section, f.name) for f in fields(section)}
+
+
+# warnings about settings that load but do not fit together: (the sections by
+# name, the [persona.NAME] tables) -> one line each
+FeatureWarn = Callable[[Mapping[str, Any], Mapping[str, Mapping[str, Any]]], list[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSpec:
+    """What the config loader needs to know about a worker feature, as
+    ``ProtocolSpec`` is for a protocol: the top-level sections it owns
+    (typed sections, see ``setting``) and, for the feature that answers as
+    personas, the keys of a ``[persona.NAME]`` table. The features declare
+    theirs in workers/ (workers/feature_settings.py); the composition root
+    hands them to ``load_config``, so the core never imports a feature."""
+
+    name: str
+    sections: Mapping[str, type] = field(default_factory=dict)
+    persona_options: Mapping[str, Option] | None = None
+    warn: FeatureWarn | None = None
 
 
 def protocol_specs(adapters: Mapping[str, DeclaresOptions]) -> dict[str, ProtocolSpec]:

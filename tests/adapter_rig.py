@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 from redis.asyncio import Redis
 
 from bridge.adapter import Adapter
-from bridge.bus import Bus, BusSettings
+from bridge.bus import Bus, bus_for
 from bridge.config import Config
 from bridge.daemon import adapter_context
 from bridge.events import Delivery, Event, EventKind, event_from_wire
@@ -77,7 +77,7 @@ async def connected_parts(
     """An ``AdapterRig``'s fields: the adapter connected and joined to its channels,
     with its Redis, bus (the config's ``[bus]``), metrics and id map; ``fence``
     the lease token its writes carry (None: unfenced, as without a lease)."""
-    bus = Bus(redis, BusSettings.from_section(config.section("redis")["KeyPrefix"], config.section("bus")))
+    bus = bus_for(config, redis)
     metrics = Metrics()
     idmap = IdMap(redis, bus.prefix, 3600)
     ctx = adapter_context(config, account, redis, bus.publish, metrics, bus.prefix, idmap, fence=fence, bus=bus)

@@ -22,6 +22,7 @@ from bridge.config import Config, load_config
 from bridge.daemon import adapter_context
 from bridge.idmap import IdMap
 from bridge.metrics import Metrics
+from workers.feature_settings import FEATURE_SPECS
 
 SECRET = "s3cr3t-" + "x" * 40  # 47 chars: Talk wants 40..128
 T = TypeVar("T")
@@ -29,7 +30,7 @@ T = TypeVar("T")
 
 def write_config(path: Path, body: str) -> Config:
     path.write_text(body)
-    return load_config(path, protocol_specs(AdapterRegistry()))
+    return load_config(path, protocol_specs(AdapterRegistry()), features=FEATURE_SPECS)
 
 
 def bot_section(name: str, server: str, secret: str = SECRET, **extra: Any) -> str:

@@ -347,9 +347,9 @@ def _config(tmp_path: Path, http: str) -> Path:
 def test_http_limits_are_read_from_the_config(tmp_path: Path) -> None:
     path = _config(tmp_path, "RequestTimeoutSeconds = 2.5\nIdleTimeoutSeconds = 30\nMaxConnections = 50")
     config = load_config(path, protocol_specs(AdapterRegistry()))
-    assert ListenerLimits.from_section(config.section("http")) == ListenerLimits(2.5, 30.0, 50)
+    assert ListenerLimits.from_section(config.http) == ListenerLimits(2.5, 30.0, 50)
     defaults = load_config(_config(tmp_path, ""), protocol_specs(AdapterRegistry()))
-    assert ListenerLimits.from_section(defaults.section("http")) == ListenerLimits()
+    assert ListenerLimits.from_section(defaults.http) == ListenerLimits()
 
 
 def test_bad_http_limits_name_the_key(tmp_path: Path) -> None:

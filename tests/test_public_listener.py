@@ -516,10 +516,10 @@ def test_bad_status_access_settings_name_the_key_and_never_the_token(tmp_path: P
 def test_status_access_is_read_from_the_config(tmp_path: Path) -> None:
     http = f'MetricsFrom = ["10.1.2.3", "fd00::/8"]\nMetricsToken = "{METRICS_TOKEN}"\n'
     config = write_config(tmp_path / "talkbridge.toml", bot_section("cloud", "http://127.0.0.1:9") + f"[http]\n{http}")
-    access = StatusAccess.from_section(config.section("http"))
+    access = StatusAccess.from_section(config.http)
     assert [str(n) for n in access.networks] == ["10.1.2.3/32", "fd00::/8"] and access.token == METRICS_TOKEN
     default = write_config(tmp_path / "default.toml", bot_section("cloud", "http://127.0.0.1:9"))
-    assert StatusAccess.from_section(default.section("http")) == StatusAccess()  # loopback, no token
+    assert StatusAccess.from_section(default.http) == StatusAccess()  # loopback, no token
     assert StatusAccess().refusal("::ffff:127.0.0.1", {}) is None  # a dual-stack listener's IPv4 loopback client
     assert StatusAccess().refusal("192.0.2.7", {}) == Refusal(
         403, "not_allowed", "served to clients in [http] MetricsFrom"

@@ -24,7 +24,7 @@ from arq.worker import func
 from redis.asyncio import Redis
 
 from adapters import AdapterRegistry
-from bridge.bus import ROUTER_GROUP, Bus, BusSettings
+from bridge.bus import ROUTER_GROUP, bus_for
 from bridge.config import ConfigError, load_config
 from bridge.control import live_workers
 from bridge.events import Event, EventKind
@@ -37,6 +37,7 @@ from bridge.router import Router
 from tests.helpers import Daemon, RedisServer, api_pair_config, wait_for, wait_quiet
 from workers import instagram
 from workers.deps import DEPS
+from workers.feature_settings import FEATURE_SPECS
 from workers.results import answer, is_worker_result, post_reply, result_id
 from workers.settings import run_worker
 from workers.triggers import build_triggers, queue_name
@@ -60,7 +61,7 @@ Token = "t"
 def load(tmp_path: Path, text: str):
     path = tmp_path / "talkbridge.toml"
     path.write_text(text)
-    return load_config(path, SPECS, environ={"KEY": "sk-secret"})
+    return load_config(path, SPECS, environ={"KEY": "sk-secret"}, features=FEATURE_SPECS)
 
 
 def test_personas_instagram_and_room_options_load(tmp_path: Path) -> None:
@@ -190,8 +191,8 @@ def pair_config(tmp_path: Path, redis_url: str) -> tuple[Path, tuple[int, int, i
 
 async def test_a_routed_event_enqueues_one_job_even_when_routed_again(tmp_path: Path, redis: Redis) -> None:
     path, _ = pair_config(tmp_path, "redis://unused")
-    config = load_config(path, SPECS)
-    bus = Bus(redis, BusSettings.from_section("tb", config.section("bus")))
+    config = load_config(path, SPECS, features=FEATURE_SPECS)
+    bus = bus_for(config, redis)
     triggers = build_triggers(config, redis, "tb", logging.getLogger("test"), features=[ECHO])
     assert triggers is not None
     loop = RouteLoop(bus, Router(config), "api.a", "c1", Metrics(), logging.getLogger("test"), triggers)
@@ -220,7 +221,7 @@ def test_a_job_answers_once_in_its_room_through_the_daemon(tmp_path: Path, redis
     client.flushall()
     path, (port_a, _, http) = pair_config(tmp_path, redis_server.url)
     daemon = Daemon(path, http, tmp_path / "daemon.log").start()
-    config = load_config(path, SPECS)
+    config = load_config(path, SPECS, features=FEATURE_SPECS)
 
     async def twice(ctx: dict[str, Any], source: dict[str, Any]) -> None:
         await echo(ctx, source)
@@ -294,7 +295,7 @@ def test_a_jobs_alert_reaches_the_admin_room_and_its_warnings_the_log_stream(
     path, (_, port_b, http) = pair_config(tmp_path, redis_server.url)
     path.write_text(path.read_text().replace("[general]\n", '[general]\nAdminRoom = "api.b:api"\n', 1))
     daemon = Daemon(path, http, tmp_path / "daemon.log").start()
-    config = load_config(path, SPECS)
+    config = load_config(path, SPECS, features=FEATURE_SPECS)
 
     async def alarm(ctx: dict[str, Any], source: dict[str, Any]) -> None:
         deps = ctx[DEPS]

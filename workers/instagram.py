@@ -45,6 +45,7 @@ from bridge.config import Config
 from bridge.events import Attachment, Event, EventKind
 from bridge.keys import instagram_notice_key
 from workers.deps import DEPS, WorkerDeps
+from workers.feature_settings import InstagramSection
 from workers.instagram_breaker import Breaker
 from workers.instagram_cache import Dedupe, PreviewCache
 from workers.instagram_fetch import Fetcher, FetchError, Preview
@@ -91,18 +92,18 @@ class Settings:
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
-        s = config.section("instagram")
+        s = config.settings(InstagramSection)
         return cls(
-            requests_per_minute=s["RequestsPerMinute"],
-            room_requests_per_minute=s["RoomRequestsPerMinute"],
-            period=float(s["RateWindowSeconds"]),
-            cache_seconds=float(s["CacheSeconds"]),
-            dedupe_seconds=float(s["DedupeSeconds"]),
-            cookies_file=s["CookiesFile"],
-            max_media_bytes=s["MaxMediaBytes"],
-            queue_notice_seconds=float(s["QueueNoticeSeconds"]),
-            fetch_timeout=float(s["FetchTimeout"]),
-            max_images=s["MaxImages"],
+            requests_per_minute=s.requests_per_minute,
+            room_requests_per_minute=s.room_requests_per_minute,
+            period=float(s.rate_window_seconds),
+            cache_seconds=float(s.cache_seconds),
+            dedupe_seconds=float(s.dedupe_seconds),
+            cookies_file=s.cookies_file,
+            max_media_bytes=s.max_media_bytes,
+            queue_notice_seconds=float(s.queue_notice_seconds),
+            fetch_timeout=float(s.fetch_timeout),
+            max_images=s.max_images,
         )
 
 
@@ -127,7 +128,7 @@ def _source(event: Event) -> dict[str, Any]:
 class InstagramTrigger:
     def __init__(self, config: Config, redis: Redis, prefix: str) -> None:
         self.config = config
-        self.dedupe = Dedupe(redis, prefix, float(config.section("instagram")["DedupeSeconds"]))
+        self.dedupe = Dedupe(redis, prefix, float(config.settings(InstagramSection).dedupe_seconds))
 
     async def consider(self, event: Event, enqueue: Enqueue) -> None:
         if event.kind != EventKind.MESSAGE or not event.text or is_worker_result(event):

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from bridge.events import Event, WireError, event_from_wire
 from bridge.keys import queue_name
 from workers.deps import DEPS, WorkerDeps
+from workers.feature_settings import JOB_MARGIN, WorkersSection
 from workers.llm_client import LLMError, Persona, complete
 from workers.llm_queue import (
     DONE_TTL,
@@ -40,7 +41,6 @@ FEATURE = "llm"
 JOB = "persona_reply"
 BUSY_JOB = "persona_busy"
 LOCK_MARGIN = 3.0  # seconds of lock beyond the model call: fetch history, post, finish
-JOB_MARGIN = 3.0  # seconds a job keeps free of arq's JobTimeout
 MIN_CALL_TIMEOUT = 0.5
 RETRY_DEFER = 2.0  # seconds before a job that met a Redis error runs again
 
@@ -166,7 +166,7 @@ class RoomJob:
         self.keys = RoomKeys(deps.prefix, room)
         self.job_id = job_id
         self.token = secrets.token_hex(16)
-        self.job_timeout = float(deps.config.section("workers")["JobTimeout"])
+        self.job_timeout = float(deps.config.settings(WorkersSection).job_timeout)
         self.started = time.monotonic()
         self._renew = self.redis.register_script(_RENEW)
         self._release_if_empty = self.redis.register_script(_RELEASE_IF_EMPTY)

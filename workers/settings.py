@@ -30,12 +30,13 @@ from arq.worker import Worker
 from redis.asyncio import Redis
 
 from bridge.alerts import Alerts, outbound_publisher
-from bridge.bus import Bus, BusSettings
+from bridge.bus import bus_for
 from bridge.config import Config
 from bridge.control import announcement
 from bridge.keys import queue_name
 from workers import heartbeat
 from workers.deps import DEPS, WorkerDeps
+from workers.feature_settings import WorkersSection
 from workers.registry import FEATURES
 
 HEALTH_EVERY = 10.0  # seconds between a worker's health notes
@@ -56,16 +57,16 @@ def health_key(prefix: str, host: str | None = None) -> str:
 
 def worker_options(config: Config) -> dict[str, Any]:
     """arq ``Worker`` keyword arguments from ``[workers]`` (not the connection)."""
-    section = config.section("workers")
-    prefix = config.section("redis")["KeyPrefix"]
+    section = config.settings(WorkersSection)
+    prefix = config.redis.key_prefix
     return {
         "queue_name": queue_name(prefix),
         "health_check_key": health_key(prefix),
         "health_check_interval": HEALTH_EVERY,
-        "poll_delay": section["PollDelay"],
-        "max_jobs": section["MaxJobs"],
-        "job_timeout": section["JobTimeout"],
-        "keep_result": section["KeepResultSeconds"],
+        "poll_delay": section.poll_delay,
+        "max_jobs": section.max_jobs,
+        "job_timeout": section.job_timeout,
+        "keep_result": section.keep_result_seconds,
         "max_tries": 5,
         # the job ids are ours (deterministic); results are kept only to refuse duplicates
         "log_results": False,
@@ -83,7 +84,7 @@ def build_deps(
     """A job's alerts are the fleet's (bridge/alerts.py): recorded in Redis,
     deduplicated across workers and daemons, posted to ``[general] AdminRoom``
     through the admin account's outbound stream, shown on the management page."""
-    bus = Bus(redis, BusSettings.from_section(config.section("redis")["KeyPrefix"], config.section("bus")))
+    bus = bus_for(config, redis)
     alerts = Alerts(redis, bus.prefix, config, instance_id or worker_id(), outbound_publisher(bus), log=log)
 
     async def alert(key: str, text: str, severity: str = "error") -> None:

@@ -78,7 +78,7 @@ async def _register(config: Config, name: str, token: str, out: TextIO) -> int:
     if not isinstance(resp, RegisterResponse):
         print(f"matrix-register: the homeserver refused: {resp.status_code} {resp.message}", file=sys.stderr)
         return 1
-    prefix = config.section("redis")["KeyPrefix"]
+    prefix = config.redis.key_prefix
     async with redis_for(config, start=False) as redis:
         await redis.hset(
             account_key(prefix, name, "matrix-session"),

@@ -41,12 +41,12 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from redis.asyncio import Redis
 
 from bridge.addresses import client_key
 from bridge.admin.passwords import PasswordCheck, parse_password
+from bridge.config_keys import AdminSection
 from bridge.keys import admin_failed_all_key, admin_failed_key, admin_known_key, admin_session_key
 
 SESSION_COOKIE = "tb_admin"
@@ -112,16 +112,16 @@ class AuthSettings:
     secure_cookie: bool
 
     @classmethod
-    def from_section(cls, admin: dict[str, Any]) -> AuthSettings:
+    def from_section(cls, admin: AdminSection) -> AuthSettings:
         return cls(
-            user=admin["User"],
-            password=parse_password(admin["Password"]),
-            session_seconds=float(admin["SessionHours"]) * 3600,
-            max_failures=int(admin["MaxFailedLogins"]),
-            max_failures_all=int(admin["MaxFailedLoginsAll"]),
-            lockout_seconds=float(admin["LockoutMinutes"]) * 60,
-            known_seconds=float(admin["KnownAddressDays"]) * 86400,
-            secure_cookie=bool(admin["SecureCookie"]),
+            user=admin.user,
+            password=parse_password(admin.password),
+            session_seconds=float(admin.session_hours) * 3600,
+            max_failures=int(admin.max_failed_logins),
+            max_failures_all=int(admin.max_failed_logins_all),
+            lockout_seconds=float(admin.lockout_minutes) * 60,
+            known_seconds=float(admin.known_address_days) * 86400,
+            secure_cookie=bool(admin.secure_cookie),
         )
 
 

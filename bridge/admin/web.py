@@ -46,8 +46,9 @@ from bridge import control
 from bridge.addresses import parse_host_name, parse_hostport
 from bridge.admin import fleet
 from bridge.admin.auth import LOGIN_COOKIE, SESSION_COOKIE, Auth, AuthSettings, LoginRefused, Session
-from bridge.bus import Bus, BusSettings
+from bridge.bus import bus_for
 from bridge.config import Config
+from bridge.config_keys import AdminSection
 from bridge.metrics import Metrics
 from bridge.rejections import RejectionLog
 
@@ -125,18 +126,17 @@ class AdminApp:
         rejections: RejectionLog | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        section = config.section("admin")
+        section = config.admin
         self.config = config
         self.redis = redis
         self.log = log or logging.getLogger("talkbridge.admin")
         # refused logins: summed up in the log (whoever reaches the form can send thousands), counted in metrics
         self.rejections = rejections or RejectionLog(self.log)
         self.metrics = metrics
-        prefix = config.section("redis")["KeyPrefix"]
-        self.bus = Bus(redis, BusSettings.from_section(prefix, config.section("bus")))
-        self.auth = Auth(redis, prefix, AuthSettings.from_section(section))
+        self.bus = bus_for(config, redis)
+        self.auth = Auth(redis, self.bus.prefix, AuthSettings.from_section(section))
         self.hosts = allowed_hosts(section)
-        self.refresh = float(section["RefreshSeconds"])
+        self.refresh = float(section.refresh_seconds)
         self.tally = fleet.DeadLetterTally(redis, self.bus.dlq)
         self.snapshots = SnapshotCache(self._snapshot, max_age=self.refresh / 2)
         self.closing = asyncio.Event()
@@ -495,12 +495,12 @@ def _check_origin(request: web.Request) -> None:
         raise BadRequest(403, "the request came from another site: nothing was changed")
 
 
-def allowed_hosts(admin: dict[str, Any]) -> frozenset[str]:
+def allowed_hosts(admin: AdminSection) -> frozenset[str]:
     """``[admin] Hosts``, normalized; by default the BindAddress's host (not
     a wildcard one) and the local names."""
-    if admin["Hosts"]:
-        return frozenset(name for one in admin["Hosts"] if (name := parse_host_name(one)) is not None)
-    bound = parse_hostport(admin["BindAddress"] or "")
+    if admin.hosts:
+        return frozenset(name for one in admin.hosts if (name := parse_host_name(one)) is not None)
+    bound = parse_hostport(admin.bind_address or "")
     names = {parse_host_name(bound[0])} if bound and bound[0] not in ("0.0.0.0", "::", "") else set()
     return frozenset(name for name in names | set(LOCAL_HOSTS) if name is not None)
 
