@@ -16,6 +16,7 @@ import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 
+import bridge.account_runner as account_runner
 import bridge.daemon as daemon_mod
 from bridge.bus import ROUTER_GROUP, Bus, BusSettings
 from bridge.cli import protocol_specs
@@ -211,7 +212,7 @@ async def test_an_account_that_crashes_starts_over_and_the_daemon_goes_on(
     """A bug that escapes every containment (here: the route loop's batch
     handling raises once) restarts that account after a pause; nothing is
     lost (the batch was not acknowledged) and the daemon keeps running."""
-    monkeypatch.setattr(daemon_mod, "CRASH_BACKOFF_MIN", 0.05)
+    monkeypatch.setattr(account_runner, "CRASH_BACKOFF_MIN", 0.05)
     real = RouteLoop.handle
     crashed: list[str] = []
 

@@ -16,10 +16,11 @@ from typing import ClassVar
 import pytest
 from redis.asyncio import Redis
 
+from bridge.account_runner import RECEIVE_BACKOFF_MAX, receive_restart_delay
 from bridge.adapter import AdapterContext, Option
 from bridge.cli import main, protocol_specs
 from bridge.config import load_config
-from bridge.daemon import RECEIVE_BACKOFF_MAX, Daemon, receive_restart_delay
+from bridge.daemon import Daemon
 from bridge.lease import lease_key
 from tests.helpers import RedisServer, metric
 from tests.poison_daemon import PoisonAdapter
