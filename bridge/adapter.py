@@ -301,7 +301,7 @@ class Adapter(ABC):
         (a long poll, a sync loop), publishing through ``ctx.publish``.
 
         Optional: an adapter whose traffic arrives only as webhooks does not
-        override it. When overridden, the account runner (bridge/daemon.py)
+        override it. When overridden, the account runner (bridge/account_runner.py)
         starts it after ``connect`` and ``join``, beside the delivery loop, and
         supervises it: it should run for ever, so one that raises *or returns*
         is started again after a capped, jittered backoff, counted in
