@@ -47,13 +47,14 @@ from arq.worker import Worker
 from redis.asyncio import Redis
 
 from adapters import AdapterRegistry
-from bridge.bus import Bus, BusSettings
+from bridge.bus import bus_for
 from bridge.config import Config, load_config
 from bridge.events import Event, EventKind
 from bridge.options import protocol_specs
 from tests.helpers import free_port, start_redis_server
 from workers import instagram
 from workers.deps import DEPS
+from workers.feature_settings import FEATURE_SPECS, WorkersSection
 from workers.instagram_cache import PreviewCache
 from workers.instagram_fetch import Preview
 from workers.instagram_urls import Target
@@ -96,7 +97,7 @@ URL = "{redis}"
 
 
 def load(path: Path) -> Config:
-    return load_config(path, protocol_specs(AdapterRegistry()))
+    return load_config(path, protocol_specs(AdapterRegistry()), features=FEATURE_SPECS)
 
 
 class NoopFetcher:
@@ -111,7 +112,7 @@ class NoopFetcher:
 # --worker mode ------------------------------------------------------------------------
 async def worker_main(config_path: Path) -> None:
     config = load(config_path)
-    redis = Redis.from_url(config.section("redis")["URL"])
+    redis = Redis.from_url(config.redis.url)
     starts: list[tuple[str, int, int]] = []
 
     async def on_job_start(ctx: dict) -> None:
@@ -152,14 +153,14 @@ class Bench:
         self.config_path = config_path
         self.config = load(config_path)
         self.work = work
-        self.redis = Redis.from_url(self.config.section("redis")["URL"])
-        prefix = self.config.section("redis")["KeyPrefix"]
-        self.bus = Bus(self.redis, BusSettings.from_section(prefix, self.config.section("bus")))
+        self.redis = Redis.from_url(self.config.redis.url)
+        self.bus = bus_for(self.config, self.redis)
+        prefix = self.bus.prefix
         self.arq = ArqRedis(connection_pool=self.redis.connection_pool)
         self.queue = queue_name(prefix)
         self.outbound = self.bus.outbound(ACCOUNT)
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.poll_delay = float(self.config.section("workers")["PollDelay"])
+        self.poll_delay = float(self.config.settings(WorkersSection).poll_delay)
 
     def source(self, i: int) -> dict:
         event = Event(kind=EventKind.MESSAGE, account=ACCOUNT, channel="api", native_id=str(i), id=f"bench{i:08d}")
@@ -220,7 +221,7 @@ class Bench:
     async def cache_hits(self, samples: int) -> list[float]:
         """Enqueue through the real trigger; the time until the reply is in the room's stream."""
         target = Target("post", "CachedPost1")
-        prefix = self.config.section("redis")["KeyPrefix"]
+        prefix = self.bus.prefix
         cache = PreviewCache(self.redis, prefix, 3600)
         await cache.put(target, Preview(kind="post", ident=target.ident, link=target.url, author="x", caption="y"), [])
         triggers = build_triggers(self.config, self.redis, prefix, logging.getLogger("bench"), features=[instagram])
