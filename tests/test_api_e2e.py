@@ -11,7 +11,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from bridge.keys import account_key
+from bridge.keys import account_key, outbound_key
 from tests.helpers import Daemon, RedisServer, api_pair_config, wait_for
 
 
@@ -142,7 +142,7 @@ def test_health_ready_and_metrics(bridge) -> None:
         'talkbridge_events_in_total{account="api.a"} 1.0',
         'talkbridge_events_out_total{account="api.b"} 1.0',
         'talkbridge_delivery_latency_seconds_count{account="api.b"} 1.0',
-        'talkbridge_stream_pending{stream=outbound_key("tb", "api.b")} 0.0',
+        f'talkbridge_stream_pending{{stream="{outbound_key("tb", "api.b")}"}} 0.0',
         "talkbridge_dead_letter_length 0.0",
     ]
     wait_for(lambda: all(line in httpx.get(base + "/metrics").text for line in expected), what="the metrics")
