@@ -77,7 +77,7 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def load(path: str, adapters: Mapping[str, type[Adapter]]) -> Config:
-    # the features' declarations only (their sections, the persona tables): no arq, no HTTP client
+    # the features' declarations only (their sections, switches and tables): no arq, no HTTP client
     from workers.feature_settings import FEATURE_SPECS
 
     return load_config(path, protocol_specs(adapters), features=FEATURE_SPECS)
@@ -104,10 +104,11 @@ def cmd_check_config(args: argparse.Namespace, adapters: Mapping[str, type[Adapt
         print(f"  {gw.name}:", file=out)
         for entry in gw.entries:
             print(f"    {entry.direction:5}  {entry.account}  {entry.channel}", file=out)
-    if config.personas:
-        print(f"personas ({len(config.personas)}):", file=out)
-        for name, persona in config.personas.items():  # never the APIKey
-            print(f"  {name}  (@{persona['Name']}, {persona['Model']} at {persona['Endpoint']})", file=out)
+    from workers.feature_settings import FEATURE_SPECS
+
+    for feature in FEATURE_SPECS:  # what each feature says of its settings (the personas), never a secret
+        for line in feature.describe(config) if feature.describe is not None else ():
+            print(line, file=out)
     return 0
 
 

@@ -6,9 +6,11 @@ viper config does), case-insensitively. Gateways are ``[[gateway]]`` with
 ``[[gateway.inout]]`` / ``[[gateway.in]]`` / ``[[gateway.out]]`` entries.
 Our own sections — ``[redis]``, ``[http]``, ``[bus]`` … — sit beside them,
 each built once into a typed section the program reads by attribute
-(``config.bus.stream_max_len``); the workers' features declare their own
-sections and the ``[persona.NAME]`` keys (``FeatureSpec``), handed to
-``load_config`` by the composition root as the adapters' ``ProtocolSpec``s are.
+(``config.bus.stream_max_len``). The workers' features declare their own
+sections, the switches they add to accounts, gateways and channels, and
+their ``[KIND.NAME]`` tables (``FeatureSpec``), handed to ``load_config`` by
+the composition root as the adapters' ``ProtocolSpec``s are; the model holds
+what they set without knowing what it means (``room_values``, ``tables``).
 
 Any string value may be ``env:NAME`` or ``file:PATH`` so secrets stay out of
 the file (``${NAME}`` in a ``file:`` path is the environment variable NAME:
@@ -117,9 +119,8 @@ class GatewayEntry:
     account: str
     channel: str
     direction: str  # "inout" | "in" | "out"
-    # the entry's ``options`` (GATEWAY_OPTIONS); None: not set here
-    instagram: bool | None = None
-    persona: str | None = None
+    # the features' switches set in the entry's ``options`` (FeatureSpec.room_options), by key
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def can_send(self) -> bool:  # the channel's messages go into the gateway
@@ -134,8 +135,8 @@ class GatewayEntry:
 class Gateway:
     name: str
     entries: tuple[GatewayEntry, ...]
-    instagram: bool = False  # for all its channels (GATEWAY_OPTIONS)
-    persona: str = ""  # answers @Name in all its channels
+    # the features' switches set on the gateway, for all its channels (FeatureSpec.room_options), by key
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
 @dataclass(slots=True)
@@ -147,8 +148,9 @@ class Config:
     # features' (bridge/options.py FeatureSpec), by name; built once by the loader
     sections: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
-    # [persona.NAME] -> its options, secrets resolved, SystemPromptFile read
-    personas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the features' [KIND.NAME] tables (FeatureSpec.tables): KIND -> NAME -> its
+    # values, secrets resolved, made what the feature reads by its TableSpec.load
+    tables: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     # [general] AdminRoom: (account, channel) where alerts go (bridge/alerts.py)
     admin_room: tuple[str, str] | None = None
 
@@ -190,45 +192,18 @@ class Config:
         reads the typed attributes."""
         return section_values(self.sections[name])
 
-    def _entries_of(self, account: str, channel: str) -> list[tuple[Gateway, GatewayEntry]]:
-        return [
+    def room_values(self, key: str, account: str, channel: str) -> tuple[list[Any], list[Any]]:
+        """Where a feature's switch (FeatureSpec.room_options) is set for a
+        room: its values in the channel entries that list the room (by its
+        channel or ``*``), then on the gateways that do, in the file's order.
+        Which of them wins, and what the account's own key adds, is the
+        feature's to say (workers/instagram.py, workers/llm_trigger.py)."""
+        entries = [
             (gw, e) for gw in self.gateways for e in gw.entries if e.account == account and e.channel in (channel, "*")
         ]
-
-    def instagram_enabled(self, account: str, channel: str) -> bool:
-        """Instagram previews in this room? The channel entry's option, else
-        any gateway of the room that enables them, else the account's key
-        (which falls back to [general]). A room must be enabled explicitly
-        (seed 004: the bot ignores URLs elsewhere)."""
-        acct = self.accounts.get(account)
-        if acct is None:
-            return False
-        entries = self._entries_of(account, channel)
-        for _, entry in entries:
-            if entry.instagram is not None:
-                return entry.instagram
-        if any(gw.instagram for gw, _ in entries):
-            return True
-        return acct.get("Instagram") is True
-
-    def persona_of(self, account: str, channel: str) -> tuple[str, bool] | None:
-        """The persona answering in this room, and whether it answers every
-        message (the account is the persona's bot: its own ``Persona`` key)
-        or only those that start with ``@Name`` (a gateway or channel option)."""
-        acct = self.accounts.get(account)
-        if acct is None:
-            return None
-        own = acct.values.get("persona")
-        if own:
-            return own, True
-        entries = self._entries_of(account, channel)
-        for _, entry in entries:
-            if entry.persona:
-                return entry.persona, False
-        for gw, _ in entries:
-            if gw.persona:
-                return gw.persona, False
-        return None
+        on_channels = [e.options[key] for _, e in entries if key in e.options]
+        on_gateways = [gw.options[key] for gw, _ in entries if key in gw.options]
+        return on_channels, on_gateways
 
     def channels_of(self, account: str) -> list[str]:
         seen: dict[str, None] = {}
@@ -249,8 +224,8 @@ def load_config(
 ) -> Config:
     """Load and validate; raise ``ConfigError`` listing every problem.
 
-    ``features``: the workers' declarations (their sections, the persona
-    tables); without them those sections are not known."""
+    ``features``: the workers' declarations (their sections, switches and
+    tables); without them those keys are not known."""
     # the loader builds this module's classes: imported here, so that either module may be imported first
     from bridge.config_loader import ConfigLoader, check_sections
 
@@ -274,17 +249,17 @@ def load_config(
             hint = ' (typographic quotes: use straight " quotes)'
         raise ConfigError([f"{path}: not valid TOML: {exc}{hint}"]) from None
 
-    loader = ConfigLoader(path, protocols, os.environ if environ is None else environ)
+    loader = ConfigLoader(path, protocols, os.environ if environ is None else environ, features)
     lower = {k.lower(): k for k in raw}
     general = loader.general(raw.get(lower.get("general", "general")))
     declared = {**OWN_SECTIONS, **{name: cls for f in features for name, cls in f.sections.items()}}
     sections = {name: loader.own_section(name, cls, raw.get(lower.get(name, name))) for name, cls in declared.items()}
-    persona_options = next((f.persona_options for f in features if f.persona_options is not None), None)
+    tables = {kind: spec for f in features for kind, spec in f.tables.items()}
 
     accounts: dict[str, AccountConfig] = {}
     for key, value in raw.items():
         low = key.lower()
-        if low == "persona" and persona_options is not None:
+        if low in tables:
             continue  # loaded below, once the accounts that name them are known
         if low in declared or low in MATTERBRIDGE_SECTIONS:
             if low in ("samechannelgateway", "tengo"):
@@ -304,16 +279,17 @@ def load_config(
 
     loader.warn_general_not_implemented(raw.get(lower.get("general", "general")), accounts)
     gateways = loader.gateways(raw.get(lower.get("gateway", "gateway")), accounts)
-    personas: dict[str, dict[str, Any]] = {}
-    if persona_options is not None:
-        personas = loader.personas(raw.get(lower.get("persona", "persona")), persona_options)
-    loader.check_persona_names(personas, accounts, gateways)
+    loaded = {kind: loader.tables(kind, raw.get(lower.get(kind, kind)), spec) for kind, spec in tables.items()}
     typed = {name: build_section(declared[name], values) for name, values in sections.items()}
+    config = Config(path, accounts, gateways, typed, loader.warnings, loaded)
+    for feature in features:  # what only the whole config can say (a persona a room names is defined)
+        if feature.check is not None:
+            loader.problems.extend(feature.check(config))
     for feature in features:
         if feature.warn is not None:
-            loader.warnings.extend(feature.warn(typed, personas))
-    admin_room = loader.admin_room(general, accounts)
+            loader.warnings.extend(feature.warn(config))
+    config.admin_room = loader.admin_room(general, accounts)
     check_sections(loader, typed)
     if loader.problems:
         raise ConfigError(loader.problems)
-    return Config(path, accounts, gateways, typed, loader.warnings, personas, admin_room)
+    return config

@@ -2,16 +2,18 @@
 (bridge/options.py ``Option``), and where it takes effect.
 
 - ``COMMON_OPTIONS``: Matterbridge's [general]-level keys, which every account
-  understands (a protocol adds its own: its ``ProtocolSpec.options``);
+  understands (a protocol adds its own: its ``ProtocolSpec.options``; a
+  feature its switches: ``FeatureSpec.account_options``);
 - ``OWN_SECTIONS``: the core's own top-level sections, ``[redis]``,
   ``[http]``, ``[bus]``, ``[admin]``, ``[log]``, ``[alerts]``, each a typed
   section (bridge/options.py ``setting``): the loader builds it once and the
-  program reads ``config.bus.stream_max_len``. The workers' sections
-  (``[workers]``, ``[instagram]``) and the keys of a ``[persona.NAME]``
-  table are declared by the features that read them
-  (workers/feature_settings.py, a ``FeatureSpec`` each);
-- ``GATEWAY_OPTIONS``: talkbridge's keys on a ``[[gateway]]`` or in a
-  channel entry's ``options``.
+  program reads ``config.bus.stream_max_len``.
+
+The workers' features declare the rest where they read it
+(workers/feature_settings.py, a ``FeatureSpec`` each): their sections, the
+switches they add to accounts, gateways and channel entries, and their
+``[KIND.NAME]`` tables. The core declares no key of its own on a
+``[[gateway]]`` or in a channel entry's ``options``.
 
 Declarations only: bridge/config_loader.py checks a file against them and
 bridge/config.py holds what it builds; both find a key here whatever its
@@ -70,9 +72,6 @@ COMMON_OPTIONS: dict[str, Option] = {
     "MessageSplit": Option(bool, default=False, not_implemented="a Talk bot always splits long messages"),
     "MessageLength": Option(int, default=0, min=0, not_implemented="only a Talk bot account limits length"),
     "Debug": Option(bool, default=False, not_implemented='use [log] Level = "debug"'),
-    # talkbridge's own: Instagram link previews in every room of the account
-    # (workers/instagram.py; also per gateway and per channel: Config.instagram_enabled)
-    "Instagram": Option(bool, default=False),
     "Charset": Option(str, default="", not_implemented="every protocol talkbridge bridges is UTF-8"),
 }
 
@@ -212,14 +211,6 @@ OWN_SECTIONS: dict[str, type] = {
     "admin": AdminSection,
     "log": LogSection,
     "alerts": AlertsSection,
-}
-
-MAX_PROMPT_BYTES = 64 * 1024
-# Keys a [[gateway]] table may carry beside name, enable and its channels, and
-# the same as a channel entry's ``options``: talkbridge's own.
-GATEWAY_OPTIONS: dict[str, Option] = {
-    "Instagram": Option(bool, default=None),
-    "Persona": Option(str, default=None),
 }
 
 DIRECTIONS = ("inout", "in", "out")

@@ -3,18 +3,22 @@ declarations (bridge/config_keys.py) and builds the model (bridge/config.py)
 from it; ``load_config`` in bridge/config.py reads the file and drives it.
 
 ``ConfigLoader`` reads one part at a time, ``[general]``, our own sections,
-accounts, gateways, personas, ``AdminRoom``, resolving ``env:`` / ``file:``
-values on the way; ``check_sections`` checks what a declaration cannot say
-(a Redis URL's scheme, addresses, the admin page's password). Both record
-every problem as ``key.path: what is wrong`` and go on, so one run names
-them all; warnings are the settings that work but are probably not meant.
+accounts, gateways, the features' ``[KIND.NAME]`` tables, ``AdminRoom``,
+resolving ``env:`` / ``file:`` values on the way; ``check_sections`` checks
+what a declaration cannot say (a Redis URL's scheme, addresses, the admin
+page's password). The keys a worker feature adds (its switches on accounts,
+gateways and channel entries, its tables) come from its ``FeatureSpec``:
+what they mean is the feature's (workers/feature_settings.py), and without
+it they are unknown keys. Both record every problem as ``key.path: what is
+wrong`` and go on, so one run names them all; warnings are the settings
+that work but are probably not meant.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +27,13 @@ from bridge.config import AccountConfig, AccountRules, Gateway, GatewayEntry, Re
 from bridge.config_keys import (
     COMMON_OPTIONS,
     DIRECTIONS,
-    GATEWAY_OPTIONS,
-    MAX_PROMPT_BYTES,
     REDIS_SCHEMES,
     AdminSection,
     HttpSection,
     find_option,
 )
 from bridge.goregex import GoRegexError, GoRegexp, go_fields, unknown_references
-from bridge.options import Option, ProtocolSpec, go_weak, section_options
+from bridge.options import FeatureSpec, Option, ProtocolSpec, TableSpec, go_weak, section_options
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in a file: path
 MIN_PLAIN_PASSWORD = 12  # [admin] Password: a shorter plain one is warned about
@@ -56,11 +58,24 @@ def _type_ok(value: Any, t: type | tuple[type, ...]) -> bool:
 
 
 class ConfigLoader:
-    def __init__(self, path: Path, protocols: Mapping[str, ProtocolSpec], environ: Mapping[str, str]):
+    def __init__(
+        self,
+        path: Path,
+        protocols: Mapping[str, ProtocolSpec],
+        environ: Mapping[str, str],
+        features: Sequence[FeatureSpec] = (),
+    ):
         self.path = path
         self.base = path.parent
         self.protocols = protocols
         self.environ = environ
+        # the keys every account understands, the features' switches among them
+        self.common: dict[str, Option] = {**COMMON_OPTIONS}
+        # the keys a [[gateway]] or a channel entry's options may set: the features' switches
+        self.room_options: dict[str, Option] = {}
+        for feature in features:
+            self.common.update(feature.account_options)
+            self.room_options.update(feature.room_options)
         self.problems: list[str] = []
         self.warnings: list[str] = []
 
@@ -200,7 +215,7 @@ class ConfigLoader:
         out: dict[str, Any] = {}
         for key, value in raw.items():
             value = self.resolve(f"general.{key}", value)
-            spec = find_option(COMMON_OPTIONS, key.lower())
+            spec = find_option(self.common, key.lower())
             if spec is not None:
                 ok, value = self.checked(f"general.{key}", value, spec, weak=True)
                 if not ok:
@@ -215,7 +230,7 @@ class ConfigLoader:
             return
         for key in raw:
             specs = [find_option(acct.specs, key.lower()) for acct in accounts.values()] or [
-                find_option(COMMON_OPTIONS, key.lower())
+                find_option(self.common, key.lower())
             ]
             found = [spec for spec in specs if spec is not None]
             if found and all(spec.not_implemented for spec in found):
@@ -230,7 +245,7 @@ class ConfigLoader:
             self.problem(name, "account names may use letters, digits, '-' and '_' only")
             return None
         proto = self.protocols[protocol]
-        specs = {**COMMON_OPTIONS, **proto.options}
+        specs = {**self.common, **proto.options}
         values: dict[str, Any] = {}
         for key, value in raw.items():
             path = f"{name}.{key}"
@@ -315,7 +330,7 @@ class ConfigLoader:
             if not enable_ok:
                 self.problem(f"{where}.enable", f"must be true or false, not {_describe(enable)}")
             name_ok, name = go_weak(gwl.get("name", ""), str)
-            own = {k: v for k, v in gw.items() if find_option(GATEWAY_OPTIONS, k.lower()) is not None}
+            own = {k: v for k, v in gw.items() if find_option(self.room_options, k.lower()) is not None}
             for key in gw:
                 if key.lower() not in ("name", "enable", *DIRECTIONS) and key not in own:
                     self.warnings.append(f"{where}.{key}: unknown key, ignored")
@@ -335,22 +350,22 @@ class ConfigLoader:
             names.add(name)
             if len(entries) < 2:
                 self.warnings.append(f'{where}: gateway "{name}" links fewer than two channels')
-            out.append(Gateway(name, tuple(entries), options.get("Instagram") or False, options.get("Persona") or ""))
+            out.append(Gateway(name, tuple(entries), options))
         return out
 
     def gateway_options(self, where: str, raw: Any) -> dict[str, Any]:
         """talkbridge's own keys on a gateway or in a channel entry's ``options``
-        (GATEWAY_OPTIONS); Matterbridge's entry options (WebhookURL…) are
-        accepted and ignored."""
+        (the features' ``room_options``); Matterbridge's entry options
+        (WebhookURL…) are accepted and ignored."""
         if not isinstance(raw, dict):
             self.problem(where, f"must be a table, not {_describe(raw)}")
             return {}
         out: dict[str, Any] = {}
         for key, value in raw.items():
-            known = next((k for k in GATEWAY_OPTIONS if k.lower() == key.lower()), None)
+            known = next((k for k in self.room_options if k.lower() == key.lower()), None)
             if known is None:
                 continue
-            ok, value = self.checked(f"{where}.{key}", value, GATEWAY_OPTIONS[known])
+            ok, value = self.checked(f"{where}.{key}", value, self.room_options[known])
             if ok:
                 out[known] = value
         return out
@@ -407,21 +422,23 @@ class ConfigLoader:
         options = self.gateway_options(f"{where}.options", il["options"]) if "options" in il else {}
         if not ok:
             return None
-        return GatewayEntry(account, channel, direction, options.get("Instagram"), options.get("Persona"))
+        return GatewayEntry(account, channel, direction, options)
 
-    def personas(self, raw: Any, options: Mapping[str, Option]) -> dict[str, dict[str, Any]]:
-        """``[persona.NAME]`` tables, their keys as the llm feature declares
-        them (workers/feature_settings.py PERSONA_OPTIONS)."""
+    def tables(self, kind: str, raw: Any, spec: TableSpec) -> dict[str, dict[str, Any]]:
+        """A feature's ``[KIND.NAME]`` tables (the llm's ``[persona.NAME]``),
+        their keys as the feature declares them, then made what the program
+        reads by the feature's ``load``."""
         if raw is None:
             return {}
         if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
-            self.problem("persona", "must hold personas as [persona.NAME] tables")
+            self.problem(kind, f"must hold {kind}s as [{kind}.NAME] tables")
             return {}
+        options = spec.options
         out: dict[str, dict[str, Any]] = {}
         for name, body in raw.items():
-            where = f"persona.{name}"
+            where = f"{kind}.{name}"
             if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-                self.problem(where, "persona names may use letters, digits, '-' and '_' only")
+                self.problem(where, f"{kind} names may use letters, digits, '-' and '_' only")
                 continue
             values = {k: opt.default for k, opt in options.items()}
             given: set[str] = set()
@@ -437,43 +454,11 @@ class ConfigLoader:
             for key, opt in options.items():
                 if opt.required and key not in given:
                     self.problem(f"{where}.{key}", "is required")
-            endpoint = values["Endpoint"]
-            if endpoint and not re.match(r"https?://[^/\s]+", endpoint):
-                self.problem(f"{where}.Endpoint", "must be an http:// or https:// URL")
-            values["Name"] = values["Name"] or name
-            if not re.fullmatch(r"[\w.-]{1,64}", values["Name"]):
-                self.problem(f"{where}.Name", "must be 1 to 64 letters, digits, '.', '-' or '_' (it is written @Name)")
-            prompt_file = values.pop("SystemPromptFile")
-            if prompt_file:
-                if values["SystemPrompt"]:
-                    self.problem(f"{where}.SystemPromptFile", "set SystemPrompt or SystemPromptFile, not both")
-                target = Path(prompt_file).expanduser()
-                target = target if target.is_absolute() else self.base / target
-                try:
-                    data = target.read_bytes()
-                    if len(data) > MAX_PROMPT_BYTES:
-                        self.problem(f"{where}.SystemPromptFile", f"{target} is larger than 64 KiB")
-                    values["SystemPrompt"] = data.decode()
-                except OSError as exc:
-                    self.problem(f"{where}.SystemPromptFile", f"cannot read {target}: {exc.strerror or exc}")
-                except UnicodeDecodeError:
-                    self.problem(f"{where}.SystemPromptFile", f"{target} is not UTF-8 text")
+            if spec.load is not None:
+                values, problems = spec.load(name, values, self.base)
+                self.problems.extend(f"{where}.{text}" for text in problems)
             out[name] = values
         return out
-
-    def check_persona_names(
-        self, personas: Mapping[str, Any], accounts: Mapping[str, AccountConfig], gateways: list[Gateway]
-    ) -> None:
-        """Every persona an account, a gateway or a channel names is defined."""
-        named = [(f"{a.name}.Persona", a.values.get("persona")) for a in accounts.values()]
-        for gw in gateways:
-            named.append((f'gateway "{gw.name}".Persona', gw.persona))
-            named.extend(
-                (f'gateway "{gw.name}" {e.account}:{e.channel} options.Persona', e.persona) for e in gw.entries
-            )
-        for where, name in named:
-            if name and name not in personas:
-                self.problem(where, f"no [persona.{name}] is defined")
 
 
 def _describe(value: Any) -> str:

@@ -19,7 +19,9 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from bridge.config import AccountConfig
+    from pathlib import Path
+
+    from bridge.config import AccountConfig, Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,24 +211,46 @@ def section_values(section: Any) -> dict[str, Any]:
     return {f.metadata["key"]: getattr(section, f.name) for f in fields(section)}
 
 
-# warnings about settings that load but do not fit together: (the sections by
-# name, the [persona.NAME] tables) -> one line each
-FeatureWarn = Callable[[Mapping[str, Any], Mapping[str, Mapping[str, Any]]], list[str]]
+# what a feature checks once the config is built: one line per problem (or
+# warning), each naming its key
+FeatureCheck = Callable[["Config"], list[str]]
+# a feature's table as the program reads it, made from its checked values:
+# (the table's NAME, its values by key, the config file's directory) -> the
+# values, and problems as "Key: what is wrong" (the loader prefixes the table)
+TableLoad = Callable[[str, dict[str, Any], "Path"], tuple[dict[str, Any], list[str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """A feature's ``[KIND.NAME]`` tables (the llm's ``[persona.NAME]``):
+    their keys, and what the feature makes of a table once its keys are
+    checked (defaults that depend on NAME, files read, checks a declaration
+    cannot say)."""
+
+    options: Mapping[str, Option]
+    load: TableLoad | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class FeatureSpec:
     """What the config loader needs to know about a worker feature, as
     ``ProtocolSpec`` is for a protocol: the top-level sections it owns
-    (typed sections, see ``setting``) and, for the feature that answers as
-    personas, the keys of a ``[persona.NAME]`` table. The features declare
-    theirs in workers/ (workers/feature_settings.py); the composition root
-    hands them to ``load_config``, so the core never imports a feature."""
+    (typed sections, see ``setting``), the switches it adds to every account
+    (and ``[general]``) and to a ``[[gateway]]`` or a channel entry's
+    ``options`` (resolved for a room by ``Config.room_values``), its
+    ``[KIND.NAME]`` tables, and what it checks once the config is built.
+    The features declare theirs in workers/ (workers/feature_settings.py);
+    the composition root hands them to ``load_config``, so the core never
+    imports a feature, and a config loaded without them knows none of it."""
 
     name: str
     sections: Mapping[str, type] = field(default_factory=dict)
-    persona_options: Mapping[str, Option] | None = None
-    warn: FeatureWarn | None = None
+    account_options: Mapping[str, Option] = field(default_factory=dict)
+    room_options: Mapping[str, Option] = field(default_factory=dict)
+    tables: Mapping[str, TableSpec] = field(default_factory=dict)
+    check: FeatureCheck | None = None  # problems (exit 2)
+    warn: FeatureCheck | None = None  # warnings: settings that load but do not fit together
+    describe: FeatureCheck | None = None  # lines ``check-config`` prints about its settings (never a secret)
 
 
 def protocol_specs(adapters: Mapping[str, DeclaresOptions]) -> dict[str, ProtocolSpec]:

@@ -10,6 +10,9 @@ registry and hands both to the daemon, and runs ``talkbridge worker``. So it
 may import all three packages, and nothing may import it back (that would
 close a circle through it).
 
+What a feature's keys are is the feature's (workers/feature_settings.py): no
+core module but the composition root holds one in its code.
+
 Read from the source with ``ast``, so every import counts: one inside a
 function (a lazy import is still a dependency) and one under
 ``TYPE_CHECKING`` (the type is still the other package's). Only the circle
@@ -182,3 +185,41 @@ def test_the_circle_check_finds_a_circle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"e"}, "e": {"d"}, "f": {"a"}}
     assert sorted(c for c in strongly_connected(graph) if len(c) > 1) == [["a", "b", "c"], ["d", "e"]]
     assert [c for c in strongly_connected({"a": {"b"}, "b": set()}) if len(c) > 1] == []
+
+
+FEATURE_WORDS = ("instagram", "persona", "systemprompt")  # the workers' keys and tables, in any case
+
+
+def code_strings(tree: ast.AST) -> list[str]:
+    """The string constants a module's code holds: not its docstrings (a
+    string standing alone as a statement), not its comments (not in the tree)."""
+    docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    return [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+    ]
+
+
+def test_the_core_names_no_feature_key() -> None:
+    """The features' switches (Instagram, Persona) and tables ([persona.NAME]
+    and its keys) are declared and read in workers/: no core module but the
+    composition root (which hands the loader their declarations) spells one
+    in its code, so the config layer cannot grow a feature's meaning back."""
+    found = [
+        f"{module}: {text!r}"
+        for module, path in modules().items()
+        if package_of(module) == "bridge" and module != COMPOSITION_ROOT
+        for text in code_strings(ast.parse(path.read_text(), str(path)))
+        if any(word in text.lower() for word in FEATURE_WORDS)
+    ]
+    assert found == []
+
+
+def test_the_feature_key_check_reads_code_not_docs() -> None:
+    """The check itself: a key in a value or an f-string is found, in a docstring or a comment it is not."""
+    source = (
+        'def f(x):\n    """Persona docs."""\n    # Instagram here\n    return {"Instagram": x, "k": f"persona.{x}"}\n'
+    )
+    found = [t for t in code_strings(ast.parse(source)) if any(w in t.lower() for w in FEATURE_WORDS)]
+    assert sorted(found) == ["Instagram", "persona."]

@@ -1,6 +1,7 @@
 """Typed config sections and the features' own declarations: what a file
 sets is read back by attribute, secrets stay out of reprs, and the workers'
-sections are known only when their declarations are handed to the loader."""
+sections, switches and tables are known only when their declarations are
+handed to the loader (tests/test_architecture.py: the core names none of them)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,34 @@ def test_the_features_declarations_import_no_worker_machinery() -> None:
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+SWITCHES = (
+    "[general]\nInstagram = true\n"
+    + API.replace('Token = "t"\n', 'Token = "t"\nInstagram = true\n')
+    + '[api.b]\nBindAddress = "127.0.0.1:0"\nToken = "u"\n'
+    + '[[gateway]]\nname = "g"\nenable = true\nInstagram = true\nPersona = "ada"\n'
+    + '[[gateway.inout]]\naccount = "api.a"\nchannel = "api"\noptions = { Instagram = "yes" }\n'
+    + '[[gateway.inout]]\naccount = "api.b"\nchannel = "api"\n'
+)
+
+
+def test_the_features_switches_are_unknown_keys_without_their_declarations(tmp_path: Path) -> None:
+    """A loader handed the adapters' specs only knows no Instagram or Persona
+    switch: on an account or a gateway they are unknown keys like any other
+    (warned about and ignored), in a channel entry's options they are ignored
+    like Matterbridge's; with the declarations they are checked."""
+    bare = load_config(write(tmp_path, SWITCHES), SPECS)
+    assert bare.warnings == [
+        "api.a.Instagram: unknown key, ignored",
+        "gateway[0].Instagram: unknown key, ignored",
+        "gateway[0].Persona: unknown key, ignored",
+    ]
+    assert [gw.options for gw in bare.gateways] == [{}]
+    assert [e.options for e in bare.gateways[0].entries] == [{}, {}]
+    with pytest.raises(ConfigError) as declared:
+        load_config(write(tmp_path, SWITCHES), SPECS, features=FEATURE_SPECS)
+    assert declared.value.problems == [
+        "gateway[0].inout[0].options.Instagram: must be true or false, not a string",
+        'gateway "g".Persona: no [persona.ada] is defined',
+    ]

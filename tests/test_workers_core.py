@@ -37,7 +37,8 @@ from bridge.router import Router
 from tests.helpers import Daemon, RedisServer, api_pair_config, wait_for, wait_quiet
 from workers import instagram
 from workers.deps import DEPS
-from workers.feature_settings import FEATURE_SPECS
+from workers.feature_settings import FEATURE_SPECS, personas
+from workers.llm_trigger import room_persona
 from workers.results import answer, is_worker_result, post_reply, result_id
 from workers.settings import run_worker
 from workers.triggers import build_triggers, queue_name
@@ -106,7 +107,7 @@ account = "nctalkbot.bot"
 channel = "room2"
 """,
     )
-    ada = config.personas["ada"]
+    ada = personas(config)["ada"]
     assert (ada["Name"], ada["APIKey"], ada["SystemPrompt"], ada["MaxTokens"]) == (
         "ada",
         "sk-secret",
@@ -114,21 +115,21 @@ channel = "room2"
         256,
     )
     assert "SystemPromptFile" not in ada
-    assert config.personas["bob"]["Name"] == "Bobby"
+    assert personas(config)["bob"]["Name"] == "Bobby"
     assert config.section("instagram")["RequestsPerMinute"] == 10
     assert config.section("instagram")["RoomRequestsPerMinute"] == 6  # the default
     limits = instagram.Settings.from_config(config)
     assert (limits.requests_per_minute, limits.room_requests_per_minute, limits.period) == (10, 6, 30.0)
     assert config.section("workers")["PollDelay"] == 0.05
     # the gateway enables Instagram; the api channel's own option turns it off there
-    assert config.instagram_enabled("nctalkbot.bot", "anyroom")
-    assert not config.instagram_enabled("api.a", "api")
-    assert not config.instagram_enabled("api.c", "api")  # never enabled: previews need a yes somewhere
+    assert instagram.instagram_enabled(config, "nctalkbot.bot", "anyroom")
+    assert not instagram.instagram_enabled(config, "api.a", "api")
+    assert not instagram.instagram_enabled(config, "api.c", "api")  # never enabled: previews need a yes somewhere
     # the bot is the persona (every message); elsewhere only @Name, by channel option first, then gateway
-    assert config.persona_of("nctalkbot.bot", "anyroom") == ("ada", True)
-    assert config.persona_of("api.c", "api") == ("ada", False)
-    assert config.persona_of("api.a", "api") == ("bob", False)
-    assert config.persona_of("api.b", "api") is None  # no such account
+    assert room_persona(config, "nctalkbot.bot", "anyroom") == ("ada", True)
+    assert room_persona(config, "api.c", "api") == ("ada", False)
+    assert room_persona(config, "api.a", "api") == ("bob", False)
+    assert room_persona(config, "api.b", "api") is None  # no such account
 
 
 @pytest.mark.parametrize(

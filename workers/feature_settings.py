@@ -1,24 +1,32 @@
 """The settings the workers read, declared here by the features that read
 them, as an adapter declares its account keys: ``[workers]`` (the arq
-worker itself: workers/settings.py), ``[instagram]`` (workers/instagram.py,
-docs/instagram.md) and the keys of a ``[persona.NAME]`` table (workers/llm.py,
-docs/persona.md).
+worker itself: workers/settings.py), ``[instagram]`` and the ``Instagram``
+switch on accounts, gateways and channel entries (workers/instagram.py,
+docs/instagram.md), the ``[persona.NAME]`` tables and the ``Persona``
+switch on gateways and channel entries (workers/llm.py, docs/persona.md; a
+Talk bot account's own ``Persona`` key is its adapter's).
 
 Each is a ``FeatureSpec`` (bridge/options.py); the composition root
 (bridge/cli.py) hands ``FEATURE_SPECS`` to ``load_config``, which checks the
 file against them and builds the typed sections once
-(``config.settings(InstagramSection)``). Declarations only: this module
-imports nothing but the config layer, so checking a config pulls in neither
-arq nor an HTTP client.
+(``config.settings(InstagramSection)``). What a persona table means (its
+Name's default, its Endpoint's shape, SystemPromptFile read into
+SystemPrompt) is said here too (``load_persona``), and which personas the
+rooms name (``check_persona_names``). This module imports nothing but the
+config layer, so checking a config pulls in neither arq nor an HTTP client.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from bridge.options import FeatureSpec, Option, setting
+from bridge.options import FeatureSpec, Option, TableSpec, setting
+
+if TYPE_CHECKING:
+    from bridge.config import Config
 
 # seconds a persona's job keeps free of [workers] JobTimeout to post the
 # timeout message (workers/llm_job.py); a persona's Timeout beyond what is left is warned about
@@ -62,8 +70,18 @@ class InstagramSection:
     max_images: int = setting("MaxImages", Option(int, default=10, min=1))
 
 
-# ``[persona.NAME]``: an LLM persona. The loader reads the tables
-# (bridge/config_loader.py: Name defaults to NAME, SystemPromptFile is read into SystemPrompt).
+# The Instagram switch: previews in every room of an account (or of
+# [general]: every account's), of a gateway, or of one channel entry
+# (``options``); workers/instagram.py ``instagram_enabled`` says which wins.
+INSTAGRAM_ACCOUNT_OPTIONS: dict[str, Option] = {"Instagram": Option(bool, default=False)}
+INSTAGRAM_ROOM_OPTIONS: dict[str, Option] = {"Instagram": Option(bool, default=None)}
+# The persona answering @Name in a gateway's rooms or one channel entry's;
+# workers/llm_trigger.py ``room_persona`` says which wins.
+PERSONA_ROOM_OPTIONS: dict[str, Option] = {"Persona": Option(str, default=None)}
+
+PERSONA_TABLE = "persona"
+MAX_PROMPT_BYTES = 64 * 1024
+# ``[persona.NAME]``: an LLM persona; ``load_persona`` makes what the workers read of a table.
 PERSONA_OPTIONS: dict[str, Option] = {
     "Name": Option(str, default="", help="the @-name that calls it; default: NAME"),
     "Endpoint": Option(str, required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1"),
@@ -78,20 +96,92 @@ PERSONA_OPTIONS: dict[str, Option] = {
 }
 
 
-def warn_persona_timeouts(sections: Mapping[str, Any], personas: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def personas(config: Config) -> dict[str, dict[str, Any]]:
+    """The ``[persona.NAME]`` tables as ``load_persona`` made them, by NAME
+    (secrets resolved, SystemPromptFile read into SystemPrompt)."""
+    return config.tables.get(PERSONA_TABLE, {})
+
+
+def load_persona(name: str, values: dict[str, Any], base: Path) -> tuple[dict[str, Any], list[str]]:
+    """One persona table, its keys checked: Name defaults to NAME,
+    SystemPromptFile (relative to the config's directory) is read into
+    SystemPrompt and dropped. Problems name the key."""
+    values = dict(values)
+    problems: list[str] = []
+    endpoint = values["Endpoint"]
+    if endpoint and not re.match(r"https?://[^/\s]+", endpoint):
+        problems.append("Endpoint: must be an http:// or https:// URL")
+    values["Name"] = values["Name"] or name
+    if not re.fullmatch(r"[\w.-]{1,64}", values["Name"]):
+        problems.append("Name: must be 1 to 64 letters, digits, '.', '-' or '_' (it is written @Name)")
+    prompt_file = values.pop("SystemPromptFile")
+    if prompt_file:
+        if values["SystemPrompt"]:
+            problems.append("SystemPromptFile: set SystemPrompt or SystemPromptFile, not both")
+        target = Path(prompt_file).expanduser()
+        target = target if target.is_absolute() else base / target
+        try:
+            data = target.read_bytes()
+            if len(data) > MAX_PROMPT_BYTES:
+                problems.append(f"SystemPromptFile: {target} is larger than 64 KiB")
+            values["SystemPrompt"] = data.decode()
+        except OSError as exc:
+            problems.append(f"SystemPromptFile: cannot read {target}: {exc.strerror or exc}")
+        except UnicodeDecodeError:
+            problems.append(f"SystemPromptFile: {target} is not UTF-8 text")
+    return values, problems
+
+
+def check_persona_names(config: Config) -> list[str]:
+    """Every persona an account, a gateway or a channel names is defined."""
+    named = [(f"{a.name}.Persona", a.values.get("persona")) for a in config.accounts.values()]
+    for gw in config.gateways:
+        named.append((f'gateway "{gw.name}".Persona', gw.options.get("Persona") or ""))
+        named.extend(
+            (f'gateway "{gw.name}" {e.account}:{e.channel} options.Persona', e.options.get("Persona"))
+            for e in gw.entries
+        )
+    defined = personas(config)
+    return [f"{where}: no [persona.{name}] is defined" for where, name in named if name and name not in defined]
+
+
+def warn_persona_timeouts(config: Config) -> list[str]:
     """A persona whose Timeout does not fit in the job: the worker waits less."""
-    job_timeout = sections["workers"].job_timeout
+    job_timeout = config.settings(WorkersSection).job_timeout
     left = job_timeout - JOB_MARGIN
     return [
         f"persona.{name}.Timeout: {persona['Timeout']} s does not fit in [workers] JobTimeout = "
         f"{job_timeout} s less {JOB_MARGIN} s; the worker waits {max(left, 0)} s for an answer"
-        for name, persona in personas.items()
+        for name, persona in personas(config).items()
         if persona["Timeout"] > left
     ]
 
 
+def describe_personas(config: Config) -> list[str]:
+    """What ``talkbridge check-config`` prints of the personas: never the APIKey."""
+    defined = personas(config)
+    if not defined:
+        return []
+    lines = [f"personas ({len(defined)}):"]
+    for name, persona in defined.items():
+        lines.append(f"  {name}  (@{persona['Name']}, {persona['Model']} at {persona['Endpoint']})")
+    return lines
+
+
 FEATURE_SPECS: tuple[FeatureSpec, ...] = (
     FeatureSpec("workers", sections={"workers": WorkersSection}),
-    FeatureSpec("instagram", sections={"instagram": InstagramSection}),
-    FeatureSpec("llm", persona_options=PERSONA_OPTIONS, warn=warn_persona_timeouts),
+    FeatureSpec(
+        "instagram",
+        sections={"instagram": InstagramSection},
+        account_options=INSTAGRAM_ACCOUNT_OPTIONS,
+        room_options=INSTAGRAM_ROOM_OPTIONS,
+    ),
+    FeatureSpec(
+        "llm",
+        room_options=PERSONA_ROOM_OPTIONS,
+        tables={PERSONA_TABLE: TableSpec(PERSONA_OPTIONS, load=load_persona)},
+        check=check_persona_names,
+        warn=warn_persona_timeouts,
+        describe=describe_personas,
+    ),
 )

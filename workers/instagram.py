@@ -7,7 +7,7 @@ Two halves:
 
 - ``InstagramTrigger`` (the daemon's route loop, every inbound message):
   finds the links (``instagram_urls``), only in rooms where
-  ``config.instagram_enabled``; claims each (room, link) for ``DedupeSeconds``
+  ``instagram_enabled``; claims each (room, link) for ``DedupeSeconds``
   so the same link twice in a room runs one job; enqueues ``instagram_preview``
   with a job id made of the event id and the link, so the route loop
   handling the event again after a crash cannot enqueue it twice.
@@ -57,6 +57,7 @@ from workers.results import can_upload, is_worker_result, post_reply
 from workers.triggers import Enqueue
 
 FEATURE = "instagram"
+SWITCH = "Instagram"  # the key that enables previews (workers/feature_settings.py INSTAGRAM_ROOM_OPTIONS)
 JOB = "instagram_preview"
 ALERT_KEY = "instagram:blocked"
 SETTINGS = "instagram_settings"  # an arq ctx key: a Settings that replaces the config's (tests, the benchmark)
@@ -134,7 +135,7 @@ class InstagramTrigger:
         if event.kind != EventKind.MESSAGE or not event.text or is_worker_result(event):
             return
         targets = find_targets(event.text)
-        if not targets or not self.config.instagram_enabled(event.account, event.channel):
+        if not targets or not instagram_enabled(self.config, event.account, event.channel):
             return
         source = _source(event)
         for target in targets:
@@ -142,9 +143,25 @@ class InstagramTrigger:
                 await enqueue(JOB, source, target.kind, target.ident, _job_id=job_id(event, target))
 
 
+def instagram_enabled(config: Config, account: str, channel: str) -> bool:
+    """Instagram previews in this room? The channel entry's option, else
+    any gateway of the room that enables them, else the account's key
+    (which falls back to [general]). A room must be enabled explicitly
+    (seed 004: the bot ignores URLs elsewhere)."""
+    acct = config.accounts.get(account)
+    if acct is None:
+        return False
+    on_channels, on_gateways = config.room_values(SWITCH, account, channel)
+    if on_channels:
+        return bool(on_channels[0])
+    if any(on_gateways):
+        return True
+    return acct.get(SWITCH) is True
+
+
 def _enabled_anywhere(config: Config) -> bool:
-    return any(config.instagram_enabled(e.account, e.channel) for gw in config.gateways for e in gw.entries) or any(
-        config.instagram_enabled(name, "") for name in config.accounts
+    return any(instagram_enabled(config, e.account, e.channel) for gw in config.gateways for e in gw.entries) or any(
+        instagram_enabled(config, name, "") for name in config.accounts
     )
 
 

@@ -55,13 +55,14 @@ from typing import Any
 from redis.asyncio import Redis
 
 from bridge.config import Config
+from workers.feature_settings import personas
 from workers.llm_job import persona_busy, persona_reply
 from workers.llm_trigger import PersonaTrigger
 
 
 def trigger(config: Config, redis: Redis, prefix: str) -> PersonaTrigger | None:
     """The persona trigger, or None when no room has a persona."""
-    if not config.personas:
+    if not personas(config):
         return None
     return PersonaTrigger(config, redis, prefix)
 

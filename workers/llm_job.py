@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from bridge.events import Event, WireError, event_from_wire
 from bridge.keys import queue_name
 from workers.deps import DEPS, WorkerDeps
-from workers.feature_settings import JOB_MARGIN, WorkersSection
+from workers.feature_settings import JOB_MARGIN, WorkersSection, personas
 from workers.llm_client import LLMError, Persona, complete
 from workers.llm_queue import (
     DONE_TTL,
@@ -241,7 +241,7 @@ class RoomJob:
         await self._release(keys=[self.keys.lock], args=[self.token])
 
     def _persona(self, key: str) -> Persona | None:
-        values = self.deps.config.personas.get(key)
+        values = personas(self.deps.config).get(key)
         return Persona.from_config(key, values) if values is not None else None
 
     async def answer(self, request: _Request, persona: Persona | None, seconds: float) -> None:
@@ -325,7 +325,7 @@ async def persona_busy(ctx: dict[str, Any], event_wire: str, persona_key: str) -
     """arq job: tell a room whose queue is full that its question is not taken."""
     deps: WorkerDeps = ctx[DEPS]
     event = event_from_wire(event_wire)
-    values = deps.config.personas.get(persona_key)
+    values = personas(deps.config).get(persona_key)
     name = Persona.from_config(persona_key, values).name if values is not None else persona_key
     text = f"Sorry, {name} has {MAX_PENDING} questions waiting in this room. Please ask again in a few minutes."
     try:

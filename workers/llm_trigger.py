@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from bridge.config import Config
 from bridge.events import Event, EventKind, event_to_wire
+from workers.feature_settings import personas
 from workers.llm_client import Persona
 from workers.llm_job import BUSY_JOB, JOB
 from workers.llm_queue import DONE_TTL, HISTORY_TTL, MAX_PENDING, RoomKeys, history_cap, history_item, room_id
@@ -23,6 +24,23 @@ from workers.triggers import Enqueue
 
 MAX_PROMPT_CHARS = 8000  # the question sent to the model
 MEMO_LIMIT = 4096  # (account, channel) -> persona lookups kept by a trigger
+SWITCH = "Persona"  # the key naming a room's persona (workers/feature_settings.py PERSONA_ROOM_OPTIONS)
+
+
+def room_persona(config: Config, account: str, channel: str) -> tuple[str, bool] | None:
+    """The persona answering in this room, and whether it answers every
+    message (the account is the persona's bot: its own ``Persona`` key)
+    or only those that start with ``@Name`` (a channel entry's option, else
+    a gateway's)."""
+    acct = config.accounts.get(account)
+    if acct is None:
+        return None
+    own = acct.values.get(SWITCH.lower())
+    if own:
+        return own, True
+    on_channels, on_gateways = config.room_values(SWITCH, account, channel)
+    named = next((name for name in (*on_channels, *on_gateways) if name), None)
+    return (named, False) if named else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,7 +103,7 @@ class PersonaTrigger:
     def __init__(self, config: Config, redis: Redis, prefix: str) -> None:
         self.config = config
         self.prefix = prefix
-        self.personas = {key: Persona.from_config(key, values) for key, values in config.personas.items()}
+        self.personas = {key: Persona.from_config(key, values) for key, values in personas(config).items()}
         self._record = redis.register_script(_RECORD)
         # (account, channel) -> (persona, every message) | None; the config is fixed for the process
         self._memo: dict[tuple[str, str], tuple[Persona, bool] | None] = {}
@@ -96,7 +114,7 @@ class PersonaTrigger:
             return self._memo[where]
         except KeyError:
             pass
-        found = self.config.persona_of(account, channel)
+        found = room_persona(self.config, account, channel)
         value = None
         if found is not None and found[0] in self.personas:
             value = (self.personas[found[0]], found[1])
