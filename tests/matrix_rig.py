@@ -4,6 +4,7 @@ would give it, its receive loop as a task, and the events it published."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ def matrix_section(name: str, server: str, login: str = "", password: str = BOT_
     for key, value in extra.items():
         if isinstance(value, str):
             lines.append(f'{key} = "{value}"')
+        elif isinstance(value, list):
+            lines.append(f"{key} = {json.dumps(value)}")  # a TOML array of strings
         else:
             lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
     return "\n".join(lines) + "\n"

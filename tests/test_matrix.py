@@ -235,9 +235,11 @@ async def test_hostile_events_change_nothing_and_are_logged(
         await rig.close()
 
 
-async def test_an_encrypted_room_is_refused_visibly(tmp_path: Path, redis: Redis, synapse: SynapseServer) -> None:
+async def test_with_encryption_off_an_encrypted_room_is_refused_visibly(
+    tmp_path: Path, redis: Redis, synapse: SynapseServer
+) -> None:
     room = new_room(synapse, encrypted=True)
-    rig = await start_rig(room_config(tmp_path, room), redis)
+    rig = await start_rig(room_config(tmp_path, room, Encryption=False), redis)
     r = room.room_id
     try:
         await until(lambda: room.bot_id in _members(room), what="joined")

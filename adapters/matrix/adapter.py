@@ -37,7 +37,10 @@ same request and the homeserver drops the duplicate. ``M_LIMIT_EXCEEDED``
 becomes ``RateLimited`` with the server's ``retry_after_ms``: the core parks
 that room only.
 
-Encrypted rooms are not decrypted: the room shows as failed (log, metric,
+Encrypted rooms (``Encryption``, on by default) are bridged like others:
+events decrypted, sends encrypted, the device's keys kept in Redis so a
+restart or a takeover is the same device (crypto.py, docs/matrix.md).
+With ``Encryption = false`` an encrypted room shows as failed (log, metric,
 ``status``), each encrypted event is relayed as a visible notice, and sends
 into it are refused (dead-lettered with the reason) — never silently lost.
 
@@ -61,11 +64,12 @@ from nio import AsyncClient, AsyncClientConfig, WhoamiResponse
 
 from adapters.checks import url_problems
 from adapters.matrix.common import PROTOCOL, check_response, txn_id
+from adapters.matrix.crypto import Crypto
 from adapters.matrix.inbound import Inbound
 from adapters.matrix.receiving import Receiving
 from adapters.matrix.sending import Sending
 from adapters.matrix.session import Session
-from bridge.adapter import Adapter, AdapterContext, CliCommand, Option, TransientError
+from bridge.adapter import AccountFailed, Adapter, AdapterContext, CliCommand, Option, TransientError
 from bridge.config import AccountConfig
 from bridge.keys import inbound_key
 
@@ -87,6 +91,13 @@ class Matrix(Session, Receiving, Inbound, Sending, Adapter):
         "SyncTimeoutSeconds": Option(int, default=30, min=1, max=120, help="seconds the homeserver holds a sync"),
         "SyncTimelineLimit": Option(int, default=20, min=1, max=100, help="events per room in one sync"),
         "RetryMaxSeconds": Option((int, float), default=60, above=0, help="longest backoff while the server is away"),
+        "Encryption": Option(bool, default=True, help="decrypt and encrypt in end-to-end encrypted rooms"),
+        "BlacklistDevices": Option(
+            list, default=(), help='devices never given room keys: "@user:server" (all theirs) or "@user:server DEVICE"'
+        ),
+        "UndecryptableSeconds": Option(
+            (int, float), default=60, above=0, help="how long an event waits for its room key before it is a notice"
+        ),
         "BackfillLimit": Option(
             int, default=10000, min=0, help="events paged back per room after a gap (a longer gap is cut, loudly)"
         ),
@@ -112,6 +123,9 @@ class Matrix(Session, Receiving, Inbound, Sending, Adapter):
         self.retry_max = float(acct.get("RetryMaxSeconds", 60))
         self.backfill_limit = int(acct.get("BackfillLimit", 10000))
         self.max_file = int(acct.get("MediaDownloadSize", 1_000_000))
+        self.encryption = bool(acct.get("Encryption", True))
+        self.undecryptable_after = float(acct.get("UndecryptableSeconds", 60))
+        self.blacklist = tuple(str(entry).split() for entry in acct.get("BlacklistDevices", ()) or ())
         self.client: AsyncClient | None = None
         self.media: aiohttp.ClientSession | None = None
         self.user_id = self.mxid
@@ -123,10 +137,13 @@ class Matrix(Session, Receiving, Inbound, Sending, Adapter):
         self.aliases_key = ctx.key("matrix-aliases")
         self.reactions_key = ctx.key("matrix-reactions")  # inbound reaction event -> (target, key)
         self.sent_reactions_key = ctx.key("matrix-sent-reactions")  # (room, target, key) -> our reaction event
+        # the device's Olm account and sessions, and events waiting for their keys (crypto.py): fenced writes
+        self.crypto = Crypto(self.name, ctx.key("matrix-crypto"), ctx.key("matrix-undecrypted"))
         self.channels: list[str] = []
         self.room_of: dict[str, str] = {}  # configured channel -> room id
         self.channel_of: dict[str, str] = {}  # room id -> configured channel
         self.encrypted: set[str] = set()
+        self.rotation: dict[str, tuple[int | None, int | None]] = {}  # room -> its Megolm rotation (ms, messages)
         self._refused: str | None = None
         self._relogin_lock = asyncio.Lock()
         self._configured_joined = False  # the configured rooms joined since receive started
@@ -153,6 +170,12 @@ class Matrix(Session, Receiving, Inbound, Sending, Adapter):
             problems.append(f"{account.name}.Password: is required with Login")
         if not token and not login:
             problems.append(f"{account.name}: needs Login and Password, or MxID and Token")
+        for entry in account.get("BlacklistDevices", ()) or ():
+            parts = str(entry).split()
+            if not parts or len(parts) > 2 or not parts[0].startswith("@") or ":" not in parts[0]:
+                problems.append(
+                    f'{account.name}.BlacklistDevices: "{entry}" is not "@user:server" or "@user:server DEVICE"'
+                )
         return problems
 
     @classmethod
@@ -170,7 +193,7 @@ class Matrix(Session, Receiving, Inbound, Sending, Adapter):
             max_limit_exceeded=0,  # a 429 comes back to us: the core parks that room only
             max_timeouts=0,  # network trouble too: our own capped backoff, not nio's loop
             request_timeout=self.timeout,
-            encryption_enabled=False,
+            encryption_enabled=self.encryption,  # the store is ours (crypto.py): no store_path, no file
             store_sync_tokens=False,
         )
         user = self.mxid or self.login
@@ -188,13 +211,42 @@ class Matrix(Session, Receiving, Inbound, Sending, Adapter):
             device = session.get("device_id", "") if session.get("user_id") == self.mxid else ""
             self.client.restore_login(self.mxid, device, self.token)
             self.user_id = self.mxid
+            if self.encryption:  # the Token's own device: its keys must be that device's
+                await self._token_device()
+            await self._load_crypto()
             return
         session = await self._stored_session()
         if session.get("login") == self.login and session.get("server") == self.server and session.get("access_token"):
             self.client.restore_login(session["user_id"], session["device_id"], session["access_token"])
             self.user_id = session["user_id"]
+        else:
+            await self._login(session.get("device_id") if session.get("login") == self.login else None)
+        await self._load_crypto()
+
+    async def _token_device(self) -> None:
+        """The device of a configured Token (whoami), kept like a login's."""
+        client = self._client()
+        resp = await self._call("whoami", client.whoami)
+        device = getattr(resp, "device_id", None)
+        if not isinstance(resp, WhoamiResponse) or not device:
+            raise AccountFailed(f"{self.name}: encryption needs the Token's device id, which whoami does not say")
+        client.device_id = device
+        await self.ctx.redis.hset(self.session_key, mapping={"user_id": self.mxid, "device_id": device})
+
+    async def _load_crypto(self) -> None:
+        """The device's Olm account from Redis (or a new one, the first time)."""
+        client = self.client
+        if not self.encryption or client is None or self._refused is not None or not client.device_id:
             return
-        await self._login(session.get("device_id") if session.get("login") == self.login else None)
+        raw, waiting = await self.ctx.redis.mget(self.crypto.snapshot_key, self.crypto.pending_key)
+        try:
+            new = self.crypto.load(client, raw)
+        except AccountFailed as exc:  # connect fails (and is retried, never with a new device): say it loudly
+            self.ctx.log.critical("%s: ALERT: %s", self.name, exc)
+            raise
+        self.crypto.restore_pending(waiting)
+        what = "a new Olm account (kept in Redis)" if new else "its Olm account restored from Redis"
+        self.ctx.log.info("%s: device %s, %s", self.name, client.device_id, what)
 
     async def join(self, channel: str) -> None:
         if channel not in self.channels:

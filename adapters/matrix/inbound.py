@@ -1,6 +1,8 @@
 """A Matrix event to talkbridge events: the sender's name, reactions and
-their redactions, edits, emotes and notices, encrypted events (relayed as a
-notice), files fetched through the authenticated media API.
+their redactions, edits, emotes and notices, encrypted events (decrypted by
+nio as it reads the sync; those whose key has not arrived wait for it,
+crypto.py; with ``Encryption = false`` relayed as a notice), files fetched
+through the authenticated media API.
 
 A mixin of ``Matrix`` (adapters/matrix/adapter.py), which holds the state."""
 
@@ -13,9 +15,11 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
+from nio import EncryptionError
+from nio.crypto.attachments import decrypt_attachment
 
 from adapters.matrix.common import MEDIA_API, TRANSPORT_ERRORS, Unavailable, event_id
-from adapters.matrix.parse import Incoming, Media, Skip, parse_event
+from adapters.matrix.parse import BAD_FILE_NOTE, UNDECRYPTABLE_NOTE, Incoming, Media, Skip, parse_event
 from bridge.events import Attachment, Event, EventKind
 
 
@@ -34,10 +38,25 @@ class Inbound:
             name = name.split(":", 1)[0]
         return name
 
+    async def _undecrypted(self, local_reactions: dict[str, tuple[str, str]]) -> list[Event]:
+        """The waiting encrypted events whose key arrived, and (as notices)
+        those that waited ``UndecryptableSeconds`` in vain."""
+        done, expired = self.crypto.retry(self._client(), self.undecryptable_after)
+        events: list[Event] = []
+        for pending in done:
+            self.ctx.log.info("%s: room %s: event %s decrypted after its key arrived", self.name, pending.channel,
+                              pending.source.get("event_id"))  # fmt: skip
+            events.extend(await self._events(pending.channel, pending.room_id, pending.source, local_reactions))
+        for pending in expired:
+            events.extend(await self._events(pending.channel, pending.room_id, pending.source, local_reactions,
+                                             give_up=True))  # fmt: skip
+        return events
+
     async def _events(
-        self, channel: str, room_id: str, source: Any, local_reactions: dict[str, tuple[str, str]]
-    ) -> list[Event]:
-        parsed = parse_event(source, self.user_id, keep_quoted=self.keep_quoted)
+        self, channel: str, room_id: str, source: Any, local_reactions: dict[str, tuple[str, str]],
+        give_up: bool = False,
+    ) -> list[Event]:  # fmt: skip
+        parsed = parse_event(source, self.user_id, keep_quoted=self.keep_quoted, decrypt_files=self.encryption)
         if isinstance(parsed, Skip):
             if parsed.bad:
                 eid = source.get("event_id") if isinstance(source, dict) else None
@@ -45,6 +64,14 @@ class Inbound:
                 self.ctx.metrics.skipped.labels(self.name, "bad_event").inc()
             return []
         p: Incoming = parsed
+        if p.encrypted and self.encryption and not give_up and source.get("type") == "m.room.encrypted":
+            unsigned = source.get("unsigned")
+            if isinstance(unsigned, dict) and "redacted_because" in unsigned:
+                return []  # redacted before we saw it: nothing left to decrypt or relay
+            self.crypto.wait(p.event_id, room_id, channel, source)  # its key may come with a later sync
+            self.ctx.log.info("%s: room %s: event %s from %s waits for its room key", self.name, channel, p.event_id,
+                              p.sender)  # fmt: skip
+            return []
         name = self._display(room_id, p.sender)
         base: dict[str, Any] = {
             "account": self.name, "channel": channel, "sender_id": p.sender, "sender_name": name,
@@ -71,7 +98,12 @@ class Inbound:
         event = Event(kind=EventKind.MESSAGE, text=p.text, native_id=p.event_id, reply_to=p.reply_to, **base)
         if p.msgtype == "m.emote":
             event.action = True
-        if p.encrypted:
+        if p.encrypted and self.encryption:
+            event.text = UNDECRYPTABLE_NOTE
+            self.ctx.metrics.skipped.labels(self.name, "undecryptable").inc()
+            self.ctx.log.error("%s: room %s: encrypted event %s from %s could not be decrypted: relayed as a notice",
+                               self.name, channel, p.event_id, p.sender)  # fmt: skip
+        elif p.encrypted:
             self.ctx.metrics.skipped.labels(self.name, "encrypted").inc()
             self.ctx.log.error("%s: room %s: encrypted event %s from %s relayed as a notice (not decrypted)",
                                self.name, channel, p.event_id, p.sender)  # fmt: skip
@@ -79,11 +111,18 @@ class Inbound:
                 self.encrypted.add(room_id)
                 await self._encrypted_room(room_id)
         if p.media is not None:
-            event.attachments.append(await self._download(p.media))
+            att = await self._download(p.media)
+            if att is None:
+                event.text = BAD_FILE_NOTE.format(name=p.media.name)
+                self.ctx.metrics.skipped.labels(self.name, "encrypted_file_refused").inc()
+            else:
+                event.attachments.append(att)
         return [event]
 
-    async def _download(self, media: Media) -> Attachment:
-        """The file through the authenticated media API, within MediaDownloadSize."""
+    async def _download(self, media: Media) -> Attachment | None:
+        """The file through the authenticated media API, within
+        MediaDownloadSize; an encrypted one decrypted, its hash checked
+        first (None: refused — never a corrupted file)."""
         att = Attachment(name=media.name, mime=media.mime, size=media.size)
         if media.size is not None and media.size > self.max_file:
             self.ctx.log.info("%s: file %s (%d bytes) is over MediaDownloadSize: not fetched", self.name, media.name,
@@ -107,6 +146,13 @@ class Inbound:
                         return att
         except TRANSPORT_ERRORS as exc:
             raise Unavailable(f"download {media.mxc}: {exc}") from None
+        if media.secret is not None:
+            try:
+                data = bytearray(decrypt_attachment(bytes(data), media.secret.key, media.secret.sha256,
+                                                    media.secret.iv))  # fmt: skip
+            except (EncryptionError, ValueError, TypeError) as exc:  # the hash first: a mismatch decrypts nothing
+                self.ctx.log.error("%s: encrypted file %s (%s) refused: %s", self.name, media.name, media.mxc, exc)
+                return None
         att.data_b64 = base64.b64encode(bytes(data)).decode()
         att.size = len(data)
         return att

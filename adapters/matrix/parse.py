@@ -20,7 +20,19 @@ MEDIA_TYPES = {"m.image", "m.file", "m.video", "m.audio"}
 TEXT_TYPES = {"m.text", "m.notice", "m.emote"}
 HTML = "org.matrix.custom.html"
 ENCRYPTED_NOTE = "(an end-to-end encrypted message: talkbridge cannot decrypt it)"
+UNDECRYPTABLE_NOTE = "(an encrypted message that could not be decrypted)"
+BAD_FILE_NOTE = "(an encrypted file, {name}, that failed its integrity check: not relayed)"
 _MXC = re.compile(r"mxc://([A-Za-z0-9.:\-\[\]]{1,255})/([A-Za-z0-9_\-]{1,255})")
+
+
+@dataclass(frozen=True, slots=True)
+class FileSecret:
+    """An encrypted attachment's ``file`` object: what decrypts it (the
+    AES-CTR key, its iv) and checks it (the ciphertext's SHA-256)."""
+
+    key: str  # the JWK's "k", unpadded base64url
+    iv: str
+    sha256: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +42,7 @@ class Media:
     name: str
     mime: str
     size: int | None  # as the event says; the download still enforces the limit
+    secret: FileSecret | None = None  # an encrypted attachment (in an encrypted room)
 
     @property
     def mxc(self) -> str:
@@ -103,12 +116,38 @@ def _reply_to(rel: dict[str, Any]) -> str | None:
     return _valid_id(inner.get("event_id"), "$") if isinstance(inner, dict) else None
 
 
-def _media(content: dict[str, Any], msgtype: str) -> Media | Skip:
+def file_secret(file: Any) -> tuple[str, FileSecret] | None:
+    """The url and secret of an encrypted attachment's ``file`` object
+    (``{"url", "key": {"k", "alg": "A256CTR", ...}, "iv", "hashes": {"sha256"}, "v": "v2"}``), or None."""
+    if not isinstance(file, dict):
+        return None
+    key, hashes = file.get("key"), file.get("hashes")
+    if not isinstance(key, dict) or not isinstance(hashes, dict) or key.get("alg", "A256CTR") != "A256CTR":
+        return None
+    url, k, iv, sha = (
+        _str(file.get("url")),
+        _str(key.get("k"), 64),
+        _str(file.get("iv"), 64),
+        _str(hashes.get("sha256"), 64),
+    )
+    if url is None or k is None or iv is None or sha is None or file.get("v", "v2") != "v2":
+        return None
+    return url, FileSecret(k, iv, sha)
+
+
+def _media(content: dict[str, Any], msgtype: str, decrypt_files: bool = False) -> Media | Skip:
     url = content.get("url")
+    secret = None
     if not isinstance(url, str):
         if isinstance(content.get("file"), dict):
-            return Skip("an encrypted file")
-        return Skip(f"{msgtype} without a url", bad=True)
+            if not decrypt_files:
+                return Skip("an encrypted file")
+            found = file_secret(content["file"])
+            if found is None:
+                return Skip(f"{msgtype} with a malformed encrypted file object", bad=True)
+            url, secret = found
+        else:
+            return Skip(f"{msgtype} without a url", bad=True)
     m = _MXC.fullmatch(url)
     if m is None:
         return Skip(f"{msgtype} url is not an mxc:// URI", bad=True)
@@ -122,11 +161,13 @@ def _media(content: dict[str, Any], msgtype: str) -> Media | Skip:
         name=(name if isinstance(name, str) and name.strip() else "file")[:255],
         mime=mime if isinstance(mime, str) and 0 < len(mime) <= 255 else "application/octet-stream",
         size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
+        secret=secret,
     )
 
 
-def parse_event(source: Any, own_user: str, keep_quoted: bool = False) -> Incoming | Skip:
-    """A room timeline event -> ``Incoming`` or why it is not relayed."""
+def parse_event(source: Any, own_user: str, keep_quoted: bool = False, decrypt_files: bool = False) -> Incoming | Skip:
+    """A room timeline event -> ``Incoming`` or why it is not relayed;
+    ``decrypt_files``: an encrypted attachment is ``Media`` with its secret, not a notice."""
     if not isinstance(source, dict):
         return Skip("not an object", bad=True)
     etype = source.get("type")
@@ -196,7 +237,7 @@ def parse_event(source: Any, own_user: str, keep_quoted: bool = False) -> Incomi
             return Skip(f"{msgtype} without a body", bad=True)
         return Incoming(EventKind.MESSAGE, text=text, reply_to=reply_to, msgtype=msgtype, **base)
     if msgtype in MEDIA_TYPES:
-        media = _media(content, msgtype)
+        media = _media(content, msgtype, decrypt_files)
         if isinstance(media, Skip):
             if media.reason == "an encrypted file":
                 return Incoming(EventKind.MESSAGE, text=ENCRYPTED_NOTE, encrypted=True, **base)

@@ -1,7 +1,10 @@
 """Receiving: one ``/sync`` loop (a ``bridge.receiver.Receiver``, which
 keeps the backoff while the homeserver is away and reports it), its
 ``next_batch`` committed with its events, a limited timeline paged back,
-invites, encrypted rooms.
+invites, encrypted rooms: nio decrypts a sync's events as it reads it; the
+keys' upkeep (upload, query, claim, to-device) follows each sync, events
+waiting for their keys are tried again, and the crypto store is committed
+with the sync when it changed (crypto.py).
 
 A mixin of ``Matrix`` (adapters/matrix/adapter.py), which holds the state."""
 
@@ -13,7 +16,7 @@ import orjson
 from nio import RoomMessagesResponse, SyncResponse
 from nio.api import MessageDirection
 
-from adapters.matrix.common import PAGE, REACTIONS_TTL, Unavailable, describe
+from adapters.matrix.common import PAGE, REACTIONS_TTL, TRANSPORT_ERRORS, Unavailable, describe
 from bridge.adapter import AccountFailed, PermanentError
 from bridge.bus import Write
 from bridge.events import Event
@@ -67,6 +70,8 @@ class Receiving:
             events, joined = await self._collect(resp, since.decode(), known)
             await self._commit(events, resp.next_batch, joined - known)
             await self._invites(resp)
+            if self.encryption and self.crypto.pending:
+                await self._request_keys()
         except Unavailable as exc:
             if exc.unreachable:
                 self._reachable.clear()
@@ -83,9 +88,64 @@ class Receiving:
         for room_id, room in client.rooms.items():
             if room.encrypted and room_id not in self.encrypted:
                 self.encrypted.add(room_id)
-                if room_id in self.channel_of:
+                if room_id in self.channel_of and not self.encryption:
                     await self._encrypted_room(room_id)
+                elif room_id in self.channel_of:
+                    self.ctx.log.info("%s: room %s is end-to-end encrypted: decrypted and encrypted by device %s",
+                                      self.name, self.channel_of[room_id], client.device_id)  # fmt: skip
+        if self.encryption:
+            await self._keys_upkeep()
         return resp
+
+    async def _keys_upkeep(self) -> None:
+        """What nio's sync_forever does after a sync: our keys uploaded, the
+        members' device keys queried, one-time keys claimed, to-device
+        messages (key shares, key requests) sent. The store is saved before
+        new keys go out, and after."""
+        client = self._client()
+        try:
+            if client.should_upload_keys:
+                await self._save_crypto()
+                await self._call("keys upload", client.keys_upload)
+                await self._save_crypto()
+            if client.should_query_keys:
+                await self._call("keys query", client.keys_query)
+                self._blacklist_devices()
+            if client.should_claim_keys:
+                await self._call("keys claim", lambda: client.keys_claim(client.get_users_for_key_claiming()))
+            await self._call("to-device", client.send_to_device_messages)
+        except PermanentError as exc:
+            self.ctx.log.warning("%s: encryption keys: %s", self.name, exc)
+
+    def _blacklist_devices(self) -> None:
+        """``BlacklistDevices``: those devices never get a room key (nio skips
+        blacklisted devices when it shares one); every other device of the
+        room's members does, verified or not — a bot cannot verify."""
+        client = self._client()
+        for entry in self.blacklist:
+            user, device = entry[0], entry[1] if len(entry) > 1 else None
+            for known in list(client.device_store.active_user_devices(user)):
+                if (device is None or known.id == device) and not client.olm.is_device_blacklisted(known):
+                    client.blacklist_device(known)
+                    self.ctx.log.info("%s: device %s of %s blacklisted: no room keys", self.name, known.id, user)
+
+    async def _save_crypto(self) -> None:
+        """The crypto store to Redis now (fenced), when it changed: before and
+        after keys go out, after a send that shared a room key."""
+        async with self.crypto.lock:
+            writes = self.crypto.writes(pending=False)
+            if writes:
+                try:
+                    await self.ctx.commit_inbound([], writes)
+                except BaseException:
+                    self.crypto.unsaved()
+                    raise
+
+    async def _request_keys(self) -> None:
+        try:
+            await self.crypto.request_keys(self._client())
+        except TRANSPORT_ERRORS as exc:
+            self.ctx.log.warning("%s: room key request not sent: %s", self.name, exc)
 
     async def _encrypted_room(self, room_id: str) -> None:
         why = "end-to-end encrypted: talkbridge does not decrypt (relayed as notices) and does not send into it"
@@ -99,7 +159,7 @@ class Receiving:
         writes = [Write.setnx(self.sync_key, resp.next_batch)]
         if joined:
             writes.append(Write.sadd(self.joined_key, *joined))
-        await self.ctx.commit_inbound([], writes)
+        await self._commit_with_crypto([], writes)
         self.ctx.log.info("%s: first start: relaying from now on (history skipped)", self.name)
         await self._join_configured(joined)
         await self._invites(resp)
@@ -119,6 +179,8 @@ class Receiving:
     async def _collect(self, resp: SyncResponse, since: str, known: set[str]) -> tuple[list[Event], set[str]]:
         events: list[Event] = []
         local_reactions: dict[str, tuple[str, str]] = {}
+        if self.encryption and self.crypto.pending:
+            events.extend(await self._undecrypted(local_reactions))
         for room_id, info in resp.rooms.join.items():
             channel = self.channel_of.get(room_id)
             if channel is None:
@@ -182,6 +244,19 @@ class Receiving:
         writes = [Write.set(self.sync_key, next_batch)]
         if new_rooms:
             writes.append(Write.sadd(self.joined_key, *new_rooms))
-        await self.ctx.commit_inbound(events, writes)
+        await self._commit_with_crypto(events, writes)
         if events:
             self._events_in.inc(len(events))
+
+    async def _commit_with_crypto(self, events: list[Event], writes: list[Write]) -> None:
+        """Commit, with the crypto store and the waiting events when they changed."""
+        if not self.encryption:
+            await self.ctx.commit_inbound(events, writes)
+            return
+        async with self.crypto.lock:
+            writes = writes + self.crypto.writes(pending=True)
+            try:
+                await self.ctx.commit_inbound(events, writes)
+            except BaseException:
+                self.crypto.unsaved()
+                raise

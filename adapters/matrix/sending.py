@@ -13,9 +13,18 @@ import contextlib
 import html
 import io
 import mimetypes
+from datetime import timedelta
 from typing import Any
 
-from nio import ErrorResponse, RoomSendResponse, UploadResponse
+from nio import (
+    EncryptionError,
+    ErrorResponse,
+    LocalProtocolError,
+    MatrixRoom,
+    RoomSendResponse,
+    SendRetryError,
+    UploadResponse,
+)
 
 from adapters.matrix.common import REACTIONS_TTL, Unavailable, check_response, describe, txn_id
 from adapters.matrix.convert import markdown_to_html
@@ -51,7 +60,9 @@ class Sending:
 
     async def _send(self, delivery: Delivery) -> str | None:
         room = await self._room_id(delivery.channel)
-        if room in self.encrypted:
+        if self.encryption:
+            await self._known_room(room)
+        elif room in self.encrypted:
             raise PermanentError(f"room {delivery.channel} is end-to-end encrypted: talkbridge does not send there")
         kind = delivery.event.kind
         if kind == EventKind.EDIT:
@@ -63,6 +74,47 @@ class Sending:
         if kind in (EventKind.JOIN, EventKind.LEAVE, EventKind.OTHER):
             return await self._post(room, delivery, notice=True)
         return await self._post(room, delivery)
+
+    async def _known_room(self, room_id: str) -> None:
+        """nio encrypts only into a room it knows (from a sync): after a
+        restart a quiet room is not among them yet. Its encryption comes
+        from the crypto store's list, else from the room's state."""
+        client = self._client()
+        if room_id in client.rooms:
+            return
+        encrypted = room_id in client.encrypted_rooms
+        if not encrypted:
+            try:
+                await self._call(f"encryption of {room_id}",
+                                 lambda: client.room_get_state_event(room_id, "m.room.encryption"))  # fmt: skip
+                encrypted = True
+            except PermanentError:
+                encrypted = False  # M_NOT_FOUND: not encrypted
+        if room_id not in client.rooms:
+            client.rooms[room_id] = MatrixRoom(room_id, client.user_id, encrypted)
+
+    async def _rotate_as_the_room_says(self, room_id: str) -> None:
+        """The room's ``m.room.encryption`` ``rotation_period_ms``/``_msgs`` on
+        our outbound Megolm session (nio's own limits are a week and 100
+        messages, whatever the room says); read once per room and process."""
+        client = self._client()
+        session = client.olm.outbound_group_sessions.get(room_id) if client.olm is not None else None
+        if session is None:
+            return
+        if room_id not in self.rotation:
+            self.rotation[room_id] = (None, None)
+            try:
+                resp = await self._call(f"encryption of {room_id}",
+                                        lambda: client.room_get_state_event(room_id, "m.room.encryption"))  # fmt: skip
+            except PermanentError:
+                return
+            content = getattr(resp, "content", None)
+            self.rotation[room_id] = rotation_of(content if isinstance(content, dict) else {})
+        ms, msgs = self.rotation[room_id]
+        if ms is not None:
+            session.max_age = min(session.max_age, timedelta(milliseconds=ms))
+        if msgs is not None:
+            session.max_messages = min(session.max_messages, msgs)
 
     def _content(self, delivery: Delivery, text: str, notice: bool = False) -> dict[str, Any]:
         event = delivery.event
@@ -78,12 +130,26 @@ class Sending:
 
     async def _room_send(self, room: str, etype: str, content: dict[str, Any], txn: str) -> str:
         client = self._client()
-        resp = await self._call(
-            f"send to {room}",
-            lambda: client.room_send(room, etype, content, tx_id=txn, ignore_unverified_devices=True),
-        )
+        if self.encryption and self.blacklist:
+            known = client.rooms.get(room)
+            if known is not None and known.encrypted and not known.members_synced:
+                # what nio's room_send would do, here: its new devices are blacklisted before it shares a key
+                await self._call(f"members of {room}", lambda: client.joined_members(room))
+                if client.should_query_keys:
+                    await self._call("keys query", client.keys_query)
+            self._blacklist_devices()
+        try:
+            resp = await self._call(
+                f"send to {room}",
+                lambda: client.room_send(room, etype, content, tx_id=txn, ignore_unverified_devices=True),
+            )
+        except (LocalProtocolError, SendRetryError, EncryptionError) as exc:  # nio could not encrypt (yet)
+            raise Unavailable(f"send to {room}: {type(exc).__name__}: {exc}") from None
         if not isinstance(resp, RoomSendResponse):
             raise Unavailable(f"send to {room}: {describe(resp)}")
+        if self.encryption:
+            await self._rotate_as_the_room_says(room)
+            await self._save_crypto()  # a room key shared: new Olm sessions
         return resp.event_id
 
     async def _post(self, room: str, delivery: Delivery, notice: bool = False) -> str | None:
@@ -118,11 +184,15 @@ class Sending:
         mime = att.mime or "application/octet-stream"
         if mime == "application/octet-stream":  # an api client's file: its name says more
             mime = mimetypes.guess_type(name, strict=False)[0] or mime
+        known = client.rooms.get(room)
+        encrypt = self.encryption and known is not None and known.encrypted  # its key goes in the event (`file`)
         resp = await self._call(
             f"upload {name}",
-            lambda: client.upload(io.BytesIO(data), content_type=mime, filename=name, filesize=len(data)),
-        )
+            lambda: client.upload(io.BytesIO(data), content_type="application/octet-stream" if encrypt else mime,
+                                  filename=name, filesize=len(data), encrypt=encrypt),
+        )  # fmt: skip
         upload = resp[0] if isinstance(resp, tuple) else resp
+        keys = resp[1] if isinstance(resp, tuple) else None
         check_response(upload, f"upload {name}")
         if not isinstance(upload, UploadResponse):
             raise Unavailable(f"upload {name}: {describe(upload)}")
@@ -134,6 +204,8 @@ class Sending:
                 info["w"], info["h"] = size
         content: dict[str, Any] = {"msgtype": msgtype, "body": name, "filename": name, "url": upload.content_uri,
                                    "info": info}  # fmt: skip
+        if encrypt and keys:
+            content["file"] = {"url": content.pop("url"), **keys}
         if caption:
             content["body"] = f"{caption} {name}"
         if relates:
@@ -190,6 +262,13 @@ class Sending:
         pipe.expire(self.sent_reactions_key, REACTIONS_TTL)
         await pipe.execute()
         return None
+
+
+def rotation_of(content: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(rotation_period_ms, rotation_period_msgs) of an ``m.room.encryption`` content, where valid."""
+    ms, msgs = content.get("rotation_period_ms"), content.get("rotation_period_msgs")
+    ok = [v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None for v in (ms, msgs)]
+    return ok[0], ok[1]
 
 
 def _decoded(att: Attachment) -> bytes | None:
