@@ -65,12 +65,15 @@ class _RestoredDatabase(SqliteDatabase):
 
     def __init__(self, snapshot: bytes | None) -> None:
         self._snapshot = snapshot
-        super().__init__(":memory:", pragmas={"foreign_keys": 1, "secure_delete": 1})
+        # One connection for the process, not one per thread (peewee's default):
+        # another thread would see an empty database; sqlite3 refuses it loudly instead.
+        super().__init__(":memory:", pragmas={"foreign_keys": 1, "secure_delete": 1}, thread_safe=False)
 
     def _connect(self) -> sqlite3.Connection:
         conn = super()._connect()
-        if self._snapshot is not None:
-            conn.deserialize(self._snapshot)
+        snapshot, self._snapshot = self._snapshot, None  # once: a second connection would be an older copy
+        if snapshot is not None:
+            conn.deserialize(snapshot)
         return conn
 
 
