@@ -67,6 +67,7 @@ async def test_an_encrypted_room_is_bridged_both_ways(tmp_path: Path, redis: Red
                              "m.relates_to": {"rel_type": "m.replace", "event_id": hello}})  # fmt: skip
         thumbs = {"rel_type": "m.annotation", "event_id": hello, "key": "👍"}
         await human.send_encrypted(r, "m.reaction", {"m.relates_to": thumbs})
+        await until(lambda: _through(rig, "the reply"), within=30, what="the reply")  # then redacted, not before
         room.alice.redact(r, reply)
         await human.text(r, "the end")
         events = await until(lambda: _through(rig, "the end"), within=30, what="everything decrypted")

@@ -243,6 +243,7 @@ class Matrix(Session, Receiving, Inbound, Sending, Adapter):
             new = self.crypto.load(client, raw)
         except AccountFailed as exc:  # connect fails (and is retried, never with a new device): say it loudly
             self.ctx.log.critical("%s: ALERT: %s", self.name, exc)
+            await self.disconnect()
             raise
         self.crypto.restore_pending(waiting)
         what = "a new Olm account (kept in Redis)" if new else "its Olm account restored from Redis"
