@@ -26,6 +26,8 @@ from nio import (
     RoomKeyRequest,
     RoomSendResponse,
     SyncResponse,
+    ToDeviceMessage,
+    ToDeviceResponse,
     UploadResponse,
 )
 from nio.api import Api
@@ -46,6 +48,7 @@ class Human:
     client: AsyncClient | None = None
     timeline: list[tuple[str, Event]] = field(default_factory=list)
     key_requests: list[RoomKeyRequest] = field(default_factory=list)
+    unshared: dict[str, tuple[str, str]] = field(default_factory=dict)  # room -> (session id, key at index 0)
 
     async def start(self) -> Human:
         self.store.mkdir(parents=True, exist_ok=True)
@@ -123,16 +126,27 @@ class Human:
         given yet (``share_late`` gives it): a key that arrives late."""
         olm = self._c().olm
         olm.create_outbound_group_session(room)
-        olm.outbound_group_sessions[room].shared = True  # encrypt with it without sharing it
+        session = olm.outbound_group_sessions[room]
+        self.unshared[room] = (session.id, session.session_key)  # the key from index 0, before it ratchets
+        session.shared = True  # encrypt with it without sharing it
         resp = await self._c().room_send(room, "m.room.message", {"msgtype": "m.text", "body": body})
         assert isinstance(resp, RoomSendResponse), resp
         return resp.event_id
 
-    async def share_late(self, room: str) -> None:
-        """Now share the session ``send_unshared`` used with the room's devices."""
+    async def share_late(self, room: str, user_id: str) -> None:
+        """Give ``user_id``'s devices the key ``send_unshared`` used (as
+        ``m.room_key`` over the Olm sessions this client has with them)."""
         client = self._c()
-        client.olm.outbound_group_sessions[room].shared = False  # the same session: nio shares it, not a new one
-        await client.share_group_session(room, ignore_unverified_devices=True)
+        olm = client.olm
+        session_id, session_key = self.unshared.pop(room)
+        key = {"algorithm": "m.megolm.v1.aes-sha2", "room_id": room, "session_id": session_id,
+               "session_key": session_key}  # fmt: skip
+        for device in olm.device_store.active_user_devices(user_id):
+            olm_session = olm.session_store.get(device.curve25519)
+            assert olm_session is not None, "no Olm session with that device yet: share a message first"
+            payload = olm._olm_encrypt(olm_session, device, "m.room_key", key)
+            resp = await client.to_device(ToDeviceMessage("m.room.encrypted", user_id, device.id, payload))
+            assert isinstance(resp, ToDeviceResponse), resp
 
     async def from_user(self, sender: str) -> list[Event]:
         """What ``sender`` said that this client decrypted (or could not: MegolmEvent)."""

@@ -209,18 +209,26 @@ class Matrix(Session, Receiving, Inbound, Sending, Adapter):
         if self.token:
             session = await self._stored_session()
             device = session.get("device_id", "") if session.get("user_id") == self.mxid else ""
-            self.client.restore_login(self.mxid, device, self.token)
+            # not restore_login: with nio's e2e extra it wants a device id, which a Token may not have
+            self.client.user_id, self.client.device_id, self.client.access_token = self.mxid, device, self.token
             self.user_id = self.mxid
-            if self.encryption:  # the Token's own device: its keys must be that device's
-                await self._token_device()
-            await self._load_crypto()
-            return
+            return  # the crypto store when receiving or sending starts (_ensure_crypto): whoami is a request
         session = await self._stored_session()
         if session.get("login") == self.login and session.get("server") == self.server and session.get("access_token"):
             self.client.restore_login(session["user_id"], session["device_id"], session["access_token"])
             self.user_id = session["user_id"]
         else:
             await self._login(session.get("device_id") if session.get("login") == self.login else None)
+        await self._load_crypto()
+
+    async def _ensure_crypto(self) -> None:
+        """The device's Olm machine, before anything is decrypted or sent:
+        loaded at connect after a login, here for a Token (its device, by whoami)."""
+        client = self._client()
+        if not self.encryption or client.olm is not None:
+            return
+        if self.token:
+            await self._token_device()
         await self._load_crypto()
 
     async def _token_device(self) -> None:

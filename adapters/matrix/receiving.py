@@ -44,6 +44,7 @@ class Receiving:
         the homeserver is away (network, 5xx, 429) and reports it."""
         if self._refused is not None:
             raise AccountFailed(self._refused)
+        await self._ensure_crypto()
         await self._resolve_rooms()
         self._configured_joined = False
         receiver = Receiver(

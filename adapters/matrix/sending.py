@@ -61,6 +61,7 @@ class Sending:
     async def _send(self, delivery: Delivery) -> str | None:
         room = await self._room_id(delivery.channel)
         if self.encryption:
+            await self._ensure_crypto()  # never a plaintext send into an encrypted room for want of keys
             await self._known_room(room)
         elif room in self.encrypted:
             raise PermanentError(f"room {delivery.channel} is end-to-end encrypted: talkbridge does not send there")
