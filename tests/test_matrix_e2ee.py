@@ -25,11 +25,12 @@ from adapters.matrix.parse import BAD_FILE_NOTE, UNDECRYPTABLE_NOTE, FileSecret,
 from adapters.matrix.sending import rotation_of
 from bridge.adapter import AccountFailed
 from bridge.events import Attachment, EventKind
+from tests.adapter_rig import gateway
 from tests.helpers import metric
 from tests.matrix_e2ee_rig import Human, encrypted_room, is_message
-from tests.matrix_rig import ACCOUNT, Room, api_event, delivery, room_config, start_rig
-from tests.synapse_rig import SynapseServer
-from tests.talkbot_rig import until
+from tests.matrix_rig import ACCOUNT, Room, api_event, api_section, delivery, matrix_section, room_config, start_rig
+from tests.synapse_rig import SynapseServer, unique
+from tests.talkbot_rig import until, write_config
 from tests.test_matrix import PNG
 
 
@@ -227,6 +228,28 @@ async def test_a_blacklisted_device_gets_no_room_key(tmp_path: Path, redis: Redi
 async def _said_by(human: Human, sender: str) -> list:  # type: ignore[type-arg]
     """What ``sender`` said in the room, decrypted or not (not its membership)."""
     return [e for e in await human.from_user(sender) if isinstance(e, MegolmEvent) or is_message(e)]
+
+
+async def test_a_token_account_is_the_tokens_device(tmp_path: Path, redis: Redis, synapse: SynapseServer) -> None:
+    room, human = await encrypted_room(synapse, tmp_path / "alice")
+    bot = synapse.register(unique("tokenbot"))  # MxID + Token: the registration's device is the bridge's
+    room.alice.invite(room.room_id, bot.user_id)
+    body = matrix_section("test", synapse.url, MxID=bot.user_id, Token=bot.access_token) + api_section()
+    config = write_config(tmp_path / "talkbridge.toml", body + gateway("g", (ACCOUNT, room.room_id), ("api.a", "api")))
+    rig = await start_rig(config, redis)
+    token_room = Room(synapse, room.alice, bot.user_id[1:].split(":")[0], room.room_id)
+    try:
+        assert (await _ready(token_room, human)) == bot.device_id
+        await human.text(room.room_id, "to the token bot")
+        await until(lambda: _through(rig, "to the token bot"), within=30, what="decrypted")
+        await rig.adapter.send(delivery(api_event("from the token bot", native_id="1"), room.room_id))
+        assert await until(lambda: _bodies_from_bot(human, token_room), within=30, what="alice decrypts") == [
+            "[api/a] <bob> from the token bot"
+        ]
+        assert [d["device_id"] for d in synapse.devices(bot.user_id)] == [bot.device_id]
+    finally:
+        await rig.close()
+        await human.close()
 
 
 async def test_a_restart_is_the_same_device_and_keeps_decrypting(
