@@ -87,6 +87,13 @@ class RedisBackedStore(SqliteStore):
     def _create_database(self) -> SqliteDatabase:
         return _RestoredDatabase(self._snapshot)
 
+    def save_encrypted_rooms(self, rooms: Any) -> None:
+        # nio calls this after every sync, with an empty set unless a room
+        # turned encrypted in it: a SELECT and a transaction for nothing, 9 %
+        # of the daemon's CPU at 10 msg/s (py-spy, bench/matrix_relay.py)
+        if rooms:
+            super().save_encrypted_rooms(rooms)
+
     def changes(self) -> int:
         return self.database.connection().total_changes
 
