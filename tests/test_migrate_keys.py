@@ -6,7 +6,6 @@ state, the api buffer — are moved when a daemon takes the account over, once."
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -83,13 +82,9 @@ def state(client: sync_redis.Redis) -> dict[str, object]:
 
 
 @pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[sync_redis.Redis]:
-    client = sync_redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    try:
-        yield client
-    finally:
-        client.close()
+def client(store: sync_redis.Redis) -> sync_redis.Redis:
+    """conftest's ``store`` (the session's Redis, emptied), named for what the tests do with it."""
+    return store
 
 
 def test_an_upgraded_deployment_keeps_its_data_and_relays_each_event_once(
