@@ -98,3 +98,30 @@ class Metrics:
         self.api_buffer_dropped = Counter(
             "talkbridge_api_buffer_dropped", "Messages pushed out of a full api Buffer", ["account"], registry=r
         )
+        # Redis itself (issue 20): reachability, Sentinel failovers, replicas behind acknowledgements
+        self.redis_up = Gauge(
+            "talkbridge_redis_up", "1 while this instance's Redis answers, 0 while it does not", registry=r
+        )
+        self.redis_failovers = Counter(
+            "talkbridge_redis_failovers", "Times this instance found a new Redis master (Sentinel failover)", registry=r
+        )
+        self.redis_replicas = Gauge(
+            "talkbridge_redis_replicas", "Replicas connected to the Redis master, as the master reports", registry=r
+        )
+        self.redis_min_replicas = Gauge(
+            "talkbridge_redis_min_replicas",
+            "[redis] MinReplicas: replicas every acknowledged write waits for",
+            registry=r,
+        )
+        self.replication_short = Counter(
+            "talkbridge_replication_short",
+            "Writes fewer than MinReplicas replicas confirmed in time (an ingress answered 503, a delivery held back)",
+            ["what"],
+            registry=r,
+        )
+        self.lease_takeovers = Counter(
+            "talkbridge_lease_takeovers",
+            "Accounts this instance took from an instance whose heartbeat lapsed",
+            ["account"],
+            registry=r,
+        )
