@@ -87,8 +87,9 @@ class Receiver:
         """Drain every instance's buffer; the count received so far."""
         for url in self.urls:
             try:
-                # a stopped owner still accepts connections it never answers
-                resp = httpx.get(url, headers=HEADERS_B, timeout=0.5)
+                # Polled only once the stale owner runs again. The read is destructive: a short
+                # timeout would drop an answer the server already took its messages out for.
+                resp = httpx.get(url, headers=HEADERS_B, timeout=10)
             except httpx.HTTPError:
                 continue
             if resp.status_code == 200:
