@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 
 from bridge.metrics import Metrics
 from tests.helpers import ROOT
@@ -28,6 +29,8 @@ DASHBOARD = ROOT / "contrib" / "grafana" / "talkbridge-dashboard.json"
 SEVERITIES = {"warning", "error", "critical"}
 # series Prometheus itself makes for every target
 PROMETHEUS_OWN = {"up"}
+# labels Prometheus adds to every series it scrapes
+TARGET_LABELS = {"instance", "job"}
 # Grafana's variables, as a query sees them once Grafana filled them in
 GRAFANA_VARIABLES = {"__rate_interval": "5m", "__interval": "1m", "instance": ".*", "account": ".*"}
 
@@ -62,6 +65,26 @@ def exported_names(metrics: Metrics) -> set[str]:
     return names
 
 
+def declared_labels(metrics: Metrics) -> dict[str, set[str]]:
+    """Sample name -> the label names bridge/metrics.py declares for it."""
+    out: dict[str, set[str]] = {}
+    for metric in vars(metrics).values():
+        if isinstance(metric, MetricWrapperBase):
+            suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(metric._type, ("",))
+            for suffix in suffixes:
+                out[metric._name + suffix] = set(metric._labelnames) | ({"le"} if suffix == "_bucket" else set())
+    return out
+
+
+def selector_labels(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric, the label names its matchers name) for every ``metric{...}`` of an expression."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    return [
+        (name, set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers)))
+        for name, matchers in re.findall(r"([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}", text)
+    ]
+
+
 def metric_names(expr: str) -> set[str]:
     """The metric names a PromQL expression selects: what is left once the
     strings, label matchers, ranges, grouping clauses, offsets, functions
@@ -84,6 +107,20 @@ def test_metric_names_finds_every_name_and_only_names() -> None:
     # a renamed metric is one the registry does not export
     assert "talkbridge_event_in_total" not in exported_names(Metrics())
     assert {"talkbridge_events_in_total", "talkbridge_delivery_latency_seconds_bucket"} <= exported_names(Metrics())
+    # and a matcher on a label the metric does not have is found
+    assert selector_labels('talkbridge_stream_lag{account=~"a", stream="{x}"} + up{job="t"}') == [
+        ("talkbridge_stream_lag", {"account", "stream"}),
+        ("up", {"job"}),
+    ]
+    assert "account" not in declared_labels(Metrics())["talkbridge_stream_lag"]
+
+
+def assert_matchers_name_declared_labels(where: str, expr: str) -> None:
+    """A matcher on a label the metric lacks selects nothing, silently: refuse it."""
+    declared = declared_labels(Metrics())
+    for name, labels in selector_labels(expr):
+        known = declared.get(name, set()) | TARGET_LABELS
+        assert labels <= known, (where, name, sorted(labels - known))
 
 
 def test_every_metric_the_rules_name_is_exported() -> None:
@@ -92,6 +129,7 @@ def test_every_metric_the_rules_name_is_exported() -> None:
         names = metric_names(rule["expr"])
         assert names, rule["alert"]
         assert names <= exported, (rule["alert"], sorted(names - exported))
+        assert_matchers_name_declared_labels(rule["alert"], rule["expr"])
 
 
 # --- the rules -------------------------------------------------------------------------
@@ -216,6 +254,7 @@ def test_every_dashboard_query_is_promql_naming_exported_metrics(tmp_path: Path)
     for where, query in queries.items():
         names = metric_names(filled_in(query))
         assert names and names <= exported, (where, sorted(names - exported))
+        assert_matchers_name_declared_labels(where, query)
     # promtool parses PromQL when it checks recording rules: one per query
     rules = {
         "groups": [
