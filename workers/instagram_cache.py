@@ -20,6 +20,7 @@ as a duplicate job id.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -32,6 +33,12 @@ from workers.instagram_urls import Target
 
 MAX_CACHED_FILES_BYTES = 8 << 20
 ERROR_SECONDS = 600.0
+
+_REPLACE = """
+redis.call('DEL', KEYS[1])
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+"""
 
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
@@ -52,6 +59,7 @@ class PreviewCache:
         self.redis = redis
         self.prefix = prefix
         self.ttl_ms = round(ttl * 1000)
+        self._replace_script = redis.register_script(_REPLACE)
 
     def key(self, target: Target) -> str:
         return instagram_cache_key(self.prefix, target.cache_key)
@@ -87,23 +95,18 @@ class PreviewCache:
         if files is not None and sum(len(f.data) for f in files) <= MAX_CACHED_FILES_BYTES:
             mapping["files"] = orjson.dumps([{"name": f.name, "mime": f.mime} for f in files])
             mapping.update({f"f{i}": f.data for i, f in enumerate(files)})
-        key = self.key(target)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(key)
-        pipe.hset(key, mapping=mapping)
-        pipe.pexpire(key, self.ttl_ms)
-        await pipe.execute()
+        await self._replace(self.key(target), mapping, self.ttl_ms)
 
     async def put_error(self, target: Target, kind: str) -> None:
         ttl = min(self.ttl_ms, round(ERROR_SECONDS * 1000))
         if ttl <= 0:
             return
-        key = self.key(target)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(key)
-        pipe.hset(key, "error", kind)
-        pipe.pexpire(key, ttl)
-        await pipe.execute()
+        await self._replace(self.key(target), {"error": kind}, ttl)
+
+    async def _replace(self, key: str, mapping: Mapping[str, bytes | str], ttl_ms: int) -> None:
+        """The entry replaced whole, with its expiry, in one step: a script,
+        not a MULTI, which redis-py refuses on Redis Cluster (one key: one slot)."""
+        await self._replace_script(keys=[key], args=[ttl_ms, *(item for pair in mapping.items() for item in pair)])
 
 
 class Dedupe:
