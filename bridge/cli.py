@@ -15,8 +15,8 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TextIO
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from adapters import AdapterRegistry
 from bridge.adapter import Adapter, CliCommand
@@ -28,6 +28,9 @@ from bridge.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from bridge.logstream import LogStream
 from bridge.logstream import install as install_log_stream
 from bridge.options import protocol_specs
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 GC_GEN0_THRESHOLD = 20_000  # CPython's default, 700, collects every few requests
 GC_FULL_EVERY = 10.0  # seconds between full collections (cycles left by httpx: collect_cycles)
@@ -121,12 +124,13 @@ async def _run(config: Config, adapters: Mapping[str, type[Adapter]], logstream:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with redis_for(config, start=True) as redis:
+    # the job queue's own Redis first: a bad [workers] RedisURL stops us before the embedded Redis starts
+    async with queue_redis_for(config) as queue, redis_for(config, start=True) as redis:
         # which inbound events start the workers' jobs; the daemon routes, the features decide
         triggers = build_triggers(
-            config, redis, config.redis.key_prefix, logging.getLogger("talkbridge.workers"), FEATURES
+            config, redis, config.redis.key_prefix, logging.getLogger("talkbridge.workers"), FEATURES, queue
         )
-        daemon = Daemon(config, redis, adapters, triggers=triggers)
+        daemon = Daemon(config, redis, adapters, triggers=triggers, queue_redis=queue)
         logging.getLogger("talkbridge").info(
             "talkbridge %s: %d accounts, %d gateways", daemon.instance_id, len(config.accounts), len(config.gateways)
         )
@@ -146,6 +150,27 @@ async def _run(config: Config, adapters: Mapping[str, type[Adapter]], logstream:
             if logstream is not None:
                 await logstream.aclose()  # before the embedded Redis stops
     return 0
+
+
+@contextlib.asynccontextmanager
+async def queue_redis_for(config: Config) -> AsyncIterator[Redis | None]:
+    """The workers' job queue's own Redis (``[workers] RedisURL``: arq does
+    not run on Redis Cluster, the bus may), closed on exit; None: the queue
+    is on ``[redis] URL``'s, the bus's."""
+    from workers.feature_settings import WorkersSection
+
+    url = config.settings(WorkersSection).redis_url
+    if not url:
+        yield None
+        return
+    try:
+        queue = connect(url)
+    except RedisURLError as exc:  # a Sentinel address's shape; connect() names [redis] URL, never the value
+        raise RedisURLError(str(exc).replace("redis.URL", "workers.RedisURL", 1)) from None
+    try:
+        yield queue
+    finally:
+        await queue.aclose()
 
 
 async def collect_cycles(every: float) -> None:
@@ -272,6 +297,19 @@ async def wait_for_daemon_redis(
 
 
 async def _worker(config: Config, logstream: LogStream | None = None, wait_for_redis: float = WAIT_FOR_REDIS) -> int:
+    from workers.feature_settings import queue_redis_problem
+
+    problem = queue_redis_problem(config)
+    if problem is not None:
+        print(f"talkbridge worker: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    # the job queue's own Redis first: a bad [workers] RedisURL stops us before any waiting
+    async with queue_redis_for(config) as queue:
+        return await _work(config, queue, logstream, wait_for_redis)
+
+
+async def _work(config: Config, queue: Redis | None, logstream: LogStream | None, wait_for_redis: float) -> int:
+    """Run jobs: arq's keys on ``queue`` (None: on the bus's Redis), the bus and everything else on [redis] URL's."""
     from workers.settings import run_worker, worker_id  # arq and the features only for the worker
 
     stop = asyncio.Event()
@@ -299,7 +337,7 @@ async def _worker(config: Config, logstream: LogStream | None = None, wait_for_r
     if logstream is not None:  # a job's WARN+ records on the management page's log view, as a daemon's
         logstream.start(redis, instance)
     try:
-        await run_worker(config, redis, stop, instance_id=instance)
+        await run_worker(config, redis, stop, instance_id=instance, queue=queue)
     finally:
         if logstream is not None:
             await logstream.aclose()

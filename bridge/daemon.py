@@ -99,6 +99,7 @@ class Daemon:
         metrics: Metrics | None = None,
         instance_id: str | None = None,
         triggers: EventTriggers | None = None,
+        queue_redis: Redis | None = None,
     ) -> None:
         self.config = config
         self.redis = redis
@@ -112,6 +113,8 @@ class Daemon:
         # the workers' features (Instagram previews, personas): which inbound events start jobs;
         # built by the CLI (workers/triggers.py), None: no feature configured
         self.triggers = triggers
+        # the job queue's own Redis ([workers] RedisURL; None: this one): the page counts its jobs there
+        self.queue_redis = queue_redis
         self.lease_seconds = float(bus_cfg.lease_seconds)
         self.retry = RetryPolicy(bus_cfg.max_deliveries, bus_cfg.retry_base_seconds, bus_cfg.retry_max_seconds)
         self.max_body = config.http.max_body_bytes
@@ -282,7 +285,7 @@ class Daemon:
         log = logging.getLogger("talkbridge.admin")
         bind = admin.bind_address
         host, port = parse_hostport(bind)  # type: ignore[misc]
-        app = build_admin_app(self.config, self.redis, log, self.rejections, self.metrics)
+        app = build_admin_app(self.config, self.redis, log, self.rejections, self.metrics, self.queue_redis)
         listener = Listener(app, bind, self.http_limits, log)
         try:
             await listener.start(host, port)

@@ -25,6 +25,13 @@ class WorkerDeps:
     # An admin-room alert, deduplicated by key: (key, text, severity "error" | "critical")
     alert: Callable[[str, str, str], Awaitable[None]]
     clear_alert: Callable[[str, str], Awaitable[None]]  # (key, text): the condition is over
+    # arq's queue, when it has a Redis of its own ([workers] RedisURL); None: it is on ``redis``
+    queue: Redis | None = None
+
+    @property
+    def queue_redis(self) -> Redis:
+        """Where arq's keys are: a job that enqueues another enqueues here."""
+        return self.queue if self.queue is not None else self.redis
 
     async def server_time(self) -> float:
         """Redis's clock in seconds: the one clock every worker on every machine shares."""

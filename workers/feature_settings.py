@@ -1,6 +1,6 @@
 """The settings the workers read, declared here by the features that read
 them, as an adapter declares its account keys: ``[workers]`` (the arq
-worker itself: workers/settings.py), ``[instagram]`` and the ``Instagram``
+worker itself and where its queue lives: workers/settings.py), ``[instagram]`` and the ``Instagram``
 switch on accounts, gateways and channel entries (workers/instagram.py,
 docs/instagram.md), the ``[persona.NAME]`` tables and the ``Persona``
 switch on gateways and channel entries (workers/llm.py, docs/persona.md; a
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bridge.config_keys import REDIS_SCHEMES
 from bridge.options import FeatureSpec, Option, TableSpec, setting
 
 if TYPE_CHECKING:
@@ -43,6 +44,45 @@ class WorkersSection:
     max_jobs: int = setting("MaxJobs", Option(int, default=10, min=1, help="jobs one worker runs at a time"))
     job_timeout: float = setting("JobTimeout", Option((int, float), default=300, above=0))
     keep_result_seconds: float = setting("KeepResultSeconds", Option((int, float), default=3600, min=0))
+    # arq's queue on a Redis of its own: arq does not run on Redis Cluster, the bus does (queue_redis_problem)
+    redis_url: str = setting(
+        "RedisURL", Option(str, default="", secret=True, help="the job queue's Redis; empty: [redis] URL's")
+    )
+
+
+# arq runs on one server's key space: a standalone Redis, or Sentinel's master (never a Cluster)
+CLUSTER_SCHEME = "redis+cluster://"
+QUEUE_SCHEMES = tuple(scheme for scheme in REDIS_SCHEMES if scheme != CLUSTER_SCHEME)
+
+
+def check_queue_url(config: Config) -> list[str]:
+    """``[workers] RedisURL``: a Redis arq can run on. Never echoes the value (it may hold a password)."""
+    url = config.settings(WorkersSection).redis_url
+    if not url or url.startswith(QUEUE_SCHEMES):
+        return []
+    if url.startswith(CLUSTER_SCHEME):
+        return [
+            "workers.RedisURL: arq does not run on Redis Cluster: name a standalone Redis (redis://, rediss://, "
+            "unix://) or a Sentinel one (redis+sentinel://) for the job queue; [redis] URL may stay a Cluster"
+        ]
+    return [f"workers.RedisURL: must start with one of {', '.join(QUEUE_SCHEMES)}"]
+
+
+def queue_redis_problem(config: Config) -> str | None:
+    """Why the job queue has no Redis to run on (None: it has one): it
+    stays on ``[redis] URL`` unless ``[workers] RedisURL`` says otherwise,
+    and arq cannot run on a Cluster."""
+    if config.settings(WorkersSection).redis_url or not config.redis.url.startswith(CLUSTER_SCHEME):
+        return None
+    return (
+        "[redis] URL is a Redis Cluster, where arq (the job queue) does not run: set [workers] RedisURL "
+        "to a standalone or Sentinel Redis for the queue (the bus stays on the Cluster)"
+    )
+
+
+def describe_queue(config: Config) -> list[str]:
+    """What ``talkbridge check-config`` says of the job queue's Redis: never its URL."""
+    return ["job queue: its own Redis ([workers] RedisURL)"] if config.settings(WorkersSection).redis_url else []
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +209,7 @@ def describe_personas(config: Config) -> list[str]:
 
 
 FEATURE_SPECS: tuple[FeatureSpec, ...] = (
-    FeatureSpec("workers", sections={"workers": WorkersSection}),
+    FeatureSpec("workers", sections={"workers": WorkersSection}, check=check_queue_url, describe=describe_queue),
     FeatureSpec(
         "instagram",
         sections={"instagram": InstagramSection},

@@ -231,7 +231,7 @@ class RoomJob:
 
     async def _hand_off(self, request_id: str) -> None:
         """Near arq's JobTimeout: a fresh job answers the rest, after we let go."""
-        arq = ArqRedis(connection_pool=self.redis.connection_pool)
+        arq = ArqRedis(connection_pool=self.deps.queue_redis.connection_pool)
         await arq.enqueue_job(
             JOB,
             self.keys.room,

@@ -1,7 +1,12 @@
 """``talkbridge worker``: arq's ``Worker``, configured from ``[workers]``.
 
 Every worker on every machine reads the one queue the daemons enqueue to
-(bridge/keys.py queue_name) on the daemons' Redis. Tuned for latency: arq polls
+(bridge/keys.py queue_name): on the daemons' Redis, or on the queue's own
+(``[workers] RedisURL``: arq does not run on Redis Cluster, the bus does).
+Only arq's keys live there (the queue, its jobs, results, in-progress marks
+and the health key); everything a job reads and writes besides (caches,
+rate limits, a persona's room, the answers posted to outbound streams,
+alerts, the workers' heartbeat) is the bus's, on ``[redis] URL``. Tuned for latency: arq polls
 its queue every ``poll_delay`` seconds when idle, and its default of 0.5 s
 adds up to half a second to every job and caps a worker near 200 jobs/s
 (docs/benchmarks.md); ``[workers] PollDelay`` defaults to 0.05 s.
@@ -79,7 +84,12 @@ def worker_id() -> str:
 
 
 def build_deps(
-    config: Config, redis: Redis, http: httpx.AsyncClient, log: logging.Logger, instance_id: str | None = None
+    config: Config,
+    redis: Redis,
+    http: httpx.AsyncClient,
+    log: logging.Logger,
+    instance_id: str | None = None,
+    queue: Redis | None = None,
 ) -> WorkerDeps:
     """A job's alerts are the fleet's (bridge/alerts.py): recorded in Redis,
     deduplicated across workers and daemons, posted to ``[general] AdminRoom``
@@ -93,7 +103,7 @@ def build_deps(
     async def clear_alert(key: str, text: str) -> None:
         await alerts.clear(key, text)
 
-    return WorkerDeps(config, redis, bus, http, log, alert, clear_alert)
+    return WorkerDeps(config, redis, bus, http, log, alert, clear_alert, queue)
 
 
 async def run_worker(
@@ -102,16 +112,20 @@ async def run_worker(
     stop: asyncio.Event,
     features: Sequence[ModuleType] = FEATURES,
     instance_id: str | None = None,
+    queue: Redis | None = None,
 ) -> None:
     """Run jobs until ``stop`` is set; jobs in progress then finish or are
-    given back to the queue (arq: run again by another worker)."""
+    given back to the queue (arq: run again by another worker). ``redis``:
+    the bus's; ``queue``: arq's own ([workers] RedisURL), None: ``redis``."""
     log = logging.getLogger("talkbridge.worker")
-    pool = getattr(redis, "connection_pool", None)
-    if pool is None:
-        raise RuntimeError("workers need a standalone or Sentinel Redis (arq does not run on Redis Cluster)")
+    pool = getattr(queue if queue is not None else redis, "connection_pool", None)
+    if pool is None:  # a RedisCluster: no one connection pool, arq's keys would span slots
+        raise RuntimeError(
+            "workers: arq does not run on Redis Cluster: set [workers] RedisURL to a standalone or Sentinel Redis"
+        )
     ident = instance_id or worker_id()
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False) as http:
-        deps = build_deps(config, redis, http, log, ident)
+        deps = build_deps(config, redis, http, log, ident, queue)
         worker = Worker(
             functions(features),
             redis_pool=ArqRedis(connection_pool=pool),

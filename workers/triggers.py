@@ -57,19 +57,30 @@ class Triggers:
 
 
 def build_triggers(
-    config: Config, redis: Redis, prefix: str, log: logging.Logger, features: Sequence[ModuleType]
+    config: Config,
+    redis: Redis,
+    prefix: str,
+    log: logging.Logger,
+    features: Sequence[ModuleType],
+    queue: Redis | None = None,
 ) -> Triggers | None:
     """The daemon's triggers (bridge/relay.py ``EventTriggers``), or None when
     no feature is configured. ``features``: the feature modules, the
-    registry's ``FEATURES`` (passed in: the features import this module)."""
+    registry's ``FEATURES`` (passed in: the features import this module).
+    ``redis``: the bus's, where the triggers keep their own keys (dedupe, a
+    persona's room); ``queue``: arq's own Redis ([workers] RedisURL), where
+    jobs are enqueued; None: ``redis``."""
     from arq.connections import ArqRedis
 
     found = [t for t in (feature.trigger(config, redis, prefix) for feature in features) if t is not None]
     if not found:
         return None
-    pool = getattr(redis, "connection_pool", None)
+    pool = getattr(queue if queue is not None else redis, "connection_pool", None)
     if pool is None:  # Redis Cluster: arq keeps its queue in one key space
-        log.error("workers: arq needs a standalone or Sentinel Redis; Instagram and persona jobs are off")
+        log.error(
+            "workers: arq does not run on Redis Cluster; Instagram and persona jobs are off until "
+            "[workers] RedisURL names a standalone or Sentinel Redis for the job queue"
+        )
         return None
     arq = ArqRedis(connection_pool=pool)
     name = queue_name(prefix)

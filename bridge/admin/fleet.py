@@ -496,8 +496,12 @@ class Snapshot:
     alerts: list[dict[str, Any]] = field(default_factory=list)  # the conditions in force (bridge/alerts.py)
 
 
-async def snapshot(redis: Redis, bus: Bus, config: Config, tally: DeadLetterTally, warnings: int = 8) -> Snapshot:
-    """Everything the dashboard shows, fleet-wide."""
+async def snapshot(
+    redis: Redis, bus: Bus, config: Config, tally: DeadLetterTally, warnings: int = 8, queue: Redis | None = None
+) -> Snapshot:
+    """Everything the dashboard shows, fleet-wide. ``queue``: the Redis of
+    the workers' job queue when it has its own ([workers] RedisURL: arq does
+    not run on Cluster); None: ``redis``."""
     accounts = await account_status(redis, bus, account_protocols(config))
     rooms = await account_rooms(redis, bus.prefix, config)
     per_minute = await rates(redis, bus.prefix)
@@ -514,7 +518,7 @@ async def snapshot(redis: Redis, bus: Bus, config: Config, tally: DeadLetterTall
         accounts=accounts,
         instances=instances,
         dead_letters=tally.length,
-        queue=int(await redis.zcard(queue_name(bus.prefix))),  # arq's queue: a sorted set
+        queue=int(await (queue if queue is not None else redis).zcard(queue_name(bus.prefix))),  # arq's: a sorted set
         warnings=recent.items,
         alerts=alerts,
         workers=await worker_status(redis, bus.prefix),

@@ -125,10 +125,12 @@ class AdminApp:
         log: logging.Logger | None = None,
         rejections: RejectionLog | None = None,
         metrics: Metrics | None = None,
+        queue: Redis | None = None,
     ) -> None:
         section = config.admin
         self.config = config
         self.redis = redis
+        self.queue = queue  # the job queue's own Redis, when it has one; None: ``redis``
         self.log = log or logging.getLogger("talkbridge.admin")
         # refused logins: summed up in the log (whoever reaches the form can send thousands), counted in metrics
         self.rejections = rejections or RejectionLog(self.log)
@@ -152,7 +154,7 @@ class AdminApp:
         self.templates.globals.update(levels=LEVEL_CHOICES)
 
     async def _snapshot(self) -> fleet.Snapshot:
-        return await fleet.snapshot(self.redis, self.bus, self.config, self.tally)
+        return await fleet.snapshot(self.redis, self.bus, self.config, self.tally, queue=self.queue)
 
     # rendering ----------------------------------------------------------------------------
     def render(self, name: str, status: int = 200, **context: Any) -> web.Response:
@@ -569,5 +571,6 @@ def build_admin_app(
     log: logging.Logger | None = None,
     rejections: RejectionLog | None = None,
     metrics: Metrics | None = None,
+    queue: Redis | None = None,
 ) -> web.Application:
-    return AdminApp(config, redis, log, rejections, metrics).build()
+    return AdminApp(config, redis, log, rejections, metrics, queue).build()
