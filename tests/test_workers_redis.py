@@ -5,14 +5,16 @@ caches, rate limits, alerts and the workers' heartbeat stay on ``[redis] URL``.
 
 - end to end, every part real and in its own process: the daemon's bus on a
   one-node Redis Cluster, the queue on a standalone server, a real
-  ``talkbridge worker``; an Instagram link posted to an api room is answered
-  there with its preview, arq's keys are on the standalone server and none
-  on the Cluster;
+  ``talkbridge worker``; an Instagram link posted to an api room waits in
+  the queue's server (the daemon's management page counts it there) and,
+  once the worker runs, is answered there with its preview; arq's keys are
+  on the standalone server and none on the Cluster;
 - a Cluster URL (or any other scheme) for the queue is a config error named
   by its key, never echoing the value, and neither ``run`` nor ``worker``
   starts anything; a worker whose bus is a Cluster and whose queue has no
   Redis of its own is refused with the key to set; a daemon's triggers say so;
-- in process: the queue's own Redis is where jobs are enqueued, run and
+- in process, the queue on a standalone server or behind a Sentinel: the
+  queue's own Redis is where jobs are enqueued, run and
   counted on the management page's snapshot, while what a job writes goes
   to the bus's Redis; what a job keeps there (the preview cache, dedupe,
   rate limits, the breaker, a persona's room) works on a Cluster, and a
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import subprocess
 import sys
@@ -36,14 +39,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from adapters import AdapterRegistry
 from bridge.admin import fleet
 from bridge.bus import FIELD, bus_for
 from bridge.config import Config, ConfigError, load_config
+from bridge.connections import connect
 from bridge.events import Delivery, Event, EventKind
 from bridge.keys import instagram_cache_key, queue_name
 from bridge.options import protocol_specs
+from tests.admin_rig import PASSWORD_HASH, USER, AdminClient
 from tests.helpers import ROOT, ConfigToml, Daemon, RedisServer, WorkerProcess, free_port, start_redis_server, wait_for
 from tests.instagram_rig import JPEG, FakeInstagram, image_item
 from tests.llama_rig import FakeLLM, fake_llm_fixture  # noqa: F401
@@ -80,12 +86,17 @@ def keys_of(url: str) -> list[str]:
         client.close()
 
 
-def bridge_config(tmp: Path, bus_url: str | None, http: int, api_port: int, **workers: str) -> Path:
+def bridge_config(
+    tmp: Path, bus_url: str | None, http: int, api_port: int, admin_port: int = 0, **workers: str
+) -> Path:
     config = ConfigToml().api("a", api_port, TOKEN).api("b", free_port(), TOKEN)
     config.gateway("g", ("api.a", "api"), ("api.b", "api"), Instagram=True)
     config.daemon(bus_url, http, LeaseSeconds=2, RetryBaseSeconds=0.05)
     if workers:
         config.section("workers", **workers)
+    if admin_port:  # the management page, served by the daemon
+        config.section("admin", BindAddress=f"127.0.0.1:{admin_port}", User=USER, Password=PASSWORD_HASH,
+                       RefreshSeconds=0.5)  # fmt: skip
     return config.write(tmp / "talkbridge.toml")
 
 
@@ -105,17 +116,24 @@ def test_a_preview_runs_through_a_queue_of_its_own_while_the_bus_is_on_a_cluster
     bus_url = cluster_url(cluster)
     node_url = bus_url.replace("redis+cluster://", "redis://")
     fake = FakeInstagram(tmp_path).start()
-    http, api_port = free_port(), free_port()
-    path = bridge_config(tmp_path, bus_url, http, api_port, RedisURL=queue_server.url)
+    http, api_port, admin_port = free_port(), free_port(), free_port()
+    path = bridge_config(tmp_path, bus_url, http, api_port, admin_port, RedisURL=queue_server.url)
     daemon = Daemon(path, http, tmp_path / "daemon.log").start()
     for name, value in fake.worker_env().items():  # the worker reaches Instagram through the fake's proxy
         monkeypatch.setenv(name, value)
     worker = WorkerProcess(path, tmp_path / "worker.log")
+    admin = AdminClient(f"http://127.0.0.1:{admin_port}")
     try:
-        worker.start()
         api = Api(api_port, TOKEN)
         code = fake.add_post(image_item("OwnQueue01", caption="queued apart"))
         posted = api.post(text=f"look: https://www.instagram.com/p/{code}/", username="bob", gateway="g").json()
+        # no worker yet: the job waits on the queue's server, and the daemon's page counts it there
+        queue = sync_redis.Redis.from_url(queue_server.url)
+        wait_for(lambda: queue.zcard(queue_name("tb")) == 1, what="the job in the queue's own Redis")
+        queue.close()
+        assert admin.login().status_code == 303
+        wait_for(lambda: "<dt>Worker queue</dt><dd>1</dd>" in admin.http.get("/").text, what="the page's count")
+        worker.start()
         got: list[dict] = []
 
         def preview() -> list[dict]:
@@ -139,6 +157,7 @@ def test_a_preview_runs_through_a_queue_of_its_own_while_the_bus_is_on_a_cluster
         assert [key for key in queue_keys if not key.startswith(("arq:", "tb:arq:"))] == []
         assert "arq does not run on Redis Cluster" not in daemon.log()
     finally:
+        admin.close()
         worker.stop()
         daemon.stop()
         fake.stop()
@@ -255,15 +274,50 @@ def _toml_string(text: str) -> str:
 
 
 # in process: who reads and writes where -----------------------------------------------------
-@pytest.fixture
-async def queue_redis(tmp_path: Path) -> AsyncIterator[Redis]:
-    """A second standalone server: the job queue's own, beside the suite's (the bus's)."""
-    server = start_redis_server(tmp_path)
-    client = Redis.from_url(server.url)
+@contextlib.contextmanager
+def sentinel_for(tmp: Path, master: RedisServer, service: str = "jobs") -> Iterator[str]:
+    """One Sentinel watching ``master`` as ``service``: the redis+sentinel:// URL of it."""
+    port = free_port()
+    conf = tmp / "sentinel.conf"  # Sentinel rewrites its file: one of its own
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor {service} 127.0.0.1 {master.port} 1\n")
+    proc = subprocess.Popen([master.binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        yield client
+        wait_for(lambda: _sentinel_knows(port, service) or proc.poll() is not None, what="the sentinel")
+        assert proc.poll() is None, f"redis-server --sentinel exited with {proc.returncode}"
+        yield f"redis+sentinel://127.0.0.1:{port}/{service}"
     finally:
-        await client.aclose()
+        proc.terminate()
+        proc.wait(10)
+
+
+def _sentinel_knows(port: int, service: str) -> bool:
+    client = sync_redis.Redis(port=port, socket_connect_timeout=0.5)
+    try:
+        return client.execute_command("SENTINEL", "get-master-addr-by-name", service) is not None
+    except sync_redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+@pytest.fixture(params=["standalone", "sentinel"])
+async def queue_redis(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Redis]:
+    """The job queue's own Redis, beside the suite's (the bus's): a second
+    standalone server, or the same reached through a Sentinel (as
+    ``[workers] RedisURL = "redis+sentinel://…"`` connects)."""
+    (tmp_path / "queue").mkdir()
+    server = start_redis_server(tmp_path / "queue")
+    try:
+        with contextlib.ExitStack() as stack:
+            url = stack.enter_context(sentinel_for(tmp_path, server)) if request.param == "sentinel" else server.url
+            client = connect(url)
+            assert isinstance(client.connection_pool, SentinelConnectionPool) == (request.param == "sentinel")
+            try:
+                yield client
+            finally:
+                await client.aclose()
+    finally:
         server.stop()
 
 
