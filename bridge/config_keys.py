@@ -31,6 +31,8 @@ from bridge.options import Option, setting
 # config needs no Redis client.
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
 
+DEFAULT_TAKEOVER_SECONDS = 3.0  # [bus] TakeoverSeconds when unset (and LeaseSeconds is at least twice it)
+
 _NO_MEDIA_SERVER = "talkbridge carries files itself and has no media server"
 
 # Keys every account understands (Matterbridge's [general]-level options).
@@ -135,7 +137,27 @@ class BusSection:
         "MessageMapPerRoom", Option(int, default=5000, min=100, help="copies a room's id map keeps")
     )
     lease_seconds: float = setting("LeaseSeconds", Option((int, float), default=15, min=2))
+    # a dead instance's accounts are taken over after this (bridge/lease.py, Liveness); unset: takeover_window
+    takeover_seconds: float | None = setting(
+        "TakeoverSeconds",
+        Option((int, float), default=None, min=1, help="3 by default, half of LeaseSeconds when that is shorter"),
+    )
     batch_size: int = setting("BatchSize", Option(int, default=200, min=1))
+
+    @property
+    def takeover_window(self) -> float:
+        """How long an instance's heartbeat may lapse before the others take
+        its accounts over: TakeoverSeconds, by default 3 s (half of
+        LeaseSeconds when that is shorter, so the default is always valid)."""
+        if self.takeover_seconds is not None:
+            return float(self.takeover_seconds)
+        return min(DEFAULT_TAKEOVER_SECONDS, self.lease_seconds / 2)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for what the declarations cannot say."""
+        if self.takeover_seconds is not None and self.takeover_seconds >= self.lease_seconds:
+            return [("bus.TakeoverSeconds", f"must be less than LeaseSeconds ({self.lease_seconds:g})")]
+        return []
 
 
 @dataclass(frozen=True, slots=True)

@@ -487,6 +487,8 @@ def check_sections(loader: ConfigLoader, sections: Mapping[str, Any]) -> None:
         loader.problem("http.BindAddress", f'"{bind}" is not HOST:PORT')
     _check_status_access(loader, sections["http"])
     _check_admin(loader, sections["admin"])
+    for key, problem in sections["bus"].problems():
+        loader.problem(key, problem)
 
 
 def _check_status_access(loader: ConfigLoader, http: HttpSection) -> None:

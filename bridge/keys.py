@@ -133,6 +133,11 @@ def instance_key(prefix: str, instance: str) -> str:
     return f"{prefix}:instance:{instance}"
 
 
+def alive_key(prefix: str, instance: str) -> str:
+    """An instance's liveness beat, expiring after ``[bus] TakeoverSeconds`` on Redis's clock (bridge/lease.py)."""
+    return f"{prefix}:alive:{instance}"
+
+
 def workers_key(prefix: str) -> str:
     """The workers' heartbeat sorted set: worker id -> expiry (ms since the epoch)."""
     return f"{prefix}:workers"
