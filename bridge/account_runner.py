@@ -7,6 +7,12 @@ stream, delivers its outbound stream and runs its receive loop, each
 restarted on its own after a failure (capped backoffs), until the lease is
 lost or handed over. The daemon (bridge/daemon.py) starts one per account
 and keeps what they share: the Redis client, the bus, the metrics.
+
+A runner that does not hold the lease tries again every third of a lease
+period, or at once when the daemon's heartbeat wakes it: a peer stopped
+(its leases were handed back) or died (the heartbeat deleted the leases
+that named it, bridge/lease.py ``Liveness``), so a dead instance's
+accounts move within a takeover window, not a lease length.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ class AccountRunner:
         self.restart_pause: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._rng = random.Random()  # the restart jitter; per runner, not the module's shared one
         self._free_since: float | None = None
+        # set by the daemon's heartbeat when a peer died or left: try for the lease now, not at the next poll
+        self._woken = asyncio.Event()
         # what the admin-room alerts look at (bridge/alerts_watch.py, DaemonWatch)
         self.refused: str | None = None  # why the credentials were refused, until the account works again
         self.refused_at: float | None = None
@@ -121,13 +129,14 @@ class AccountRunner:
                 self.log.exception("%s: lease check failed unexpectedly", self.name)
                 held = False
             if not held:
-                await asyncio.sleep(poll)
+                await self._idle(poll)
                 continue
             self._free_since = None
             self.owned = True
             self.tenure = (time.monotonic(), progress(self.d.metrics, self.name))
             self.log.info("%s: this instance owns the account", self.name)
             cooldown = 0.0
+            wakeable = False  # may the heartbeat cut the cooldown short (a peer died or left)?
             started = time.monotonic()
             try:
                 await self._owned()
@@ -137,7 +146,8 @@ class AccountRunner:
                 self.log.warning("%s: lease lost, stopping the account here", self.name)
             except* LeaseShed:
                 self.log.info("%s: handing the account to a less loaded instance", self.name)
-                cooldown = 2 * self.d.lease_seconds  # let another instance take it
+                cooldown = 2 * self.d.lease_seconds  # let another instance take it…
+                wakeable = True  # …unless that instance dies or leaves meanwhile
             except* RestartRequested:
                 self.log.warning("%s: restarting the account's connection, as an operator asked", self.name)
             except* (RedisError, OSError) as group:
@@ -164,7 +174,21 @@ class AccountRunner:
                     self.log.warning("%s: could not hand the lease back: %s", self.name, exc)
                 with contextlib.suppress(RedisError, OSError):  # it expires by itself
                     await asyncio.shield(self.control.clear_state())
-            await asyncio.sleep(cooldown)
+            if wakeable:
+                await self._idle(cooldown)
+            else:
+                await asyncio.sleep(cooldown)
+
+    def wake(self) -> None:
+        """Try for the lease at once (a peer died or left: bridge/daemon.py's heartbeat)."""
+        self._woken.set()
+
+    async def _idle(self, seconds: float) -> None:
+        """Wait ``seconds`` before trying for the lease again, or until woken."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._woken.wait()
+        self._woken.clear()
 
     async def _owned(self) -> None:
         # keys an upgrade left in the old layout, moved before anything reads them (bridge/migrate_keys.py)

@@ -44,6 +44,7 @@ from bridge.events import Event
 from bridge.http import StatusAccess, build_app
 from bridge.idmap import Fence, IdMap
 from bridge.keys import instance_key, instances_key
+from bridge.lease import Liveness
 from bridge.listener import Listener, ListenerLimits
 from bridge.metrics import Metrics
 from bridge.rejections import RejectionLog
@@ -116,6 +117,8 @@ class Daemon:
         # the job queue's own Redis ([workers] RedisURL; None: this one): the page counts its jobs there
         self.queue_redis = queue_redis
         self.lease_seconds = float(bus_cfg.lease_seconds)
+        # a dead instance's accounts are taken over after this (bridge/lease.py, Liveness)
+        self.takeover_seconds = bus_cfg.takeover_window
         self.retry = RetryPolicy(bus_cfg.max_deliveries, bus_cfg.retry_base_seconds, bus_cfg.retry_max_seconds)
         self.max_body = config.http.max_body_bytes
         self.http_limits = ListenerLimits.from_section(config.http)
@@ -127,6 +130,9 @@ class Daemon:
         self.started = time.time()
         self.rates = RateRecorder(redis, self.bus.prefix, self.metrics.events_in, self.metrics.events_out)
         self.live_instances = 1
+        self.liveness = Liveness(redis, self.bus.prefix, self.instance_id, self.takeover_seconds)
+        self._announced_at = -math.inf
+        self._members: set[str] = set()  # the instances set at the last heartbeat
         self._shed_until = 0.0
         self._gauges_lock = asyncio.Lock()
         self._gauges_at = -math.inf
@@ -162,24 +168,74 @@ class Daemon:
         return False
 
     async def _heartbeat_once(self) -> None:
-        """Announce this instance; count the live ones (a sorted set of expiries)."""
+        """Announce this instance; count the live ones; take over from dead ones.
+
+        The instances sorted set (id -> expiry, a lease ahead on this host's
+        clock) says who is in the fleet; the alive keys (bridge/lease.py,
+        Liveness) say, within a takeover window on Redis's clock, who of
+        them still beats. Until this instance's own beats have been steady
+        for a window it judges nobody and counts every member as live."""
+        may_judge = await self.liveness.beat()
         now_ms = int(time.time() * 1000)
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(self.instances_key, {self.instance_id: now_ms + int(self.lease_seconds * 1000)})
         pipe.zremrangebyscore(self.instances_key, "-inf", now_ms)
-        pipe.zcard(self.instances_key)
-        # what the admin page shows of this instance (bridge/control.py), expiring with the heartbeat
-        announce(pipe, instance_key(self.bus.prefix, self.instance_id), announcement(self.started),
-                 int(self.lease_seconds * 2000))  # fmt: skip
-        self.live_instances = max(1, (await pipe.execute())[2])
+        pipe.zrange(self.instances_key, 0, -1)
+        if time.monotonic() - self._announced_at >= self.lease_seconds / 3:
+            # what the admin page shows of this instance (bridge/control.py), expiring with the heartbeat
+            announce(pipe, instance_key(self.bus.prefix, self.instance_id), announcement(self.started),
+                     int(self.lease_seconds * 2000))  # fmt: skip
+            self._announced_at = time.monotonic()
+        members = [m.decode() for m in (await pipe.execute())[2]]
+        left = self._members - set(members)  # stopped cleanly (or expired): their leases are free or soon
+        self._members = set(members)
+        if not may_judge:
+            self.live_instances = max(1, len(members))
+            if left:
+                self._wake_idle_runners()
+            return
+        dead, self.live_instances = await self.liveness.judge(members)
+        self.live_instances = max(1, self.live_instances)
+        if dead:
+            await self._take_over(dead)
+        if dead or left:
+            self._wake_idle_runners()
+
+    async def _take_over(self, dead: set[str]) -> None:
+        """Delete the leases that still name a dead instance; the runners
+        acquire them (raising the fence) once woken."""
+        try:
+            for name, runner in self.runners.items():
+                if runner.owned:
+                    continue
+                holder = await runner.lease.holder()
+                if holder in dead and await runner.lease.take_over(holder):
+                    self.metrics.lease_takeovers.labels(name).inc()
+                    runner.log.warning(
+                        "%s: instance %s has not beaten for %gs: taking its lease over",
+                        name, holder, self.takeover_seconds,
+                    )  # fmt: skip
+        except (RedisError, OSError) as exc:
+            self.liveness.retry(dead)  # the next beat tries again
+            logging.getLogger("talkbridge").warning("taking over from %s failed: %s", ", ".join(sorted(dead)), exc)
+
+    def _wake_idle_runners(self) -> None:
+        for runner in self.runners.values():
+            if not runner.owned:
+                runner.wake()
 
     async def _heartbeat(self) -> None:
+        last_flush = time.monotonic()
         while True:
-            await asyncio.sleep(self.lease_seconds / 3)
-            with contextlib.suppress(RedisError, OSError):  # keep the last count meanwhile
+            await asyncio.sleep(self.takeover_seconds / 3)
+            try:
                 await self._heartbeat_once()
-            with contextlib.suppress(RedisError, OSError):  # added to the next flush
-                await self.rates.flush()
+            except (RedisError, OSError):  # keep the last count meanwhile
+                self.liveness.lapsed()
+            if time.monotonic() - last_flush >= self.lease_seconds / 3:
+                last_flush = time.monotonic()
+                with contextlib.suppress(RedisError, OSError):  # added to the next flush
+                    await self.rates.flush()
 
     def _poke(self, account: str) -> None:
         runner = self.runners.get(account)
@@ -342,3 +398,4 @@ class Daemon:
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.zrem(self.instances_key, self.instance_id)
                 await self.redis.delete(instance_key(self.bus.prefix, self.instance_id))
+                await self.liveness.leave()
