@@ -42,8 +42,8 @@ Guards against stealing when nobody is dead:
 - after a Redis outage or failover every instance's key lapsed at once, so
   an instance judges the others only once its own beats have kept its own
   key alive for a whole takeover window (``Liveness.beat``: the ``SET ...
-  GET`` finds the previous beat's key, on Redis's clock, or the clock starts
-  over) — by then every live instance has beaten again;
+  GET``, Redis 6.2+, finds the previous beat's key, on Redis's clock, or the
+  clock starts over) — by then every live instance has beaten again;
 - an instance is judged only if this one has seen its key alive, so one that
   writes no alive key (an older version during a rolling upgrade) or died
   before this one started loses its accounts by lease expiry as before.
