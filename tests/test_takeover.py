@@ -7,6 +7,7 @@ doing (bridge/lease.py, Liveness), never a lease that expired.
 - the owner is frozen (SIGSTOP) past the takeover window, its successor takes
   over, and it is resumed with deliveries in flight: it delivers nothing twice
   (its token is stale: bridge/idmap.py's tb_fenced);
+- the owner stops (SIGTERM): the survivor takes api.b at its next beat;
 - Redis goes away for longer than the takeover window with both daemons
   alive (every alive key lapses at once) and comes back: no account changes
   owner.
@@ -169,6 +170,20 @@ def test_a_resumed_stale_owner_delivers_nothing_twice_after_a_takeover(pair: Pai
     assert got == sent  # all, once each, in order
     wait_for(lambda: "api.b: lease lost" in stale.log(), what="the stale owner stopping api.b")
     assert stale.proc.poll() is None and successor.proc.poll() is None  # nobody crashed
+
+
+def test_a_stopped_owner_hands_its_account_over_at_once(pair: Pair) -> None:
+    """SIGTERM: the owner hands its leases back and leaves the instances set;
+    the survivor's next beat sees it gone and wakes its idle runners, rather
+    than their next poll (a third of the lease: 10 s here) after the next
+    count of the live instances."""
+    daemons, pa, pbs, client = pair
+    owner, survivor = owner_and_other(daemons, client, "api.b")
+    assert owner.stop() == 0
+    wait_for(lambda: "api.b" in connected(survivor.http_port), timeout=LEASE / 6, interval=0.05, what="the handover")
+    got = all_once_in_order(Receiver(pbs), pa, [])
+    assert got == []
+    assert "taking its lease over" not in survivor.log()  # handed over, not taken
 
 
 def redis_state(port: int) -> str:
