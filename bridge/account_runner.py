@@ -167,6 +167,7 @@ class AccountRunner:
                 self.owned = False
                 self.connected = False
                 self.d.metrics.account_connected.labels(self.name).set(0)
+                self.adapter.ctx.health.disowned()  # the next owner reports the account's health
                 await self._disconnect()
                 try:
                     await asyncio.shield(self.lease.release())

@@ -76,6 +76,17 @@ class AccountHealth:
         self._rooms: dict[str, str] = {}  # room -> why it fails
         self._receive: str | None = None  # why receiving as a whole fails (the server away)
 
+    def disowned(self) -> None:
+        """This instance no longer owns the account: its gauges go back to 0
+        and its state is forgotten, so a fleet's alerts see only the owner's
+        (a stale 1 here would alert for ever once another instance took over).
+        The degraded mark in Redis is the account's, not this instance's: the
+        new owner rewrites it, or it expires."""
+        self.metrics.account_failed.labels(self.account).set(0)
+        for room in self._rooms:
+            self.metrics.room_failed.labels(self.account, room).set(0)
+        self.refused, self._refused_retry, self._rooms, self._receive = None, None, {}, None
+
     def failing_rooms(self) -> dict[str, str]:
         """Rooms the adapter reported failing and not recovered: room -> why."""
         return dict(self._rooms)

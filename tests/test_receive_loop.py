@@ -230,3 +230,26 @@ async def test_a_hanging_receive_loop_is_cancelled_at_shutdown(running) -> None:
         await r.shut_down()
     assert r.adapter.cancelled == 1 and r.adapter.active == 0
     assert receive_tasks() == []
+
+
+async def test_an_instance_that_loses_the_account_stops_exporting_its_failures(
+    running, cleanup: list[Running], redis: Redis
+) -> None:
+    """The gauges a fleet alerts on are the owner's: once another instance
+    holds the account, this one's account_failed and room_failed read 0 (a
+    stale 1 would alert for ever, whatever the new owner reports)."""
+    r: Running = await running("")
+    cleanup.append(r)
+    r.start()
+    await until(lambda: r.adapter.active == 1, what="the receive loop running")
+    health = r.adapter.ctx.health
+    await health.credentials_refused("401 from the server", retry_in=60)
+    await health.room_failed("room1", "403 from the server", retry_in=60)
+    failed = lambda: metric(r.daemon.metrics, "talkbridge_account_failed", account="receiving.a")  # noqa: E731
+    room = lambda: metric(r.daemon.metrics, "talkbridge_room_failed", account="receiving.a", room="room1")  # noqa: E731
+    assert (failed(), room()) == (1, 1)
+
+    await redis.set(lease_key(r.daemon.bus.prefix, "receiving.a"), "another-instance", px=60_000)
+    await until(lambda: r.adapter.cancelled == 1, what="the account stopped here")
+    assert (failed(), room()) == (0, 0)
+    assert health.refused is None and health.failing_rooms() == {}  # nothing left for this instance's watch
