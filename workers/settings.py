@@ -15,6 +15,11 @@ arq runs a job at least once: a job stays in the queue until it is done, and
 one whose worker died is taken by another worker once its in-progress mark
 expires (``JobTimeout`` + 10 s). Jobs are written to be run twice: their
 answers are posted once (results.py).
+
+arq's poll loop ends at the first Redis error (a killed master, a Sentinel
+failover under way, a job whose result could not be written): ``poll_arq``
+starts it again after a pause, so a worker rides out a failover instead of
+exiting; the jobs it was running go on meanwhile.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import httpx
 from arq.connections import ArqRedis
 from arq.worker import Worker
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from bridge.alerts import Alerts, outbound_publisher
 from bridge.bus import bus_for
@@ -47,10 +53,27 @@ from workers.registry import FEATURES
 HEALTH_EVERY = 10.0  # seconds between a worker's health notes
 STOP_GRACE = 10.0  # seconds running jobs get to finish when the worker stops
 HTTP_TIMEOUT = 60.0  # a job's own timeouts (FetchTimeout, a persona's Timeout) are shorter or explicit
+REDIS_PAUSE_FIRST, REDIS_PAUSE_MAX = 0.1, 2.0  # seconds before arq polls again after a Redis error (doubling)
 
 
 def functions(features: Sequence[ModuleType] = FEATURES) -> list[Any]:
     return [function for feature in features for function in feature.FUNCTIONS]
+
+
+async def poll_arq(worker: Worker, stop: asyncio.Event, log: logging.Logger) -> None:
+    """arq's poll loop (``Worker.main``, which may be entered again: its pool
+    and running jobs stay), started again after a Redis error until ``stop``."""
+    pause = REDIS_PAUSE_FIRST
+    while not stop.is_set():
+        try:
+            await worker.main()
+            return
+        except (RedisError, OSError) as exc:
+            log.warning("worker: Redis unavailable (%s); polling again in %.1fs", exc, pause)
+        try:
+            await asyncio.wait_for(stop.wait(), pause)
+        except TimeoutError:
+            pause = min(pause * 2, REDIS_PAUSE_MAX)
 
 
 def health_key(prefix: str, host: str | None = None) -> str:
@@ -148,7 +171,7 @@ async def run_worker(
 
         # on the management page from the start (workers/heartbeat.py), then taking jobs
         beats = asyncio.create_task(heartbeat.heartbeat(redis, deps.prefix, ident, announce, log), name="heartbeat")
-        main = asyncio.create_task(worker.async_run())
+        main = asyncio.create_task(poll_arq(worker, stop, log))
         waiter = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait([main, waiter], return_when=asyncio.FIRST_COMPLETED)
