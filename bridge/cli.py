@@ -28,6 +28,7 @@ from bridge.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from bridge.logstream import LogStream
 from bridge.logstream import install as install_log_stream
 from bridge.options import protocol_specs
+from bridge.redis_watch import describe, master_address, read_record
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -357,6 +358,9 @@ async def _status(config: Config, out: TextIO) -> int:
         bus = bus_for(config, redis)
         accounts = await fleet.account_status(redis, bus, fleet.account_protocols(config))
         dlq = await redis.xlen(bus.dlq)
+        redis_lines = describe(await read_record(redis, bus.prefix), await master_address(redis))
+    for line in redis_lines:
+        print(line, file=out)
     rows = [stream for account in accounts for stream in (account.inbound, account.outbound)]
     width = max([len(r["stream"]) for r in rows] + [6])
     print(f"{'stream':{width}}  {'length':>8}  {'lag':>8}  {'pending':>8}  {'oldest':>9}", file=out)

@@ -47,6 +47,7 @@ from bridge.keys import instance_key, instances_key
 from bridge.lease import Liveness
 from bridge.listener import Listener, ListenerLimits
 from bridge.metrics import Metrics
+from bridge.redis_watch import RedisWatch
 from bridge.rejections import RejectionLog
 from bridge.relay import EventTriggers
 from bridge.router import Router
@@ -366,6 +367,7 @@ class Daemon:
         starts: dict[str, Callable[[], Awaitable[None]]] = {"heartbeat": self._heartbeat, "control": self._control}
         starts["alerts"] = self.watch.run
         starts["rejections"] = self.rejections.run  # the summaries of refused requests, as they fall due
+        starts["redis"] = RedisWatch(self.redis, self.bus.prefix, self.metrics, self.instance_id).run  # failovers
         with contextlib.suppress(RedisError, OSError):
             await self._heartbeat_once()
         starts.update({f"account:{n}": r.run for n, r in self.runners.items()})

@@ -171,6 +171,11 @@ def log_key(prefix: str) -> str:
     return f"{prefix}:log"
 
 
+def redis_master_key(prefix: str) -> str:
+    """The Redis master the fleet uses and its last failover (bridge/redis_watch.py)."""
+    return f"{prefix}:redis:master"
+
+
 def admin_session_key(prefix: str, token_sha256: str) -> str:
     return f"{prefix}:admin:session:{token_sha256}"
 

@@ -45,6 +45,7 @@ from bridge.control import (
 )
 from bridge.health import degraded_accounts
 from bridge.keys import alerts_key, instance_key, instances_key, lease_key, log_key, queue_name, rate_key, state_key
+from bridge.redis_watch import MasterRecord, read_record
 from bridge.rooms import Rooms
 
 SCAN_LIMIT = 5000  # entries one filtered page looks at, at most
@@ -494,6 +495,7 @@ class Snapshot:
     warnings: list[LogRecord]
     workers: list[WorkerStatus] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)  # the conditions in force (bridge/alerts.py)
+    redis: MasterRecord | None = None  # the Redis master and its last failover (bridge/redis_watch.py)
 
 
 async def snapshot(
@@ -522,6 +524,7 @@ async def snapshot(
         warnings=recent.items,
         alerts=alerts,
         workers=await worker_status(redis, bus.prefix),
+        redis=await read_record(redis, bus.prefix),
     )
 
 
