@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,9 @@ from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 
 from bridge.config_keys import REDIS_SCHEMES
 from bridge.embedded_redis import EmbeddedRedis
@@ -31,8 +34,22 @@ if TYPE_CHECKING:
 
 # Blocking reads (XREADGROUP BLOCK) must not trip a socket timeout. No
 # periodic health checks: every caller already retries on a broken connection,
-# and the check costs a clock read on every command.
+# and the check costs a clock read on every command. TCP keepalive instead,
+# probing an idle connection after 5 seconds: a master that
+# vanished without closing its sockets (power lost, a partition) leaves a
+# blocked read or a pub/sub listener waiting for ever otherwise; with it the
+# kernel gives up within idle + interval x count (about 11 s) and the caller
+# reconnects (through Sentinel: to the promoted replica).
+KEEPALIVE = {"TCP_KEEPIDLE": 5, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3}  # seconds, seconds, probes
+KEEPALIVE_OPTIONS: dict[int, int] = {  # Linux's names; elsewhere the system's values stay
+    getattr(socket, name): value for name, value in KEEPALIVE.items() if hasattr(socket, name)
+}
 COMMON: dict[str, Any] = {"socket_timeout": None, "socket_connect_timeout": 5}
+TCP: dict[str, Any] = COMMON | {"socket_keepalive": True, "socket_keepalive_options": KEEPALIVE_OPTIONS}
+# Through Sentinel a connection is tried at the address the sentinels name, a
+# dead master's until they agree on another: a short connect timeout keeps an
+# ingress request that meets it a quick 503 (Talk waits 5 s for a webhook).
+SENTINEL_CONNECT_TIMEOUT = 2
 
 
 SCHEMES = REDIS_SCHEMES  # declared in the config layer, which checks URLs without a Redis client
@@ -50,7 +67,7 @@ def connect(url: str) -> Redis:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         # Never echo the URL: it may carry a password.
         raise RedisURLError(f"redis.URL: must start with one of {', '.join(SCHEMES)}")
-    return Redis.from_url(url, **COMMON)
+    return Redis.from_url(url, **(COMMON if url.startswith("unix://") else TCP))
 
 
 def _sentinel(url: str) -> Redis:
@@ -70,8 +87,25 @@ def _sentinel(url: str) -> Redis:
     if not path:
         raise RedisURLError("redis.URL: redis+sentinel:// needs the service name as its path")
     db = int(path[1]) if len(path) > 1 and path[1].isdigit() else 0
-    sentinel = Sentinel(hosts, password=password, db=db, **COMMON)
-    return sentinel.master_for(path[0], password=password, db=db, **COMMON)
+    options = TCP | {"socket_connect_timeout": SENTINEL_CONNECT_TIMEOUT}
+    sentinel = Sentinel(hosts, password=password, db=db, **options)
+    return sentinel.master_for(path[0], password=password, db=db, connection_class=MasterConnection, **options)
+
+
+class MasterConnection(SentinelManagedConnection):
+    """A connection to the master Sentinel names. redis-py turns a READONLY
+    answer (the server was demoted: a failover) into a connection error that
+    makes the next connection ask the sentinels again, but not one inside a
+    transaction's EXEC reply (a script that writes, as the group commits and
+    the fenced scripts are run): that one is a ReadOnlyError in a list, and
+    the connection stayed on the replica, refusing every later write."""
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        response = await super().read_response(*args, **kwargs)
+        if isinstance(response, list) and any(isinstance(item, ReadOnlyError) for item in response):
+            await self.disconnect()
+            raise RedisConnectionError("the master is now a replica (READONLY in a transaction)")
+        return response
 
 
 def embedded_for(config: Config) -> EmbeddedRedis:
