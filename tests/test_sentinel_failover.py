@@ -74,6 +74,17 @@ def post_as(port: int, token: str, text: str, username: str) -> httpx.Response:
                       json={"text": text, "username": username, "gateway": "g"}, timeout=10)  # fmt: skip
 
 
+def post_link(port: int, code: str) -> bool:
+    """An Instagram link from bob in api.b; False while api.b is moving between
+    the instances (its port closed: nothing was sent, so sending again is safe)."""
+    try:
+        resp = post_as(port, "token-b", f"https://www.instagram.com/p/{code}/", "bob")
+    except httpx.ConnectError:
+        return False
+    assert resp.status_code == 200, resp.text
+    return True
+
+
 def post_api(port: int, ledger: Ledger, halt: threading.Event) -> None:
     headers = {"Authorization": "Bearer token-a"}
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=10) as client:
@@ -212,7 +223,7 @@ def run_failover(tmp_path: Path, rig: SentinelRig, monkeypatch: pytest.MonkeyPat
         codes = [fake.add_post(image_item(f"Failover{i:02d}", caption=f"post {i}")) for i in range(LINKS)]
         fake.hold(f"/p/{codes[-1]}")
         for code in codes:
-            assert post_as(ports["b"], "token-b", f"https://www.instagram.com/p/{code}/", "bob").status_code == 200
+            wait_for(lambda: post_link(ports["b"], code), what="a link posted")  # noqa: B023 - called at once
         wait_for(lambda: fake.seen(path_prefix=f"/p/{codes[-1]}"), timeout=30, what="the held fetch under way")
 
         def acked(api_count: int, webhook_count: int) -> bool:
