@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import ReadOnlyError, ResponseError
 
 from bridge.config_keys import REDIS_SCHEMES
 from bridge.embedded_redis import EmbeddedRedis
@@ -95,17 +95,33 @@ def _sentinel(url: str) -> Redis:
 class MasterConnection(SentinelManagedConnection):
     """A connection to the master Sentinel names. redis-py turns a READONLY
     answer (the server was demoted: a failover) into a connection error that
-    makes the next connection ask the sentinels again, but not one inside a
-    transaction's EXEC reply (a script that writes, as the group commits and
-    the fenced scripts are run): that one is a ReadOnlyError in a list, and
-    the connection stayed on the replica, refusing every later write."""
+    makes the next connection ask the sentinels again, but only a plain
+    ``-READONLY`` reply: not one inside a transaction's EXEC reply (a list),
+    nor Redis 6.2's error of a script that wrote (``Error running script …
+    -READONLY …``). Either left the connection on the replica, refusing every
+    later write of the group commits and the fenced scripts."""
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        response = await super().read_response(*args, **kwargs)
-        if isinstance(response, list) and any(isinstance(item, ReadOnlyError) for item in response):
-            await self.disconnect()
-            raise RedisConnectionError("the master is now a replica (READONLY in a transaction)")
+        try:
+            response = await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if demoted(exc):
+                await self._rediscover()
+            raise
+        if isinstance(response, list) and any(demoted(item) for item in response):
+            await self._rediscover()
         return response
+
+    async def _rediscover(self) -> None:
+        await self.disconnect()
+        raise RedisConnectionError("the Redis master is now a replica (READONLY): asking the sentinels again")
+
+
+def demoted(reply: object) -> bool:
+    """A write refused by a replica, in any of the forms Redis 6.2 and 7 give it."""
+    return isinstance(reply, ReadOnlyError) or (
+        isinstance(reply, ResponseError) and "READONLY You can't write against a read only" in str(reply)
+    )
 
 
 def embedded_for(config: Config) -> EmbeddedRedis:
