@@ -23,9 +23,16 @@ when ``--takeover`` is given.
     python bench/takeover.py --redis cluster --runs 3
     python bench/takeover.py --tree /work/wt/before --redis cluster
 
-(``--redis sentinel``, a master with replicas behind Sentinels, is left for
-tests/sentinel_rig.py: start it in ``start_redis`` and return its
-``redis+sentinel://`` URL.)
+``--redis sentinel``: one master, two replicas and three sentinels
+(tests/sentinel_rig.py, the suite's rig), the daemons on its
+``redis+sentinel://`` URL. There ``--kill master`` SIGKILLs the Redis master
+instead of a daemon: the gap is then the failover's (the sentinels notice
+after one second, ``down-after-milliseconds`` 1000, and promote a replica),
+the POSTs answered 503 meanwhile are not acknowledged, and "lost" counts what
+was acknowledged and died with the master (``--min-replicas 1``: none).
+
+    python bench/takeover.py --redis sentinel --runs 3
+    python bench/takeover.py --redis sentinel --kill master --min-replicas 1 --runs 3
 
 Run by hand; not a test.
 """
@@ -72,6 +79,7 @@ account = "api.receiver"
 channel = "api"
 [redis]
 URL = "{url}"
+{redis_extra}
 [http]
 BindAddress = "127.0.0.1:{http}"
 [bus]
@@ -159,7 +167,18 @@ def start_redis(kind: str, tmp: Path, procs: list[subprocess.Popen[bytes]]) -> s
             nodes[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port)
         wait_until(lambda: all(b"cluster_state:ok" in n.execute_command("CLUSTER", "INFO") for n in nodes), "slots")
         return f"redis+cluster://127.0.0.1:{ports[0]}"
-    raise SystemExit(f"--redis {kind}: not available yet (sentinel: see the module's docstring)")
+    if kind == "sentinel":
+        sys.path.insert(0, str(ROOT))  # the suite's rig, not a copy of it
+        from tests.sentinel_rig import SentinelRig
+
+        rig = SentinelRig(tmp / "sentinel").start()
+        procs.extend(rig.procs.values())
+        RIGS.append(rig)
+        return rig.url
+    raise SystemExit(f"--redis {kind}: unknown")
+
+
+RIGS: list[object] = []  # the Sentinel rig of the current run (--kill master kills its master)
 
 
 def ping(client: object) -> bool:
@@ -199,10 +218,12 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             receivers = [free_port(), free_port()]
             https = [free_port(), free_port()]
             bus = f"LeaseSeconds = {args.lease:g}" + (f"\nTakeoverSeconds = {args.takeover:g}" if args.takeover else "")
+            redis_extra = f"MinReplicas = {args.min_replicas}" if args.min_replicas else ""
             env = dict(os.environ, PYTHONPATH=str(args.tree))
             for i in range(2):
                 config = tmp / f"talkbridge-{i}.toml"
-                config.write_text(CONFIG.format(a=a, b=receivers[i], url=url, http=https[i], bus=bus))
+                text = CONFIG.format(a=a, b=receivers[i], url=url, http=https[i], bus=bus, redis_extra=redis_extra)
+                config.write_text(text)
                 log = open(tmp / f"daemon-{i}.log", "wb")
                 daemons.append(
                     subprocess.Popen(
@@ -229,7 +250,10 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             for i in range(total):
                 due = start + i / args.rate
                 if not killed_at and due >= start + args.before:
-                    daemons[owner].send_signal(signal.SIGKILL)
+                    if args.kill == "master":
+                        RIGS[-1].kill_master()  # type: ignore[attr-defined]
+                    else:
+                        daemons[owner].send_signal(signal.SIGKILL)
                     killed_at = time.monotonic()
                 time.sleep(max(0.0, due - time.monotonic()))
                 text = f"m{i:05d}"
@@ -242,7 +266,9 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             receiver.stop.set()
             reader.join(5)
             texts = [t for _, t, _ in receiver.got]
-            by_survivor = [at for at, _, port in receiver.got if at > killed_at and port == receivers[survivor]]
+            # after a master's death either instance may deliver: the first delivery after the kill counts
+            by_survivor = [at for at, _, port in receiver.got
+                           if at > killed_at and (args.kill == "master" or port == receivers[survivor])]  # fmt: skip
             arrival = {t: at for at, t, _ in reversed(receiver.got)}  # the first copy's
             result = {
                 "first": by_survivor[0] - killed_at if by_survivor else float("nan"),
@@ -261,6 +287,7 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             )
             return result
         finally:
+            RIGS.clear()
             for proc in daemons + procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
@@ -281,14 +308,20 @@ def main() -> None:
     p.add_argument("--lease", type=float, default=15, help="[bus] LeaseSeconds")
     p.add_argument("--takeover", type=float, default=0, help="[bus] TakeoverSeconds (0: not written, the default)")
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--kill", choices=("owner", "master"), default="owner",
+                   help="SIGKILL the receiving account's owner, or (sentinel) the Redis master")  # fmt: skip
+    p.add_argument("--min-replicas", type=int, default=0, help="[redis] MinReplicas (0: not written)")
     args = p.parse_args()
+    if args.kill == "master" and args.redis != "sentinel":
+        p.error("--kill master needs --redis sentinel (a master with replicas to promote)")
     args.tree = args.tree.resolve()
     commit = subprocess.run(["git", "-C", str(args.tree), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()  # fmt: skip
     version = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True).stdout.split()[2]
     print(
         f"tree {args.tree} ({commit}); redis {args.redis} ({version}); LeaseSeconds {args.lease:g}, "
-        f"TakeoverSeconds {args.takeover or 'default'}; {args.rate:g} POST/s, kill after {args.before:g} s, "
+        f"TakeoverSeconds {args.takeover or 'default'}, MinReplicas {args.min_replicas}; {args.rate:g} POST/s, "
+        f"kill the {args.kill} after {args.before:g} s, "
         f"posting {args.after:g} s more; {platform.python_implementation()} {platform.python_version()}, "
         f"{os.cpu_count()} cores",
         flush=True,
