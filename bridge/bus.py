@@ -25,6 +25,13 @@ The stream, the cursor keys (``AdapterContext.key``) and the fence key carry
 the account's hash tag (bridge/keys.py), so on Redis Cluster they share one
 slot and the script may touch them all. Commits are group-committed like
 ``publish``: a hundred rooms polled at once share round trips.
+
+Replicas (``[redis] MinReplicas``, docs/operations.md): ``publish`` and
+``commit_inbound`` return only once their writes are on that many replicas
+(a WAIT in their group commit, bridge/groupcommit.py), else raise
+``NotReplicated`` (a RedisError: the ingress answers 503). ``replicated``
+is the same wait for writes made elsewhere, before something leaves the
+process on their strength (a send to Talk, rows handed to an api client).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from bridge.keys import current_stream_name, dead_letters_key, fence_key, hash_t
 
 if TYPE_CHECKING:
     from bridge.config import Config
-    from bridge.config_keys import BusSection
+    from bridge.config_keys import BusSection, RedisSection
 
 ROUTER_GROUP = "router"
 DELIVER_GROUP = "deliver"
@@ -59,14 +66,18 @@ class BusSettings:
     stream_max_len: int = 0
     dead_letter_max_len: int = 100_000
     batch_size: int = 200
+    min_replicas: int = 0  # [redis] MinReplicas
+    replica_wait_seconds: float = 2.0  # [redis] ReplicaWaitSeconds
 
     @classmethod
-    def from_section(cls, prefix: str, bus: BusSection) -> BusSettings:
+    def from_section(cls, prefix: str, bus: BusSection, redis: RedisSection | None = None) -> BusSettings:
         return cls(
             prefix=prefix,
             stream_max_len=bus.stream_max_len,
             dead_letter_max_len=bus.dead_letter_max_len,
             batch_size=bus.batch_size,
+            min_replicas=redis.min_replicas if redis is not None else 0,
+            replica_wait_seconds=redis.replica_wait_seconds if redis is not None else 2.0,
         )
 
 
@@ -168,7 +179,9 @@ class Bus:
         self.redis = redis
         self.settings = settings
         self.prefix = settings.prefix
-        self._commits = GroupCommit(redis)
+        self._commits = GroupCommit(
+            redis, settings.min_replicas, settings.replica_wait_seconds, f"{settings.prefix}:replicated"
+        )
         self._count_after = redis.register_script(_COUNT_AFTER)
         self._commit_inbound = redis.register_script(_COMMIT_INBOUND)
 
@@ -232,6 +245,13 @@ class Bus:
 
     def add_to(self, pipe: Any, stream: str, payload: bytes) -> None:
         pipe.xadd(stream, {FIELD: payload}, **self._xadd_args())
+
+    async def replicated(self) -> None:
+        """Once everything this process wrote so far is on ``[redis]
+        MinReplicas`` replicas (at once when that is 0); ``NotReplicated``
+        when they do not confirm it within ReplicaWaitSeconds. Grouped with
+        concurrent publishes: one WAIT for all of them."""
+        await self._commits.barrier()
 
     # consuming -----------------------------------------------------------------
     async def ensure_group(self, stream: str, group: str) -> None:
@@ -354,7 +374,7 @@ class Bus:
 def bus_for(config: Config, redis: Redis) -> Bus:
     """The bus a loaded config describes ([redis] KeyPrefix, [bus]): the daemon's,
     the workers', the management page's and the CLI's are this one."""
-    return Bus(redis, BusSettings.from_section(config.redis.key_prefix, config.bus))
+    return Bus(redis, BusSettings.from_section(config.redis.key_prefix, config.bus, config.redis))
 
 
 def _s(value: bytes | str) -> str:

@@ -92,6 +92,14 @@ class RedisSection:
     redis_server: str = setting(
         "RedisServer", Option(str, default="", help="redis-server binary for the embedded default")
     )
+    # acknowledged writes wait for this many replicas (Redis WAIT): bridge/groupcommit.py, docs/operations.md
+    min_replicas: int = setting(
+        "MinReplicas", Option(int, default=0, min=0, help="replicas an acknowledged write waits for; 0: none")
+    )
+    replica_wait_seconds: float = setting(
+        "ReplicaWaitSeconds",
+        Option((int, float), default=2, above=0, max=60, help="how long it waits for them before answering 503"),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -482,6 +482,7 @@ def check_sections(loader: ConfigLoader, sections: Mapping[str, Any]) -> None:
     url = sections["redis"].url
     if url and not url.startswith(REDIS_SCHEMES):  # never echo the value: it may hold a password
         loader.problem("redis.URL", f"must start with one of {', '.join(REDIS_SCHEMES)}")
+    _check_min_replicas(loader, sections["redis"].min_replicas, url)
     bind = sections["http"].bind_address
     if bind and parse_hostport(bind) is None:
         loader.problem("http.BindAddress", f'"{bind}" is not HOST:PORT')
@@ -489,6 +490,23 @@ def check_sections(loader: ConfigLoader, sections: Mapping[str, Any]) -> None:
     _check_admin(loader, sections["admin"])
     for key, problem in sections["bus"].problems():
         loader.problem(key, problem)
+
+
+def _check_min_replicas(loader: ConfigLoader, min_replicas: int, url: str) -> None:
+    if not isinstance(min_replicas, int) or min_replicas <= 0:
+        return
+    if not url:
+        loader.problem(
+            "redis.MinReplicas",
+            f"is {min_replicas}, but with no URL the bridge runs its own embedded Redis, which has no replicas: "
+            "every write would be refused; set URL to a Redis with replicas (redis+sentinel://) or MinReplicas = 0",
+        )
+    elif url.startswith("redis+cluster://"):
+        loader.problem(
+            "redis.MinReplicas",
+            f"is {min_replicas}, but the URL is a Redis Cluster, where a pipeline's writes span several masters "
+            "and one WAIT cannot cover them: use a standalone or Sentinel Redis (redis+sentinel://) or MinReplicas = 0",
+        )
 
 
 def _check_status_access(loader: ConfigLoader, http: HttpSection) -> None:

@@ -73,6 +73,7 @@ from bridge.adapter import AccountFailed, Adapter, PermanentError, RateLimited, 
 from bridge.bus import DELIVER_GROUP, Bus, Entry
 from bridge.control import never_paused
 from bridge.events import Delivery, EventKind, WireError
+from bridge.groupcommit import NotReplicated
 from bridge.idmap import Fence, Fenced, IdMap
 from bridge.metrics import Metrics
 from bridge.relay import BLOCK_MS, StreamLoop, failure_summary
@@ -572,12 +573,22 @@ class DeliveryLoop(StreamLoop):
 
     async def _check_fence(self) -> None:
         """Before a send Redis cannot fence (an HTTP post): are we still the
-        owner? Narrows a stale owner's window to the send itself (docs/talk-bot.md)."""
+        owner? Narrows a stale owner's window to the send itself (docs/talk-bot.md).
+        Then: is what the send stands on (its entry, the lane's last marker and
+        XACK) on [redis] MinReplicas replicas? Else a failover resends it, or an
+        earlier entry after it (``NotReplicated``: the loop retries)."""
+        if self.adapter.traits.records_delivery:
+            return  # its send is a Redis write: its readers wait (adapters/api/streams.py)
         fence = self.fence()
-        if fence is not None and not self.adapter.traits.records_delivery:
+        if fence is not None:
             current = await self.redis.get(fence.key)
             if current is None or current.decode() != fence.token:
                 raise Fenced(f"{self.account}: lease token {fence.token} is stale")
+        try:
+            await self.bus.replicated()
+        except NotReplicated:
+            self.metrics.replication_short.labels("delivery").inc()
+            raise
 
     async def _commit(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
         """Record sent deliveries (id map + marker) and acknowledge their entries."""

@@ -11,6 +11,19 @@ so "acknowledged" keeps meaning "stored".
 On Redis Cluster nothing is batched: redis-py's cluster pipeline refuses
 scripts (EVALSHA), so there every caller's commands go out one by one, each
 caller on its own.
+
+Replicas (``min_replicas``, ``[redis] MinReplicas``): Redis replicates
+asynchronously, so "stored" on the master is not yet "survives a failover".
+With ``min_replicas`` > 0 every pipeline ends with ``WAIT min_replicas
+timeout``, which returns once the replicas have every write this connection
+made (and so everything the master wrote before it: the replication stream
+is one ordered stream). One WAIT per pipeline: concurrent callers share it
+as they share the round trip. A WAIT that answers fewer replicas fails every
+caller of that pipeline with ``NotReplicated`` (their writes are on the
+master and may or may not survive a failover: the caller answers 503 and
+its client retries) and no caller of any other pipeline. ``barrier`` waits
+for whatever this process wrote before it (a tiny write, then WAIT), for
+writes that did not go through here.
 """
 
 from __future__ import annotations
@@ -20,17 +33,34 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 Op = tuple[str, tuple[Any, ...], dict[str, Any]]  # (redis method, args, kwargs)
 Waiting = tuple[list[Op], asyncio.Future[list[Any]]]
 
 
+class NotReplicated(RedisError):
+    """The master stored the writes, but fewer replicas than ``[redis]
+    MinReplicas`` confirmed them in time: a failover now could lose them.
+    A RedisError, so whoever answers a client answers 503 (retry later) and a
+    loop backs off and retries, its entries still pending."""
+
+    def __init__(self, confirmed: int, wanted: int, timeout_ms: int) -> None:
+        self.confirmed, self.wanted = confirmed, wanted
+        super().__init__(
+            f"stored on the Redis master but on {confirmed} of the {wanted} replicas [redis] MinReplicas "
+            f"asks for within {timeout_ms / 1000:g} s (replicas down or lagging); retry later"
+        )
+
+
 class GroupCommit:
     """Run lists of commands, batching concurrent callers into one pipeline."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, min_replicas: int = 0, wait_seconds: float = 2.0, barrier_key: str = "") -> None:
         self.redis = redis
+        self.min_replicas = min_replicas
+        self.wait_ms = max(1, round(wait_seconds * 1000))  # WAIT's 0 would mean forever
+        self._barrier: Op = ("set", (barrier_key or "tb:replicated", b"1"), {"px": 60_000})
         self._queue: list[Waiting] = []
         self._busy = False  # a round trip is in flight (ours or the flusher's)
         self._flusher: asyncio.Task[None] | None = None
@@ -45,6 +75,10 @@ class GroupCommit:
             return await future
         self._busy = True
         try:
+            if self.min_replicas > 0:  # a pipeline of its own, with its WAIT
+                future = asyncio.get_running_loop().create_future()
+                await self._execute([(ops, future)])
+                return future.result()
             if len(ops) == 1:  # one command: no pipeline object to build
                 name, args, kw = ops[0]
                 return [await getattr(self.redis, name)(*args, **kw)]
@@ -73,6 +107,17 @@ class GroupCommit:
             await self.redis.script_load(script.script)
             return await self.run(ops)
 
+    async def barrier(self) -> None:
+        """Return once everything this process wrote before the call (through
+        here or not) is on ``min_replicas`` replicas; raises ``NotReplicated``
+        when they do not confirm it in time. At once when none are asked for.
+
+        A write of its own first: WAIT covers what was written before the
+        connection's last write (Redis 7.2 counts only writes), and another
+        connection's earlier writes precede it in the replication stream."""
+        if self.min_replicas > 0 and not self._alone:
+            await self.run([self._barrier])
+
     async def _flush(self) -> None:
         try:
             while self._queue:
@@ -86,6 +131,8 @@ class GroupCommit:
         for ops, _ in batch:
             for name, args, kw in ops:
                 getattr(pipe, name)(*args, **kw)
+        if self.min_replicas > 0:
+            pipe.wait(self.min_replicas, self.wait_ms)
         try:
             # One caller's failing command must not fail the others'.
             results = await pipe.execute(raise_on_error=False)
@@ -94,13 +141,21 @@ class GroupCommit:
                 if not future.done():
                     future.set_exception(exc)
             return
+        short: Exception | None = None
+        if self.min_replicas > 0:
+            confirmed = results.pop()
+            if isinstance(confirmed, Exception):  # WAIT refused (a replica answered): nobody's write is confirmed
+                short = confirmed
+            elif int(confirmed) < self.min_replicas:
+                short = NotReplicated(int(confirmed), self.min_replicas, self.wait_ms)
         at = 0
         for ops, future in batch:
             mine = results[at : at + len(ops)]
             at += len(ops)
             if future.done():
                 continue
-            error = next((r for r in mine if isinstance(r, Exception)), None)
+            # its own error first: it says more (FENCED: nothing was written)
+            error = next((r for r in mine if isinstance(r, Exception)), short)
             if error is not None:
                 future.set_exception(error)
             else:

@@ -138,13 +138,15 @@ class Rig:
         await self.runner.cleanup()
 
 
-async def start_rig(config: Config, account: str, redis: Redis) -> Rig:
+async def start_rig(config: Config, account: str, redis: Redis, bus: Bus | None = None) -> Rig:
     """The account's adapter, with the context the daemon would give it
-    (``bridge.daemon.adapter_context``), serving its webhook on a real port."""
-    bus = Bus(redis, BusSettings())
+    (``bridge.daemon.adapter_context``), serving its webhook on a real port;
+    ``bus``: one of the test's own (its settings), passed in the context too."""
+    given = bus
+    bus = bus or Bus(redis, BusSettings())
     metrics = Metrics()
     idmap = IdMap(redis, bus.prefix, 3600)
-    ctx = adapter_context(config, account, redis, bus.publish, metrics, bus.prefix, idmap)
+    ctx = adapter_context(config, account, redis, bus.publish, metrics, bus.prefix, idmap, bus=given)
     adapter = TalkBot(ctx)
     app = web.Application(client_max_size=ctx.max_body)
     app.add_routes(adapter.ingress_routes())

@@ -178,7 +178,7 @@ class MatterbridgeAPI(ApiStreams, ApiBuffer, ApiMessages, Adapter):
                 await self.ctx.publish(event)
             except (RedisError, OSError) as exc:
                 self.ctx.log.error("%s: cannot queue a message: %s", self.name, exc)
-                return web.json_response({"message": "message queue unavailable, retry later"}, status=503)
+                return web.json_response({"message": self._unavailable(exc, "api")}, status=503)
             self._events_in.inc()
         return web.Response(body=answer, content_type="application/json")
 

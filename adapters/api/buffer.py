@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 
 from bridge.adapter import AdapterContext
 from bridge.events import Delivery, EventKind
+from bridge.groupcommit import NotReplicated
 from bridge.idmap import FENCED, Fenced, recording_script
 
 # Deliver into the buffer exactly once, under the lease's fence: each
@@ -57,6 +58,15 @@ return out
 )
 
 
+def unavailable(exc: BaseException) -> str:
+    """The reason a 503 gives: Redis away, or not enough replicas in time."""
+    return (
+        f"message queue unavailable: {exc}"
+        if isinstance(exc, NotReplicated)
+        else "message queue unavailable, retry later"
+    )
+
+
 class ApiBuffer:
     name: str
     ctx: AdapterContext
@@ -67,6 +77,13 @@ class ApiBuffer:
     _claimed: set[bytes]
 
     message_for: Callable[[Delivery, str], dict[str, Any]]  # adapters/api/messages.py
+
+    def _unavailable(self, exc: BaseException, what: str) -> str:
+        """Why a POST gets 503 (Redis away, or its write not on [redis]
+        MinReplicas replicas in time: counted as ``replication_short{what}``)."""
+        if isinstance(exc, NotReplicated):
+            self.ctx.metrics.replication_short.labels(what).inc()
+        return unavailable(exc)
 
     async def send(self, delivery: Delivery) -> str | None:
         [native_id] = await self.send_batch([delivery])
@@ -113,6 +130,16 @@ class ApiBuffer:
                 rows = await self.ctx.redis.xrange(self.buffer_key, min="-", max="+", count=count + len(held))
             page = [row for row in rows if row[0] not in held][:count]
             held.update(row[0] for row in page)
+        if page and self.ctx.bus is not None:
+            # [redis] MinReplicas: no client sees a row a failover could undo
+            # (its delivery would be buffered, and handed out, again)
+            try:
+                await self.ctx.bus.replicated()
+            except BaseException as exc:
+                self._let_go([row[0] for row in page])
+                if isinstance(exc, NotReplicated):
+                    self.ctx.metrics.replication_short.labels("api_read").inc()
+                raise
         return page
 
     def _let_go(self, ids: Sequence[bytes]) -> None:
@@ -129,3 +156,13 @@ class ApiBuffer:
         deletion = asyncio.ensure_future(self.ctx.redis.xdel(self.buffer_key, *ids))
         deletion.add_done_callback(lambda _done: self._claimed.difference_update(ids))
         await asyncio.shield(deletion)
+        if self.ctx.bus is None:
+            return
+        try:  # the client has them: a delete not on replicas in time is counted, not undone
+            await self.ctx.bus.replicated()
+        except NotReplicated as exc:
+            self.ctx.metrics.replication_short.labels("api_read").inc()
+            self.ctx.log.warning(
+                "%s: %d messages handed out, their removal not on replicas yet (a failover now would hand them "
+                "out again): %s", self.name, len(ids), exc,
+            )  # fmt: skip

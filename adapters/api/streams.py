@@ -18,6 +18,7 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import RedisError
 
+from adapters.api.buffer import unavailable
 from adapters.api.encoding import API_CONNECTED, API_ERROR, BadRequest, _go_time, ws_message
 from bridge.adapter import AdapterContext
 from bridge.addresses import client_key
@@ -47,6 +48,7 @@ class ApiStreams:
     _claim: Callable[[int | None], Awaitable[list[Any]]]  # adapters/api/buffer.py
     _let_go: Callable[[Sequence[bytes]], None]
     _taken: Callable[[Sequence[bytes]], Awaitable[None]]
+    _unavailable: Callable[[BaseException, str], str]
 
     async def _next_change(self, request: web.Request, changed: asyncio.Event) -> None:
         """Until rows arrive or are let go after ``changed`` was current, or a
@@ -154,7 +156,7 @@ class ApiStreams:
             rows = await self._claim(None)
         except (RedisError, OSError) as exc:
             self.ctx.log.warning("%s: cannot read the buffer: %s", self.name, exc)
-            return web.json_response({"message": "message queue unavailable, retry later"}, status=503)
+            return web.json_response({"message": unavailable(exc)}, status=503)
         body = b"[" + b",".join(_payload(row) for row in rows) + b"]"
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         resp.content_length = len(body)  # a cut-off answer is visibly incomplete: its rows stay
@@ -268,7 +270,7 @@ class ApiStreams:
             await self.ctx.publish(event)
         except (RedisError, OSError) as exc:
             self.ctx.log.error("%s: cannot queue a message: %s", self.name, exc)
-            refusal = {"event": API_ERROR, "status": 503, "text": "message queue unavailable, retry later"}
+            refusal = {"event": API_ERROR, "status": 503, "text": self._unavailable(exc, "api")}
             await self._ws_send(request, ws, sending, refusal)
             return
         self._events_in.inc()

@@ -38,6 +38,7 @@ from adapters.talk.common import (
     render,
 )
 from bridge.events import Delivery, Event, EventKind
+from bridge.groupcommit import NotReplicated
 from bridge.idmap import canonical_of
 from bridge.listener import Refused, read_body
 
@@ -178,9 +179,13 @@ class Webhook:
         try:
             event = await self._event(payload, token)
             if event is not None:
-                await self.ctx.publish(event)
+                await self.ctx.publish(event)  # its WAIT ([redis] MinReplicas) covers the marker written before it
                 self._events_in.inc()
+            elif self.ctx.bus is not None:  # a join or leave: the room state just written, on replicas
+                await self.ctx.bus.replicated()
         except (RedisError, OSError) as exc:
+            if isinstance(exc, NotReplicated):
+                self.ctx.metrics.replication_short.labels("webhook").inc()
             try:  # let a genuine retry through: it was not accepted
                 await redis.delete(seen_key)
                 if not message_id:
