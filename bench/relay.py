@@ -14,6 +14,13 @@ from this process over loopback. Two runs:
     python bench/relay.py                      # both runs, defaults
     python bench/relay.py --rate 2000 --seconds 20
     python bench/relay.py --instances 2        # two daemons on one Redis: accounts spread over them
+    python bench/relay.py --with-replica --min-replicas 1   # a master and a replica; acknowledged = on it
+    python bench/relay.py --redis-url redis+sentinel://127.0.0.1:26379/mymaster --min-replicas 1
+
+``--redis-url`` runs the daemon on a Redis of yours (an empty one: the
+accounts' streams and buffers are not cleared first); ``--with-replica``
+starts a master (append-only, everysec, as the embedded default) and one
+replica of it on loopback; ``--min-replicas`` is ``[redis] MinReplicas``.
 """
 
 from __future__ import annotations
@@ -271,6 +278,34 @@ async def bench(args: argparse.Namespace, a: int, b: int, https: list[int]) -> N
     reader.cancel()
 
 
+def start_pair(tmp: Path) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """A master (append-only, everysec) and one replica on loopback: its URL, the processes."""
+    sys.path.insert(0, str(ROOT))
+    from bridge.embedded_redis import find_redis_server  # the server the daemon embeds
+
+    binary, master, replica = find_redis_server(), free_port(), free_port()
+    procs = []
+    for port, extra in ((master, ["--appendonly", "yes", "--appendfsync", "everysec"]),
+                        (replica, ["--replicaof", "127.0.0.1", str(master)])):  # fmt: skip
+        data = tmp / f"redis-{port}"
+        data.mkdir()
+        procs.append(subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", "", *extra],
+            stdout=subprocess.DEVNULL,
+        ))  # fmt: skip
+
+    def linked() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", master), timeout=0.5) as s:
+                s.sendall(b"INFO replication\r\n")
+                return b"connected_slaves:1" in s.recv(65536)
+        except OSError:
+            return False
+
+    wait_until(linked, "the replica's link")
+    return f"redis://127.0.0.1:{master}/0", procs
+
+
 def wait_until(check, what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -313,13 +348,22 @@ def main() -> None:
         help="daemon instances on one Redis (>1: a redis-server with appendonly everysec is started for them)",
     )  # fmt: skip
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--redis-url", default="", help="use this (empty) Redis instead of the embedded one")
+    p.add_argument("--with-replica", action="store_true", help="start a master and one replica for the daemon")
+    p.add_argument("--min-replicas", type=int, default=0, help="[redis] MinReplicas")
     args = p.parse_args()
 
     a, b = free_port(), free_port()
     https = [free_port() for _ in range(args.instances)]
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        if args.instances == 1:
+        servers: list[subprocess.Popen[bytes]] = []
+        if args.redis_url:
+            redis = f'URL = "{args.redis_url}"'
+        elif args.with_replica:
+            url, servers = start_pair(Path(tmp))
+            redis = f'URL = "{url}"'
+        elif args.instances == 1:
             redis = 'DataDir = "data"\nAppendFsync = "everysec"'  # the embedded default
         else:
             sys.path.insert(0, str(ROOT))
@@ -327,6 +371,7 @@ def main() -> None:
 
             server = EmbeddedRedis(Path(tmp) / "shared-redis", appendfsync="everysec")
             redis = f'URL = "{server.start()}"'
+        redis += f"\nMinReplicas = {args.min_replicas}"
         try:
             for i, http in enumerate(https):
                 config = Path(tmp) / f"bench{i}.toml"
@@ -337,10 +382,16 @@ def main() -> None:
             wait_until(lambda: accepts(a) and accepts(b), "both api accounts")
             if args.instances > 1:
                 wait_until(lambda: all(connected_counts(https)), "accounts spread over the instances")
+            where = (
+                args.redis_url.partition("://")[0] + " URL" if args.redis_url
+                else "append-only, appendfsync everysec, " + (
+                    "a master and one replica" if args.with_replica
+                    else "embedded" if args.instances == 1 else "shared"
+                )
+            )  # fmt: skip
             print(
                 f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}; "
-                f"{args.instances} daemon instance(s); redis: append-only, appendfsync everysec"
-                + (", embedded" if args.instances == 1 else ", shared")
+                f"{args.instances} daemon instance(s); redis: {where}; MinReplicas {args.min_replicas}"
             )
             with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
                 runner.run(bench(args, a, b, https))
@@ -349,8 +400,11 @@ def main() -> None:
                 proc.send_signal(signal.SIGTERM)
             for proc in procs:
                 proc.wait(20)
-            if args.instances > 1:
+            if args.instances > 1 and not (args.redis_url or args.with_replica):
                 server.stop()
+            for proc in servers:
+                proc.terminate()
+                proc.wait(20)
 
 
 if __name__ == "__main__":
