@@ -13,6 +13,8 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from bridge.bus import Bus, BusSettings, Write
 from bridge.cli import protocol_specs
 from bridge.config import ConfigError, load_config
 from bridge.delivery import DeliveryLoop, RetryPolicy
-from bridge.events import Delivery, Event, EventKind
+from bridge.events import Delivery, Event, EventKind, event_from_wire
 from bridge.groupcommit import GroupCommit, NotReplicated
 from bridge.idmap import IdMap
 from bridge.keys import account_key, inbound_key
@@ -225,6 +227,82 @@ def test_an_api_post_is_answered_once_on_the_replica_or_503(
         assert got == ["one", "two"]
     finally:
         daemon.stop()
+
+
+class HeldLink:
+    """The replica's connection to its master, relayed through here so that
+    it can be held: while held, nothing the master sends reaches the replica
+    (a lagging link). SIGSTOP does not do that: a stopped replica's kernel
+    still takes the bytes, and it applies them when it runs again."""
+
+    def __init__(self, master_port: int) -> None:
+        self.master_port = master_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                replica, _ = self.listener.accept()
+                master = socket.create_connection(("127.0.0.1", self.master_port))
+                self.sockets += [replica, master]
+                threading.Thread(target=self._pump, args=(master, replica, True), daemon=True).start()
+                threading.Thread(target=self._pump, args=(replica, master, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, held: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if held:
+                    self.flowing.wait()
+                sink.sendall(data)
+
+    def cut(self) -> None:
+        """Drop the link and whatever it holds."""
+        for sock in [self.listener, *self.sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.flowing.set()
+
+
+@pytest.mark.parametrize("min_replicas", [0, 1])
+def test_what_a_failover_loses_of_what_was_acknowledged(tmp_path: Path, min_replicas: int) -> None:
+    """The master dies while its link to the replica lags, and the replica is
+    promoted (as Sentinel would): with MinReplicas 0 every POST answered 200
+    in the lag is gone; with 1 none was answered 200, so nothing
+    acknowledged is gone."""
+    (tmp_path / "m").mkdir(), (tmp_path / "r").mkdir()
+    master = start_redis_server(tmp_path / "m")
+    link = HeldLink(master.port)
+    replica = start_redis_server(tmp_path / "r", None, "--replicaof", "127.0.0.1", str(link.port))
+    promoted = sync_redis.Redis(port=replica.port)
+    path, a, _b, http = api_config(tmp_path, master.url, min_replicas)
+    wait_for(lambda: promoted.info("replication")["master_link_status"] == "up", what="the replica's link")
+    daemon = Daemon(path, http, tmp_path / "daemon.log").start()
+    try:
+        acknowledged = [text for text in ["one"] if post(a, "token-a", text).status_code == 200]
+        link.flowing.clear()
+        acknowledged += [text for text in ["two", "three", "four"] if post(a, "token-a", text).status_code == 200]
+        master.proc.kill()  # the master dies with the lag
+        master.proc.wait()
+        link.cut()
+        promoted.replicaof("NO", "ONE")  # what Sentinel does
+        kept = {event_from_wire(f[b"d"]).text for _id, f in promoted.xrange(inbound_key("tb", "api.a"))}
+        lost = [text for text in acknowledged if text not in kept]
+        if min_replicas:
+            assert (acknowledged, lost) == (["one"], [])
+        else:  # the window MinReplicas 0 leaves open: acknowledged, and gone
+            assert (acknowledged, lost) == (["one", "two", "three", "four"], ["two", "three", "four"])
+    finally:
+        daemon.kill()
+        link.cut()
+        promoted.close()
+        replica.stop()
+        master.stop()
 
 
 # The Talk bot's webhook ---------------------------------------------------------------------------------------
