@@ -45,7 +45,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from bridge.events import Event, event_to_wire
-from bridge.groupcommit import GroupCommit
+from bridge.groupcommit import GroupCommit, Op
 from bridge.idmap import FENCED, LUA_LIB, Fence, Fenced
 from bridge.keys import current_stream_name, dead_letters_key, fence_key, hash_tag, inbound_key, outbound_key
 
@@ -246,12 +246,13 @@ class Bus:
     def add_to(self, pipe: Any, stream: str, payload: bytes) -> None:
         pipe.xadd(stream, {FIELD: payload}, **self._xadd_args())
 
-    async def replicated(self) -> None:
+    async def replicated(self, reads: Sequence[Op] = ()) -> list[Any]:
         """Once everything this process wrote so far is on ``[redis]
         MinReplicas`` replicas (at once when that is 0); ``NotReplicated``
         when they do not confirm it within ReplicaWaitSeconds. Grouped with
-        concurrent publishes: one WAIT for all of them."""
-        await self._commits.barrier()
+        concurrent publishes: one WAIT for all of them. ``reads`` (commands
+        that write nothing) ride along; their answers are returned."""
+        return await self._commits.barrier(reads)
 
     # consuming -----------------------------------------------------------------
     async def ensure_group(self, stream: str, group: str) -> None:

@@ -580,15 +580,13 @@ class DeliveryLoop(StreamLoop):
         if self.adapter.traits.records_delivery:
             return  # its send is a Redis write: its readers wait (adapters/api/streams.py)
         fence = self.fence()
-        if fence is not None:
-            current = await self.redis.get(fence.key)
-            if current is None or current.decode() != fence.token:
-                raise Fenced(f"{self.account}: lease token {fence.token} is stale")
-        try:
-            await self.bus.replicated()
+        try:  # the token's read rides with the WAIT: one round trip
+            answers = await self.bus.replicated([("get", (fence.key,), {})] if fence is not None else [])
         except NotReplicated:
             self.metrics.replication_short.labels("delivery").inc()
             raise
+        if fence is not None and (answers[0] is None or answers[0].decode() != fence.token):
+            raise Fenced(f"{self.account}: lease token {fence.token} is stale")
 
     async def _commit(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
         """Record sent deliveries (id map + marker) and acknowledge their entries."""

@@ -107,16 +107,18 @@ class GroupCommit:
             await self.redis.script_load(script.script)
             return await self.run(ops)
 
-    async def barrier(self) -> None:
+    async def barrier(self, reads: Sequence[Op] = ()) -> list[Any]:
         """Return once everything this process wrote before the call (through
         here or not) is on ``min_replicas`` replicas; raises ``NotReplicated``
         when they do not confirm it in time. At once when none are asked for.
+        ``reads`` go out in the same round trip; their answers are returned.
 
         A write of its own first: WAIT covers what was written before the
         connection's last write (Redis 7.2 counts only writes), and another
         connection's earlier writes precede it in the replication stream."""
         if self.min_replicas > 0 and not self._alone:
-            await self.run([self._barrier])
+            return (await self.run([*reads, self._barrier]))[:-1]
+        return [await getattr(self.redis, name)(*args, **kw) for name, args, kw in reads]
 
     async def _flush(self) -> None:
         try:
