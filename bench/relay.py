@@ -258,15 +258,17 @@ def bucket_quantile(before: dict[float, float], after: dict[float, float], q: fl
     return "n/a"
 
 
-async def bench(args: argparse.Namespace, a: int, b: int, https: list[int]) -> None:
+async def bench(args: argparse.Namespace, a: int, b: int, https: list[int]) -> int:
+    """Both runs; returns how many messages were posted in all (the warm-up's too)."""
     recv = Receiver()
     ready = asyncio.Event()
     reader = asyncio.create_task(recv.run(b, ready))
     await asyncio.wait_for(ready.wait(), 10)
-    await throughput(a, recv, 1.0, args.concurrency)  # warm-up
+    posted = (await throughput(a, recv, 1.0, args.concurrency))["posted"]  # warm-up
     if not args.skip_throughput:
         result = await throughput(a, recv, args.seconds, args.concurrency)
         report(f"throughput (concurrency {args.concurrency}, {args.seconds:.0f}s)", result)
+        posted += result["posted"]
     before = await scrape_latency(https)
     result = await fixed_rate(a, recv, args.seconds, args.rate, args.concurrency)
     report(f"fixed rate {args.rate:.0f}/s ({args.seconds:.0f}s)", result)
@@ -276,6 +278,7 @@ async def bench(args: argparse.Namespace, a: int, b: int, https: list[int]) -> N
         f"p50 {bucket_quantile(before, after, 0.5)}, p99 {bucket_quantile(before, after, 0.99)}"
     )
     reader.cancel()
+    return posted + result["posted"]
 
 
 def start_pair(tmp: Path) -> tuple[str, list[subprocess.Popen[bytes]]]:
@@ -304,6 +307,16 @@ def start_pair(tmp: Path) -> tuple[str, list[subprocess.Popen[bytes]]]:
 
     wait_until(linked, "the replica's link")
     return f"redis://127.0.0.1:{master}/0", procs
+
+
+def command_counts(url: str) -> dict[str, int]:
+    """Calls per command since the server started (INFO commandstats): round
+    trips do not depend on how busy the machine is, timings do."""
+    import redis  # redis-py, the daemon's client
+
+    with redis.Redis.from_url(url) as client:
+        stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
 
 
 def wait_until(check, what: str, timeout: float = 60) -> None:
@@ -393,8 +406,17 @@ def main() -> None:
                 f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}; "
                 f"{args.instances} daemon instance(s); redis: {where}; MinReplicas {args.min_replicas}"
             )
+            before = command_counts(url) if args.with_replica else {}
             with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
-                runner.run(bench(args, a, b, https))
+                posted = runner.run(bench(args, a, b, https))
+            if args.with_replica:  # the whole run: warm-up, throughput and fixed rate
+                after = command_counts(url)
+                calls = {k: v - before.get(k, 0) for k, v in after.items()}
+                named = ("wait", "xadd", "evalsha", "xrange", "xdel", "set")
+                print(
+                    f"  master, per message posted ({posted}): {sum(calls.values()) / posted:.2f} commands; "
+                    + ", ".join(f"{calls.get(n, 0) / posted:.3f} {n}" for n in named)
+                )
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
