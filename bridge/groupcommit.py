@@ -113,9 +113,9 @@ class GroupCommit:
         when they do not confirm it in time. At once when none are asked for.
         ``reads`` go out in the same round trip; their answers are returned.
 
-        A write of its own first: WAIT covers what was written before the
-        connection's last write (Redis 7.2 counts only writes), and another
-        connection's earlier writes precede it in the replication stream."""
+        A write of its own first: WAIT waits for the connection's last write
+        (a read need not move that mark), and another connection's earlier
+        writes precede it in the replication stream."""
         if self.min_replicas > 0 and not self._alone:
             return (await self.run([*reads, self._barrier]))[:-1]
         return [await getattr(self.redis, name)(*args, **kw) for name, args, kw in reads]
