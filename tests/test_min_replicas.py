@@ -340,6 +340,14 @@ async def test_a_talk_webhook_is_answered_once_on_the_replica_or_503(
         # not taken for a replay: a resend goes through (and the master had kept the first)
         assert (await webhook(rig.url, body)).status_code == 200
         assert [e["text"] for e in await rig.events()] == ["one", "two", "two"]
+        # a Join publishes nothing: the room state it wrote is what waits
+        join = php_json_encode({"type": "Join", "actor": {"type": "Application", "id": "bots/x", "name": "Bridge"},
+                                "object": {"type": "Collection", "id": "room2", "name": "Other"}}).encode()  # fmt: skip
+        with replica_away(pair):
+            resp = await webhook(rig.url, join)
+        assert resp.status_code == 503 and "0 of the 1 replicas" in resp.text, resp.text
+        assert (await webhook(rig.url, join)).status_code == 200
+        assert b"room2" in replica.smembers(rig.adapter.rooms_key)
     finally:
         await rig.close()
 
@@ -374,7 +382,8 @@ async def test_a_delivery_waits_for_its_entry_on_the_replicas(
     with replica_away(pair):
         await master.xadd(bus.outbound("x.y"), {b"d": wire})  # the route loop's write, not yet on the replica
         with pytest.raises(NotReplicated):
-            await loop.run()
+            async with asyncio.timeout(15):  # bounds a failure: a loop that never waits runs on
+                await loop.run()
     assert adapter.sent == []  # not sent: a failover now would route it again, and send it twice
     assert metrics.registry.get_sample_value("talkbridge_replication_short_total", {"what": "delivery"}) == 1
     assert (await master.xpending(bus.outbound("x.y"), "deliver"))["pending"] == 1  # still pending: retried
