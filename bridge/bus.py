@@ -47,7 +47,15 @@ from redis.exceptions import ResponseError
 from bridge.events import Event, event_to_wire
 from bridge.groupcommit import GroupCommit, Op
 from bridge.idmap import FENCED, LUA_LIB, Fence, Fenced
-from bridge.keys import current_stream_name, dead_letters_key, fence_key, hash_tag, inbound_key, outbound_key
+from bridge.keys import (
+    current_stream_name,
+    dead_letters_key,
+    fence_key,
+    hash_tag,
+    inbound_key,
+    outbound_key,
+    replicated_key,
+)
 
 if TYPE_CHECKING:
     from bridge.config import Config
@@ -180,7 +188,7 @@ class Bus:
         self.settings = settings
         self.prefix = settings.prefix
         self._commits = GroupCommit(
-            redis, settings.min_replicas, settings.replica_wait_seconds, f"{settings.prefix}:replicated"
+            redis, settings.min_replicas, settings.replica_wait_seconds, replicated_key(settings.prefix)
         )
         self._count_after = redis.register_script(_COUNT_AFTER)
         self._commit_inbound = redis.register_script(_COMMIT_INBOUND)

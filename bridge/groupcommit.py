@@ -35,6 +35,8 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
+from bridge.keys import replicated_key
+
 Op = tuple[str, tuple[Any, ...], dict[str, Any]]  # (redis method, args, kwargs)
 Waiting = tuple[list[Op], asyncio.Future[list[Any]]]
 
@@ -60,7 +62,7 @@ class GroupCommit:
         self.redis = redis
         self.min_replicas = min_replicas
         self.wait_ms = max(1, round(wait_seconds * 1000))  # WAIT's 0 would mean forever
-        self._barrier: Op = ("set", (barrier_key or "tb:replicated", b"1"), {"px": 60_000})
+        self._barrier: Op = ("set", (barrier_key or replicated_key("tb"), b"1"), {"px": 60_000})
         self._queue: list[Waiting] = []
         self._busy = False  # a round trip is in flight (ours or the flusher's)
         self._flusher: asyncio.Task[None] | None = None

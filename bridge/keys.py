@@ -119,6 +119,11 @@ def dead_letters_key(prefix: str) -> str:
     return f"{prefix}:dlq"
 
 
+def replicated_key(prefix: str) -> str:
+    """Written by a replica barrier (bridge/groupcommit.py): a write for WAIT to wait on."""
+    return f"{prefix}:replicated"
+
+
 def control_channel(prefix: str) -> str:
     """The pub/sub channel of operators' requests (bridge/control.py)."""
     return f"{prefix}:control"
