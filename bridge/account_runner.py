@@ -348,6 +348,7 @@ class AccountRunner:
             self.d.retry,
             fence=self.adapter.ctx.fence,  # the same token the adapter's own scripts carry
             wait_unpaused=self.control.pause_gate.wait,  # paused from the admin page: sends wait
+            record_patience=self.d.lease_seconds,  # past it another instance may own the account
         )
         self.delivery = loop
         while True:

@@ -83,6 +83,9 @@ SEND_SLOTS = 16  # an account's sends in flight at once (one per lane at most)
 READ_AHEAD = 4  # batches of entries lanes may hold in memory (parked heads aside)
 READ_LAG = 0.005  # seconds the reader waits for busy lanes to take what it read last
 
+RECORD_RETRY_MIN = 0.05  # seconds before a failed record of a sent delivery is written again…
+RECORD_RETRY_MAX = 1.0  # …doubling up to this, for as long as ``record_patience`` allows
+
 # Not a delivery's fault: these stop the delivery loop (the runner restarts it,
 # or stops the account) and leave the entry pending, never dead-letter it.
 STOPS_DELIVERY: tuple[type[BaseException], ...] = (RedisError, Fenced)
@@ -160,8 +163,13 @@ class DeliveryLoop(StreamLoop):
         fence: Callable[[], Fence | None] = lambda: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         wait_unpaused: Callable[[], Awaitable[None]] = never_paused,
+        record_patience: float = 15.0,
     ) -> None:
         super().__init__(bus, bus.outbound(account), consumer, log)
+        # how long the record of a delivery the network took is retried while
+        # Redis is away (a failover): the lease's length, past which another
+        # instance may own the account and its fence refuses the record anyway
+        self.record_patience = record_patience
         self.wait_unpaused = wait_unpaused
         self.account = account
         self.idmap = idmap
@@ -190,6 +198,7 @@ class DeliveryLoop(StreamLoop):
         self._probe = asyncio.Lock()
         self._proven = False  # a send of this run succeeded: the account's credentials work
         self._failure: asyncio.Future[BaseException] | None = None  # a lane's fatal exception
+        self._recording: set[asyncio.Task[None]] = set()  # records of sent deliveries being written
 
     # introspection (tests, status) -----------------------------------------------
     @property
@@ -215,6 +224,8 @@ class DeliveryLoop(StreamLoop):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # sent: their records finish (or give up) before a new run re-reads the PEL
+            await asyncio.gather(*list(self._recording), return_exceptions=True)
             self._lanes.clear()
 
     async def _read(self) -> None:
@@ -467,7 +478,7 @@ class DeliveryLoop(StreamLoop):
         except Exception as exc:
             self.log.warning("%s: batch delivery failed (%s); delivering one by one", self.account, exc)
             return False
-        await self._commit(done)
+        await self._record_sent(done)
         self._finished(len(run))
         now = time.time()
         for item in run:
@@ -511,7 +522,7 @@ class DeliveryLoop(StreamLoop):
             # An exception the adapter did not foresee: this delivery's failure,
             # never the account's (one poison message must not stop it).
             return await self._failed(item, "unexpected", failure_summary(exc))
-        await self._commit([(item.entry_id, delivery, native_id)])
+        await self._record_sent([(item.entry_id, delivery, native_id)])
         self._finished(1)
         self._out.inc()
         self._latency.observe(max(0.0, time.time() - delivery.event.timestamp))
@@ -587,6 +598,42 @@ class DeliveryLoop(StreamLoop):
             raise
         if fence is not None and (answers[0] is None or answers[0].decode() != fence.token):
             raise Fenced(f"{self.account}: lease token {fence.token} is stale")
+
+    async def _record_sent(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
+        """Record deliveries the network has taken, however long Redis is away.
+
+        Once a send went through, giving its record up means sending it again
+        (the entry stays pending): a Talk room would get the message twice.
+        So a record that fails on a Redis error (the master died, Sentinel is
+        promoting a replica, or the write reached too few replicas) is written
+        again until it holds, for up to ``record_patience``. It runs as a task
+        of its own: a lane torn down meanwhile (the reader lost Redis too)
+        does not abandon it, and ``run`` waits for it before it returns, so a
+        restarted run never re-reads an entry whose record is still on its
+        way. A refused fence (another owner) is final."""
+        task = asyncio.create_task(self._record_until_held(done), name=f"record:{self.account}")
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+        await asyncio.shield(task)
+
+    async def _record_until_held(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
+        give_up = time.monotonic() + self.record_patience
+        delay = RECORD_RETRY_MIN
+        while True:
+            try:
+                await self._commit(done)
+                return
+            except Fenced:
+                raise
+            except (RedisError, OSError) as exc:
+                if time.monotonic() + delay >= give_up:
+                    raise
+                self.log.warning(
+                    "%s: the record of %d delivered message(s) failed (%s); writing it again in %.2fs",
+                    self.account, len(done), exc, delay,
+                )  # fmt: skip
+            await asyncio.sleep(delay)  # the real clock: this waits for Redis, not a retry schedule
+            delay = min(delay * 2, RECORD_RETRY_MAX)
 
     async def _commit(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
         """Record sent deliveries (id map + marker) and acknowledge their entries."""

@@ -1,0 +1,91 @@
+"""A delivery the network took is recorded, however long Redis is away.
+
+The Redis server is SIGKILLed right after the adapter's send went through
+(as a master dies in a failover) and brought back from its append-only file:
+the record of the send is written once Redis answers again, and the message
+is not sent a second time — before, the record's error stopped the loop, the
+entry stayed pending and the next run sent it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bridge.bus import DELIVER_GROUP, Bus, BusSettings
+from bridge.delivery import DeliveryLoop, RetryPolicy
+from bridge.events import Delivery
+from bridge.idmap import IdMap
+from bridge.metrics import Metrics
+from tests.helpers import start_redis_server
+from tests.talkbot_rig import until
+from tests.test_bus import RecordingAdapter, enqueue, make_delivery
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+async def test_a_send_whose_record_meets_a_dead_redis_is_recorded_once_it_is_back_and_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    server = start_redis_server(tmp_path, None, "--appendonly", "yes", "--appendfsync", "always")
+    redis = Redis(port=server.port)
+    log = logging.getLogger("test.delivery_records")
+    lines = Lines()
+    log.addHandler(lines)
+    killed = asyncio.Event()
+
+    def kill_after_the_send(n: int, _: Delivery) -> None:
+        if n == 1:  # the network took it; Redis dies before the record
+            server.proc.kill()
+            server.proc.wait()
+            killed.set()
+
+    adapter = RecordingAdapter(fail=kill_after_the_send)
+    bus = Bus(redis, BusSettings(batch_size=50))
+    loop = DeliveryLoop(
+        bus, IdMap(redis, "tb", 3600), adapter, "api.b", "c1", Metrics(), log, RetryPolicy(3, 0.01, 0.05),
+        record_patience=60,
+    )  # fmt: skip
+    try:
+        await enqueue(redis, make_delivery("hello"))
+        run = asyncio.create_task(loop.run())
+        await until(lambda: killed.is_set(), what="the send")
+        await until(lambda: run.done() or any("writing it again" in x for x in lines.lines), what="the record fails")
+        server = start_redis_server(tmp_path, server.port, "--appendonly", "yes", "--appendfsync", "always")
+        if run.done():  # the runner starts a loop that ended on a Redis error again (bridge/account_runner.py)
+            assert isinstance(run.exception(), RedisError)
+            run = asyncio.create_task(loop.run())
+
+        async def settled() -> bool:
+            try:
+                pending = (await redis.xpending(bus.outbound("api.b"), DELIVER_GROUP))["pending"]
+            except RedisError:
+                return False
+            return pending == 0
+
+        await until(settled, what="the entry acknowledged")
+        assert adapter.calls == 1 and [d.text for d in adapter.sent] == ["hello"]
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        # a new run (a new owner) sends what comes next, and nothing again
+        again = asyncio.create_task(loop.run())
+        await enqueue(redis, make_delivery("after"))
+        await until(lambda: len(adapter.sent) >= 2 or again.done(), what="the next message")
+        assert [d.text for d in adapter.sent] == ["hello", "after"]
+        again.cancel()
+        await asyncio.gather(again, return_exceptions=True)
+    finally:
+        log.removeHandler(lines)
+        await redis.aclose()
+        server.stop()
