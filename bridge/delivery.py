@@ -72,8 +72,8 @@ from redis.exceptions import RedisError
 from bridge.adapter import AccountFailed, Adapter, PermanentError, RateLimited, ServerUnavailable, TransientError
 from bridge.bus import DELIVER_GROUP, Bus, Entry
 from bridge.control import never_paused
+from bridge.delivery_state import DeliveryState
 from bridge.events import Delivery, EventKind, WireError
-from bridge.groupcommit import NotReplicated
 from bridge.idmap import Fence, Fenced, IdMap
 from bridge.metrics import Metrics
 from bridge.relay import BLOCK_MS, StreamLoop, failure_summary
@@ -82,9 +82,6 @@ RETRY_AFTER_CAP = 600.0  # seconds; a longer Retry-After is treated as this
 SEND_SLOTS = 16  # an account's sends in flight at once (one per lane at most)
 READ_AHEAD = 4  # batches of entries lanes may hold in memory (parked heads aside)
 READ_LAG = 0.005  # seconds the reader waits for busy lanes to take what it read last
-
-RECORD_RETRY_MIN = 0.05  # seconds before a failed record of a sent delivery is written again…
-RECORD_RETRY_MAX = 1.0  # …doubling up to this, for as long as ``record_patience`` allows
 
 # Not a delivery's fault: these stop the delivery loop (the runner restarts it,
 # or stops the account) and leave the entry pending, never dead-letter it.
@@ -147,7 +144,7 @@ class _Lane:
         self.task: asyncio.Task[None] | None = None
 
 
-class DeliveryLoop(StreamLoop):
+class DeliveryLoop(DeliveryState, StreamLoop):
     group = DELIVER_GROUP
 
     def __init__(
@@ -571,86 +568,3 @@ class DeliveryLoop(StreamLoop):
             )
             return delivery.target_id is not None
         return True
-
-    # delivery state: every read and write of it goes through these ------------
-    # All in the id map (bridge.idmap), whose fields double as delivered-
-    # markers; every write is fenced by the lease token, so an owner that
-    # stalled past its lease cannot record or acknowledge beside its successor.
-    async def _already_delivered(self, deliveries: list[Delivery]) -> list[bool]:
-        """Which of these copies a previous attempt (a crash, a takeover) sent."""
-        if self.adapter.traits.records_delivery:
-            return [False] * len(deliveries)  # its own script checks the marker, atomically
-        return await self.idmap.delivered(deliveries)
-
-    async def _check_fence(self) -> None:
-        """Before a send Redis cannot fence (an HTTP post): are we still the
-        owner? Narrows a stale owner's window to the send itself (docs/talk-bot.md).
-        Then: is what the send stands on (its entry, the lane's last marker and
-        XACK) on [redis] MinReplicas replicas? Else a failover resends it, or an
-        earlier entry after it (``NotReplicated``: the loop retries)."""
-        if self.adapter.traits.records_delivery:
-            return  # its send is a Redis write: its readers wait (adapters/api/streams.py)
-        fence = self.fence()
-        try:  # the token's read rides with the WAIT: one round trip
-            answers = await self.bus.replicated([("get", (fence.key,), {})] if fence is not None else [])
-        except NotReplicated:
-            self.metrics.replication_short.labels("delivery").inc()
-            raise
-        if fence is not None and (answers[0] is None or answers[0].decode() != fence.token):
-            raise Fenced(f"{self.account}: lease token {fence.token} is stale")
-
-    async def _record_sent(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
-        """Record deliveries the network has taken, however long Redis is away.
-
-        Once a send went through, giving its record up means sending it again
-        (the entry stays pending): a Talk room would get the message twice.
-        So a record that fails on a Redis error (the master died, Sentinel is
-        promoting a replica, or the write reached too few replicas) is written
-        again until it holds, for up to ``record_patience``. It runs as a task
-        of its own: a lane torn down meanwhile (the reader lost Redis too)
-        does not abandon it, and ``run`` waits for it before it returns, so a
-        restarted run never re-reads an entry whose record is still on its
-        way. A refused fence (another owner) is final."""
-        task = asyncio.create_task(self._record_until_held(done), name=f"record:{self.account}")
-        self._recording.add(task)
-        task.add_done_callback(self._recording.discard)
-        await asyncio.shield(task)
-
-    async def _record_until_held(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
-        give_up = time.monotonic() + self.record_patience
-        delay = RECORD_RETRY_MIN
-        while True:
-            try:
-                await self._commit(done)
-                return
-            except Fenced:
-                raise
-            except (RedisError, OSError) as exc:
-                if time.monotonic() + delay >= give_up:
-                    raise
-                self.log.warning(
-                    "%s: the record of %d delivered message(s) failed (%s); writing it again in %.2fs",
-                    self.account, len(done), exc, delay,
-                )  # fmt: skip
-            await asyncio.sleep(delay)  # the real clock: this waits for Redis, not a retry schedule
-            delay = min(delay * 2, RECORD_RETRY_MAX)
-
-    async def _commit(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
-        """Record sent deliveries (id map + marker) and acknowledge their entries."""
-        # An adapter that records its own deliveries wrote them with the send.
-        records = [] if self.adapter.traits.records_delivery else [(d, native_id) for _, d, native_id in done]
-        await self.idmap.commit(self.fence(), self.stream, self.group, [e for e, _, _ in done], records)
-
-    async def _ack(self, entry_ids: list[bytes]) -> None:
-        """Acknowledge entries that need no record (skipped, dead-lettered)."""
-        if entry_ids:
-            await self.idmap.commit(self.fence(), self.stream, self.group, entry_ids)
-
-    async def _dead(self, entry_id: bytes, payload: bytes, error: str, attempts: int) -> None:
-        self.log.error(
-            "%s: dead-lettered %s of %s after %d attempt(s): %s",
-            self.account, entry_id.decode(), self.stream, attempts, error,
-        )  # fmt: skip
-        await self.bus.dead_letter(self.stream, entry_id, payload, error, attempts)
-        await self._ack([entry_id])
-        self.metrics.dead_letters.labels(self.stream).inc()
