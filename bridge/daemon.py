@@ -109,6 +109,7 @@ class Daemon:
         self.instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         bus_cfg = config.bus
         self.bus = bus_for(config, redis)
+        self.metrics.redis_min_replicas.set(self.bus.settings.min_replicas)  # what acknowledgements wait for
         self.map_ttl = int(bus_cfg.message_map_days * 86400)
         self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl, bus_cfg.message_map_per_room, bus_cfg.batch_size)
         self.router = Router(config)

@@ -118,7 +118,6 @@ class RouteLoop(StreamLoop):
         self.router = router
         self.metrics = metrics
         self.triggers = triggers  # the workers' features: which events start jobs
-        metrics.redis_min_replicas.set(bus.settings.min_replicas)  # the same for every account: set by any
 
     async def rooms(self) -> dict[str, set[str]]:
         """Current rooms of the accounts a gateway names with channel ``*``."""
