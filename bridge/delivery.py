@@ -467,7 +467,10 @@ class DeliveryLoop(DeliveryState, StreamLoop):
             await self.wait_unpaused()
             async with self._slots, self._gate():
                 await self._check_fence()
-                native_ids = await self.adapter.send_batch([item.delivery for item in run])
+                native_ids = await self._send_to_the_end(
+                    self.adapter.send_batch([item.delivery for item in run]),
+                    lambda ids: [(item.entry_id, item.delivery, nid) for item, nid in zip(run, ids, strict=True)],
+                )
             self._proven = True
             done = [(item.entry_id, item.delivery, nid) for item, nid in zip(run, native_ids, strict=True)]
         except STOPS_DELIVERY:
@@ -496,7 +499,9 @@ class DeliveryLoop(DeliveryState, StreamLoop):
             await self.wait_unpaused()
             async with self._slots, self._gate():
                 await self._check_fence()
-                native_id = await self.adapter.send(delivery)
+                native_id = await self._send_to_the_end(
+                    self.adapter.send(delivery), lambda nid: [(item.entry_id, delivery, nid)]
+                )
             self._proven = True
         except AccountFailed as exc:
             self.metrics.delivery_errors.labels(self.account, "account_failed").inc()

@@ -18,9 +18,11 @@ order (docs/operations.md, "Acknowledged writes and replicas"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
     from bridge.bus import Bus
     from bridge.metrics import Metrics
 
+T = TypeVar("T")
+Sent = tuple[bytes, Delivery, str | None]  # an entry, its delivery, the id the network gave it
+
+SEND_DRAIN_SECONDS = 5.0  # a send in flight when its run is torn down may finish this long
 RECORD_RETRY_MIN = 0.05  # seconds before a failed record of a sent delivery is written again…
 RECORD_RETRY_MAX = 1.0  # …doubling up to this, for as long as ``record_patience`` allows
 
@@ -77,7 +83,26 @@ class DeliveryState:
         if fence is not None and (answers[0] is None or answers[0].decode() != fence.token):
             raise Fenced(f"{self.account}: lease token {fence.token} is stale")
 
-    async def _record_sent(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
+    async def _send_to_the_end(self, send: Coroutine[Any, Any, T], records: Callable[[T], list[Sent]]) -> T:
+        """Run a send to its end even when the run is torn down meanwhile.
+
+        The reader losing Redis (the master died) tears the run down; a send
+        cancelled in flight may already have been taken by the server, and
+        its entry, unrecorded, would be sent again by the next run. So the
+        send goes on (for up to ``SEND_DRAIN_SECONDS``) and, if it went
+        through, is recorded (``_record_sent``) before the cancellation goes
+        on; ``run`` waits for its lanes, so the next run starts after."""
+        task = asyncio.ensure_future(send)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # a failed send or record, or one still hanging after SEND_DRAIN_SECONDS (then
+            # cancelled, as before): the entry stays pending
+            with contextlib.suppress(Exception):
+                await self._record_sent(records(await asyncio.wait_for(task, SEND_DRAIN_SECONDS)))
+            raise
+
+    async def _record_sent(self, done: list[Sent]) -> None:
         """Record deliveries the network has taken, however long Redis is away.
 
         Once a send went through, giving its record up means sending it again
@@ -94,7 +119,7 @@ class DeliveryState:
         task.add_done_callback(self._recording.discard)
         await asyncio.shield(task)
 
-    async def _record_until_held(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
+    async def _record_until_held(self, done: list[Sent]) -> None:
         give_up = time.monotonic() + self.record_patience
         delay = RECORD_RETRY_MIN
         while True:
@@ -113,7 +138,7 @@ class DeliveryState:
             await asyncio.sleep(delay)  # the real clock: this waits for Redis, not a retry schedule
             delay = min(delay * 2, RECORD_RETRY_MAX)
 
-    async def _commit(self, done: list[tuple[bytes, Delivery, str | None]]) -> None:
+    async def _commit(self, done: list[Sent]) -> None:
         """Record sent deliveries (id map + marker) and acknowledge their entries."""
         # An adapter that records its own deliveries wrote them with the send.
         records = [] if self.adapter.traits.records_delivery else [(d, native_id) for _, d, native_id in done]

@@ -89,3 +89,57 @@ async def test_a_send_whose_record_meets_a_dead_redis_is_recorded_once_it_is_bac
         log.removeHandler(lines)
         await redis.aclose()
         server.stop()
+
+
+class SlowNetwork(RecordingAdapter):
+    """A server that takes a message the moment the request arrives and
+    answers only when ``answer`` is set: a send in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken: list[str] = []
+        self.in_flight = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def send(self, delivery: Delivery) -> str | None:
+        self.taken.append(delivery.text)
+        self.in_flight.set()
+        await self.answer.wait()
+        return await super().send(delivery)
+
+
+async def test_a_send_in_flight_when_redis_dies_is_finished_and_recorded_not_sent_again(tmp_path: Path) -> None:
+    """The reader loses Redis while a lane's send is in flight: the run is torn
+    down, but the send is not abandoned (its server may have the message
+    already): it finishes, is recorded once Redis is back, and nothing is
+    sent twice. Before, the send was cancelled unrecorded and the next run
+    sent the message again."""
+    server = start_redis_server(tmp_path, None, "--appendonly", "yes", "--appendfsync", "always")
+    redis = Redis(port=server.port)
+    adapter = SlowNetwork()
+    bus = Bus(redis, BusSettings(batch_size=50))
+    loop = DeliveryLoop(
+        bus, IdMap(redis, "tb", 3600), adapter, "api.b", "c1", Metrics(), logging.getLogger("test.in_flight"),
+        RetryPolicy(3, 0.01, 0.05), record_patience=60,
+    )  # fmt: skip
+    try:
+        await enqueue(redis, make_delivery("hello"))
+        run = asyncio.create_task(loop.run())
+        await until(adapter.in_flight.is_set, what="the send in flight")
+        [lane] = [t for t in asyncio.all_tasks() if t.get_name() == "lane:api.b:y"]
+        server.proc.kill()  # the master dies: the reader's blocked read fails and the run is torn down
+        server.proc.wait()
+        await until(lambda: lane.done() or lane.cancelling(), what="the lane torn down")
+        adapter.answer.set()  # the server answers: it has had the message since the request
+        server = start_redis_server(tmp_path, server.port, "--appendonly", "yes", "--appendfsync", "always")
+        await until(run.done, what="the run ended on the lost connection")
+        assert isinstance(run.exception(), RedisError)
+        run = asyncio.create_task(loop.run())  # as the runner starts it again
+        await enqueue(redis, make_delivery("after"))
+        await until(lambda: len(adapter.taken) >= 2 and adapter.taken[-1] == "after", what="the next message")
+        assert adapter.taken == ["hello", "after"]
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+    finally:
+        await redis.aclose()
+        server.stop()
