@@ -156,7 +156,7 @@ def config(tmp: Path, rig: SentinelRig, talk_url: str, ports: dict[str, int], ht
     toml.gateway("g", ("api.a", "api"), ("api.b", "api"), ("nctalkbot.ig", TOKEN), Instagram=True)
     toml.section("redis", URL=rig.url, **({"MinReplicas": min_replicas} if min_replicas else {}))
     toml.section("http", BindAddress=f"127.0.0.1:{http}")
-    toml.section("bus", LeaseSeconds=3, RetryBaseSeconds=0.05)
+    toml.section("bus", LeaseSeconds=10, RetryBaseSeconds=0.05)
     toml.section("admin", BindAddress=f"127.0.0.1:{admin}", User=USER, Password=PASSWORD_HASH)
     return toml.write(tmp / "talkbridge.toml")
 
@@ -280,12 +280,15 @@ def run_failover(tmp_path: Path, rig: SentinelRig, monkeypatch: pytest.MonkeyPat
             assert result.unexpected == [], f"{path}: never sent: {result.unexpected[:10]}"
             if min_replicas:
                 assert result.lost == [], f"{path}: acknowledged and lost: {result.lost[:10]}"
-            if path.endswith("Talk"):
+            if path.endswith("Talk") and not min_replicas:
                 # docs/talk-bot.md's first window, opened by Redis instead of a crash: Talk
-                # answered 201 and the record of that delivery died with the master. The
-                # next owner posts it again: only a message in flight when the master died.
+                # answered 201 and the record of that delivery, acknowledged by the master,
+                # died with it before a replica had it. The next owner posts it again: only
+                # a message in flight when the master died.
                 assert set(result.duplicated) <= set(api.acked[: at_kill[0]]), f"{path}: {result.duplicated}"
-            else:  # a Redis-backed room: the record is written with the message
+            else:
+                # A Redis-backed room: the record is written with the message. A Talk room with
+                # MinReplicas: a record is written again until it is on a replica (bridge/delivery_state.py).
                 assert result.duplicated == [], f"{path}: delivered twice: {result.duplicated[:10]}"
 
         # Every Instagram job ran to one preview (a window, not a sentinel:
