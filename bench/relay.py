@@ -16,6 +16,7 @@ from this process over loopback. Two runs:
     python bench/relay.py --instances 2        # two daemons on one Redis: accounts spread over them
     python bench/relay.py --with-replica --min-replicas 1   # a master and a replica; acknowledged = on it
     python bench/relay.py --redis-url redis+sentinel://127.0.0.1:26379/mymaster --min-replicas 1
+    python bench/relay.py --with-sentinel --min-replicas 1   # the suite's Sentinel rig, started for the run
 
 ``--redis-url`` runs the daemon on a Redis of yours (an empty one: the
 accounts' streams and buffers are not cleared first); ``--with-replica``
@@ -363,6 +364,7 @@ def main() -> None:
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--redis-url", default="", help="use this (empty) Redis instead of the embedded one")
     p.add_argument("--with-replica", action="store_true", help="start a master and one replica for the daemon")
+    p.add_argument("--with-sentinel", action="store_true", help="start the Sentinel rig (tests/sentinel_rig.py)")
     p.add_argument("--min-replicas", type=int, default=0, help="[redis] MinReplicas")
     args = p.parse_args()
 
@@ -376,6 +378,13 @@ def main() -> None:
         elif args.with_replica:
             url, servers = start_pair(Path(tmp))
             redis = f'URL = "{url}"'
+        elif args.with_sentinel:
+            sys.path.insert(0, str(ROOT))
+            from tests.sentinel_rig import SentinelRig  # the suite's rig: a master, two replicas, three sentinels
+
+            rig = SentinelRig(Path(tmp) / "sentinel").start()
+            servers = list(rig.procs.values())
+            redis = f'URL = "{rig.url}"'
         elif args.instances == 1:
             redis = 'DataDir = "data"\nAppendFsync = "everysec"'  # the embedded default
         else:
@@ -399,6 +408,7 @@ def main() -> None:
                 args.redis_url.partition("://")[0] + " URL" if args.redis_url
                 else "append-only, appendfsync everysec, " + (
                     "a master and one replica" if args.with_replica
+                    else "a master, two replicas and three sentinels (redis+sentinel://)" if args.with_sentinel
                     else "embedded" if args.instances == 1 else "shared"
                 )
             )  # fmt: skip
@@ -422,7 +432,7 @@ def main() -> None:
                 proc.send_signal(signal.SIGTERM)
             for proc in procs:
                 proc.wait(20)
-            if args.instances > 1 and not (args.redis_url or args.with_replica):
+            if args.instances > 1 and not (args.redis_url or args.with_replica or args.with_sentinel):
                 server.stop()
             for proc in servers:
                 proc.terminate()
