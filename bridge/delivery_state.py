@@ -108,8 +108,8 @@ class DeliveryState:
         Once a send went through, giving its record up means sending it again
         (the entry stays pending): a Talk room would get the message twice.
         So a record that fails on a Redis error (the master died, Sentinel is
-        promoting a replica, or the write reached too few replicas) is written
-        again until it holds, for up to ``record_patience``. It runs as a task
+        promoting a replica), or that ``[redis] MinReplicas`` replicas did not
+        confirm, is written again until it holds, for up to ``record_patience``. It runs as a task
         of its own: a lane torn down meanwhile (the reader lost Redis too)
         does not abandon it, and ``run`` waits for it before it returns, so a
         restarted run never re-reads an entry whose record is still on its
@@ -125,9 +125,20 @@ class DeliveryState:
         while True:
             try:
                 await self._commit(done)
+                # with MinReplicas, held means on the replicas: a record only the master had
+                # dies with it, and the next owner sends the message again
+                await self.bus.replicated()
                 return
             except Fenced:
                 raise
+            except NotReplicated as exc:
+                self.metrics.replication_short.labels("record").inc()
+                if time.monotonic() + delay >= give_up:
+                    raise
+                self.log.warning(
+                    "%s: the record of %d delivered message(s) is not on the replicas yet (%s); writing it again",
+                    self.account, len(done), exc,
+                )  # fmt: skip
             except (RedisError, OSError) as exc:
                 if time.monotonic() + delay >= give_up:
                     raise

@@ -436,3 +436,50 @@ def test_min_replicas_is_refused_exactly_where_it_cannot_work(tmp_path: Path, n:
     assert bool(found) == cannot, found
     assert all(p.startswith("redis.MinReplicas: ") for p in found)
     assert all("h:" not in p for p in found)  # the URL is never echoed (it may hold a password)
+
+
+async def test_a_sent_delivery_is_done_only_once_its_record_is_on_the_replicas(
+    master: Redis, pair: tuple[RedisServer, RedisServer]
+) -> None:
+    """The replica goes away right after the send (the barrier before it had
+    passed): the record, on the master only, is not taken for done — a
+    failover now would lose it and the next owner would send the message
+    again. It is written again until the replica confirms it; the entry stays
+    pending meanwhile, and nothing is sent twice."""
+    proc = pair[1].proc
+
+    class ReplicaGoesAway(Recorder):
+        async def send(self, delivery: Delivery) -> str | None:
+            os.kill(proc.pid, signal.SIGSTOP)
+            return await super().send(delivery)
+
+    bus = Bus(master, BusSettings(min_replicas=1, replica_wait_seconds=0.2))
+    metrics, adapter = Metrics(), ReplicaGoesAway()
+    loop = DeliveryLoop(
+        bus, IdMap(master, "tb", 3600), adapter, "x.y", "c1", metrics, LOG, RetryPolicy(), record_patience=60
+    )
+    event = Event(kind=EventKind.MESSAGE, account="api.a", channel="api", sender_name="bob", text="hi")
+    wire = Delivery(event=event, account="x.y", channel="room", gateway="g", username="", text="hi").to_wire()
+    await master.xadd(bus.outbound("x.y"), {b"d": wire})
+    await master.wait(1, 5000)  # the entry on the replica: the send goes ahead
+    short = lambda: metrics.registry.get_sample_value("talkbridge_replication_short_total", {"what": "record"})  # noqa: E731
+    done = lambda: metrics.registry.get_sample_value("talkbridge_events_out_total", {"account": "x.y"}) or 0  # noqa: E731
+
+    async def pending() -> int:
+        return (await master.xpending(bus.outbound("x.y"), "deliver"))["pending"]
+
+    task = asyncio.create_task(loop.run())
+    try:
+        try:
+            await until(lambda: adapter.sent == ["hi"], what="the send")
+            await until(lambda: (short() or 0) >= 2 or done() == 1 or task.done(), what="the record waiting")
+            # not done, though the master has its record and its XACK: the lane still holds it
+            assert done() == 0 and loop.in_memory == 1
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        await until(lambda: done() == 1, within=30, what="the record held")
+        assert adapter.sent == ["hi"] and loop.in_memory == 0
+        assert await pending() == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
