@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis.exceptions
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -369,6 +370,34 @@ async def test_send_posts_as_the_bot_signed_over_the_text(talk: TalkServer, rig:
     }
     # the bot's own message never came back as a webhook
     assert sum(b'"Create"' in c.body for c in talk.state.webhook_calls) == 1
+
+
+async def test_a_send_that_meets_a_dead_redis_posts_nothing_so_its_retry_posts_once(
+    talk: TalkServer, rig: Rig, room, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Redis write a send makes (the text it remembers to learn the bot's
+    message id later) comes before the post: a Redis failover at that moment
+    fails the send with nothing posted, and its retry posts the message once.
+    After the post, the error failed a send Talk had taken, and the retry
+    posted it twice."""
+    r, bot, _alice = room
+    idmap = rig.adapter.ctx.idmap
+    assert idmap is not None
+    remember = idmap.remember
+    failures = [redis.exceptions.ConnectionError("Connection closed by server.")]
+
+    async def remember_once_redis_is_back(*args: object) -> None:
+        if failures:
+            raise failures.pop()  # the master died: this write never happened
+        await remember(*args)
+
+    monkeypatch.setattr(idmap, "remember", remember_once_redis_is_back)
+    d = delivery(text="only once")
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await rig.adapter.send(d)
+    assert talk.bot_messages(r.token, bot) == []
+    assert await rig.adapter.send(d) is None  # the delivery loop's retry, Redis back
+    assert [m.message for m in talk.bot_messages(r.token, bot)] == ["[api/a] <carol> only once"]
 
 
 async def test_the_brute_force_block_stops_the_account_until_reset(talk: TalkServer, rig: Rig, room) -> None:

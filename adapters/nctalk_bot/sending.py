@@ -69,9 +69,11 @@ class Sending:
             }
             if i == 0 and delivery.reply_to and delivery.reply_to.isdigit():
                 body["replyTo"] = int(delivery.reply_to)
-            await self._call("POST", f"{_path_token(delivery.channel)}/message", body, piece, room=delivery.channel)
             if i == 0:
+                # Before the post, never after: a Redis error after Talk's 201 would fail a send
+                # Talk has taken, and the message would be posted again (a Redis failover).
                 await self._remember_own(delivery, piece)
+            await self._call("POST", f"{_path_token(delivery.channel)}/message", body, piece, room=delivery.channel)
         return None  # Talk answers 201 with data null: the message id is unknown
 
     async def _react(self, delivery: Delivery) -> None:
