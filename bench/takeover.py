@@ -247,6 +247,8 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             total = int((args.before + args.after) * args.rate)
             start = time.monotonic()
             killed_at = 0.0
+            ingress_back = 0.0
+            acked_after: set[str] = set()
             for i in range(total):
                 due = start + i / args.rate
                 if not killed_at and due >= start + args.before:
@@ -260,6 +262,10 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                 body = json.dumps({"text": text, "username": "bench", "gateway": "bench"}).encode()
                 if http("POST", a, "/api/message", "bench-a", body, timeout=10) is not None:
                     acked.append(text)
+                    if killed_at and not ingress_back:
+                        ingress_back = time.monotonic() - killed_at  # the first POST answered 200 after the kill
+                    if killed_at:
+                        acked_after.add(text)
             wait_until(
                 lambda: {t for _, t, _ in receiver.got} >= set(acked), "every acknowledged message", args.lease * 4
             )
@@ -274,6 +280,9 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                 "first": by_survivor[0] - killed_at if by_survivor else float("nan"),
                 "last": max(arrival[t] for t in acked) - killed_at,
                 "acked": len(acked),
+                "ingress": ingress_back,
+                # service back end to end: the first message acknowledged after the kill, delivered
+                "restored": min((arrival[t] for t in acked_after if t in arrival), default=killed_at) - killed_at,
                 "lost": len(set(acked) - set(texts)),
                 "duplicated": len(texts) - len(set(texts)),
                 "in_order": [t for t in texts if t in set(acked)] == sorted(set(acked)),
@@ -281,7 +290,8 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             print(
                 f"run {run}: first delivery {result['first']:.2f} s after the kill, all {result['acked']} "
                 f"acknowledged arrived {result['last']:.2f} s after it; lost {result['lost']}, "
-                f"duplicated {result['duplicated']}, in order: {result['in_order']} "
+                f"duplicated {result['duplicated']}, in order: {result['in_order']}; the first POST answered "
+                f"200 after the kill: {result['ingress']:.2f} s, delivered {result['restored']:.2f} s "
                 f"(survivor: instance {survivor})",
                 flush=True,
             )
