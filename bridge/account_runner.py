@@ -333,7 +333,11 @@ class AccountRunner:
                 if time.monotonic() - started > 60:
                     delay = 0.5  # a new outage, not the same one
                 self.log.error("%s: Redis unavailable (%s); retry in %.1fs", self.name, exc, delay)
-                await asyncio.sleep(delay)
+                back = asyncio.ensure_future(self.d.redis_watch.back())  # or as soon as Redis answers again
+                try:
+                    await asyncio.wait((back,), timeout=delay)
+                finally:
+                    back.cancel()
                 delay = min(delay * 2, REDIS_BACKOFF_MAX)
 
     async def _deliver(self) -> None:

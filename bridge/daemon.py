@@ -110,6 +110,7 @@ class Daemon:
         bus_cfg = config.bus
         self.bus = bus_for(config, redis)
         self.metrics.redis_min_replicas.set(self.bus.settings.min_replicas)  # what acknowledgements wait for
+        self.redis_watch = RedisWatch(redis, self.bus.prefix, self.metrics, self.instance_id)
         self.map_ttl = int(bus_cfg.message_map_days * 86400)
         self.idmap = IdMap(redis, self.bus.prefix, self.map_ttl, bus_cfg.message_map_per_room, bus_cfg.batch_size)
         self.router = Router(config)
@@ -368,7 +369,7 @@ class Daemon:
         starts: dict[str, Callable[[], Awaitable[None]]] = {"heartbeat": self._heartbeat, "control": self._control}
         starts["alerts"] = self.watch.run
         starts["rejections"] = self.rejections.run  # the summaries of refused requests, as they fall due
-        starts["redis"] = RedisWatch(self.redis, self.bus.prefix, self.metrics, self.instance_id).run  # failovers
+        starts["redis"] = self.redis_watch.run  # the master, its replicas, failovers
         with contextlib.suppress(RedisError, OSError):
             await self._heartbeat_once()
         starts.update({f"account:{n}": r.run for n, r in self.runners.items()})

@@ -117,6 +117,23 @@ class RedisWatch:
         self.sentinel = is_sentinel(redis)
         self.seen: str | None = None  # the master this instance saw last
         self._record = redis.register_script(RECORD)
+        self._down = False
+        self._back = asyncio.Event()  # set, and replaced, each time Redis answers again after failing
+
+    async def back(self) -> None:
+        """Until the next time Redis answers again after a failed look: loops
+        that lost Redis start again then, not at their next backoff step
+        (a failover's master is found within ``EVERY`` seconds)."""
+        await self._back.wait()
+
+    def _answered(self, answered: bool) -> None:
+        self.metrics.redis_up.set(1 if answered else 0)
+        if not answered:
+            self._down = True
+        elif self._down:
+            self._down = False
+            self._back.set()
+            self._back = asyncio.Event()
 
     async def look(self) -> None:
         """One look: the metrics, the record, a failover logged and counted."""
@@ -124,9 +141,9 @@ class RedisWatch:
             address = await master_address(self.redis)
             info = await self.redis.info("replication")
         except (RedisError, OSError):
-            self.metrics.redis_up.set(0)
+            self._answered(False)
             return
-        self.metrics.redis_up.set(1)
+        self._answered(True)
         if address is None or info.get("role") != "master":  # Cluster; a master being demoted
             return
         replicas = int(info.get("connected_slaves", 0))
@@ -140,7 +157,7 @@ class RedisWatch:
                 keys=[self.key], args=[address, replicas, f"{time.time():.3f}", self.instance_id, int(self.sentinel)]
             )
         except (RedisError, OSError):
-            self.metrics.redis_up.set(0)
+            self._answered(False)
 
     async def run(self) -> None:
         while True:

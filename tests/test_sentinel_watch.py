@@ -81,3 +81,38 @@ async def test_a_failover_is_counted_recorded_and_shown_by_status(tmp_path: Path
     finally:
         client.close()
         admin.stop()
+
+
+async def test_back_wakes_once_redis_answers_again_after_failing(tmp_path: Path) -> None:
+    """What a loop that lost Redis waits for besides its backoff step: the
+    watch's first successful look after a failed one (a failover's new master,
+    a restarted server), not a look that merely succeeds."""
+    from redis.asyncio import Redis
+
+    from tests.helpers import start_redis_server
+
+    server = start_redis_server(tmp_path)
+    client = Redis(port=server.port)
+    metrics = Metrics()
+    watch = RedisWatch(client, "tb", metrics, "me")
+    try:
+        await watch.look()
+        back = asyncio.ensure_future(watch.back())
+        await watch.look()  # up, and up before: nothing to wake
+        await asyncio.sleep(0)
+        assert not back.done() and metric(metrics, "talkbridge_redis_up") == 1
+        server.stop()
+        await watch.look()
+        assert not back.done() and metric(metrics, "talkbridge_redis_up") == 0
+        server = start_redis_server(tmp_path, server.port)
+        await watch.look()
+        await until(back.done, what="the loops woken")
+        assert metric(metrics, "talkbridge_redis_up") == 1
+        again = asyncio.ensure_future(watch.back())  # the next recovery, not this one
+        await watch.look()
+        await asyncio.sleep(0)
+        assert not again.done()
+        again.cancel()
+    finally:
+        await client.aclose()
+        server.stop()
