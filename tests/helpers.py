@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,17 @@ from bridge.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+
+
+class LogLines(logging.Handler):
+    """A handler that keeps the messages it is given: what a logger said."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def free_port() -> int:

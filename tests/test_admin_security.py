@@ -26,7 +26,7 @@ from bridge.keys import admin_failed_all_key, admin_failed_key, dead_letters_key
 from bridge.metrics import Metrics
 from bridge.rejections import RejectionLog
 from tests.admin_rig import PASSWORD, USER, AdminClient, AdminServer, admin_config
-from tests.helpers import RedisServer, free_port
+from tests.helpers import LogLines, RedisServer, free_port
 from tests.test_admin_web import add_dead_letters, delivery_payload
 
 LIMIT, LIMIT_ALL = 3, 6  # the rig's MaxFailedLogins, MaxFailedLoginsAll
@@ -298,15 +298,6 @@ class Clock:
         return self.now
 
 
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def test_refused_logins_are_counted_and_logged_in_summary(server: AdminServer, checks: CountingCheck) -> None:
     """Whoever reaches the form can send thousands of wrong passwords: every
     one is counted in the metric, the log gets the first of each cause at
@@ -314,7 +305,7 @@ def test_refused_logins_are_counted_and_logged_in_summary(server: AdminServer, c
     assert server.app is not None
     log = logging.getLogger("tests.admin.rejections")
     log.propagate = False
-    lines = Lines()
+    lines = LogLines()
     log.addHandler(lines)
     clock = Clock()
     app = server.app

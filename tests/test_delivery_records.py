@@ -21,18 +21,9 @@ from bridge.delivery import DeliveryLoop, RetryPolicy
 from bridge.events import Delivery
 from bridge.idmap import IdMap
 from bridge.metrics import Metrics
-from tests.helpers import start_redis_server
+from tests.helpers import LogLines, start_redis_server
 from tests.talkbot_rig import until
 from tests.test_bus import RecordingAdapter, enqueue, make_delivery
-
-
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 async def test_a_send_whose_record_meets_a_dead_redis_is_recorded_once_it_is_back_and_not_sent_again(
@@ -41,7 +32,7 @@ async def test_a_send_whose_record_meets_a_dead_redis_is_recorded_once_it_is_bac
     server = start_redis_server(tmp_path, None, "--appendonly", "yes", "--appendfsync", "always")
     redis = Redis(port=server.port)
     log = logging.getLogger("test.delivery_records")
-    lines = Lines()
+    lines = LogLines()
     log.addHandler(lines)
     killed = asyncio.Event()
 
