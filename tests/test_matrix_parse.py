@@ -89,7 +89,8 @@ def test_html_to_markdown_is_total(body: str) -> None:
 tags = st.sampled_from(["b", "strong", "i", "em", "del", "code", "pre", "p", "div", "blockquote", "ul", "ol", "li",
                         "h1", "h3", "a", "span", "mx-reply", "font", "table", "tr", "td"])  # fmt: skip
 fragment = st.recursive(
-    st.text(alphabet=st.characters(blacklist_characters="<>&"), max_size=15),
+    # no "." in the text: every "N." at a line's start in the Markdown is then an ordered list's marker
+    st.text(alphabet=st.characters(blacklist_characters="<>&."), max_size=15),
     lambda inner: (
         st.builds(lambda t, c: f"<{t}>{c}</{t}>", tags, inner)
         | st.lists(inner, max_size=3).map("".join)
@@ -107,7 +108,8 @@ def test_html_to_markdown_keeps_the_words_outside_the_reply_fallback(body: str) 
     if "<mx-reply>" in without_reply:
         return  # nested fallbacks: the outer one goes, with what it holds
     words = re.findall(WORD, re.sub(r"<[^>]*>", "", without_reply))
-    assert "".join(re.findall(WORD, md)) == "".join(words)
+    numbered = re.sub(r"(?m)^ *\d+\.(?= |$)", "", md)  # an <ol>'s item numbers are the Markdown's, not words
+    assert "".join(re.findall(WORD, numbered)) == "".join(words)
 
 
 @given(st.text(alphabet=st.characters(blacklist_characters="<>&\r"), max_size=100))
