@@ -333,11 +333,9 @@ class AccountRunner:
                 if time.monotonic() - started > 60:
                     delay = 0.5  # a new outage, not the same one
                 self.log.error("%s: Redis unavailable (%s); retry in %.1fs", self.name, exc, delay)
-                back = asyncio.ensure_future(self.d.redis_watch.back())  # or as soon as Redis answers again
-                try:
-                    await asyncio.wait((back,), timeout=delay)
-                finally:
-                    back.cancel()
+                with contextlib.suppress(TimeoutError):  # or as soon as Redis answers again
+                    async with asyncio.timeout(delay):
+                        await self.d.redis_watch.back()
                 delay = min(delay * 2, REDIS_BACKOFF_MAX)
 
     async def _deliver(self) -> None:

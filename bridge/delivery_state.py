@@ -131,20 +131,15 @@ class DeliveryState:
                 return
             except Fenced:
                 raise
-            except NotReplicated as exc:
-                self.metrics.replication_short.labels("record").inc()
+            except (RedisError, OSError) as exc:  # NotReplicated included: on the master only
+                short = isinstance(exc, NotReplicated)
+                if short:
+                    self.metrics.replication_short.labels("record").inc()
                 if time.monotonic() + delay >= give_up:
                     raise
                 self.log.warning(
-                    "%s: the record of %d delivered message(s) is not on the replicas yet (%s); writing it again",
-                    self.account, len(done), exc,
-                )  # fmt: skip
-            except (RedisError, OSError) as exc:
-                if time.monotonic() + delay >= give_up:
-                    raise
-                self.log.warning(
-                    "%s: the record of %d delivered message(s) failed (%s); writing it again in %.2fs",
-                    self.account, len(done), exc, delay,
+                    "%s: the record of %d delivered message(s) %s (%s); writing it again in %.2fs",
+                    self.account, len(done), "is not on the replicas yet" if short else "failed", exc, delay,
                 )  # fmt: skip
             await asyncio.sleep(delay)  # the real clock: this waits for Redis, not a retry schedule
             delay = min(delay * 2, RECORD_RETRY_MAX)
