@@ -14,7 +14,7 @@ no adapter: the CLI, the composition root, hands the daemon the classes
   loop; none by default), ``send_batch`` (one ``send`` each by default),
   ``ingress_routes`` (stateless HTTP routes, served by every daemon
   instance: a Talk webhook can land on any of them), and the class methods
-  ``check_account``, ``warn_account`` (config checks) and ``cli_commands``
+  ``check_account``, ``warn_account``, ``describe_account`` (config checks) and ``cli_commands``
   (``talkbridge`` subcommands).
 
 Besides, ``protocol`` and ``options`` declare the config section and its
@@ -337,6 +337,12 @@ class Adapter(ABC):
     def warn_account(cls, account: AccountConfig) -> list[str]:
         """Settings that load but deserve a warning (an open door, say); return them."""
         return []
+
+    @classmethod
+    def describe_account(cls, account: AccountConfig) -> str:
+        """What ``talkbridge check-config`` says the account connects to, as
+        understood from its keys (never a secret); "": the URL it names."""
+        return ""
 
     @classmethod
     def cli_commands(cls) -> Sequence[CliCommand]:

@@ -89,7 +89,7 @@ class BusSettings:
         )
 
 
-WRITE_OPS = frozenset({"SET", "SETNX", "HSET", "HSETNX", "SADD"})
+WRITE_OPS = frozenset({"SET", "SETNX", "HSET", "HSETNX", "SADD", "ZADD", "ZREMRANGEBYRANK"})
 
 
 @dataclass(frozen=True, slots=True)

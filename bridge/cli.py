@@ -101,7 +101,9 @@ def cmd_check_config(args: argparse.Namespace, adapters: Mapping[str, type[Adapt
     print(f"accounts ({len(config.accounts)}):", file=out)
     for name, acct in config.accounts.items():
         # Never print values that may be secrets: only what identifies the account.
-        where = acct.get("Server") or acct.get("BindAddress") or acct.get("HomeServer") or ""
+        adapter = adapters.get(acct.protocol)
+        described = adapter.describe_account(acct) if adapter is not None else ""
+        where = described or acct.get("Server") or acct.get("BindAddress") or acct.get("HomeServer") or ""
         print(f"  {name}  ({acct.protocol}{', ' + where if where else ''})", file=out)
     print(f"gateways ({len(config.gateways)}):", file=out)
     for gw in config.gateways:

@@ -20,8 +20,13 @@ meanings cross from one adapter to others, and are typed properties here:
   ``EventKind.OTHER``, the name of the event talkbridge has no kind for
   (an api client's ``topic_change``, ``user_typing`` or custom one).
   Written by the api, read by the router and the api.
+- ``Event.relayed_from`` (wire: ``extra["from"]``, ``RELAYED_FROM``): the
+  account, on a bridge talkbridge is a client of, where the message was
+  written (``irc.libera`` for a message a Matterbridge relayed from IRC).
+  Written by the matterbridge adapter, read by the router for
+  ``RemoteNickFormat``'s ``{PROTOCOL}`` and ``{BRIDGE}``.
 
-They live in ``extra`` under those keys (``ACTION``, ``EVENT_NAME``), where
+They live in ``extra`` under those keys (``ACTION``, ``EVENT_NAME``, ``RELAYED_FROM``), where
 the properties read and write them: the wire form is the one every version
 so far wrote, so entries already in the streams decode with the
 same meaning and a daemon of an older version reads what this one writes.
@@ -48,6 +53,7 @@ WIRE_VERSION = 1
 # The keys of ``Event.extra`` that carry the typed properties (module docstring)
 ACTION = "action"
 EVENT_NAME = "event"
+RELAYED_FROM = "from"
 
 
 class EventKind(StrEnum):
@@ -122,6 +128,20 @@ class Event:
             self.extra[EVENT_NAME] = value
         else:
             self.extra.pop(EVENT_NAME, None)
+
+    @property
+    def relayed_from(self) -> str:
+        """The account ("protocol.name") on a bridge we are a client of where
+        the message was written (a Matterbridge's ``irc.libera``); else ""."""
+        value = self.extra.get(RELAYED_FROM)
+        return "" if value is None else str(value)
+
+    @relayed_from.setter
+    def relayed_from(self, value: str) -> None:
+        if value:
+            self.extra[RELAYED_FROM] = value
+        else:
+            self.extra.pop(RELAYED_FROM, None)
 
     @property
     def protocol(self) -> str:

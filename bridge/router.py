@@ -169,9 +169,12 @@ class Router:
             # after the first character; Go splits the first *byte* of a
             # one-letter nick and so breaks a non-ASCII one (issue #193's fix)
             nick = nick.replace("{NOPINGNICK}", name[:1] + ZWSP + name[1:])
+        # a message relayed to us by another bridge is named by where it was written
+        written_on = event.relayed_from or event.account
+        protocol, _, bridge = written_on.partition(".")
         return (
-            nick.replace("{BRIDGE}", event.bridge_name)
-            .replace("{PROTOCOL}", event.protocol)
+            nick.replace("{BRIDGE}", bridge or protocol)
+            .replace("{PROTOCOL}", protocol)
             .replace("{GATEWAY}", gateway)
             .replace("{LABEL}", src.label)
             .replace("{NICK}", name)

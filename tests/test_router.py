@@ -96,6 +96,22 @@ def test_remote_nick_format_is_the_destinations_with_source_placeholders(tmp_pat
     assert back.username == "alice"  # a has no RemoteNickFormat: Matterbridge's "{NICK}"
 
 
+def test_a_message_relayed_by_another_bridge_is_named_by_its_network(tmp_path: Path) -> None:
+    """A Matterbridge relays IRC to us: {PROTOCOL}/{BRIDGE} name IRC's account, not ours."""
+    r = router(
+        tmp_path,
+        accounts("a", "b", b_RemoteNickFormat='"[{PROTOCOL}/{BRIDGE}] <{NICK}> "')
+        + gateway("gw", ("inout", "a", "x"), ("inout", "b", "y")),
+    )
+    relayed = msg("a", "x")
+    relayed.relayed_from = "irc.libera"
+    [d] = r.route(relayed)
+    assert d.username == "[irc/libera] <alice> "
+    relayed.relayed_from = "api"  # an account without a name part names its protocol twice, as bridge_name does
+    [d] = r.route(relayed)
+    assert d.username == "[api/api] <alice> "
+
+
 def test_protocols_md_example(tmp_path: Path) -> None:
     r = router(
         tmp_path,
