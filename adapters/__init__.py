@@ -16,6 +16,7 @@ from bridge.adapter import Adapter
 PROTOCOLS: dict[str, str] = {
     "api": "adapters.api:MatterbridgeAPI",
     "matrix": "adapters.matrix:Matrix",
+    "matterbridge": "adapters.matterbridge:MatterbridgeClient",
     "nctalk": "adapters.nctalk:TalkUser",
     "nctalkbot": "adapters.nctalk_bot:TalkBot",
 }

@@ -1,0 +1,374 @@
+"""Receiving from a Matterbridge api account: a ``Receiver`` loop (the core's
+backoff and health reports) whose step reads the next batch from one of
+three sessions and commits it.
+
+- ``websocket``: ``GET /api/websocket`` (api.go ``handleWebsocket``, melody:
+  the ``api_connected`` greeting, then every message the api bridge's
+  ``Send`` gets, broadcast to every session). 1.26 sends no history on
+  connect and never takes anything out of its ring while a websocket is
+  open, so after the greeting the session drains the ring once with
+  ``GET /api/messages`` (``handleMessages``: the ring, then cleared): what
+  arrived while nobody was connected, and what a talkbridge killed before
+  its commit had been sent but not kept. The drain hands over messages
+  already committed too; they are recognised (below).
+- ``stream``: ``GET /api/stream`` (``handleStream``: the greeting line, then
+  the ring dequeued one message per 100 ms, one JSON object a line). What
+  Matterbridge wrote into a connection that was dying is lost: it dequeued it.
+- ``poll``: ``GET /api/messages`` every ``PollSeconds`` (the ring, drained).
+
+``Receive = "auto"`` tries them in that order: a server that does not
+upgrade (a proxy without WebSocket) falls back to the stream, one without a
+stream to polling; a server that is down is waited for, never fallen back
+from.
+
+Every message handed over is recognised by its digest (messages.py
+``digest_of``), committed in the same fenced script as the events it
+became (``ctx.commit_inbound``) into a sorted set of the last
+``ReplayWindow`` digests: a message Matterbridge hands over a second time
+(the drain after a reconnect, a newer Matterbridge replaying its ring) is
+skipped, and a commit that did not happen leaves the message to be taken
+again. Streams and websockets are kept alive: websocket pings every 30 s,
+TCP keepalive on a stream (Matterbridge's stream says nothing while idle).
+
+A mixin of ``MatterbridgeClient`` (adapter.py), which holds the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from adapters.api.encoding import API_CONNECTED
+from adapters.matterbridge.messages import BadMessage, digest_of, parse_json, received
+from bridge.adapter import AccountFailed, TransientError
+from bridge.bus import Write
+from bridge.receiver import Backoff, Receiver
+
+if TYPE_CHECKING:
+    from bridge.adapter import AdapterContext
+
+MODES = ("auto", "websocket", "stream", "poll")
+PING_SECONDS = 30.0  # the websocket's heartbeat (melody's own pings come every 54 s)
+# TCP keepalive on a stream: first probe after 30 s idle, then every 10 s, gone after 3 unanswered
+KEEPALIVE = (
+    ((socket.TCP_KEEPIDLE, 30), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 3))
+    if hasattr(socket, "TCP_KEEPIDLE")
+    else ()
+)
+NOT_SERVED = frozenset({400, 404, 405, 426, 501})  # a route this server (or its proxy) does not serve
+
+
+class Lost(TransientError):
+    """The connection ended or Matterbridge answered what it never answers:
+    connect again after the backoff."""
+
+
+class Refused(Exception):
+    """The api account refused the Token (401), or wants one we do not send."""
+
+
+class NotServed(Exception):
+    """The route is not served here: the next mode, in ``auto``."""
+
+
+def _refusal(status: int, body: str) -> Refused | None:
+    if status == 401:
+        return Refused(f"Matterbridge refused the Token (401 {body.strip()[:120]})")
+    if status == 400 and "missing key" in body:  # echo's KeyAuth: no Authorization header
+        return Refused("Matterbridge wants a Token, and URL's account has none configured")
+    return None
+
+
+class Session:
+    """One connection to the api account: ``first`` is what its opening read
+    (the drain), ``next`` waits for the next batch."""
+
+    first: list[Any]
+
+    async def next(self) -> list[Any]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Nothing to close by default."""
+
+
+class WebsocketSession(Session):
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, first: list[Any]) -> None:
+        self.ws, self.first = ws, first
+
+    async def next(self) -> list[Any]:
+        frame = await self.ws.receive()
+        if frame.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+            try:
+                return [parse_json(frame.data)]
+            except BadMessage as exc:
+                return [_Malformed(str(exc))]
+        reason = self.ws.exception() or frame.extra or frame.type.name
+        raise Lost(f"websocket closed ({reason})")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+class StreamSession(Session):
+    def __init__(self, answer: aiohttp.ClientResponse, max_line: int) -> None:
+        self.answer, self.max_line, self.first = answer, max_line, []
+        self._buffer = bytearray()
+
+    async def line(self) -> bytes:
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                return line
+            if len(self._buffer) > self.max_line:
+                raise Lost(f"a stream line longer than MaxAnswerBytes ({self.max_line})")
+            chunk = await self.answer.content.readany()
+            if not chunk:
+                raise Lost("the stream ended")
+            self._buffer += chunk
+
+    async def next(self) -> list[Any]:
+        out: list[Any] = []
+        while not out or b"\n" in self._buffer:  # every whole line there is, at least one
+            line = await self.line()
+            if line.strip():
+                try:
+                    out.append(parse_json(line))
+                except BadMessage as exc:
+                    out.append(_Malformed(str(exc)))
+        return out
+
+    async def close(self) -> None:
+        self.answer.close()
+
+
+class PollSession(Session):
+    def __init__(self, read: Callable[[], Awaitable[list[Any]]], first: list[Any], every: float,
+                 pause: Callable[[float], Awaitable[None]]) -> None:  # fmt: skip
+        self.read, self.first, self.every, self.pause = read, first, every, pause
+
+    async def next(self) -> list[Any]:
+        await self.pause(self.every)
+        return await self.read()
+
+
+class _Malformed:
+    """A frame or line that is not JSON: counted and logged, never published."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+class Receiving:
+    """``MatterbridgeClient``'s receive side."""
+
+    ctx: AdapterContext
+    name: str
+    url: str
+    mode: str
+    poll_seconds: float
+    timeout: float
+    reconnect_min: float
+    reconnect_max: float
+    max_answer: int
+    max_file: int
+    replay_window: int
+    gateways: frozenset[str]
+    seen_key: str
+    mark: str
+    pause: Callable[[float], Awaitable[None]]
+
+    def _http(self) -> aiohttp.ClientSession:
+        raise NotImplementedError
+
+    async def receive(self) -> None:
+        receiver = Receiver(
+            self.ctx, "receive", room=None,
+            transient=(TransientError, aiohttp.ClientError, asyncio.TimeoutError, OSError),
+            backoff=Backoff(self.reconnect_min, self.reconnect_max), pause=self.pause,
+        )  # fmt: skip
+        session: Session | None = None
+
+        async def step() -> None:
+            nonlocal session
+            if session is None:
+                session = await self._open()
+                self.ctx.log.info("%s: receiving from %s", self.name, type(session).__name__.removesuffix("Session"))
+                await self._commit(session.first)
+                return
+            try:
+                batch = await session.next()
+            except BaseException:
+                closing, session = session, None
+                await closing.close()
+                raise
+            await self._commit(batch)
+
+        try:
+            await receiver.run(step)
+        finally:
+            if session is not None:
+                await session.close()
+
+    # opening -------------------------------------------------------------------------
+    async def _open(self) -> Session:
+        modes = ["websocket", "stream", "poll"] if self.mode == "auto" else [self.mode]
+        openers = {"websocket": self._open_websocket, "stream": self._open_stream, "poll": self._open_poll}
+        for i, mode in enumerate(modes):
+            try:
+                return await openers[mode]()
+            except NotServed as exc:
+                if i + 1 == len(modes):
+                    raise Lost(f"{mode}: {exc}") from None
+                self.ctx.log.warning("%s: %s not served (%s); trying %s", self.name, mode, exc, modes[i + 1])
+            except Refused as exc:
+                await self.ctx.credentials_refused(str(exc))
+                raise AccountFailed(f"{self.name}: {exc}") from None
+        raise AssertionError("unreachable")
+
+    async def _open_websocket(self) -> Session:
+        try:
+            ws = await self._http().ws_connect(
+                self.url + "/api/websocket", heartbeat=PING_SECONDS, max_msg_size=self.max_answer,
+                timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout), autoping=True,
+            )  # fmt: skip
+        except aiohttp.WSServerHandshakeError as exc:
+            refusal = _refusal(exc.status, exc.message)
+            if refusal is not None:
+                raise refusal from None
+            if exc.status in NOT_SERVED or exc.status == 200:  # 200: answered, but not upgraded
+                raise NotServed(f"{exc.status} {exc.message}") from None
+            raise Lost(f"websocket: {exc.status} {exc.message}") from None
+        try:
+            greeting = await asyncio.wait_for(ws.receive(), self.timeout)
+            if greeting.type != aiohttp.WSMsgType.TEXT or not _is_greeting(greeting.data):
+                raise Lost(f"websocket: the first frame is not Matterbridge's greeting ({greeting.type.name})")
+            first = await self._read_messages()
+        except BaseException:
+            await ws.close()
+            raise
+        return WebsocketSession(ws, first)
+
+    async def _open_stream(self) -> Session:
+        answer = await self._http().get(
+            self.url + "/api/stream",
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout),
+        )
+        try:
+            if answer.status != 200:
+                body = (await answer.content.read(512)).decode("utf-8", "replace")
+                refusal = _refusal(answer.status, body)
+                if refusal is not None:
+                    raise refusal
+                if answer.status in NOT_SERVED:
+                    raise NotServed(f"{answer.status} {body.strip()[:120]}")
+                raise Lost(f"stream: {answer.status} {body.strip()[:120]}")
+            _keepalive(answer)
+            session = StreamSession(answer, self.max_answer)
+            line = await asyncio.wait_for(session.line(), self.timeout)
+            if not _is_greeting(line):
+                raise Lost("stream: the first line is not Matterbridge's greeting")
+        except BaseException:
+            answer.close()
+            raise
+        return session
+
+    async def _open_poll(self) -> Session:
+        first = await self._read_messages()
+        return PollSession(self._read_messages, first, self.poll_seconds, self.pause)
+
+    async def _read_messages(self) -> list[Any]:
+        """``GET /api/messages``: the ring, which Matterbridge clears as it answers."""
+        async with self._http().get(
+            self.url + "/api/messages", timeout=aiohttp.ClientTimeout(total=self.timeout)
+        ) as answer:
+            body = await answer.content.read(self.max_answer + 1)
+            if answer.status != 200:
+                text = body[:512].decode("utf-8", "replace")
+                refusal = _refusal(answer.status, text)
+                if refusal is not None:
+                    raise refusal
+                if answer.status in NOT_SERVED and self.mode == "poll":
+                    raise NotServed(f"{answer.status} {text.strip()[:120]}")
+                raise Lost(f"/api/messages: {answer.status} {text.strip()[:120]}")
+        if len(body) > self.max_answer:
+            # Matterbridge has cleared its ring already: what was in it is gone
+            self.ctx.log.error("%s: /api/messages answer over MaxAnswerBytes (%d): dropped", self.name, self.max_answer)
+            return []
+        try:
+            messages = parse_json(body)
+        except BadMessage as exc:
+            raise Lost(f"/api/messages: {exc}") from None
+        if messages is None:  # golang-ring's empty ring marshals as null
+            return []
+        if not isinstance(messages, list):
+            raise Lost("/api/messages: the answer is not a list")
+        return messages
+
+    # committing ----------------------------------------------------------------------
+    async def _commit(self, batch: list[Any]) -> None:
+        """Publish what is new in ``batch`` with its digests, in one fenced script."""
+        digests: dict[str, None] = {}
+        events = []
+        for raw in batch:
+            if isinstance(raw, _Malformed):
+                self._rejected("not JSON", raw.why)
+                continue
+            try:
+                item = received(raw, account=self.name, gateways=self.gateways, mark=self.mark, max_file=self.max_file)
+            except BadMessage as exc:
+                self._rejected("malformed", str(exc))
+                digests.setdefault(digest_of(raw), None)  # not Matterbridge's: not read again either
+                continue
+            if item.digest in digests:
+                continue
+            digests[item.digest] = None
+            if item.event is not None:
+                events.append((item.digest, item.event))
+        if not digests:
+            return
+        seen = await self.ctx.redis.zmscore(self.seen_key, list(digests))
+        known = {d for d, score in zip(digests, seen, strict=True) if score is not None}
+        fresh = [d for d in digests if d not in known]
+        if not fresh:
+            return
+        new_events = [event for d, event in events if d not in known]
+        score = repr(time.time())
+        writes = [
+            Write("ZADD", self.seen_key, tuple(x for d in fresh for x in (score, d))),
+            Write("ZREMRANGEBYRANK", self.seen_key, (0, -(self.replay_window + 1))),
+        ]
+        await self.ctx.commit_inbound(new_events, writes)
+        if new_events:
+            self.ctx.metrics.events_in.labels(self.name).inc(len(new_events))
+
+    def _rejected(self, cause: str, detail: str) -> None:
+        self.ctx.metrics.rejected.labels(self.name, cause).inc()
+        self.ctx.rejections.note(self.name, "message", cause, detail, peer=self.url)
+
+
+def _is_greeting(data: str | bytes) -> bool:
+    try:
+        body = parse_json(data)
+    except BadMessage:
+        return False
+    return isinstance(body, dict) and body.get("event") == API_CONNECTED
+
+
+def _keepalive(answer: aiohttp.ClientResponse) -> None:
+    """TCP keepalive on a stream's socket: Matterbridge's stream is silent while
+    idle, so a peer gone without a FIN is found only this way (~1 minute)."""
+    conn = answer.connection
+    sock = conn.transport.get_extra_info("socket") if conn is not None and conn.transport is not None else None
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in KEEPALIVE:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
