@@ -228,8 +228,7 @@ class Receiving:
                 if i + 1 == len(modes):
                     raise Lost(f"{mode}: {exc}") from None
                 self.ctx.log.warning("%s: %s not served (%s); trying %s", self.name, mode, exc, modes[i + 1])
-            except Refused as exc:
-                await self.ctx.credentials_refused(str(exc))
+            except Refused as exc:  # the runner reports it and pauses the account (a fixed Token needs a restart)
                 raise AccountFailed(f"{self.name}: {exc}") from None
         raise AssertionError("unreachable")
 
