@@ -119,6 +119,13 @@ def dead_letters_key(prefix: str) -> str:
     return f"{prefix}:dlq"
 
 
+def installation_mark_key(prefix: str) -> str:
+    """A random id of this installation (every daemon on this Redis and
+    prefix), set once: a client of another bridge marks what it posts there
+    with it and drops what comes back carrying it (adapters/matterbridge)."""
+    return f"{prefix}:mark"
+
+
 def replicated_key(prefix: str) -> str:
     """Written by a replica barrier (bridge/groupcommit.py): a write for WAIT to wait on."""
     return f"{prefix}:replicated"

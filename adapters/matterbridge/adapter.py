@@ -25,6 +25,7 @@ from bridge.adapter import (
 )
 from bridge.config import AccountConfig
 from bridge.events import Delivery
+from bridge.keys import installation_mark_key
 
 PROTOCOL = "matterbridge"
 
@@ -79,8 +80,10 @@ class MatterbridgeClient(Receiving, Adapter):
         )
         self.gateways = frozenset(ctx.channels)
         self.seen_key = ctx.key("mb-seen")  # digests of what was received: one script with the events
-        self.mark_key = ctx.key("mb-mark")
-        self.mark = ""  # this account's mark on its posts (Extra.talkbridge), read at connect
+        # the installation's mark on its posts (Extra.talkbridge), read at connect: a post of any
+        # account of ours that comes back through a Matterbridge is an echo, never relayed again
+        self.mark_key = installation_mark_key(ctx.key_prefix)
+        self.mark = ""
         self.http: aiohttp.ClientSession | None = None
         self.pause = asyncio.sleep  # how the receive loop waits (a test records the waits instead)
 
@@ -117,7 +120,7 @@ class MatterbridgeClient(Receiving, Adapter):
     async def connect(self) -> None:
         await self.disconnect()
         redis = self.ctx.redis
-        await redis.set(self.mark_key, os.urandom(8).hex(), nx=True)  # one mark for the account's whole life
+        await redis.set(self.mark_key, os.urandom(8).hex(), nx=True)  # one mark for the installation's life
         self.mark = (await redis.get(self.mark_key) or b"").decode()
         self.http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout),
