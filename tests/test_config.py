@@ -235,11 +235,18 @@ def test_check_config_cli_exit_2_one_line_per_problem(tmp_path: Path, capsys: py
 
 
 @pytest.mark.parametrize(
-    "name, gateway", [("example.toml", "demo"), ("compose.toml", "demo"), ("talk-bot.toml", "team")]
+    "name, gateway",
+    [
+        ("example.toml", "demo"),
+        ("compose.toml", "demo"),
+        ("talk-bot.toml", "team"),
+        ("matterbridge-client.toml", "team"),
+    ],
 )
 def test_shipped_configs_are_valid(name: str, gateway: str) -> None:
     shipped = Path(__file__).resolve().parent.parent / "config" / name
     environ = {"TALKBRIDGE_REDIS_URL": "redis://redis:6379/0", "TALK_BOT_SECRET": "s" * 48, "API_TOKEN": "t"}
+    environ |= {"MATTERBRIDGE_TOKEN": "m", "NC_APP_PASSWORD": "p"}
     config = load_config(shipped, specs(), environ=environ)
     assert [g.name for g in config.gateways] == [gateway]
     assert config.warnings == []
