@@ -60,6 +60,7 @@ KEEPALIVE = (
     if hasattr(socket, "TCP_KEEPIDLE")
     else ()
 )
+QUIET = 0.5  # a stream silent this long has handed its backlog over (1.26 writes one message per 100 ms)
 NOT_SERVED = frozenset({400, 404, 405, 426, 501})  # a route this server (or its proxy) does not serve
 
 
@@ -98,21 +99,60 @@ class Session:
 
 
 class WebsocketSession(Session):
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, first: list[Any]) -> None:
-        self.ws, self.first = ws, first
+    """The websocket for what arrives now, with the stream beside it for what
+    Matterbridge buffered (its ring): first the stream alone, until it has
+    said nothing for ``QUIET`` seconds (the backlog, in order), then both,
+    the websocket's frames first. In 1.26 every message is on both (the
+    ring keeps what the websocket was sent), so the stream's copies are
+    recognised and skipped, and one melody dropped for a slow session
+    (its buffer of 256 full) still arrives. ``stream`` None: a server that
+    serves no stream; ``first`` is then the ring, drained."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, stream: StreamSession | None, first: list[Any]) -> None:
+        self.ws, self.stream, self.first = ws, stream, first
+        self.catching_up = stream is not None
+        self._frame: asyncio.Task[aiohttp.WSMessage] | None = None
+        self._lines: asyncio.Task[list[Any]] | None = None
 
     async def next(self) -> list[Any]:
-        frame = await self.ws.receive()
+        if self.stream is not None and self.catching_up:
+            try:
+                return await asyncio.wait_for(self.stream.next(), QUIET)
+            except TimeoutError:
+                self.catching_up = False
+        if self._frame is None:
+            self._frame = asyncio.ensure_future(self.ws.receive())
+        waiting: set[asyncio.Future[Any]] = {self._frame}
+        if self.stream is not None:
+            if self._lines is None:
+                self._lines = asyncio.ensure_future(self.stream.next())
+            waiting.add(self._lines)
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        out: list[Any] = []
+        if self._frame in done:
+            frame, self._frame = self._frame.result(), None
+            out.append(self._message(frame))
+        if self._lines is not None and self._lines in done:
+            lines, self._lines = self._lines.result(), None
+            out.extend(lines)
+        return out
+
+    def _message(self, frame: aiohttp.WSMessage) -> Any:
         if frame.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
             try:
-                return [parse_json(frame.data)]
+                return parse_json(frame.data)
             except BadMessage as exc:
-                return [_Malformed(str(exc))]
+                return _Malformed(str(exc))
         reason = self.ws.exception() or frame.extra or frame.type.name
         raise Lost(f"websocket closed ({reason})")
 
     async def close(self) -> None:
+        for task in (self._frame, self._lines):
+            if task is not None:
+                task.cancel()
         await self.ws.close()
+        if self.stream is not None:
+            await self.stream.close()
 
 
 class StreamSession(Session):
@@ -245,17 +285,27 @@ class Receiving:
             if exc.status in NOT_SERVED or exc.status == 200:  # 200: answered, but not upgraded
                 raise NotServed(f"{exc.status} {exc.message}") from None
             raise Lost(f"websocket: {exc.status} {exc.message}") from None
+        stream: StreamSession | None = None
+        first: list[Any] = []
         try:
             greeting = await asyncio.wait_for(ws.receive(), self.timeout)
             if greeting.type != aiohttp.WSMsgType.TEXT or not _is_greeting(greeting.data):
                 raise Lost(f"websocket: the first frame is not Matterbridge's greeting ({greeting.type.name})")
-            first = await self._read_messages()
+            try:
+                stream = await self._open_stream()
+            except NotServed as exc:
+                # Only /api/messages hands the ring over then; 1.26 gives the ring
+                # its default capacity (10) after that read (api.go handleMessages)
+                self.ctx.log.warning("%s: no stream (%s): the ring is read once from /api/messages", self.name, exc)
+                first = await self._read_messages()
         except BaseException:
             await ws.close()
+            if stream is not None:
+                await stream.close()
             raise
-        return WebsocketSession(ws, first)
+        return WebsocketSession(ws, stream, first)
 
-    async def _open_stream(self) -> Session:
+    async def _open_stream(self) -> StreamSession:
         answer = await self._http().get(
             self.url + "/api/stream",
             timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout),
@@ -294,7 +344,7 @@ class Receiving:
                 refusal = _refusal(answer.status, text)
                 if refusal is not None:
                     raise refusal
-                if answer.status in NOT_SERVED and self.mode == "poll":
+                if answer.status in NOT_SERVED:
                     raise NotServed(f"{answer.status} {text.strip()[:120]}")
                 raise Lost(f"/api/messages: {answer.status} {text.strip()[:120]}")
         if len(body) > self.max_answer:
