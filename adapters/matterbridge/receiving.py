@@ -4,31 +4,32 @@ three sessions and commits it.
 
 - ``websocket``: ``GET /api/websocket`` (api.go ``handleWebsocket``, melody:
   the ``api_connected`` greeting, then every message the api bridge's
-  ``Send`` gets, broadcast to every session). 1.26 sends no history on
-  connect and never takes anything out of its ring while a websocket is
-  open, so after the greeting the session drains the ring once with
-  ``GET /api/messages`` (``handleMessages``: the ring, then cleared): what
-  arrived while nobody was connected, and what a talkbridge killed before
-  its commit had been sent but not kept. The drain hands over messages
-  already committed too; they are recognised (below).
-- ``stream``: ``GET /api/stream`` (``handleStream``: the greeting line, then
-  the ring dequeued one message per 100 ms, one JSON object a line). What
-  Matterbridge wrote into a connection that was dying is lost: it dequeued it.
-- ``poll``: ``GET /api/messages`` every ``PollSeconds`` (the ring, drained).
+  ``Send`` gets) *with ``GET /api/stream`` beside it*. 1.26 sends no history
+  on a websocket, and its ring (``Buffer`` messages) is handed over only by
+  the stream (``handleStream``: dequeued one per 100 ms) or by
+  ``/api/messages``, which afterwards leaves the ring its default capacity
+  of 10 (``handleMessages`` replaces it with a zero ``ring.Ring``): so the
+  stream it is. It hands over the backlog first (the websocket's frames held
+  back meanwhile, ``WebsocketSession``), then carries a copy of everything
+  the websocket carries, recognised and skipped, and whatever melody dropped.
+- ``stream``: the stream alone (latency up to 100 ms, at most 10 messages a
+  second; more wait in the ring, which may overflow).
+- ``poll``: ``GET /api/messages`` every ``PollSeconds`` (the ring, drained;
+  in 1.26 its capacity is 10 from the first read on).
 
-``Receive = "auto"`` tries them in that order: a server that does not
-upgrade (a proxy without WebSocket) falls back to the stream, one without a
-stream to polling; a server that is down is waited for, never fallen back
-from.
+``Receive = "auto"`` is the first of them the server serves: a proxy without
+WebSocket falls back to the stream, one without a stream to polling (a
+websocket without a stream reads ``/api/messages`` once per connect); a
+server that is down is waited for, never fallen back from.
 
 Every message handed over is recognised by its digest (messages.py
 ``digest_of``), committed in the same fenced script as the events it
 became (``ctx.commit_inbound``) into a sorted set of the last
-``ReplayWindow`` digests: a message Matterbridge hands over a second time
-(the drain after a reconnect, a newer Matterbridge replaying its ring) is
-skipped, and a commit that did not happen leaves the message to be taken
-again. Streams and websockets are kept alive: websocket pings every 30 s,
-TCP keepalive on a stream (Matterbridge's stream says nothing while idle).
+``ReplayWindow`` digests: a message handed over a second time (the stream's
+copy, a newer Matterbridge replaying its ring on connect) is skipped, and a
+commit that did not happen leaves the message to be taken again. Streams
+and websockets are kept alive: websocket pings every 30 s, TCP keepalive on
+a stream (Matterbridge's stream says nothing while idle).
 
 A mixin of ``MatterbridgeClient`` (adapter.py), which holds the state.
 """
@@ -100,26 +101,30 @@ class Session:
 
 class WebsocketSession(Session):
     """The websocket for what arrives now, with the stream beside it for what
-    Matterbridge buffered (its ring): first the stream alone, until it has
-    said nothing for ``QUIET`` seconds (the backlog, in order), then both,
-    the websocket's frames first. In 1.26 every message is on both (the
-    ring keeps what the websocket was sent), so the stream's copies are
-    recognised and skipped, and one melody dropped for a slow session
-    (its buffer of 256 full) still arrives. ``stream`` None: a server that
-    serves no stream; ``first`` is then the ring, drained."""
+    Matterbridge buffered (its ring). In 1.26 every message is on both (the
+    ring keeps what the websocket was sent; the stream dequeues it, one per
+    100 ms), so the stream's copies are recognised and skipped, and one that
+    melody dropped for a slow session (its buffer of 256 full) still arrives.
+
+    After a connect the stream first hands over the backlog: until it does,
+    the websocket's frames are held back, and released (in order, the ones
+    the stream already gave skipped) as soon as the stream gives one of them
+    (it has reached what arrived live) or has been silent for ``QUIET``
+    seconds. So the backlog comes before what arrived after it.
+
+    ``stream`` None: a server that serves no stream; ``first`` is then the
+    ring, drained once."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, stream: StreamSession | None, first: list[Any]) -> None:
         self.ws, self.stream, self.first = ws, stream, first
         self.catching_up = stream is not None
+        self.held: list[Any] = []  # frames while catching up
+        self._held_digests: set[str] = set()
+        self._stream_at = time.monotonic()  # when the stream last said something
         self._frame: asyncio.Task[aiohttp.WSMessage] | None = None
         self._lines: asyncio.Task[list[Any]] | None = None
 
     async def next(self) -> list[Any]:
-        if self.stream is not None and self.catching_up:
-            try:
-                return await asyncio.wait_for(self.stream.next(), QUIET)
-            except TimeoutError:
-                self.catching_up = False
         if self._frame is None:
             self._frame = asyncio.ensure_future(self.ws.receive())
         waiting: set[asyncio.Future[Any]] = {self._frame}
@@ -127,15 +132,36 @@ class WebsocketSession(Session):
             if self._lines is None:
                 self._lines = asyncio.ensure_future(self.stream.next())
             waiting.add(self._lines)
-        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        timeout = None
+        if self.catching_up:
+            timeout = self._stream_at + QUIET - time.monotonic()
+            if timeout <= 0:
+                return self._caught_up([])
+        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         out: list[Any] = []
         if self._frame in done:
             frame, self._frame = self._frame.result(), None
-            out.append(self._message(frame))
+            message = self._message(frame)
+            if not self.catching_up:
+                out.append(message)
+            else:
+                self.held.append(message)
+                if isinstance(message, dict):
+                    self._held_digests.add(digest_of(message))
         if self._lines is not None and self._lines in done:
             lines, self._lines = self._lines.result(), None
+            self._stream_at = time.monotonic()
             out.extend(lines)
+            if self.catching_up and any(isinstance(m, dict) and digest_of(m) in self._held_digests for m in lines):
+                return self._caught_up(out)
+        if self.catching_up and not done:
+            return self._caught_up(out)
         return out
+
+    def _caught_up(self, out: list[Any]) -> list[Any]:
+        self.catching_up = False
+        held, self.held, self._held_digests = self.held, [], set()
+        return out + held
 
     def _message(self, frame: aiohttp.WSMessage) -> Any:
         if frame.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
