@@ -36,6 +36,7 @@ Control, in-process (``MatterbridgeServer(config)``, ``await start()`` /
                  parent_id="", extra=None, id="")   # a network account hears this on its network
     mb.heard(account) -> list[dict]    # what the gateway sent to a network account (Go's JSON of each)
     mb.ring(account) -> int            # how many messages an api account's ring holds
+    mb.streams(account) -> int         # /api/stream handlers still running (in-process only)
 
 and over HTTP at ``config["control"]`` (the same three)::
 

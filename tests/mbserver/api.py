@@ -65,6 +65,7 @@ class ApiBridge:
         self.host, self.port = host or "0.0.0.0", int(port)
         self.remote = remote
         self.messages = self._new_ring()
+        self.streams = 0  # /api/stream handlers still looping (a client gone is noticed at the next iteration)
         self.melody = Melody(self._ws_message, ping_period=ping_period, pong_wait=pong_wait)
         self._runner: web.AppRunner | None = None
 
@@ -153,17 +154,21 @@ class ApiBridge:
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         await response.prepare(request)
         await response.write(marshal(greeting()) + b"\n")
-        while True:
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                return response  # case <-c.Request().Context().Done(): return nil
-            msg = self.messages.dequeue()
-            if msg is not None:
-                try:
-                    await response.write(marshal(msg) + b"\n")
-                except (ConnectionResetError, RuntimeError):
-                    return response
-            await asyncio.sleep(STREAM_PERIOD)
+        self.streams += 1
+        try:
+            while True:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    return response  # case <-c.Request().Context().Done(): return nil
+                msg = self.messages.dequeue()
+                if msg is not None:
+                    try:
+                        await response.write(marshal(msg) + b"\n")
+                    except (ConnectionResetError, RuntimeError):
+                        return response
+                await asyncio.sleep(STREAM_PERIOD)
+        finally:
+            self.streams -= 1
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:  # l.242-251
         return await self.melody.handle_request(request, marshal(greeting()))

@@ -303,14 +303,22 @@ def _fold(key: str) -> str:
 _BY_FOLD = {_fold(name): name for name in MESSAGE_FIELDS}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _go_str(text: str) -> str:
+    """A JSON string as Go unquotes it: a lone surrogate escape is U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def _plain(value: Any) -> Any:
     """A parsed value for interface{}: objects become dicts (a repeated key:
     the last wins, as in a Go map)."""
     if isinstance(value, tuple):
-        return {key: _plain(item) for key, item in value[1]}
+        return {_go_str(key): _plain(item) for key, item in value[1]}
     if isinstance(value, list):
         return [_plain(item) for item in value]
-    return value
+    return _go_str(value) if isinstance(value, str) else value
 
 
 _RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d+)?(Z|[+-]\d{2}:\d{2})\Z")
@@ -389,14 +397,15 @@ def _assign(message: Message, name: str, item: Any) -> str | None:
     if name != "Extra":
         if not isinstance(item, str):
             return _type_error("string", item, name)
-        setattr(message, name, item)
+        setattr(message, name, _go_str(item))
         return None
     if not isinstance(item, tuple):
         return _type_error("map[string][]interface {}", item, "Extra")
     if message.Extra is None:
         message.Extra = {}
     error = None
-    for key, values in item[1]:
+    for raw_key, values in item[1]:
+        key = _go_str(raw_key)
         if values is None:
             message.Extra[key] = None
         elif isinstance(values, list):

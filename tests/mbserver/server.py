@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,11 @@ class MatterbridgeServer:
         while True:
             msg = await self._queue.get()
             msg.protocol = self.bridges[msg.account].protocol  # "Set message protocol based on the account"
-            for gateway in self.gateways:
-                gateway.route(msg)
+            try:
+                for gateway in self.gateways:
+                    gateway.route(msg)
+            except Exception:  # a panic in Go would end the process; here it is shown and the router goes on
+                traceback.print_exc()
 
     # the control surface ----------------------------------------------------------------------------------------------
     async def say(self, account: str, channel: str, text: str, username: str, userid: str = "", event: str = "",
@@ -163,6 +167,12 @@ class MatterbridgeServer:
     def ring(self, account: str) -> int:
         """How many messages an api account's ring holds."""
         return len(self.apis[account].messages.values())
+
+    def streams(self, account: str) -> int:
+        """How many /api/stream handlers of an api account still run (in-process
+        only: a test waits for a closed stream to be noticed before it says
+        what the next stream must get)."""
+        return self.apis[account].streams
 
     async def _start_control(self, address: str) -> None:
         host, _, port = address.rpartition(":")
