@@ -274,6 +274,7 @@ async def test_files_cross_both_ways_as_base64_and_extra_passes_untouched(mb: Mb
         ({"Name": "x", "Data": "%%%"}, "Internal Server Error"),  # base64's error, returned bare
         ({"Name": "x", "Data": 5}, "Internal Server Error"),  # mapstructure: "... got float64"
         ({"Name": "x", "Data": [104, 105]}, "invalid format for data"),  # decoded, but no string
+        ({"Name": "x", "Data": [104, -1]}, "Internal Server Error"),  # mapstructure: "-1 overflows uint"
         ({"Name": "x"}, "invalid format for data"),
         ("x", "invalid format for extra"),
         ({"Name": 5, "Data": "aGk="}, None),  # mapstructure's errors ignored: one says "got string"

@@ -267,6 +267,14 @@ def decode_file(item: Any) -> FileInfo:
             if not isinstance(value, list):
                 kind = {str: "string", bool: "bool", float: "float64", dict: "map"}.get(type(value), "map")
                 errors.append(f"'Data': source data must be an array or slice, got {kind}")
+                continue
+            for j, byte in enumerate(value):  # decodeSlice -> decodeUint per element; nil elements skipped
+                if byte is None:
+                    continue
+                if not isinstance(byte, float) or isinstance(byte, bool):
+                    errors.append(f"'Data[{j}]' expected type 'uint8', got unconvertible type, value: '{byte}'")
+                elif byte < 0:
+                    errors.append(f"cannot parse 'Data[{j}]', {byte:f} overflows uint")
             continue
         if name == "Size":
             if isinstance(value, float):
