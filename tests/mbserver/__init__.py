@@ -7,8 +7,8 @@ that commit, the nearest stored version is named).
 Modules: ``api`` (bridge/api/api.go and echo), ``melody`` (the WebSocket
 hub), ``ring`` (golang-ring), ``gateway`` (gateway/router.go, gateway.go,
 handlers.go), ``gojson`` (config.Message as Go's encoding/json reads and
-writes it), ``server`` (config, accounts, control), ``rig`` (the server as a
-real process).
+writes it), ``goscan`` (Go's JSON scanner), ``server`` (config, accounts,
+control), ``rig`` (the server as a real process).
 
 Config (a dict, or a JSON file for the process)::
 
@@ -51,9 +51,10 @@ Matterbridge's does).
 
 Where this server is not Matterbridge (guesses and simplifications):
 gateways and bridges are walked in config order (Go walks maps in random
-order); timestamps are in UTC; the wording and offsets of JSON syntax and
-type errors are Python's json module's in echo's format (statuses are
-Go's); a type error inside ``Extra`` names the field ``Extra``; a form post
+order); timestamps are in UTC; JSON syntax and type errors are Go's
+(goscan.py), but a bad ``timestamp``'s parse error is shortened and
+nesting past 400 levels is refused (Go: 10,000); aiohttp refuses a text
+frame that is not UTF-8 (gorilla passes it on); a form post
 is parsed only as far as finding the errors Go's ParseForm reports for a
 bad escape or a ``;``; mapstructure's error texts for a bad Extra.file are
 shortened (their statuses and the "got string" rule are Go's);

@@ -22,10 +22,10 @@ Matterbridge (tests/mbserver).
   error=%v``, anything else its own text (bind.go ``BindBody`` makes each a
   400).
 
-Limits (guesses, said in the package docstring): offsets and syntax-error
-wording are Python's json module's, not Go's scanner's; a type error inside
-``Extra`` names the field ``Extra`` (whether Go 1.20 adds the map key is not
-checked).
+The scanner is goscan.py (Go's messages and offsets). Limits: the parse
+error of a bad ``timestamp`` is shortened after "cannot parse"; a type
+error inside ``Extra`` names the field ``Extra`` (decode.go pushes struct
+fields, not map keys, on its FieldStack).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
+
+from tests.mbserver.goscan import Node, SyntaxErr, UnexpectedEOF, decode_first, decode_whole
 
 MESSAGE_FIELDS = (
     "text", "channel", "username", "userid", "avatar", "account", "event", "protocol", "gateway", "parent_id",
@@ -258,158 +260,115 @@ def to_plain(value: Any) -> Any:
 # --- unmarshal -------------------------------------------------------------------------------------------------------
 
 
-class _Reject(ValueError):
-    pass
-
-
-def _no_constant(name: str) -> Any:
-    raise _Reject(f"invalid character '{name[0]}' looking for beginning of value")
-
-
-def _go_number(text: str) -> float:
-    """A number read into interface{}: float64, or Go's convertNumber error."""
-    number = float(text)
-    if math.isinf(number):
-        raise _Reject("number " + text)
-    return number
-
-
-_DECODER = json.JSONDecoder(
-    object_pairs_hook=lambda pairs: ("object", pairs),
-    parse_constant=_no_constant,
-    parse_float=_go_number,
-    parse_int=_go_number,
-)
-_GO_SPACE = " \t\r\n"
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, tuple):
-        return "object"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, float):
-        return "number"
-    return "string"
-
-
 def _fold(key: str) -> str:
     # Go's foldName: ASCII case, and the Kelvin sign and long s fold to k and s
     return key.translate({0x212A: "k", 0x17F: "s"}).lower()
 
 
 _BY_FOLD = {_fold(name): name for name in MESSAGE_FIELDS}
+_KIND = {"object": "object", "array": "array", "string": "string", "number": "number", "bool": "bool"}
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+class _Saved:
+    """decode.go's savedError: the first type error, kept while decoding goes on."""
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+
+    def save(self, error: str) -> None:
+        if self.error is None:
+            self.error = error
 
 
-def _go_str(text: str) -> str:
-    """A JSON string as Go unquotes it: a lone surrogate escape is U+FFFD."""
-    return _SURROGATE.sub("\ufffd", text)
+def _type_error(expected: str, node: Node, field: str) -> str:
+    return f"Unmarshal type error: expected={expected}, got={_KIND[node.kind]}, field={field}, offset={node.off}"
 
 
-def _plain(value: Any) -> Any:
-    """A parsed value for interface{}: objects become dicts (a repeated key:
-    the last wins, as in a Go map)."""
-    if isinstance(value, tuple):
-        return {_go_str(key): _plain(item) for key, item in value[1]}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    return _go_str(value) if isinstance(value, str) else value
+def _interface(node: Node, saved: _Saved) -> Any:
+    """A value into interface{}: objects are map[string]interface{} (a
+    repeated key: the last wins), numbers float64 (convertNumber)."""
+    if node.kind == "object":
+        return {key: _interface(item, saved) for key, item in node.value}
+    if node.kind == "array":
+        return [_interface(item, saved) for item in node.value]
+    if node.kind == "number":
+        number = float(node.value)
+        if math.isinf(number):
+            saved.save(f"Unmarshal type error: expected=float64, got=number {node.value}, field=Extra, "
+                       f"offset={node.off + 1}")  # fmt: skip
+            return None
+        return number
+    return node.value
 
 
 _RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d+)?(Z|[+-]\d{2}:\d{2})\Z")
 
 
-def _check_time(value: Any) -> str | None:
+def _time_error(node: Node) -> str | None:
     """time.Time.UnmarshalJSON (Go 1.20): null is nothing; else a string in
-    RFC 3339 (fields in range). Returns the error text, or None."""
-    if value is None:
+    RFC 3339 with its fields in range. Returns the error text (the parse
+    error's wording is shortened), or None."""
+    if node.kind == "null":
         return None
-    if not isinstance(value, str):
+    if node.kind != "string":
         return "Time.UnmarshalJSON: input is not a JSON string"
-    m = _RFC3339.match(value)
+    m = _RFC3339.match(node.value)
     if m:
         try:
-            datetime(*(int(m.group(i)) for i in range(1, 4)), int(m.group(4)), int(m.group(5)), int(m.group(6)))
+            datetime(*(int(m.group(i)) for i in range(1, 7)))
             return None
         except ValueError:
             pass
-    return f'parsing time "{json.dumps(value)}" as "\\"2006-01-02T15:04:05Z07:00\\"": cannot parse'
+    return f'parsing time "{node.value}" as "2006-01-02T15:04:05Z07:00": cannot parse'
 
 
 def decode_message(raw: bytes, message: Message | None = None, *, stream: bool = True) -> Message:
-    """Read ``raw`` into a config.Message as echo's Bind (``stream``: a
+    """Read ``raw`` into a config.Message as echo's Bind does (``stream``: a
     json.Decoder, the first value only) or melody's handler (json.Unmarshal:
-    the whole text) does; raise GoError (400) as echo words it."""
+    the whole text); raise GoError (400) worded as echo's
+    DefaultJSONSerializer.Deserialize and BindBody word it."""
     message = message if message is not None else Message()
-    text = raw.decode("utf-8", "replace")  # Go reads invalid UTF-8 in strings as U+FFFD
-    start = 0
-    while start < len(text) and text[start] in _GO_SPACE:
-        start += 1
-    if start == len(text):
-        raise GoError(400, "EOF" if not raw.strip(b" \t\r\n") else "unexpected EOF")
     try:
-        value, end = _DECODER.raw_decode(text, start)
-    except _Reject as exc:
-        if str(exc).startswith("number "):
-            raise GoError(
-                400, f"Unmarshal type error: expected=float64, got={exc}, field=Extra, offset={start}"
-            ) from None
-        raise GoError(400, f"Syntax error: offset={start + 1}, error={exc}") from None
-    except json.JSONDecodeError as exc:
-        if exc.pos >= len(text):
-            raise GoError(400, "unexpected EOF") from None
-        raise GoError(400, f"Syntax error: offset={exc.pos + 1}, error={exc.msg}") from None
-    if not stream and text[end:].strip(_GO_SPACE):
-        raise GoError(400, "Syntax error: invalid character after top-level value")
-    if value is None:
+        node = decode_first(raw) if stream else decode_whole(raw)
+    except EOFError:
+        raise GoError(400, "EOF") from None
+    except UnexpectedEOF:
+        raise GoError(400, "unexpected EOF" if stream else "unexpected end of JSON input") from None
+    except SyntaxErr as exc:
+        raise GoError(400, f"Syntax error: offset={exc.offset}, error={exc.msg}") from None
+    if node.kind == "null":
         return message  # null into a struct: nothing
-    if not isinstance(value, tuple):
-        raise GoError(400, f"Unmarshal type error: expected=config.Message, got={_kind(value)}, field=, offset={end}")
-    first_error: str | None = None
-    for key, item in value[1]:
+    if node.kind != "object":
+        raise GoError(400, _type_error("config.Message", node, ""))
+    saved = _Saved()
+    for key, item in node.value:
         name = key if key in MESSAGE_FIELDS else _BY_FOLD.get(_fold(key))
         if name is None:
             continue  # Go ignores keys that name no field
-        error = _assign(message, name, item)
-        if error is not None and first_error is None:
-            first_error = error
-    if first_error is not None:
-        raise GoError(400, first_error)
+        if name == "timestamp":
+            error = _time_error(item)
+            if error is not None:
+                raise GoError(400, error)  # an Unmarshaler's error ends decoding at once
+        elif item.kind == "null":
+            if name == "Extra":
+                message.Extra = None
+        elif name != "Extra":
+            if item.kind == "string":
+                setattr(message, name, item.value)
+            else:
+                saved.save(_type_error("string", item, name))
+        elif item.kind != "object":
+            saved.save(_type_error("map[string][]interface {}", item, "Extra"))
+        else:
+            if message.Extra is None:
+                message.Extra = {}
+            for extra_key, values in item.value:
+                if values.kind == "null":
+                    message.Extra[extra_key] = None
+                elif values.kind == "array":
+                    message.Extra[extra_key] = [_interface(v, saved) for v in values.value]
+                else:
+                    saved.save(_type_error("[]interface {}", values, "Extra"))
+    if saved.error is not None:
+        raise GoError(400, saved.error)
     return message
-
-
-def _type_error(expected: str, got: Any, name: str) -> str:
-    return f"Unmarshal type error: expected={expected}, got={_kind(got)}, field={name}, offset=0"
-
-
-def _assign(message: Message, name: str, item: Any) -> str | None:
-    if item is None:
-        if name == "Extra":
-            message.Extra = None
-        return None  # null leaves a string (and the time) as it was
-    if name == "timestamp":
-        return _check_time(item)  # the value itself is overwritten by every handler
-    if name != "Extra":
-        if not isinstance(item, str):
-            return _type_error("string", item, name)
-        setattr(message, name, _go_str(item))
-        return None
-    if not isinstance(item, tuple):
-        return _type_error("map[string][]interface {}", item, "Extra")
-    if message.Extra is None:
-        message.Extra = {}
-    error = None
-    for raw_key, values in item[1]:
-        key = _go_str(raw_key)
-        if values is None:
-            message.Extra[key] = None
-        elif isinstance(values, list):
-            message.Extra[key] = [_plain(v) for v in values]
-        elif error is None:
-            error = _type_error("[]interface {}", values, "Extra")
-    return error
