@@ -1,9 +1,9 @@
 """One Matterbridge ``api`` account: bridge/api/api.go @ e68ddcf5 (line
 numbers are that file's), served by aiohttp.
 
-- ``New`` (l.37-96): the ring gets ``SetCapacity(Buffer)`` only when Buffer is
+- ``New`` (l.36-96): the ring gets ``SetCapacity(Buffer)`` only when Buffer is
   not 0 (l.67-70); KeyAuth on every route only when Token is set (l.71-75);
-  RemoteNickFormat defaults to ``{NICK}`` (l.78-81, done in gateway.py);
+  RemoteNickFormat defaults to ``{NICK}`` (l.77-81, done in gateway.py);
   routes l.83-87.
 - echo v4.10.2 (go.mod at e68ddcf5): the router answers 404 ``Not Found``
   and 405 ``Method Not Allowed`` (with ``Allow``), the middleware runs for
@@ -17,9 +17,9 @@ numbers are that file's), served by aiohttp.
   one that does not start with the scheme -> 400 ``invalid key in the
   request header``, a wrong key -> 401 ``Unauthorized``.
 - ``Send`` (l.110-126): ``msg_delete`` dropped; else Enqueue and Broadcast.
-- ``handlePostMessage`` (l.132-178), ``handleMessages`` (l.180-186: the ring
+- ``handlePostMessage`` (l.132-176), ``handleMessages`` (l.178-184: the ring
   is replaced by a zero Ring, so it has the default capacity afterwards,
-  whatever Buffer says), ``handleStream`` (l.195-221), websocket (l.223-251,
+  whatever Buffer says), ``handleStream`` (l.193-217), websocket (l.43-65, l.219-245,
   and melody.py).
 """
 
@@ -140,13 +140,13 @@ class ApiBridge:
         return web.Response(body=b"OK", headers={"Content-Type": "text/plain; charset=UTF-8"})
 
     async def _messages(self, request: web.Request) -> web.Response:
-        """l.180-186: JSONPretty(200, b.Messages.Values(), " "), then a zero Ring."""
+        """l.178-184: JSONPretty(200, b.Messages.Values(), " "), then a zero Ring."""
         body = indent(marshal(self.messages.values()), " ") + b"\n"
         self.messages = Ring()
         return web.Response(body=body, headers={"Content-Type": JSON_UTF8})
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
-        """l.195-221: Content-Type application/json, 200, the greeting as a JSON
+        """l.193-217: Content-Type application/json, 200, the greeting as a JSON
         line, then per 100 ms one Dequeue written as a JSON line. Go's select
         takes the cancelled request context over ``default``: a client gone
         before an iteration dequeues nothing; one that goes while a message is
@@ -170,11 +170,11 @@ class ApiBridge:
         finally:
             self.streams -= 1
 
-    async def _websocket(self, request: web.Request) -> web.StreamResponse:  # l.242-251
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:  # handleWebsocket l.237-245
         return await self.melody.handle_request(request, marshal(greeting()))
 
     def _ws_message(self, data: str, session: Any) -> Awaitable[None] | None:
-        """HandleMessage (l.42-50) and handleWebsocketMessage (l.223-240): a
+        """HandleMessage (l.43-51) and handleWebsocketMessage (l.219-235): a
         frame that json.Unmarshal refuses is logged and dropped; else the fixed
         fields, BroadcastOthers, and b.Remote (no Extra.file decoding here)."""
         try:
@@ -186,7 +186,7 @@ class ApiBridge:
         return self.remote(message)
 
     async def _post(self, request: web.Request) -> web.Response:
-        """handlePostMessage l.132-178."""
+        """handlePostMessage l.132-176 (Bind l.134, Remote l.174, JSON l.175)."""
         message = await self._bind(request)
         fix(message, self.account)
         files = (message.Extra or {}).get("file") or []
@@ -229,12 +229,12 @@ class ApiBridge:
 
 
 def greeting() -> Message:
-    """getGreeting l.188-193."""
+    """getGreeting l.186-191."""
     return Message(event="api_connected", timestamp=now_ns())
 
 
 def fix(message: Message, account: str) -> None:
-    """ "these values are fixed" (l.137-142 and l.224-228)."""
+    """ "these values are fixed" (l.137-142 and l.220-224)."""
     message.channel = "api"
     message.protocol = "api"
     message.account = account
@@ -247,7 +247,7 @@ def _go_value(value: Any) -> str:
 
 
 def decode_file(item: Any) -> FileInfo:
-    """One Extra.file entry (l.150-175): not an object -> 500 "invalid format
+    """One Extra.file entry (l.150-172): not an object -> 500 "invalid format
     for extra"; mapstructure.Decode into FileInfo (keys without regard to
     case; errors collected, and all of them ignored when any says "got
     string", which a string Data always does); Data must be a string, else

@@ -1,7 +1,7 @@
 """Matterbridge's router and gateways, the part that decides what reaches
 which account. Stored versions read (none is stored at e68ddcf5 itself):
 gateway/router.go @ 802dc3c3, gateway/gateway.go @ 4ab72ace, gateway/
-handlers.go @ 00b58bce, internal/tengo/outmessage.tengo @ 3fa277ac, bridge/
+handlers.go @ 3c36f651, internal/tengo/outmessage.tengo @ 3fa277ac, bridge/
 config/config.go @ 9989a7c6.
 
 - router.go ``handleReceive``: the protocol is set from the account the
@@ -250,7 +250,7 @@ class Gateway:
 
     def username(self, msg: Message, dest: Bridge) -> str:
         """modifyUsername: the destination's RemoteNickFormat (api accounts
-        default to {NICK}: api.go New l.78-81), placeholders replaced in
+        default to {NICK}: api.go New l.77-81), placeholders replaced in
         Go's order."""
         source = self.bridges[msg.account]
         username = msg.username
