@@ -65,6 +65,7 @@ class ApiBridge:
         self.host, self.port = host or "0.0.0.0", int(port)
         self.remote = remote
         self.messages = self._new_ring()
+        self.closing = False
         self.streams = 0  # /api/stream handlers still looping (a client gone is noticed at the next iteration)
         self.melody = Melody(self._ws_message, ping_period=ping_period, pong_wait=pong_wait)
         self._runner: web.AppRunner | None = None
@@ -78,12 +79,14 @@ class ApiBridge:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._serve)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        # stopping is Matterbridge going away: its streams and websockets end with it, nobody waits for them
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
 
     async def stop(self) -> None:
-        await self.melody.close()
+        self.closing = True
+        self.melody.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -158,7 +161,7 @@ class ApiBridge:
         try:
             while True:
                 transport = request.transport
-                if transport is None or transport.is_closing():
+                if transport is None or transport.is_closing() or self.closing:
                     return response  # case <-c.Request().Context().Done(): return nil
                 msg = self.messages.dequeue()
                 if msg is not None:

@@ -99,10 +99,10 @@ class Melody:
             if session is not skip:
                 session.write(data)
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """The process ends: every connection is cut."""
         for session in list(self.sessions):
-            with contextlib.suppress(Exception):
-                await session.ws.close()
+            session.cut()
 
     async def handle_request(self, request: web.Request, greeting: bytes) -> web.StreamResponse:
         refusal = upgrade_refusal(request)
