@@ -370,6 +370,22 @@ async def test_a_websocket_client_that_answers_no_ping_is_cut_off_after_the_pong
             assert json.loads(await ws.receive_str())["event"] == "api_connected"
 
 
+async def test_stopping_cuts_streams_and_websockets_and_a_start_has_an_empty_ring(mb: Mb) -> None:
+    await mb.server.say("irc.libera", "#talk", "lost", "bob")
+    await mb.ring("api.tb", 1)
+    assert [m["text"] for m in await mb.drain(mb.two)] == ["lost"]  # api.tb keeps its copy
+    async with mb.http.get(mb.two + "/api/stream") as stream, mb.http.ws_connect(mb.two + "/api/websocket") as ws:
+        await stream.content.readline()
+        await ws.receive_str()
+        await mb.server.stop()
+        assert (await ws.receive()).type is aiohttp.WSMsgType.CLOSED
+        assert await stream.content.read() == b""
+    await mb.server.start()
+    assert mb.server.ring("api.tb") == 0
+    async with mb.http.get(mb.tb + "/api/messages", headers=AUTH) as r:
+        assert await r.read() == b"[]\n"
+
+
 # --- the real process ------------------------------------------------------------------------------------------------
 
 

@@ -77,6 +77,9 @@ class ApiBridge:
         return ring
 
     async def start(self) -> None:
+        """A (re)start: the ring is new and empty, as a restarted Matterbridge's is."""
+        self.messages = self._new_ring()
+        self.closing = False
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._serve)
         # stopping is Matterbridge going away: its streams and websockets end with it, nobody waits for them
