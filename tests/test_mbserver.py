@@ -165,6 +165,9 @@ async def test_what_go_refuses_in_a_post(mb: Mb) -> None:
     # a form is read but config.Message has no form tags: nothing is bound, and an empty message goes nowhere
     async with mb.http.post(mb.tb + "/api/message", data={"text": "hi", "gateway": "gw1"}, headers=AUTH) as r:
         assert r.status == 200 and (await r.json(content_type=None))["text"] == ""
+    async with mb.http.post(mb.tb + "/api/message", data=b"text=%zz", headers={**AUTH,
+                            "Content-Type": "application/x-www-form-urlencoded"}) as r:  # fmt: skip
+        assert (r.status, await r.json(content_type=None)) == (400, {"message": 'invalid URL escape "%zz"'})
     # the keys of a JSON body match without regard to case; what follows the first value is never read
     data = b'{"TEXT": "sentinel", "Gateway": "gw1", "uSeRnAmE": "zoe"} trailing'
     async with mb.http.post(mb.tb + "/api/message", data=data, headers={**AUTH, "Content-Type": "application/json"}):

@@ -54,11 +54,11 @@ gateways and bridges are walked in config order (Go walks maps in random
 order); timestamps are in UTC; JSON syntax and type errors are Go's
 (goscan.py), but a bad ``timestamp``'s parse error is shortened and
 nesting past 400 levels is refused (Go: 10,000); aiohttp refuses a text
-frame that is not UTF-8 (gorilla passes it on); a form post
-is parsed only as far as finding the errors Go's ParseForm reports for a
-bad escape or a ``;``; mapstructure's error texts for a bad Extra.file are
-shortened (their statuses and the "got string" rule are Go's);
-UserTypingSupport is taken to be slack and discord; golang-ring is the
+frame that is not UTF-8 (gorilla passes it on); a
+multipart form is not parsed (only its boundary is looked for), an
+urlencoded one as far as url.ParseQuery's errors; mapstructure's error
+texts for a bad Extra.file are shortened (they never reach a client: only
+the "got string" rule matters, and it is Go's); golang-ring is the
 vendored copy at matterbridge 6ceb1e40, not checked against the 2022-03-30
 version 1.26 pins.
 """

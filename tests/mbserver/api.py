@@ -30,7 +30,6 @@ import base64
 import binascii
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
 from aiohttp import web
 
@@ -208,7 +207,8 @@ class ApiBridge:
     async def _bind(self, request: web.Request) -> Message:
         """echo bind.go DefaultBinder.Bind -> BindBody (v4.10): no body (Content-Length
         0) binds nothing; Content-Type by prefix, as sent: JSON through a
-        json.Decoder; a form is parsed (its errors are 400) but config.Message
+        json.Decoder; a form is parsed (its errors are 400: url.ParseQuery's
+        first) but config.Message
         has no ``form`` tags, and v4.10's bindData binds only tagged fields:
         nothing is bound; anything else is 415."""
         message = Message()
@@ -219,19 +219,42 @@ class ApiBridge:
         if ctype.startswith("application/json"):
             return decode_message(raw, message)
         if ctype.startswith("application/x-www-form-urlencoded"):
-            try:
-                parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True, strict_parsing=False,
-                          errors="strict", separator="&")  # fmt: skip
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise GoError(400, str(exc)) from None
-            if any(";" in pair.split("=", 1)[0] for pair in raw.decode("utf-8", "replace").split("&")):
-                raise GoError(400, "invalid semicolon separator in query")
+            if len(raw) > 10 << 20:  # net/http parsePostForm: maxFormSize
+                raise GoError(400, "http: POST too large")
+            error = query_error(raw.decode("latin-1")) or query_error(request.query_string)
+            if error is not None:  # Request.ParseForm: the body's error, else the URL query's
+                raise GoError(400, error)
             return message
         if ctype.startswith("multipart/form-data"):
             if "boundary=" not in ctype:
                 raise GoError(400, "no multipart boundary param in Content-Type")
             return message
         raise GoError(415, "Unsupported Media Type")
+
+
+def _unescape_error(text: str) -> str | None:
+    """net/url unescape (encodeQueryComponent): every % needs two hex digits."""
+    i = text.find("%")
+    while i != -1:
+        if len(text) < i + 3 or not all(c in "0123456789abcdefABCDEF" for c in text[i + 1 : i + 3]):
+            bad = text[i : i + 3]
+            return f'invalid URL escape "{bad}"'
+        i = text.find("%", i + 3)
+    return None
+
+
+def query_error(query: str) -> str | None:
+    """net/url parseQuery (Go 1.17+): a ``;`` anywhere in a pair sets the
+    semicolon error (over any other); else the first bad escape."""
+    pairs = query.split("&")
+    if any(";" in pair for pair in pairs):
+        return "invalid semicolon separator in query"
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        error = _unescape_error(key) or _unescape_error(value)
+        if error is not None:
+            return error
+    return None
 
 
 def greeting() -> Message:

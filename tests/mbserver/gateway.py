@@ -25,7 +25,8 @@ config/config.go @ 9989a7c6.
   ``mapChannelConfig`` (an api account's channel is "api", irc channels are
   lowercased, in+out is inout).
 - handlers.go ``handleMessage``/``ignoreEvent``: user_typing only to
-  protocols in bridgemap.UserTypingSupport (slack, discord), a
+  protocols in bridgemap.UserTypingSupport (slack and discord: gateway/
+  bridgemap/bslack.go and bdiscord.go ``init``), a
   file_failure_size without text is dropped, join_leave only to a
   destination with ShowJoinPart, topic_change only with ShowTopicChange or
   SyncTopic, avatar_download only to mattermost/telegram/xmpp (and only to
