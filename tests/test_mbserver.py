@@ -115,6 +115,10 @@ async def test_every_route_wants_the_token_missing_is_400_wrong_is_401(mb: Mb, p
         assert (r.status, await r.text(), r.headers["Content-Type"]) == (200, "OK", "text/plain; charset=UTF-8")
     async with mb.http.get(mb.tb + "/api/message", headers=AUTH) as r:
         assert (r.status, r.headers["Allow"]) == (405, "OPTIONS, POST")
+    async with mb.http.options(mb.tb + "/api/message", headers=AUTH) as r:  # echo's router answers OPTIONS itself
+        assert (r.status, r.headers["Allow"]) == (204, "OPTIONS, POST")
+    async with mb.http.head(mb.tb + "/api/health", headers=AUTH) as r:  # a GET route: 405, and no body for a HEAD
+        assert (r.status, await r.read()) == (405, b"")
 
 
 # --- POST /api/message -----------------------------------------------------------------------------------------------

@@ -59,8 +59,13 @@ multipart form is not parsed (only its boundary is looked for), an
 urlencoded one as far as url.ParseQuery's errors; mapstructure's error
 texts for a bad Extra.file are shortened (they never reach a client: only
 the "got string" rule matters, and it is Go's); golang-ring is the
-vendored copy at matterbridge 6ceb1e40, not checked against the 2022-03-30
-version 1.26 pins.
+vendored copy read at matterbridge 6ceb1e40 (a version with the locks; all
+stored versions with them give ``[]`` for an empty ring), not checked
+against the 2022-03-30 version 1.26 pins line by line; echo v4.10.2's own
+files are not stored: KeyAuth, bind and the error handler follow stored
+echo v4 versions of the same shape (key_auth.go with ErrKeyAuthMissing,
+bind.go with the explicit-tag bindData), the router's 405/OPTIONS/HEAD
+answers follow what is known of echo 4.10's router.go.
 """
 
 from tests.mbserver.gojson import FileInfo, Message

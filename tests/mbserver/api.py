@@ -8,8 +8,9 @@ numbers are that file's), served by aiohttp.
 - echo v4.10.2 (go.mod at e68ddcf5): the router answers 404 ``Not Found``
   and 405 ``Method Not Allowed`` (with ``Allow``), the middleware runs for
   those too (echo.go ``ServeHTTP`` applies ``e.middleware`` to whatever
-  handler ``Find`` gave); errors are ``{"message": ...}`` (echo.go
-  ``DefaultHTTPErrorHandler``), an error that is not an HTTPError is 500
+  handler ``Find`` gave), OPTIONS on a known path is 204 with ``Allow``
+  (router.go ``optionsMethodHandler``); errors are ``{"message": ...}``
+  (echo.go ``DefaultHTTPErrorHandler``; no body at all for HEAD), an error that is not an HTTPError is 500
   ``Internal Server Error``; ``c.JSON`` indents when the query has
   ``pretty``. middleware/key_auth.go ``KeyAuthWithConfig`` with
   extractor.go ``valuesFromHeader`` (prefix ``Bearer `` compared without
@@ -103,6 +104,13 @@ class ApiBridge:
 
     # echo: router, middleware, error handler ------------------------------------------------------------------------
     async def _serve(self, request: web.Request) -> web.StreamResponse:
+        response = await self._route(request)
+        if request.method == "HEAD" and response.status >= 400:  # DefaultHTTPErrorHandler: c.NoContent for HEAD
+            allow = response.headers.get("Allow")
+            return web.Response(status=response.status, headers={"Allow": allow} if allow else None)
+        return response
+
+    async def _route(self, request: web.Request) -> web.StreamResponse:
         method = ROUTES.get(request.path)
         if self.token:
             refusal = self._key_auth(request)
