@@ -336,6 +336,22 @@ async def test_the_stream_greets_then_dequeues_and_what_came_meanwhile_is_handed
     assert [m["event"] or m["text"] for m in lines] == ["api_connected", "after1", "after2"]
 
 
+async def test_what_a_stream_wrote_to_a_client_that_then_dies_is_gone(mb: Mb) -> None:
+    """Dequeue is the hand-over: no acknowledgement. A client killed after the
+    write and before it used the line has lost the message, and Matterbridge
+    has nothing left to give the next one."""
+    async with mb.http.get(mb.tb + "/api/stream", headers=AUTH) as r:
+        await r.content.readline()  # the greeting
+        await mb.server.say("irc.libera", "#talk", "in flight", "bob")
+        await until(lambda: len(mb.server.heard("xmpp.out")) == 1 and mb.server.ring("api.tb") == 0)
+        r.connection.transport.abort()  # the client dies without reading the line
+    await until(lambda: mb.server.streams("api.tb") == 0, what="the dead stream noticed")
+    async with mb.http.get(mb.tb + "/api/stream", headers=AUTH) as r:
+        await r.content.readline()
+        await mb.server.say("irc.libera", "#talk", "next", "bob")
+        assert json.loads(await r.content.readline())["text"] == "next"  # "in flight" is not handed over again
+
+
 async def test_websocket_greets_broadcasts_and_leaves_the_ring_full(mb: Mb) -> None:
     async with (
         mb.http.ws_connect(mb.tb + "/api/websocket", headers=AUTH) as a,
