@@ -41,6 +41,7 @@ class MatterbridgeClient(Receiving, Adapter):
             choices=MODES,
             help="how to receive: auto (websocket, else stream, else poll), websocket, stream or poll",
         ),
+        "SkipTLSVerify": Option(bool, default=False, help="do not verify the server's certificate (https)"),
         "PollSeconds": Option((int, float), default=1, above=0, help="poll mode: seconds between reads"),
         "Timeout": Option((int, float), default=15, above=0, help="seconds per request (not a stream's silence)"),
         "ReconnectMinSeconds": Option((int, float), default=1, above=0, help="first wait after a lost connection"),
@@ -67,6 +68,7 @@ class MatterbridgeClient(Receiving, Adapter):
         self.token = str(acct.get("Token", ""))
         self.mode = str(acct.get("Receive", "auto"))
         self.poll_seconds = float(acct.get("PollSeconds", 1))
+        self.skip_tls_verify = bool(acct.get("SkipTLSVerify", False))
         self.timeout = float(acct.get("Timeout", 15))
         self.reconnect_min = float(acct.get("ReconnectMinSeconds", 1))
         self.reconnect_max = max(self.reconnect_min, float(acct.get("ReconnectMaxSeconds", 60)))
@@ -123,6 +125,7 @@ class MatterbridgeClient(Receiving, Adapter):
         await redis.set(self.mark_key, os.urandom(8).hex(), nx=True)  # one mark for the installation's life
         self.mark = (await redis.get(self.mark_key) or b"").decode()
         self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=not self.skip_tls_verify),
             timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout),
             headers={"Authorization": f"Bearer {self.token}"} if self.token else {},
         )

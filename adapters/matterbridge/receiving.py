@@ -62,6 +62,7 @@ KEEPALIVE = (
     else ()
 )
 QUIET = 0.5  # a stream silent this long has handed its backlog over (1.26 writes one message per 100 ms)
+HOLD_MAX = 10_000  # websocket frames held back while the stream hands over the backlog, at most
 NOT_SERVED = frozenset({400, 404, 405, 426, 501})  # a route this server (or its proxy) does not serve
 
 
@@ -148,6 +149,8 @@ class WebsocketSession(Session):
                 self.held.append(message)
                 if isinstance(message, dict):
                     self._held_digests.add(digest_of(message))
+                if len(self.held) >= HOLD_MAX:  # a stream that never reaches them: memory first
+                    return self._caught_up(out)
         if self._lines is not None and self._lines in done:
             lines, self._lines = self._lines.result(), None
             self._stream_at = time.monotonic()
