@@ -8,12 +8,13 @@ A channel of a ``[[gateway.inout]]`` entry of this account is the name of a
 several. The reference is Matterbridge 1.26 (42wim/matterbridge,
 bridge/api/api.go and gateway/gateway.go at e68ddcf5).
 
-Receiving (receiving.py): the websocket, else the stream, else polling;
-every message handed over is recognised by its digest, so Matterbridge's
-ring, drained after a reconnect, hands over what arrived meanwhile (and what
-a killed daemon had not committed) exactly once. Messages of gateways not
+Receiving (receiving.py): the websocket with the stream beside it (1.26's
+ring is handed over only by the stream: ``/api/messages`` shrinks it to 10),
+else the stream, else polling; every message handed over is recognised by
+its digest, so what arrived while talkbridge was away (or killed) is relayed
+once and in order before what arrives live. Messages of gateways not
 bridged here are dropped, and so is our own post if Matterbridge's config
-echoes it back (it carries our mark in ``Extra.talkbridge``).
+echoes it back (it carries the installation's mark in ``Extra.talkbridge``).
 
 Sending (adapter.py): ``POST /api/message`` with the gateway, nick, avatar,
 ``parent_id`` where the reply's target has a copy there, files as
@@ -25,7 +26,8 @@ deliveries wait for it, none is dead-lettered for it.
 
 Limits, all Matterbridge's: its ring is in memory (a Matterbridge restart
 loses what it held) and holds ``Buffer`` messages (10 by default: more
-arrive while talkbridge is away and the oldest are overwritten); its api
+arrive while talkbridge is away and the oldest are overwritten); its stream
+hands a message over without acknowledgement and at most 10 a second; its api
 gives no ids, so replies towards it arrive as "msg-parent-not-found" on the
 other networks and edits as new messages; a post has no idempotency key, so
 a daemon killed between Matterbridge's 200 and the record posts once more.
