@@ -157,7 +157,9 @@ def received(raw: Any, *, account: str, gateways: frozenset[str], mark: str, max
 
 def files_of(raw: Any, max_file: int) -> tuple[list[Attachment], list[str]]:
     """``Extra.file`` as attachments, and a line of text for each file that
-    cannot travel (too large, no data): its name and URL where it has one."""
+    cannot travel (too large, no data, data that is not base64): its name and
+    URL where it has one. A name is made safe (no path, never empty): the
+    message is not lost for a file's name."""
     if raw is None:
         return [], []
     if not isinstance(raw, list):
@@ -169,8 +171,7 @@ def files_of(raw: Any, max_file: int) -> tuple[list[Attachment], list[str]]:
             raise BadMessage(f"Extra.file[{i}] must be an object")
         f = go_fields(item, FILE_FIELDS)
         name, data, url, comment = f.get("Name"), f.get("Data"), f.get("URL"), f.get("Comment")
-        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
-            raise BadMessage(f"Extra.file[{i}].Name must be a file name")
+        name = safe_file_name(name if isinstance(name, str) else "")
         url = url if isinstance(url, str) and url else None
         comment = comment if isinstance(comment, str) and comment else None
         size = None
@@ -178,14 +179,19 @@ def files_of(raw: Any, max_file: int) -> tuple[list[Attachment], list[str]]:
             try:
                 size = len(base64.b64decode(data, validate=True))
             except (binascii.Error, ValueError):
-                raise BadMessage(f"Extra.file[{i}].Data is not valid base64") from None
-        elif data is not None and not isinstance(data, str):
-            raise BadMessage(f"Extra.file[{i}].Data must be base64")
+                size = None
         if size is None or size > max_file:
             notes.append(f"{name}: {url}" if url else f"[file {name}]")
             continue
         out.append(Attachment(name=name, size=size, url=url, data_b64=data, caption=comment))
     return out, notes
+
+
+def safe_file_name(name: str) -> str:
+    """The last part of a path, without control characters; "file" if nothing is left."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if c.isprintable()).strip()
+    return name if name and name not in (".", "..") else "file"
 
 
 @dataclass(frozen=True, slots=True)
