@@ -197,6 +197,7 @@ def test_actions_and_replies_cross_between_matterbridge_talk_and_the_api(bridged
     b.irc_says("waves", event="user_action")
     at_api = wait_for(lambda: [m for m in b.api_messages(api_seen) if m["text"] == "waves"], what="the action")
     assert at_api[0]["event"] == "user_action" and at_api[0]["username"] == "[irc/libera] <ircbob> "
+    assert (at_api[0]["account"], at_api[0]["protocol"]) == (IRC, "irc")  # where it was written, as Matterbridge says
     # /me from the api account: an action on IRC
     b.api_post(text="nods", username="zoe", event="user_action")
     nod = wait_for(lambda: [m for m in b.on_irc() if m["text"] == "nods"], what="the api's action on IRC")

@@ -181,15 +181,17 @@ class ApiMessages:
     # outbound ------------------------------------------------------------------
     def message_for(self, delivery: Delivery, native_id: str) -> dict[str, Any]:
         event = delivery.event
+        # where the message was written: a Matterbridge's IRC message is irc.libera's, as there
+        written_on = event.relayed_from or event.account
         msg: dict[str, Any] = {
             "text": delivery.text,
             "channel": event.channel,  # Matterbridge gives api clients the origin channel
             "username": delivery.username,
             "userid": event.sender_id,
             "avatar": delivery.avatar or event.avatar or "",  # the router's IconURL when the event has none
-            "account": event.account,
+            "account": written_on,
             "event": "",
-            "protocol": event.protocol,
+            "protocol": written_on.partition(".")[0],
             "gateway": delivery.gateway,
             "parent_id": delivery.reply_to or "",
             "timestamp": _go_time(event.timestamp),
