@@ -367,7 +367,7 @@ class Receiving:
         async with self._http().get(
             self.url + "/api/messages", timeout=aiohttp.ClientTimeout(total=self.timeout)
         ) as answer:
-            body = await answer.content.read(self.max_answer + 1)
+            body = await read_at_most(answer.content, self.max_answer + 1)
             if answer.status != 200:
                 text = body[:512].decode("utf-8", "replace")
                 refusal = _refusal(answer.status, text)
@@ -378,8 +378,7 @@ class Receiving:
                 raise Lost(f"/api/messages: {answer.status} {text.strip()[:120]}")
         if len(body) > self.max_answer:
             # Matterbridge has cleared its ring already: what was in it is gone
-            self.ctx.log.error("%s: /api/messages answer over MaxAnswerBytes (%d): dropped", self.name, self.max_answer)
-            return []
+            raise Lost(f"/api/messages: an answer over MaxAnswerBytes ({self.max_answer}), dropped")
         try:
             messages = parse_json(body)
         except BadMessage as exc:
@@ -430,6 +429,18 @@ class Receiving:
     def _rejected(self, cause: str, detail: str) -> None:
         self.ctx.metrics.rejected.labels(self.name, cause).inc()
         self.ctx.rejections.note(self.name, "message", cause, detail, peer=self.url)
+
+
+async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to ``limit`` bytes: ``StreamReader.read(n)`` returns what has
+    arrived so far, a part of an answer that came in several pieces."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
 
 
 def _is_greeting(data: str | bytes) -> bool:
