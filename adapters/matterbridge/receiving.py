@@ -192,12 +192,13 @@ class StreamSession(Session):
     async def line(self) -> bytes:
         while True:
             end = self._buffer.find(b"\n")
+            # a whole line may arrive in one read (readany gives all that came): measured either way
+            if end > self.max_line or (end < 0 and len(self._buffer) > self.max_line):
+                raise Lost(f"a stream line longer than MaxAnswerBytes ({self.max_line})")
             if end >= 0:
                 line = bytes(self._buffer[:end])
                 del self._buffer[: end + 1]
                 return line
-            if len(self._buffer) > self.max_line:
-                raise Lost(f"a stream line longer than MaxAnswerBytes ({self.max_line})")
             chunk = await self.answer.content.readany()
             if not chunk:
                 raise Lost("the stream ended")
@@ -205,7 +206,8 @@ class StreamSession(Session):
 
     async def next(self) -> list[Any]:
         out: list[Any] = []
-        while not out or b"\n" in self._buffer:  # every whole line there is, at least one
+        # every whole line there is, at least one; one too long is the next call's (what came before it is kept)
+        while not out or 0 <= self._buffer.find(b"\n") <= self.max_line:
             line = await self.line()
             if line.strip():
                 try:
