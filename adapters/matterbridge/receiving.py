@@ -304,11 +304,11 @@ class Receiving:
         raise AssertionError("unreachable")
 
     async def _open_websocket(self) -> Session:
-        try:
-            ws = await self._http().ws_connect(
+        try:  # the session's timeouts bound the connect, not the answer: Timeout does
+            ws = await asyncio.wait_for(self._http().ws_connect(
                 self.url + "/api/websocket", heartbeat=PING_SECONDS, max_msg_size=self.max_answer,
                 timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout), autoping=True,
-            )  # fmt: skip
+            ), self.timeout)  # fmt: skip
         except aiohttp.WSServerHandshakeError as exc:
             refusal = _refusal(exc.status, exc.message)
             if refusal is not None:
@@ -337,13 +337,17 @@ class Receiving:
         return WebsocketSession(ws, stream, first)
 
     async def _open_stream(self) -> StreamSession:
-        answer = await self._http().get(
-            self.url + "/api/stream",
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout),
+        answer = await asyncio.wait_for(  # the answer's head in Timeout; then the stream may be silent
+            self._http().get(
+                self.url + "/api/stream",
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout),
+            ),
+            self.timeout,
         )
         try:
             if answer.status != 200:
-                body = (await answer.content.read(512)).decode("utf-8", "replace")
+                head = await asyncio.wait_for(read_at_most(answer.content, 512), self.timeout)
+                body = head.decode("utf-8", "replace")
                 refusal = _refusal(answer.status, body)
                 if refusal is not None:
                     raise refusal
