@@ -310,7 +310,9 @@ class Receiving:
                 timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout), autoping=True,
             ), self.timeout)  # fmt: skip
         except aiohttp.WSServerHandshakeError as exc:
-            refusal = _refusal(exc.status, exc.message)
+            # a failed handshake keeps no body, and only echo's body tells a 400 "missing key" from another 400
+            said = await self._body_of("/api/websocket") if exc.status == 400 else exc.message
+            refusal = _refusal(exc.status, said)
             if refusal is not None:
                 raise refusal from None
             if exc.status in NOT_SERVED or exc.status == 200:  # 200: answered, but not upgraded
@@ -335,6 +337,14 @@ class Receiving:
                 await stream.close()
             raise
         return WebsocketSession(ws, stream, first)
+
+    async def _body_of(self, path: str) -> str:
+        """What a plain ``GET path`` answers (its first 512 bytes; "" if nothing)."""
+        try:
+            async with self._http().get(self.url + path, timeout=aiohttp.ClientTimeout(total=self.timeout)) as answer:
+                return (await read_at_most(answer.content, 512)).decode("utf-8", "replace")
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return ""
 
     async def _open_stream(self) -> StreamSession:
         answer = await asyncio.wait_for(  # the answer's head in Timeout; then the stream may be silent
