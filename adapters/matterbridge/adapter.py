@@ -156,6 +156,8 @@ class MatterbridgeClient(Receiving, Adapter):
         except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
             # Matterbridge away (restarting, down): the delivery waits for it
             raise ServerUnavailable(f"{what}: {type(exc).__name__}: {exc}") from None
+        except aiohttp.ClientError as exc:  # an answer that is not HTTP (URL names another service): retried
+            raise TransientError(f"{what}: the answer is not HTTP: {exc}") from None
         if status == 200:
             return synthetic_id(delivery)
         if status == 400 and "missing key" in detail:  # echo's KeyAuth: we sent no Token, it wants one
