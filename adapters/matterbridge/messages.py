@@ -73,8 +73,12 @@ def digest_of(raw: dict[str, Any]) -> str:
     (``json.Marshal``) and ``/api/messages`` (``JSONPretty``) write the same
     ``config.Message`` with the same values, so the same message gives the same
     digest whichever way it came; two messages differ at least in the router's
-    nanosecond timestamp."""
-    return hashlib.sha256(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+    nanosecond timestamp. BadMessage: JSON too deep to write again."""
+    try:
+        canonical = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels; it reads 1024)
+        raise BadMessage("nested too deep") from None
+    return hashlib.sha256(canonical).hexdigest()[:32]
 
 
 def parse_json(data: bytes | str) -> Any:

@@ -37,6 +37,7 @@ A mixin of ``MatterbridgeClient`` (adapter.py), which holds the state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -418,7 +419,8 @@ class Receiving:
                 item = received(raw, account=self.name, gateways=self.gateways, mark=self.mark, max_file=self.max_file)
             except BadMessage as exc:
                 self._rejected("malformed", str(exc))
-                digests.setdefault(digest_of(raw), None)  # not Matterbridge's: not read again either
+                with contextlib.suppress(BadMessage):  # too deep for a digest: refused again if handed over again
+                    digests.setdefault(digest_of(raw), None)  # not Matterbridge's: not read again either
                 continue
             if item.digest in digests:
                 continue
