@@ -148,15 +148,16 @@ class WebsocketSession(Session):
                 out.append(message)
             else:
                 self.held.append(message)
-                if isinstance(message, dict):
-                    self._held_digests.add(digest_of(message))
+                digest = _digest(message)
+                if digest is not None:
+                    self._held_digests.add(digest)
                 if len(self.held) >= HOLD_MAX:  # a stream that never reaches them: memory first
                     return self._caught_up(out)
         if self._lines is not None and self._lines in done:
             lines, self._lines = self._lines.result(), None
             self._stream_at = time.monotonic()
             out.extend(lines)
-            if self.catching_up and any(isinstance(m, dict) and digest_of(m) in self._held_digests for m in lines):
+            if self.catching_up and any(_digest(m) in self._held_digests for m in lines):
                 return self._caught_up(out)
         if self.catching_up and not done:
             return self._caught_up(out)
@@ -459,6 +460,16 @@ async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
             break
         body += chunk
     return bytes(body)
+
+
+def _digest(raw: Any) -> str | None:
+    """A message's digest; None for what has none (not an object, nested too deep)."""
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return digest_of(raw)
+    except BadMessage:
+        return None
 
 
 def _is_greeting(data: str | bytes) -> bool:
