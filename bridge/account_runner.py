@@ -35,6 +35,7 @@ from bridge.health import clear_degraded, mark_degraded
 from bridge.idmap import Fenced
 from bridge.lease import Lease
 from bridge.migrate_keys import migrate_account
+from bridge.receiver import MAX_DOUBLINGS
 from bridge.relay import RouteLoop
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def receive_restart_delay(failures: int, rng: random.Random) -> float:
     """The pause before the ``failures``-th consecutive restart of a receive
     loop: capped exponential, half of it random, so the accounts of a fleet
     that lost one server together do not all hit it again at the same instant."""
-    step = min(RECEIVE_BACKOFF_MIN * 2 ** (failures - 1), RECEIVE_BACKOFF_MAX)
+    step = min(RECEIVE_BACKOFF_MIN * 2 ** min(failures - 1, MAX_DOUBLINGS), RECEIVE_BACKOFF_MAX)
     return step / 2 + rng.uniform(0, step / 2)
 
 

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from bridge.adapter import AdapterContext
 
 HINT_MAX = 600.0  # the longest wait a server's Retry-After (or retry_after_ms) gets
+# Past this many doublings every cap is reached; a float doubled 1,024 times
+# overflows, which a server away for a day of 1-minute retries would reach.
+MAX_DOUBLINGS = 62
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +54,7 @@ class Backoff:
     def delay(self, failures: int, hint: float | None = None) -> float:
         if hint is not None:
             return min(max(0.0, hint), HINT_MAX)
-        step = min(self.first * 2 ** (failures - 1), self.cap)
+        step = min(self.first * 2 ** min(failures - 1, MAX_DOUBLINGS), self.cap)
         return step / 2 + self.rng.uniform(0, step / 2)
 
 

@@ -22,6 +22,7 @@ from bridge.cli import main, protocol_specs
 from bridge.config import load_config
 from bridge.daemon import Daemon
 from bridge.lease import lease_key
+from bridge.receiver import Backoff
 from tests.helpers import RedisServer, metric
 from tests.poison_daemon import PoisonAdapter
 from tests.talkbot_rig import until
@@ -202,6 +203,15 @@ def test_the_restart_backoff_doubles_up_to_a_cap_with_jitter() -> None:
         for _ in range(20):
             assert step / 2 <= receive_restart_delay(failures, rng) <= step
     assert len({receive_restart_delay(3, rng) for _ in range(20)}) > 1  # jittered, not one fixed pause
+
+
+def test_a_server_away_for_days_is_still_waited_for_at_the_cap() -> None:
+    """A float doubled 1,024 times overflows: a loop restarted every minute
+    for a day got there and raised OverflowError out of its backoff."""
+    rng = random.Random(7)
+    for failures in (1025, 10**6):
+        assert RECEIVE_BACKOFF_MAX / 2 <= receive_restart_delay(failures, rng) <= RECEIVE_BACKOFF_MAX
+        assert 30 <= Backoff(1.0, 60.0, rng).delay(failures) <= 60
 
 
 async def test_a_hanging_receive_loop_is_cancelled_when_the_lease_is_lost(
