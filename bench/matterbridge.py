@@ -31,7 +31,10 @@ Directions:
 Each text carries its sequence number and its scheduled send time; latency
 counts from that time (a late say is not excused), and the say's own lag
 behind the schedule is printed to show the control listener keeps up.
-"Lost" is what had not arrived ``--drain`` seconds after the last send (the
+Duplicates are arrivals of a number already seen; out of order, messages
+that arrived ahead of one sent before them ("early") and messages that
+arrived after one sent after them ("overtaken": one message early by 40
+places makes 1 early and 40 overtaken). "Lost" is what had not arrived ``--drain`` seconds after the last send (the
 drain stops early once everything arrived, or, inbound, once Matterbridge's
 ring is empty and nothing arrived for a while); "ring" is how many messages
 ``api.tb``'s ring still held at the end (in stream mode: still to come; in
@@ -41,6 +44,12 @@ what the next poll would take).
     python bench/matterbridge.py                                  # websocket, stream, poll; 5, 20, 100/s; 2 rounds
     python bench/matterbridge.py --receive poll --poll-seconds 0.2 --rates 20 --rounds 1
     python bench/matterbridge.py --direction in --buffer 10
+    python bench/matterbridge.py --direction in --receive websocket --buffer 10 --rates 1000 --seconds 0.2  # a burst
+
+``--redis-url`` runs the daemon on a Redis of yours (FLUSHDB before each
+run) instead of the embedded one, e.g. to watch it with ``redis-cli
+monitor``; ``--dump DIR`` writes each run's arrivals (numbers in arrival
+order, with their latencies) as JSON.
 
 Run by hand; not a test.
 """
@@ -98,8 +107,7 @@ channel = "team"
 account = "api.out"
 channel = "api"
 [redis]
-DataDir = "data"
-AppendFsync = "everysec"
+{redis}
 [http]
 BindAddress = "127.0.0.1:{http}"
 [log]
@@ -172,6 +180,7 @@ class Result:
     arrived: int
     dup: int
     reordered: int
+    overtaken: int
     latencies: list[float]
     say_lag: list[float]
     ring: int
@@ -184,7 +193,8 @@ class Result:
         lag = [x * 1000 for x in self.say_lag]
         return (
             f"{self.direction:3} {self.mode:9} {self.rate:5.0f}/s: sent {self.sent}, arrived {self.arrived}, "
-            f"lost {self.sent - self.arrived}, dup {self.dup}, out of order {self.reordered}; latency ms "
+            f"lost {self.sent - self.arrived}, dup {self.dup}, out of order {self.reordered} early "
+            f"and {self.overtaken} overtaken; latency ms "
             f"p50 {pct(lat, 50):.1f} p90 {pct(lat, 90):.1f} p99 {pct(lat, 99):.1f} max {max(lat, default=0):.1f}; "
             f"send lag ms p99 {pct(lag, 99):.1f} max {max(lag, default=0):.1f}; ring at end {self.ring}; "
             f"drain {self.drained:.1f}s; load {self.load:.2f}"
@@ -196,25 +206,29 @@ class Result:
                              (pct(lat, 50), pct(lat, 90), pct(lat, 99), max(lat, default=float("nan"))))  # fmt: skip
         return (
             f"| {self.mode} | {self.rate:g}/s | {self.sent} | {self.arrived} | {self.sent - self.arrived} | "
-            f"{self.dup} | {self.reordered} | {figures} | {self.ring} |"
+            f"{self.dup} | {self.reordered} / {self.overtaken} | {figures} | {self.ring} |"
         )
 
 
-def order_figures(seen: list[tuple[int, float]]) -> tuple[int, int]:
-    """Duplicates (arrivals of a number already seen) and out-of-order
-    arrivals (first arrivals of a number below one that arrived before it)."""
-    first: set[int] = set()
-    dup = reordered = 0
-    highest = -1
+def order_figures(seen: list[tuple[int, float]]) -> tuple[int, int, int]:
+    """Duplicates (arrivals of a number already seen), messages out of order
+    (first arrivals ahead of a message sent before them) and messages overtaken
+    (first arrivals after a message sent after them)."""
+    firsts: list[int] = []
+    known: set[int] = set()
     for seq, _ in seen:
-        if seq in first:
-            dup += 1
-            continue
-        first.add(seq)
-        if seq < highest:
-            reordered += 1
+        if seq not in known:
+            known.add(seq)
+            firsts.append(seq)
+    early = overtaken = 0
+    highest, lowest_after = -1, float("inf")
+    for seq in firsts:
+        overtaken += seq < highest
         highest = max(highest, seq)
-    return dup, reordered
+    for seq in reversed(firsts):
+        early += seq > lowest_after
+        lowest_after = min(lowest_after, seq)
+    return len(seen) - len(firsts), early, overtaken
 
 
 class Run:
@@ -228,13 +242,23 @@ class Run:
         self.arrivals = Arrivals()
         self.log = self.dir / "talkbridge.log"
 
+    def redis_section(self) -> str:
+        if not self.args.redis_url:
+            return 'DataDir = "data"\nAppendFsync = "everysec"'  # the embedded default
+        import redis  # redis-py, the daemon's client
+
+        with redis.Redis.from_url(self.args.redis_url) as client:
+            client.flushdb()  # each run on an empty database: the inbound stream below is this run's
+        return f'URL = "{self.args.redis_url}"\nKeyPrefix = "tb"'
+
     # processes --------------------------------------------------------------------------------------------------------
     def start(self) -> None:
         config = mb_config(self.mb_port, self.control, self.args.buffer, self.watch)
         self.mb = MatterbridgeProcess(config, self.dir).start()
         path = self.dir / "talkbridge.toml"
         path.write_text(CONFIG.format(mb=self.mb_port, mb_token=MB_TOKEN, receive=self.mode, api=self.api,
-                                      api_token=API_TOKEN, http=self.http, poll=self.args.poll_seconds))  # fmt: skip
+                                      api_token=API_TOKEN, http=self.http, poll=self.args.poll_seconds,
+                                      redis=self.redis_section()))  # fmt: skip
         with self.log.open("wb") as log:
             self.daemon = subprocess.Popen([sys.executable, "-m", "bridge.cli", "run", "--config", str(path)],
                                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
@@ -369,10 +393,15 @@ class Run:
         for seq, at in seen:
             first.setdefault(seq, at)
         latencies = [at - self.arrivals.due[seq] for seq, at in first.items()]
-        dup, reordered = order_figures(counted)
+        dup, reordered, overtaken = order_figures(counted)
+        if self.args.dump:
+            name = f"{self.direction}-{self.mode}-{self.rate:g}-{time.strftime('%H%M%S')}.json"
+            arrivals = [[seq, round(at - self.arrivals.due[seq], 4)] for seq, at in seen]
+            (Path(self.args.dump) / name).write_text(json.dumps({"counted": [s for s, _ in counted],
+                                                                  "arrivals": arrivals}))  # fmt: skip
         arrived = len({seq for seq, _ in counted})
-        return Result(self.mode, self.direction, self.rate, total, arrived, dup, reordered, latencies, lag, ring,
-                      drained, load, [])  # fmt: skip
+        return Result(self.mode, self.direction, self.rate, total, arrived, dup, reordered, overtaken, latencies, lag,
+                      ring, drained, load, [])  # fmt: skip
 
 
 def run_one(args: argparse.Namespace, tmp: Path, mode: str, rate: float, direction: str) -> Result:
@@ -398,6 +427,9 @@ def main() -> None:
     p.add_argument("--poll-seconds", type=float, default=1, help="PollSeconds of [matterbridge.mb]")
     p.add_argument("--direction", choices=["in", "out", "both"], default="both")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--redis-url", default="", help="an empty Redis of yours (FLUSHDB before each run) instead of the "
+                   "embedded one")  # fmt: skip
+    p.add_argument("--dump", default="", help="a directory: each run's arrivals (sequence numbers, in order) as JSON")
     args = p.parse_args()
 
     directions = ["in", "out"] if args.direction == "both" else [args.direction]
@@ -421,7 +453,7 @@ def main() -> None:
                         if len(result.warnings) > 5:
                             print(f"  talkbridge: ... {len(result.warnings) - 5} more warnings")
     for direction in directions:
-        print(f"\n{direction}: | mode | rate | sent | arrived | lost | dup | out of order | "
+        print(f"\n{direction}: | mode | rate | sent | arrived | lost | dup | early / overtaken | "
               "latency p50 / p90 / p99 / max ms | ring at end |")  # fmt: skip
         for result in sorted((r for r in results if r.direction == direction),
                              key=lambda r: (r.rate, args.receive.index(r.mode))):  # fmt: skip
