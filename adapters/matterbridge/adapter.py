@@ -14,11 +14,13 @@ import aiohttp
 from adapters.checks import url_problems
 from adapters.matterbridge.messages import Formats, post_body, synthetic_id
 from adapters.matterbridge.receiving import MODES, Receiving
+from adapters.matterbridge.sessions import read_at_most
 from bridge.adapter import (
     AccountFailed,
     Adapter,
     AdapterContext,
     Option,
+    PermanentError,
     ServerUnavailable,
     TransientError,
     error_for_status,
@@ -28,6 +30,7 @@ from bridge.events import Delivery
 from bridge.keys import installation_mark_key
 
 PROTOCOL = "matterbridge"
+STABLE_SECONDS = 5.0  # a connection that holds this long (or hands something over) is made
 
 
 class MatterbridgeClient(Receiving, Adapter):
@@ -88,6 +91,7 @@ class MatterbridgeClient(Receiving, Adapter):
         self.mark = ""
         self.http: aiohttp.ClientSession | None = None
         self.pause = asyncio.sleep  # how the receive loop waits (a test records the waits instead)
+        self.stable_seconds = STABLE_SECONDS
 
     # config ------------------------------------------------------------------------
     @classmethod
@@ -149,10 +153,12 @@ class MatterbridgeClient(Receiving, Adapter):
         what = f"POST /api/message into gateway {delivery.channel}"
         try:
             async with self._http().post(
-                self.url + "/api/message", json=body, timeout=aiohttp.ClientTimeout(total=self.timeout)
-            ) as answer:
+                self.url + "/api/message", json=body, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as answer:  # fmt: skip
                 status = answer.status
-                detail = (await answer.content.read(512)).decode("utf-8", "replace")
+                detail = (await read_at_most(answer.content, 512)).decode("utf-8", "replace").strip()
+                wait = _seconds(answer.headers.get("Retry-After"))
         except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
             # Matterbridge away (restarting, down): the delivery waits for it
             raise ServerUnavailable(f"{what}: {type(exc).__name__}: {exc}") from None
@@ -161,5 +167,15 @@ class MatterbridgeClient(Receiving, Adapter):
         if status == 200:
             return synthetic_id(delivery)
         if status == 400 and "missing key" in detail:  # echo's KeyAuth: we sent no Token, it wants one
-            raise AccountFailed(f"{what}: Matterbridge wants a Token (400 {detail.strip()})")
-        raise error_for_status(status, f"{what}: {status} {detail.strip()}")
+            raise AccountFailed(f"{what}: Matterbridge wants a Token (400 {detail})")
+        if 300 <= status < 400:  # a post is not sent on to another URL: it may not be Matterbridge's
+            raise PermanentError(f"{what}: {status}, a redirect (set URL to where it points)")
+        raise error_for_status(status, f"{what}: {status} {detail}", wait)
+
+
+def _seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` in seconds (None: absent, or a date, which Matterbridge never sends)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None

@@ -38,15 +38,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from adapters.api.encoding import API_CONNECTED
 from adapters.matterbridge.messages import BadMessage, digest_of, parse_json, received
+from adapters.matterbridge.sessions import (
+    PING_SECONDS,
+    Lost,
+    Malformed,
+    NotServed,
+    PollSession,
+    Refused,
+    Session,
+    StreamSession,
+    WebsocketSession,
+    answer_error,
+    is_greeting,
+    keepalive,
+    read_at_most,
+)
 from bridge.adapter import AccountFailed, TransientError
 from bridge.bus import Write
 from bridge.receiver import Backoff, Receiver
@@ -55,188 +68,6 @@ if TYPE_CHECKING:
     from bridge.adapter import AdapterContext
 
 MODES = ("auto", "websocket", "stream", "poll")
-PING_SECONDS = 30.0  # the websocket's heartbeat (melody's own pings come every 54 s)
-# TCP keepalive on a stream: first probe after 30 s idle, then every 10 s, gone after 3 unanswered
-KEEPALIVE = (
-    ((socket.TCP_KEEPIDLE, 30), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 3))
-    if hasattr(socket, "TCP_KEEPIDLE")
-    else ()
-)
-QUIET = 0.5  # a stream silent this long has handed its backlog over (1.26 writes one message per 100 ms)
-HOLD_MAX = 10_000  # websocket frames held back while the stream hands over the backlog, at most
-NOT_SERVED = frozenset({400, 404, 405, 426, 501})  # a route this server (or its proxy) does not serve
-
-
-class Lost(TransientError):
-    """The connection ended or Matterbridge answered what it never answers:
-    connect again after the backoff."""
-
-
-class Refused(Exception):
-    """The api account refused the Token (401), or wants one we do not send."""
-
-
-class NotServed(Exception):
-    """The route is not served here: the next mode, in ``auto``."""
-
-
-def _refusal(status: int, body: str) -> Refused | None:
-    if status == 401:
-        return Refused(f"Matterbridge refused the Token (401 {body.strip()[:120]})")
-    if status == 400 and "missing key" in body:  # echo's KeyAuth: no Authorization header
-        return Refused("Matterbridge wants a Token, and URL's account has none configured")
-    return None
-
-
-class Session:
-    """One connection to the api account: ``first`` is what its opening read
-    (the drain), ``next`` waits for the next batch."""
-
-    first: list[Any]
-
-    async def next(self) -> list[Any]:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        """Nothing to close by default."""
-
-
-class WebsocketSession(Session):
-    """The websocket for what arrives now, with the stream beside it for what
-    Matterbridge buffered (its ring). In 1.26 every message is on both (the
-    ring keeps what the websocket was sent; the stream dequeues it, one per
-    100 ms), so the stream's copies are recognised and skipped, and one that
-    melody dropped for a slow session (its buffer of 256 full) still arrives.
-
-    After a connect the stream first hands over the backlog: until it does,
-    the websocket's frames are held back, and released (in order, the ones
-    the stream already gave skipped) as soon as the stream gives one of them
-    (it has reached what arrived live) or has been silent for ``QUIET``
-    seconds. So the backlog comes before what arrived after it.
-
-    ``stream`` None: a server that serves no stream; ``first`` is then the
-    ring, drained once."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, stream: StreamSession | None, first: list[Any]) -> None:
-        self.ws, self.stream, self.first = ws, stream, first
-        self.catching_up = stream is not None
-        self.held: list[Any] = []  # frames while catching up
-        self._held_digests: set[str] = set()
-        self._stream_at = time.monotonic()  # when the stream last said something
-        self._frame: asyncio.Task[aiohttp.WSMessage] | None = None
-        self._lines: asyncio.Task[list[Any]] | None = None
-
-    async def next(self) -> list[Any]:
-        if self._frame is None:
-            self._frame = asyncio.ensure_future(self.ws.receive())
-        waiting: set[asyncio.Future[Any]] = {self._frame}
-        if self.stream is not None:
-            if self._lines is None:
-                self._lines = asyncio.ensure_future(self.stream.next())
-            waiting.add(self._lines)
-        timeout = None
-        if self.catching_up:
-            timeout = self._stream_at + QUIET - time.monotonic()
-            if timeout <= 0:
-                return self._caught_up([])
-        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        out: list[Any] = []
-        if self._frame in done:
-            frame, self._frame = self._frame.result(), None
-            message = self._message(frame)
-            if not self.catching_up:
-                out.append(message)
-            else:
-                self.held.append(message)
-                digest = _digest(message)
-                if digest is not None:
-                    self._held_digests.add(digest)
-                if len(self.held) >= HOLD_MAX:  # a stream that never reaches them: memory first
-                    return self._caught_up(out)
-        if self._lines is not None and self._lines in done:
-            lines, self._lines = self._lines.result(), None
-            self._stream_at = time.monotonic()
-            out.extend(lines)
-            if self.catching_up and any(_digest(m) in self._held_digests for m in lines):
-                return self._caught_up(out)
-        if self.catching_up and not done:
-            return self._caught_up(out)
-        return out
-
-    def _caught_up(self, out: list[Any]) -> list[Any]:
-        self.catching_up = False
-        held, self.held, self._held_digests = self.held, [], set()
-        return out + held
-
-    def _message(self, frame: aiohttp.WSMessage) -> Any:
-        if frame.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-            try:
-                return parse_json(frame.data)
-            except BadMessage as exc:
-                return _Malformed(str(exc))
-        reason = self.ws.exception() or frame.extra or frame.type.name
-        raise Lost(f"websocket closed ({reason})")
-
-    async def close(self) -> None:
-        for task in (self._frame, self._lines):
-            if task is not None:
-                task.cancel()
-        await self.ws.close()
-        if self.stream is not None:
-            await self.stream.close()
-
-
-class StreamSession(Session):
-    def __init__(self, answer: aiohttp.ClientResponse, max_line: int) -> None:
-        self.answer, self.max_line, self.first = answer, max_line, []
-        self._buffer = bytearray()
-
-    async def line(self) -> bytes:
-        while True:
-            end = self._buffer.find(b"\n")
-            # a whole line may arrive in one read (readany gives all that came): measured either way
-            if end > self.max_line or (end < 0 and len(self._buffer) > self.max_line):
-                raise Lost(f"a stream line longer than MaxAnswerBytes ({self.max_line})")
-            if end >= 0:
-                line = bytes(self._buffer[:end])
-                del self._buffer[: end + 1]
-                return line
-            chunk = await self.answer.content.readany()
-            if not chunk:
-                raise Lost("the stream ended")
-            self._buffer += chunk
-
-    async def next(self) -> list[Any]:
-        out: list[Any] = []
-        # every whole line there is, at least one; one too long is the next call's (what came before it is kept)
-        while not out or 0 <= self._buffer.find(b"\n") <= self.max_line:
-            line = await self.line()
-            if line.strip():
-                try:
-                    out.append(parse_json(line))
-                except BadMessage as exc:
-                    out.append(_Malformed(str(exc)))
-        return out
-
-    async def close(self) -> None:
-        self.answer.close()
-
-
-class PollSession(Session):
-    def __init__(self, read: Callable[[], Awaitable[list[Any]]], first: list[Any], every: float,
-                 pause: Callable[[float], Awaitable[None]]) -> None:  # fmt: skip
-        self.read, self.first, self.every, self.pause = read, first, every, pause
-
-    async def next(self) -> list[Any]:
-        await self.pause(self.every)
-        return await self.read()
-
-
-class _Malformed:
-    """A frame or line that is not JSON: counted and logged, never published."""
-
-    def __init__(self, why: str) -> None:
-        self.why = why
 
 
 class Receiving:
@@ -257,6 +88,7 @@ class Receiving:
     seen_key: str
     mark: str
     pause: Callable[[float], Awaitable[None]]
+    stable_seconds: float
 
     def _http(self) -> aiohttp.ClientSession:
         raise NotImplementedError
@@ -268,16 +100,23 @@ class Receiving:
             backoff=Backoff(self.reconnect_min, self.reconnect_max), pause=self.pause,
         )  # fmt: skip
         session: Session | None = None
+        pending: asyncio.Future[list[Any]] | None = None  # the next batch, asked for by the step that connected
 
         async def step() -> None:
-            nonlocal session
+            nonlocal session, pending
             if session is None:
                 session = await self._open()
                 self.ctx.log.info("%s: receiving from %s", self.name, type(session).__name__.removesuffix("Session"))
                 await self._commit(session.first)
-                return
+                # Connected once the connection holds for a moment or hands something over: one
+                # that greets and hangs up is a failure, backed off, not a success every time.
+                pending = asyncio.ensure_future(session.next())
+                done, _ = await asyncio.wait({pending}, timeout=self.stable_seconds)
+                if not done:
+                    return
+            batch_of, pending = pending or asyncio.ensure_future(session.next()), None
             try:
-                batch = await session.next()
+                batch = await batch_of
             except BaseException:
                 closing, session = session, None
                 await closing.close()
@@ -287,6 +126,8 @@ class Receiving:
         try:
             await receiver.run(step)
         finally:
+            if pending is not None:
+                pending.cancel()
             if session is not None:
                 await session.close()
 
@@ -314,17 +155,14 @@ class Receiving:
         except aiohttp.WSServerHandshakeError as exc:
             # a failed handshake keeps no body, and only echo's body tells a 400 "missing key" from another 400
             said = await self._body_of("/api/websocket") if exc.status == 400 else exc.message
-            refusal = _refusal(exc.status, said)
-            if refusal is not None:
-                raise refusal from None
-            if exc.status in NOT_SERVED or exc.status == 200:  # 200: answered, but not upgraded
-                raise NotServed(f"{exc.status} {exc.message}") from None
-            raise Lost(f"websocket: {exc.status} {exc.message}") from None
+            if exc.status == 200:  # answered, but not upgraded (a proxy without WebSocket)
+                raise NotServed(f"200 {exc.message}") from None
+            raise answer_error("websocket", exc.status, said) from None
         stream: StreamSession | None = None
         first: list[Any] = []
         try:
             greeting = await asyncio.wait_for(ws.receive(), self.timeout)
-            if greeting.type != aiohttp.WSMsgType.TEXT or not _is_greeting(greeting.data):
+            if greeting.type != aiohttp.WSMsgType.TEXT or not is_greeting(greeting.data):
                 raise Lost(f"websocket: the first frame is not Matterbridge's greeting ({greeting.type.name})")
             try:
                 stream = await self._open_stream()
@@ -343,7 +181,9 @@ class Receiving:
     async def _body_of(self, path: str) -> str:
         """What a plain ``GET path`` answers (its first 512 bytes; "" if nothing)."""
         try:
-            async with self._http().get(self.url + path, timeout=aiohttp.ClientTimeout(total=self.timeout)) as answer:
+            async with self._http().get(
+                self.url + path, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=self.timeout)
+            ) as answer:
                 return (await read_at_most(answer.content, 512)).decode("utf-8", "replace")
         except (aiohttp.ClientError, TimeoutError, OSError):
             return ""
@@ -352,6 +192,7 @@ class Receiving:
         answer = await asyncio.wait_for(  # the answer's head in Timeout; then the stream may be silent
             self._http().get(
                 self.url + "/api/stream",
+                allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout),
             ),
             self.timeout,
@@ -359,17 +200,11 @@ class Receiving:
         try:
             if answer.status != 200:
                 head = await asyncio.wait_for(read_at_most(answer.content, 512), self.timeout)
-                body = head.decode("utf-8", "replace")
-                refusal = _refusal(answer.status, body)
-                if refusal is not None:
-                    raise refusal
-                if answer.status in NOT_SERVED:
-                    raise NotServed(f"{answer.status} {body.strip()[:120]}")
-                raise Lost(f"stream: {answer.status} {body.strip()[:120]}")
-            _keepalive(answer)
+                raise answer_error("stream", answer.status, head.decode("utf-8", "replace"))
+            keepalive(answer)
             session = StreamSession(answer, self.max_answer)
             line = await asyncio.wait_for(session.line(), self.timeout)
-            if not _is_greeting(line):
+            if not is_greeting(line):
                 raise Lost("stream: the first line is not Matterbridge's greeting")
         except BaseException:
             answer.close()
@@ -383,17 +218,11 @@ class Receiving:
     async def _read_messages(self) -> list[Any]:
         """``GET /api/messages``: the ring, which Matterbridge clears as it answers."""
         async with self._http().get(
-            self.url + "/api/messages", timeout=aiohttp.ClientTimeout(total=self.timeout)
+            self.url + "/api/messages", allow_redirects=False, timeout=aiohttp.ClientTimeout(total=self.timeout)
         ) as answer:
             body = await read_at_most(answer.content, self.max_answer + 1)
             if answer.status != 200:
-                text = body[:512].decode("utf-8", "replace")
-                refusal = _refusal(answer.status, text)
-                if refusal is not None:
-                    raise refusal
-                if answer.status in NOT_SERVED:
-                    raise NotServed(f"{answer.status} {text.strip()[:120]}")
-                raise Lost(f"/api/messages: {answer.status} {text.strip()[:120]}")
+                raise answer_error("/api/messages", answer.status, body[:512].decode("utf-8", "replace"))
         if len(body) > self.max_answer:
             # Matterbridge has cleared its ring already: what was in it is gone
             raise Lost(f"/api/messages: an answer over MaxAnswerBytes ({self.max_answer}), dropped")
@@ -413,7 +242,7 @@ class Receiving:
         digests: dict[str, None] = {}
         events = []
         for raw in batch:
-            if isinstance(raw, _Malformed):
+            if isinstance(raw, Malformed):
                 self._rejected("not JSON", raw.why)
                 continue
             try:
@@ -448,45 +277,3 @@ class Receiving:
     def _rejected(self, cause: str, detail: str) -> None:
         self.ctx.metrics.rejected.labels(self.name, cause).inc()
         self.ctx.rejections.note(self.name, "message", cause, detail, peer=self.url)
-
-
-async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """The body up to ``limit`` bytes: ``StreamReader.read(n)`` returns what has
-    arrived so far, a part of an answer that came in several pieces."""
-    body = bytearray()
-    while len(body) < limit:
-        chunk = await content.read(limit - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return bytes(body)
-
-
-def _digest(raw: Any) -> str | None:
-    """A message's digest; None for what has none (not an object, nested too deep)."""
-    if not isinstance(raw, dict):
-        return None
-    try:
-        return digest_of(raw)
-    except BadMessage:
-        return None
-
-
-def _is_greeting(data: str | bytes) -> bool:
-    try:
-        body = parse_json(data)
-    except BadMessage:
-        return False
-    return isinstance(body, dict) and body.get("event") == API_CONNECTED
-
-
-def _keepalive(answer: aiohttp.ClientResponse) -> None:
-    """TCP keepalive on a stream's socket: Matterbridge's stream is silent while
-    idle, so a peer gone without a FIN is found only this way (~1 minute)."""
-    conn = answer.connection
-    sock = conn.transport.get_extra_info("socket") if conn is not None and conn.transport is not None else None
-    if sock is None:
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in KEEPALIVE:
-        sock.setsockopt(socket.IPPROTO_TCP, option, value)
