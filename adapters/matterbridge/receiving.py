@@ -147,11 +147,14 @@ class Receiving:
         raise AssertionError("unreachable")
 
     async def _open_websocket(self) -> Session:
-        try:  # the session's timeouts bound the connect, not the answer: Timeout does
-            ws = await asyncio.wait_for(self._http().ws_connect(
-                self.url + "/api/websocket", heartbeat=PING_SECONDS, max_msg_size=self.max_answer,
-                timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout), autoping=True,
-            ), self.timeout)  # fmt: skip
+        # The session's timeouts bound the connect, not the answer: Timeout does. (asyncio.timeout, not
+        # wait_for: 3.11's wait_for can swallow a cancellation that lands as the awaited call finishes.)
+        try:
+            async with asyncio.timeout(self.timeout):
+                ws = await self._http().ws_connect(
+                    self.url + "/api/websocket", heartbeat=PING_SECONDS, max_msg_size=self.max_answer,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout), autoping=True,
+                )  # fmt: skip
         except aiohttp.WSServerHandshakeError as exc:
             # a failed handshake keeps no body, and only echo's body tells a 400 "missing key" from another 400
             said = await self._body_of("/api/websocket") if exc.status == 400 else exc.message
@@ -161,7 +164,8 @@ class Receiving:
         stream: StreamSession | None = None
         first: list[Any] = []
         try:
-            greeting = await asyncio.wait_for(ws.receive(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                greeting = await ws.receive()
             if greeting.type != aiohttp.WSMsgType.TEXT or not is_greeting(greeting.data):
                 raise Lost(f"websocket: the first frame is not Matterbridge's greeting ({greeting.type.name})")
             try:
@@ -189,21 +193,21 @@ class Receiving:
             return ""
 
     async def _open_stream(self) -> StreamSession:
-        answer = await asyncio.wait_for(  # the answer's head in Timeout; then the stream may be silent
-            self._http().get(
+        async with asyncio.timeout(self.timeout):  # the answer's head in Timeout; then the stream may be silent
+            answer = await self._http().get(
                 self.url + "/api/stream",
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout),
-            ),
-            self.timeout,
-        )
+            )
         try:
             if answer.status != 200:
-                head = await asyncio.wait_for(read_at_most(answer.content, 512), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    head = await read_at_most(answer.content, 512)
                 raise answer_error("stream", answer.status, head.decode("utf-8", "replace"))
             keepalive(answer)
             session = StreamSession(answer, self.max_answer)
-            line = await asyncio.wait_for(session.line(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                line = await session.line()
             if not is_greeting(line):
                 raise Lost("stream: the first line is not Matterbridge's greeting")
         except BaseException:

@@ -8,9 +8,11 @@ messages as parsed JSON (or ``Malformed`` for what is not JSON), and raises
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -100,6 +102,11 @@ class WebsocketSession(Session):
         self._frame: asyncio.Task[aiohttp.WSMessage] | None = None
         self._lines: asyncio.Task[list[Any]] | None = None
         self._lost: Lost | None = None  # the websocket closed: raised once what came with it is handed over
+        # After the catch-up: the newest websocket frame's timestamp, and the stream's lines newer than it,
+        # held back until the websocket brings them (the router stamps and sends in one order) or passes
+        # them without (melody dropped them): a websocket that fell behind keeps its order.
+        self._ws_latest: int | None = None
+        self._ahead: dict[str, tuple[int, Any]] = {}
 
     async def next(self) -> list[Any]:
         if self._lost is not None:
@@ -130,10 +137,13 @@ class WebsocketSession(Session):
                 lines = self._lines.result() if self._lines is not None and self._lines in done else []
                 self._lines = None
                 rest = [*lines, *(self.stream.complete() if self.stream is not None else [])]
+                rest = [m for _, m in sorted(self._ahead.values(), key=lambda a: a[0])] + rest
+                self._ahead.clear()
                 if not rest and not (self.catching_up and self.held):
                     raise
                 return self._caught_up(rest) if self.catching_up else rest
             if not self.catching_up:
+                out.extend(self._passed(message))
                 out.append(message)
             else:
                 self.held.append(message)
@@ -145,16 +155,50 @@ class WebsocketSession(Session):
         if self._lines is not None and self._lines in done:
             lines, self._lines = self._lines.result(), None
             self._stream_at = time.monotonic()
-            out.extend(lines)
-            if self.catching_up and any(digest_or_none(m) in self._held_digests for m in lines):
-                return self._caught_up(out)
+            if self.catching_up:
+                out.extend(lines)
+                if any(digest_or_none(m) in self._held_digests for m in lines):
+                    return self._caught_up(out)
+            else:
+                out.extend(self._not_ahead(lines))
         if self.catching_up and not done:
             return self._caught_up(out)
+        return out
+
+    def _passed(self, message: Any) -> list[Any]:
+        """A frame arrived: its stream copy is awaited no more, and the lines
+        held back that the websocket has passed without (older than it) are
+        let go, oldest first, before it."""
+        digest, at = digest_or_none(message), stamp_of(message)
+        if digest is not None:
+            self._ahead.pop(digest, None)
+        if at is None or (self._ws_latest is not None and at <= self._ws_latest):
+            return []
+        self._ws_latest = at
+        passed = sorted((a for a in self._ahead.items() if a[1][0] < at), key=lambda a: a[1][0])
+        for d, _ in passed:
+            del self._ahead[d]
+        return [line for _, (_, line) in passed]
+
+    def _not_ahead(self, lines: list[Any]) -> list[Any]:
+        """The stream's lines to hand over now: not those newer than the newest frame."""
+        out = []
+        for line in lines:
+            digest, at = digest_or_none(line), stamp_of(line)
+            latest = self._ws_latest
+            if digest is not None and at is not None and latest is not None and at > latest:
+                if len(self._ahead) < HOLD_MAX:
+                    self._ahead[digest] = (at, line)
+                    continue
+            out.append(line)
         return out
 
     def _caught_up(self, out: list[Any]) -> list[Any]:
         self.catching_up = False
         held, self.held, self._held_digests = self.held, [], set()
+        stamps = [at for at in map(stamp_of, held) if at is not None]
+        if stamps:
+            self._ws_latest = max(stamps)
         return out + held
 
     def _message(self, frame: aiohttp.WSMessage) -> Any:
@@ -262,6 +306,24 @@ def digest_or_none(raw: Any) -> str | None:
         return digest_of(raw)
     except BadMessage:
         return None
+
+
+_STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
+
+
+def stamp_of(message: Any) -> int | None:
+    """A message's ``timestamp`` (Go's RFC 3339 with nanoseconds) in ns since
+    the epoch; None where it has none that reads so."""
+    value = message.get("timestamp") if isinstance(message, dict) else None
+    match = _STAMP.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    base, fraction, zone = match.groups()
+    try:
+        seconds = datetime.fromisoformat(base + ("+00:00" if zone == "Z" else zone)).timestamp()
+    except ValueError:
+        return None
+    return int(seconds) * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
 
 
 def is_greeting(data: str | bytes) -> bool:
