@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.exceptions
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -42,7 +43,7 @@ from redis.asyncio import Redis
 import adapters
 from adapters.matterbridge import MatterbridgeClient
 from adapters.matterbridge.messages import MARK_KEY
-from bridge.adapter import AccountFailed, PermanentError, ServerUnavailable, TransientError
+from bridge.adapter import AccountFailed, AdapterContext, PermanentError, ServerUnavailable, TransientError
 from bridge.cli import load
 from bridge.events import Event, EventKind
 from bridge.health import AccountHealth
@@ -901,3 +902,26 @@ async def test_generated_messages_answers_never_stop_polling(client, mb, kept, a
     rig, sentinel = await _one_rig(client, mb, kept, "poll")
     mb.queue(MESSAGES, status(200, answer))
     assert_bridged(await published_then(rig, mb, sentinel, lambda: None))
+
+
+@pytest.mark.parametrize("mode", ["stream", "websocket"])
+async def test_what_redis_refused_to_commit_is_committed_when_it_is_back(client, mb, mode, monkeypatch) -> None:
+    """The stream dequeued it: Matterbridge will not hand it over again. A
+    commit Redis refused ends the loop (the runner starts it again); the
+    next loop commits what the last one held, before anything new."""
+    commit = AdapterContext.commit_inbound
+    refused: list[int] = []
+
+    async def away_once(self: AdapterContext, events: Any, writes: Any = ()) -> list[str]:
+        if not refused:
+            refused.append(len(events))
+            raise redis.exceptions.ConnectionError("Redis is away")
+        return await commit(self, events, writes)
+
+    monkeypatch.setattr(AdapterContext, "commit_inbound", away_once)
+    rig = await client(Receive=mode)
+    mb.deliver(message("while redis is away"))
+    await until(lambda: rig.task.done(), what="the loop ended by the refused commit")
+    assert isinstance(rig.task.exception(), redis.exceptions.ConnectionError) and refused == [1]
+    rig.start()  # as the runner does
+    assert await arrives(rig, mb, "after") == ["while redis is away", "after"]

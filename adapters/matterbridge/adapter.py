@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import ClassVar
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -92,6 +92,7 @@ class MatterbridgeClient(Receiving, Adapter):
         self.http: aiohttp.ClientSession | None = None
         self.pause = asyncio.sleep  # how the receive loop waits (a test records the waits instead)
         self.stable_seconds = STABLE_SECONDS
+        self.unsaved: list[Any] = []  # what Matterbridge handed over and Redis did not take yet
 
     # config ------------------------------------------------------------------------
     @classmethod

@@ -89,6 +89,7 @@ class Receiving:
     mark: str
     pause: Callable[[float], Awaitable[None]]
     stable_seconds: float
+    unsaved: list[Any]
 
     def _http(self) -> aiohttp.ClientSession:
         raise NotImplementedError
@@ -107,7 +108,7 @@ class Receiving:
             if session is None:
                 session = await self._open()
                 self.ctx.log.info("%s: receiving from %s", self.name, type(session).__name__.removesuffix("Session"))
-                await self._commit(session.first)
+                await self._save(session.first)
                 # Connected once the connection holds for a moment or hands something over: one
                 # that greets and hangs up is a failure, backed off, not a success every time.
                 pending = asyncio.ensure_future(session.next())
@@ -121,7 +122,7 @@ class Receiving:
                 closing, session = session, None
                 await closing.close()
                 raise
-            await self._commit(batch)
+            await self._save(batch)
 
         try:
             await receiver.run(step)
@@ -241,6 +242,15 @@ class Receiving:
         return messages
 
     # committing ----------------------------------------------------------------------
+    async def _save(self, batch: list[Any]) -> None:
+        """Commit ``batch`` after what a failed commit left: Matterbridge handed
+        it over once (the stream dequeued it), so a commit Redis refused is
+        tried again, by this receive loop's next step or by the next loop the
+        runner starts (the adapter keeps it), not dropped."""
+        self.unsaved = self.unsaved + batch
+        await self._commit(self.unsaved)
+        self.unsaved = []
+
     async def _commit(self, batch: list[Any]) -> None:
         """Publish what is new in ``batch`` with its digests, in one fenced script."""
         digests: dict[str, None] = {}
