@@ -65,8 +65,8 @@ def test_the_workers_sections_are_the_features_declarations(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as bare:
         load_config(write(tmp_path, API + "[workers]\nMaxJobs = 2\n" + PERSONA), SPECS)
     assert bare.value.problems == [
-        'workers: protocol "workers" is not supported (supported: api, matrix, nctalk, nctalkbot)',
-        'persona: protocol "persona" is not supported (supported: api, matrix, nctalk, nctalkbot)',
+        'workers: protocol "workers" is not supported (supported: api, matrix, matterbridge, nctalk, nctalkbot)',
+        'persona: protocol "persona" is not supported (supported: api, matrix, matterbridge, nctalk, nctalkbot)',
     ]
     with pytest.raises(ConfigError) as bad:
         load_config(write(tmp_path, API + "[instagram]\nMaxImages = 0\nColour = 1\n"), SPECS, features=FEATURE_SPECS)
