@@ -203,10 +203,7 @@ class WebsocketSession(Session):
 
     def _message(self, frame: aiohttp.WSMessage) -> Any:
         if frame.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-            try:
-                return parse_json(frame.data)
-            except BadMessage as exc:
-                return Malformed(str(exc))
+            return parsed(frame.data)
         reason = self.ws.exception() or frame.extra or frame.type.name
         raise Lost(f"websocket closed ({reason})")
 
@@ -245,10 +242,7 @@ class StreamSession(Session):
         while not out or 0 <= self._buffer.find(b"\n") <= self.max_line:
             line = await self.line()
             if line.strip():
-                try:
-                    out.append(parse_json(line))
-                except BadMessage as exc:
-                    out.append(Malformed(str(exc)))
+                out.append(parsed(line))
         return out
 
     def complete(self) -> list[Any]:
@@ -259,10 +253,7 @@ class StreamSession(Session):
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
             if line.strip():
-                try:
-                    out.append(parse_json(line))
-                except BadMessage as exc:
-                    out.append(Malformed(str(exc)))
+                out.append(parsed(line))
         return out
 
     async def close(self) -> None:
@@ -309,6 +300,14 @@ def digest_or_none(raw: Any) -> str | None:
 
 
 _STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
+
+
+def parsed(data: str | bytes) -> Any:
+    """A frame's or a line's message as JSON, or ``Malformed`` (counted, never published)."""
+    try:
+        return parse_json(data)
+    except BadMessage as exc:
+        return Malformed(str(exc))
 
 
 def stamp_of(message: Any) -> int | None:
