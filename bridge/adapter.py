@@ -27,7 +27,7 @@ ordering). Everything but ingress runs only in the instance that holds the
 account's lease.
 
 The error types tell the core what a failed ``send`` means for the delivery;
-``error_for_status`` maps an HTTP status to one.
+``error_for_status`` maps an HTTP status to one (``retry_after_header`` reads its wait).
 """
 
 from __future__ import annotations
@@ -98,6 +98,17 @@ class AccountFailed(DeliveryError):
 
 
 UNAVAILABLE_STATUSES = frozenset({502, 503, 504})  # the server, or the one behind a proxy, is away
+
+
+def retry_after_header(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds, for ``error_for_status``; None when
+    absent or not a number (the HTTP-date form: no server we call sends it)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
 
 
 def error_for_status(status: int, what: str, retry_after: float | None = None) -> DeliveryError:

@@ -14,7 +14,7 @@ import aiohttp
 from adapters.checks import url_problems
 from adapters.matterbridge.messages import Formats, post_body, synthetic_id
 from adapters.matterbridge.receiving import MODES, Receiving
-from adapters.matterbridge.sessions import read_at_most
+from adapters.matterbridge.sessions import read_at_most, wants_token
 from bridge.adapter import (
     AccountFailed,
     Adapter,
@@ -24,6 +24,7 @@ from bridge.adapter import (
     ServerUnavailable,
     TransientError,
     error_for_status,
+    retry_after_header,
 )
 from bridge.config import AccountConfig
 from bridge.events import Delivery
@@ -159,7 +160,7 @@ class MatterbridgeClient(Receiving, Adapter):
             ) as answer:  # fmt: skip
                 status = answer.status
                 detail = (await read_at_most(answer.content, 512)).decode("utf-8", "replace").strip()
-                wait = _seconds(answer.headers.get("Retry-After"))
+                wait = retry_after_header(answer.headers.get("Retry-After"))
         except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
             # Matterbridge away (restarting, down): the delivery waits for it
             raise ServerUnavailable(f"{what}: {type(exc).__name__}: {exc}") from None
@@ -167,16 +168,8 @@ class MatterbridgeClient(Receiving, Adapter):
             raise TransientError(f"{what}: the answer is not HTTP: {exc}") from None
         if status == 200:
             return synthetic_id(delivery)
-        if status == 400 and "missing key" in detail:  # echo's KeyAuth: we sent no Token, it wants one
+        if wants_token(status, detail):
             raise AccountFailed(f"{what}: Matterbridge wants a Token (400 {detail})")
         if 300 <= status < 400:  # a post is not sent on to another URL: it may not be Matterbridge's
             raise PermanentError(f"{what}: {status}, a redirect (set URL to where it points)")
         raise error_for_status(status, f"{what}: {status} {detail}", wait)
-
-
-def _seconds(value: str | None) -> float | None:
-    """A ``Retry-After`` in seconds (None: absent, or a date, which Matterbridge never sends)."""
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None

@@ -46,6 +46,12 @@ class NotServed(Exception):
     """The route is not served here: the next mode, in ``auto``."""
 
 
+def wants_token(status: int, body: str) -> bool:
+    """echo's KeyAuth refusing a request without an Authorization header: the
+    api account has a Token and we send none."""
+    return status == 400 and "missing key" in body
+
+
 def answer_error(what: str, status: int, body: str) -> Exception:
     """What an answer other than 200 to a GET means: a refused Token
     (``Refused``: 401, or echo's 400 "missing key in request header" when we
@@ -55,7 +61,7 @@ def answer_error(what: str, status: int, body: str) -> Exception:
     said = body.strip()[:120]
     if status == 401:
         return Refused(f"Matterbridge refused the Token (401 {said})")
-    if status == 400 and "missing key" in body:
+    if wants_token(status, body):
         return Refused("Matterbridge wants a Token, and URL's account has none configured")
     if status in NOT_SERVED:
         return NotServed(f"{status} {said}")

@@ -15,7 +15,7 @@ from adapters.nctalk.common import CHAT_API, FOLLOWED_TYPES, THROTTLE_SLACK, Ref
 from adapters.talk.chat import BadAnswer, parse_page, parse_rooms
 from adapters.talk.chat import last_given as parse_last_given
 from adapters.talk.client import ROOM_API, Answer, Unreachable, path_token
-from adapters.talk.common import retry_after
+from bridge.adapter import retry_after_header
 from bridge.bus import Write
 from bridge.events import Event
 from bridge.receiver import Backoff, Receiver
@@ -190,7 +190,7 @@ class Polling:
 
     def _room_failure(self, token: str, what: str, answer: Answer) -> RoomFailure:
         status = answer.status
-        wait = retry_after(answer.headers.get("Retry-After")) if status in (429, 503) else None
+        wait = retry_after_header(answer.headers.get("Retry-After")) if status in (429, 503) else None
         meaning = {
             # InjectionMiddleware answers every one of these with an empty 403
             403: "the account is banned there, or may not post: a read-only room or no chat permission",

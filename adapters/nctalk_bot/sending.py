@@ -26,7 +26,6 @@ from adapters.nctalk_bot.common import (
 )
 from adapters.talk.common import (
     reference_id,
-    retry_after,
     split_message,
 )
 from bridge.adapter import (
@@ -35,6 +34,7 @@ from bridge.adapter import (
     ServerUnavailable,
     TransientError,
     error_for_status,
+    retry_after_header,
 )
 from bridge.events import Delivery, EventKind
 from bridge.groupcommit import Op
@@ -162,7 +162,7 @@ class Sending:
                 hint = f"occ talk:bot:setup BOT_ID {room}"
                 raise PermanentError(f"{what}: the bot is not enabled in room {room} ({hint})")
             raise AccountFailed(f"{what} (bot not enabled in the room, or BotSecret differs from occ talk:bot:install)")
-        wait = retry_after(resp.headers.get("Retry-After"))
+        wait = retry_after_header(resp.headers.get("Retry-After"))
         if status == 429 and wait is None:
             # The bot API has no rate limit: its 429 is the brute-force block
             # (more than ten refused signatures from this IP in 30 minutes),

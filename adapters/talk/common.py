@@ -138,13 +138,3 @@ def is_message_id(value: Any) -> bool:
     if isinstance(value, str):
         return 0 < len(value) <= 20 and value.isascii() and value.isdigit()
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def retry_after(value: str | None) -> float | None:
-    """A ``Retry-After`` header in seconds; None when absent or not a number."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
